@@ -1,0 +1,28 @@
+# The two front-door commands: `make demo` and `make test`. Both set up .venv first if needed.
+VENV  := .venv
+STAMP := $(VENV)/.r1kit-setup
+RUN   ?= runs/demo
+
+.PHONY: setup demo demo-gsm8k test smoke bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt scripts/setup.sh $(wildcard scripts/setup.d/*.sh)
+	bash scripts/setup.sh
+	touch $@
+
+demo: setup
+	bash scripts/demo.sh $(RUN)
+
+demo-gsm8k: setup
+	bash scripts/demo.sh $(RUN)-gsm8k gsm8k
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+smoke: setup
+	$(VENV)/bin/r1kit train grpo --preset cpu_demo --max-steps 2 --output runs/smoke
+	$(VENV)/bin/r1kit eval --model runs/smoke --task gsm8k --limit 5 --k 1
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,5 @@
+"""Tasks (problems with verifiable answers) and prompt templates."""
+
+from r1kit.data.base import Example, get_task_loader, register_task, task_names
+
+__all__ = ["Example", "get_task_loader", "register_task", "task_names"]

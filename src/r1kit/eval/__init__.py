@@ -1,0 +1,1 @@
+"""Evaluation: pass@1 over k samples, maj@k (cons@k), reports."""

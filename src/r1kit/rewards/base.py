@@ -1,0 +1,58 @@
+"""The reward seam: verifiers and reward functions.
+
+A ``Verifier`` decides whether one completion answers one ``Example`` correctly and says why. The
+same verifier object is used by the accuracy reward during RL and by evaluation, so a model is never
+trained against one notion of "correct" and scored against another.
+
+A ``RewardFunction`` maps a batch of completions to scalar rewards, one per completion; the trainer
+sums them with configurable weights and logs each under ``rewards/<name>/mean`` and ``/std``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+from r1kit.data.base import Example
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of verifying one completion.
+
+    Attributes:
+        correct: the completion's answer is equivalent to the gold answer (code: all tests pass).
+        score: in [0, 1]; 1.0/0.0 for binary checks, the fraction of tests passed for partial credit.
+        reason: short machine-readable reason, e.g. ``"ok"``, ``"no_answer"``, ``"mismatch"``,
+            ``"timeout"``, ``"syntax_error"``.
+        extracted: the answer (or program) pulled out of the completion, or ``None``.
+    """
+
+    correct: bool
+    score: float
+    reason: str
+    extracted: str | None = None
+
+
+@runtime_checkable
+class Verifier(Protocol):
+    """Checks completions against examples. ``name`` labels the metric (e.g. ``"math"``)."""
+
+    name: str
+
+    def verify(self, completion: str, example: Example) -> Verdict:
+        """Verify one completion; never raises for a bad completion (returns a failed Verdict)."""
+        ...
+
+    def verify_batch(self, completions: Sequence[str], examples: Sequence[Example]) -> list[Verdict]:
+        """Verify ``completions[i]`` against ``examples[i]``; same length in and out."""
+        ...
+
+
+@runtime_checkable
+class RewardFunction(Protocol):
+    """A named reward: ``__call__(completions, examples) -> list[float]`` (len = len(completions))."""
+
+    name: str
+
+    def __call__(self, completions: Sequence[str], examples: Sequence[Example]) -> list[float]: ...

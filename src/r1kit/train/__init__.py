@@ -1,0 +1,1 @@
+"""GRPO losses, step, training loop, checkpoints and guards."""
