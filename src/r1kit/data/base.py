@@ -15,6 +15,7 @@ from r1kit.errors import DataError
 
 TaskLoader = Callable[..., "list[Example]"]
 _TASKS: dict[str, TaskLoader] = {}
+_TASK_VERIFIER: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -34,13 +35,15 @@ class Example:
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
-def register_task(name: str) -> Callable[[TaskLoader], TaskLoader]:
-    """Register a task loader under ``name``. Raises ValueError if the name is taken."""
+def register_task(name: str, verifier: str = "math") -> Callable[[TaskLoader], TaskLoader]:
+    """Register a task loader under ``name``; ``verifier`` names the verifier kind that checks its
+    completions (see ``r1kit.rewards.registry``). Raises ValueError if the name is taken."""
 
     def wrap(fn: TaskLoader) -> TaskLoader:
         if name in _TASKS:
             raise ValueError(f"task {name!r} is already registered")
         _TASKS[name] = fn
+        _TASK_VERIFIER[name] = verifier
         return fn
 
     return wrap
@@ -61,6 +64,12 @@ def get_task_loader(name: str) -> TaskLoader:
             "or pass a local .jsonl/.parquet file with --prompt-field/--answer-field"
         )
     return _TASKS[name]
+
+
+def task_verifier(name: str) -> str:
+    """The verifier kind (``"math"``, ``"code"``, ...) registered for task ``name``."""
+    get_task_loader(name)
+    return _TASK_VERIFIER[name]
 
 
 def _import_builtin_tasks() -> None:
