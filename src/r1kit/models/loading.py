@@ -1,0 +1,92 @@
+"""``load_policy``: one entry point for every model r1kit trains or samples from.
+
+Accepted ``name_or_path``:
+  * ``smollm2-135m-instruct``: the embedded default (see ``r1kit.models.embedded``);
+  * an HF model directory (``config.json`` + safetensors/bin, any causal LM transformers supports);
+  * a ``.gguf`` file (dequantized by transformers' GGUF support);
+  * an r1kit run directory or checkpoint (``checkpoint-N/`` or a run dir with ``final/``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from r1kit.errors import R1kitError
+from r1kit.models import embedded
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bf16"``/``"fp32"``/... or a torch dtype → torch dtype. Raises R1kitError for unknown names."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise R1kitError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """Map an alias, run directory or checkpoint to the HF directory (or GGUF file) to load.
+
+    Raises:
+        R1kitError: the path does not exist or holds no model; names what was looked for.
+    """
+    if name_or_path == embedded.ALIAS:
+        return embedded.embedded_model_dir()
+    path = Path(name_or_path)
+    if not path.exists():
+        raise R1kitError(
+            f"model {name_or_path!r} not found: pass an HF model directory, a .gguf file, an r1kit run "
+            f"directory, or the alias {embedded.ALIAS!r}"
+        )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise R1kitError(f"model file {path} is not a .gguf file")
+        return path
+    if (path / "config.json").is_file():
+        return path
+    for sub in ("final", "policy"):
+        if (path / sub / "config.json").is_file():
+            return path / sub
+    ckpts = sorted(path.glob("checkpoint-*/policy/config.json"), key=lambda p: int(p.parent.parent.name.split("-")[1]))
+    if ckpts:
+        return ckpts[-1].parent
+    raise R1kitError(f"{path} holds no config.json, final/ model or checkpoint-*/ directory")
+
+
+def load_policy(name_or_path: str, dtype: str | torch.dtype = torch.float32):
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name_or_path: alias, HF directory, GGUF file or r1kit run/checkpoint directory.
+        dtype: parameter dtype (training keeps fp32 master weights; use bf16 autocast for speed).
+
+    Returns:
+        (model, tokenizer): a ``transformers.PreTrainedModel`` in eval mode with no quantization
+        config attached, and its tokenizer with ``pad_token`` set and ``padding_side="left"``.
+
+    Raises:
+        R1kitError: missing package/file (names the install command), or transformers cannot load it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_model_dir(name_or_path)
+    torch_dtype = resolve_dtype(dtype)
+    kwargs = {"gguf_file": src.name} if src.is_file() else {}
+    root = src.parent if src.is_file() else src
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(root, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(root, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise R1kitError(f"transformers could not load {src}: {e}") from None
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.eval()
+    return model, tokenizer

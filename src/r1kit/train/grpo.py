@@ -1,0 +1,597 @@
+"""The GRPO trainer: sample groups, score them, compute advantages, update the policy.
+
+One *step* = one generation round (``prompts_per_step`` prompts × G completions) followed by
+``num_iterations × steps_per_generation`` optimizer updates over it (GRPO_SPEC §1, DESIGN "One GRPO
+step"). Notation: N = completions in the round, m = completions in a micro-batch, P/C = padded prompt /
+completion length of a micro-batch, V = vocabulary.
+
+Exactness notes:
+  * Loss normalizers are counted over the whole optimizer step (``LossNormalizer``), so gradient
+    accumulation does not change the gradient for any loss_type.
+  * With beta == 0 a completion whose advantage is exactly 0 (all of a group's rewards equal) has zero
+    per-token loss and zero gradient; ``skip_zero_advantage`` leaves it out of the forward/backward
+    passes while still counting it in the normalizers, so the update is unchanged and the compute
+    that TRL spends on dead groups is saved. Gradients are kept as zero tensors (never None) so that
+    AdamW steps every parameter exactly as it would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from r1kit.config import GRPOConfig, save_config
+from r1kit.data.base import Example
+from r1kit.errors import ConfigError, TrainingStopped
+from r1kit.rewards.base import Verdict
+from r1kit.rollout.base import SamplingEngine, SamplingParams
+from r1kit.train import checkpoint as ckpt
+from r1kit.train.logging import MetricsLogger
+from r1kit.train.losses import (LossNormalizer, aggregate_loss, entropy_from_logits, group_advantages,
+                                policy_loss_terms, selective_log_softmax)
+
+
+@dataclass
+class Rollout:
+    """One generation round, flattened prompt-major (completion i belongs to group i // G).
+
+    Attributes:
+        examples, prompt_ids, completion_ids, sampling_logprobs, truncated, texts: per completion (N).
+        rewards_per_func: (N, F) raw reward of each reward function.
+        rewards: (N,) weighted sum.  advantages: (N,).  group_std: (N,).
+        verdicts: verifier verdicts (N), for accuracy metrics and samples.
+        old_logps / ref_logps: per completion (C_i,) float tensors, when computed.
+    """
+
+    examples: list[Example]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    sampling_logprobs: list[list[float]]
+    truncated: list[bool]
+    texts: list[str]
+    rewards_per_func: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    group_std: torch.Tensor
+    verdicts: list[Verdict]
+    old_logps: list[torch.Tensor] | None = None
+    ref_logps: list[torch.Tensor] | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    def loss_mask_len(self, i: int, mask_truncated: bool) -> int:
+        """Tokens of completion i that enter the loss (0 when truncated and masked: DAPO)."""
+        return 0 if (mask_truncated and self.truncated[i]) else len(self.completion_ids[i])
+
+
+@dataclass
+class MicroBatch:
+    """Collated micro-batch. input_ids/attention_mask/position_ids: (m, P+C); completion_ids/mask: (m, C)."""
+
+    index: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    completion_ids: torch.Tensor
+    mask: torch.Tensor
+    prompt_width: int
+
+
+def collate(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], index: list[int],
+            pad_id: int, loss_lens: Sequence[int] | None = None) -> MicroBatch:
+    """Left-pad prompts and right-pad completions into one (m, P+C) batch.
+
+    ``loss_lens[j]`` tokens of completion j are marked in ``mask`` (default: all of them).
+    Position ids count only real tokens, matching ``generate`` with left padding.
+    """
+    m = len(index)
+    p_w = max(len(prompts[i]) for i in index)
+    c_w = max(max(len(completions[i]) for i in index), 1)
+    input_ids = torch.full((m, p_w + c_w), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((m, p_w + c_w), dtype=torch.long)
+    mask = torch.zeros((m, c_w), dtype=torch.float32)
+    for row, i in enumerate(index):
+        p, c = prompts[i], completions[i]
+        input_ids[row, p_w - len(p):p_w] = torch.as_tensor(p)
+        input_ids[row, p_w:p_w + len(c)] = torch.as_tensor(c, dtype=torch.long)
+        attention_mask[row, p_w - len(p):p_w + len(c)] = 1
+        mask[row, :len(c) if loss_lens is None else loss_lens[row]] = 1.0
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return MicroBatch(index, input_ids, attention_mask, position_ids, input_ids[:, p_w:], mask, p_w)
+
+
+def completion_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: float, bf16: bool,
+                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log π(o_t | q, o_<t) of the completion tokens under softmax(logits / T).
+
+    Returns (logps (m, C) float32, entropy (m, C) or None). Only the last C+1 positions go through
+    the LM head (``logits_to_keep``).
+    """
+    c_w = mb.completion_ids.shape[1]
+    with autocast(bf16):
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                       logits_to_keep=c_w + 1, use_cache=False).logits[:, :-1]   # (m, C, V)
+    logps = selective_log_softmax(logits, mb.completion_ids, temperature)
+    return logps, (entropy_from_logits(logits, temperature) if with_entropy else None)
+
+
+def autocast(bf16: bool):
+    """bf16 autocast on CPU when asked (fp32 master weights and optimizer state are kept)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def build_lr_lambda(cfg: GRPOConfig, total_updates: int) -> Callable[[int], float]:
+    """Linear warmup over ``warmup_steps`` updates, then constant / cosine / linear decay to 0."""
+
+    def f(update: int) -> float:
+        if update < cfg.warmup_steps:
+            return (update + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_scheduler == "constant":
+            return 1.0
+        progress = (update - cfg.warmup_steps) / max(1, total_updates - cfg.warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if cfg.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return f
+
+
+class RewardScorer:
+    """Scores completions: verifier verdicts once, then each reward function, weighted.
+
+    The reward named ``accuracy`` is the verifier's score (computed once and reused for the accuracy
+    metric); ``overlong`` is DAPO's soft overlong punishment (needs completion lengths).
+    """
+
+    def __init__(self, cfg: GRPOConfig, verifier, reward_fns: list[tuple[object, float]]):
+        self.cfg = cfg
+        self.verifier = verifier
+        self.reward_fns = reward_fns
+        self.names = [getattr(fn, "name", f"reward_{i}") for i, (fn, _) in enumerate(reward_fns)]
+        if cfg.overlong_buffer > 0:
+            self.names.append("overlong")
+        weights = [w for _, w in reward_fns] + ([1.0] if cfg.overlong_buffer > 0 else [])
+        self.weights = torch.tensor(weights, dtype=torch.float32)
+
+    def __call__(self, texts: list[str], examples: list[Example], lengths: list[int]):
+        """Returns (rewards_per_func (N, F), verdicts)."""
+        verdicts = self.verifier.verify_batch(texts, examples)
+        cols = []
+        for fn, _ in self.reward_fns:
+            if getattr(fn, "name", None) == "accuracy":
+                cols.append([v.score for v in verdicts])
+            else:
+                vals = list(fn(texts, examples))
+                if len(vals) != len(texts):
+                    raise ConfigError(f"reward function {getattr(fn, 'name', fn)!r} returned {len(vals)} "
+                                      f"values for {len(texts)} completions")
+                cols.append([math.nan if v is None else float(v) for v in vals])
+        if self.cfg.overlong_buffer > 0:
+            cols.append([overlong_penalty(n, self.cfg.max_completion_length, self.cfg.overlong_buffer,
+                                          self.cfg.overlong_penalty) for n in lengths])
+        return torch.tensor(cols, dtype=torch.float32).T.contiguous(), verdicts
+
+
+def overlong_penalty(length: int, max_len: int, buffer: int, penalty: float = 1.0) -> float:
+    """DAPO soft overlong punishment (arXiv 2503.14476 Eq. 13): 0 up to max_len - buffer, then
+    linearly down to -penalty at max_len."""
+    start = max_len - buffer
+    if length <= start:
+        return 0.0
+    return -penalty * min(1.0, (length - start) / buffer)
+
+
+class GRPOTrainer:
+    """GRPO on rule-verified rewards (DeepSeekMath §4.1; DeepSeek-R1 §2.2).
+
+    Args:
+        cfg: the resolved GRPOConfig.
+        policy: causal LM to train (fp32 parameters).
+        tokenizer: its tokenizer.
+        train_examples: the training problems.
+        render: ``Example -> prompt text`` (the template).
+        scorer: a RewardScorer.
+        engine: the rollout SamplingEngine (sampling from ``policy``; refreshed after each update).
+        run_dir: output directory.
+    """
+
+    def __init__(self, cfg: GRPOConfig, policy, tokenizer, train_examples: list[Example],
+                 render: Callable[[Example], str], scorer: RewardScorer, engine: SamplingEngine, run_dir: Path):
+        cfg.validate()
+        if not train_examples:
+            raise ConfigError(f"task {cfg.task!r} split {cfg.train_split!r} has no training examples")
+        self.cfg, self.policy, self.tokenizer, self.scorer, self.engine = cfg, policy, tokenizer, scorer, engine
+        self.run_dir = Path(run_dir)
+        self.examples = train_examples
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.prompt_cache: dict[str, list[int]] = {}
+        self.render = render
+        self.reference = self._make_reference() if cfg.beta != 0.0 else None
+        params = [p for p in policy.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           weight_decay=cfg.weight_decay)
+        total_updates = cfg.max_steps * cfg.steps_per_generation * cfg.num_iterations
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, build_lr_lambda(cfg, total_updates))
+        self.step = 0
+        self.epoch = 0
+        self.cursor = 0
+        self.warn_counts = {"truncated": 0, "zero_std": 0}
+        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard)
+
+    # ----- data -----
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    def next_examples(self, n: int) -> list[Example]:
+        """The next ``n`` training problems in a seeded per-epoch shuffle (the data cursor)."""
+        out = []
+        order = self._order(self.epoch)
+        while len(out) < n:
+            if self.cursor >= len(order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                order = self._order(self.epoch)
+            out.append(self.examples[order[self.cursor]])
+            self.cursor += 1
+        return out
+
+    def prompt_ids(self, ex: Example) -> list[int]:
+        """Token ids of the rendered prompt. Raises ConfigError when longer than max_prompt_length."""
+        ids = self.prompt_cache.get(ex.id)
+        if ids is None:
+            ids = self.tokenizer(self.render(ex), add_special_tokens=False).input_ids
+            if len(ids) > self.cfg.max_prompt_length:
+                raise ConfigError(f"prompt of {ex.id} has {len(ids)} tokens > max_prompt_length="
+                                  f"{self.cfg.max_prompt_length}; raise --max-prompt-length or drop the row")
+            self.prompt_cache[ex.id] = ids
+        return ids
+
+    # ----- reference -----
+    def _make_reference(self):
+        ref = copy.deepcopy(self.policy)
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref.eval()
+
+    @torch.no_grad()
+    def sync_reference(self) -> None:
+        """ref ← α·policy + (1-α)·ref (R1-Zero: α = 1 every 400 steps; TRL ref_model_sync_steps)."""
+        a = self.cfg.ref_model_mixup_alpha
+        for r, p in zip(self.reference.parameters(), self.policy.parameters()):
+            r.mul_(1 - a).add_(p.detach(), alpha=a)
+
+    # ----- rollout -----
+    def sampling_params(self) -> SamplingParams:
+        c = self.cfg
+        return SamplingParams(max_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
+                              top_k=c.top_k, n=c.num_generations)
+
+    def generate_and_score(self) -> Rollout:
+        """Sample, score and compute advantages for one round (with DAPO dynamic sampling if on)."""
+        c = self.cfg
+        G = c.num_generations
+        kept: list[tuple] = []
+        rounds = 0
+        stats = {"dynamic_sampling/rounds": 0.0}
+        while True:
+            exs = self.next_examples(c.prompts_per_step)
+            pids = [self.prompt_ids(e) for e in exs]
+            comps = self.engine.generate(pids, self.sampling_params())
+            texts = self.tokenizer.batch_decode([o.token_ids for o in comps], skip_special_tokens=True)
+            flat_ex = [exs[o.prompt_index] for o in comps]
+            rpf, verdicts = self.scorer(texts, flat_ex, [len(o.token_ids) for o in comps])
+            for g in range(len(exs)):
+                sl = slice(g * G, (g + 1) * G)
+                acc = [verdicts[i].score for i in range(sl.start, sl.stop)]
+                mixed = max(acc) != min(acc)
+                if c.dynamic_sampling and not mixed:
+                    continue
+                kept.append((exs[g], pids[g], comps[sl], texts[sl], rpf[sl], verdicts[sl]))
+            rounds += 1
+            if not c.dynamic_sampling or len(kept) >= c.prompts_per_step or rounds > c.max_resample_rounds:
+                break
+        if c.dynamic_sampling:
+            stats["dynamic_sampling/rounds"] = float(rounds)
+            stats["dynamic_sampling/kept_groups"] = float(min(len(kept), c.prompts_per_step))
+            kept = kept[:c.prompts_per_step]
+            if not kept:  # every group was dead in every round: fall back to the last round's groups
+                kept = [(exs[g], pids[g], comps[g * G:(g + 1) * G], texts[g * G:(g + 1) * G],
+                         rpf[g * G:(g + 1) * G], verdicts[g * G:(g + 1) * G]) for g in range(len(exs))]
+        rewards_per_func = torch.cat([k[4] for k in kept])                                   # (N, F)
+        rewards = torch.nansum(rewards_per_func * self.scorer.weights, dim=1)                # (N,)
+        advantages, group_std = group_advantages(rewards, G, c.scale_rewards)
+        comps = [o for k in kept for o in k[2]]
+        return Rollout(
+            examples=[k[0] for k in kept for _ in range(G)],
+            prompt_ids=[k[1] for k in kept for _ in range(G)],
+            completion_ids=[o.token_ids for o in comps],
+            sampling_logprobs=[o.logprobs for o in comps],
+            truncated=[o.truncated for o in comps],
+            texts=[t for k in kept for t in k[3]],
+            rewards_per_func=rewards_per_func, rewards=rewards, advantages=advantages, group_std=group_std,
+            verdicts=[v for k in kept for v in k[5]], stats=stats,
+        )
+
+    # ----- no-grad passes -----
+    def forwarded(self, ro: Rollout) -> list[int]:
+        """Completions that need forward passes: all, or (β = 0) those with a non-zero advantage."""
+        c = self.cfg
+        return [i for i in range(len(ro))
+                if ro.loss_mask_len(i, c.mask_truncated_completions) > 0
+                and (c.beta != 0.0 or not c.skip_zero_advantage or ro.advantages[i].item() != 0.0)]
+
+    @torch.no_grad()
+    def _logps_for(self, model, ro: Rollout, index: list[int]) -> dict[int, torch.Tensor]:
+        out = {}
+        for start in range(0, len(index), self.cfg.micro_batch_size):
+            idx = index[start:start + self.cfg.micro_batch_size]
+            mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id)
+            logps, _ = completion_logprobs(model, mb, self.cfg.temperature, self.cfg.bf16)
+            for row, i in enumerate(idx):
+                out[i] = logps[row, :len(ro.completion_ids[i])].clone()
+        return out
+
+    def compute_old_and_ref(self, ro: Rollout, index: list[int]) -> None:
+        """Reference logprobs (β > 0) and old-policy logprobs (when the policy moves within a round)."""
+        c = self.cfg
+        if self.reference is not None:
+            ro.ref_logps = self._logps_for(self.reference, ro, index)
+        if c.num_iterations > 1 or c.steps_per_generation > 1:
+            ro.old_logps = self._logps_for(self.policy, ro, index)
+
+    # ----- update -----
+    def update(self, ro: Rollout, index: list[int]) -> dict[str, float]:
+        """All optimizer updates of one round; returns token-weighted loss statistics."""
+        c = self.cfg
+        N = len(ro)
+        S = c.steps_per_generation
+        order = torch.randperm(N).tolist() if S > 1 else list(range(N))
+        active = set(index)
+        acc = _Accumulator()
+        self.policy.train()
+        for it in range(c.num_iterations):
+            for s in range(S):
+                chunk = order[s * N // S:(s + 1) * N // S]
+                n_tokens = sum(ro.loss_mask_len(i, c.mask_truncated_completions) for i in chunk)
+                norm = LossNormalizer(num_sequences=len(chunk), num_tokens=n_tokens, global_num_tokens=n_tokens,
+                                      world_size=1, max_completion_length=c.max_completion_length)
+                fwd = [i for i in chunk if i in active]
+                self.optimizer.zero_grad(set_to_none=False)
+                step_loss = 0.0
+                for start in range(0, len(fwd), c.micro_batch_size):
+                    idx = fwd[start:start + c.micro_batch_size]
+                    step_loss += self._micro_step(ro, idx, norm, acc, first_pass=(it == 0 and s == 0))
+                acc.add("loss", step_loss, 1.0)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
+                if not torch.isfinite(grad_norm):
+                    raise TrainingStopped(self._stop_message(f"non-finite grad norm ({grad_norm.item()})"))
+                self.optimizer.step()
+                self.scheduler.step()
+                acc.add("grad_norm", grad_norm.item(), 1.0)
+        self.policy.eval()
+        return acc.means()
+
+    def _micro_step(self, ro: Rollout, idx: list[int], norm: LossNormalizer, acc: "_Accumulator",
+                    first_pass: bool) -> float:
+        """Forward/backward of one micro-batch; returns its share of the step loss."""
+        c = self.cfg
+        loss_lens = [ro.loss_mask_len(i, c.mask_truncated_completions) for i in idx]
+        mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id, loss_lens)
+        logps, entropy = completion_logprobs(self.policy, mb, c.temperature, c.bf16, with_entropy=True)
+        old = self._stack(ro.old_logps, idx, logps) if ro.old_logps is not None else logps.detach()
+        ref = self._stack(ro.ref_logps, idx, logps) if ro.ref_logps is not None else None
+        adv = ro.advantages[idx]
+        terms = policy_loss_terms(logps, old, adv, c.epsilon, c.eps_high, c.beta, ref)
+        loss = aggregate_loss(terms.per_token_loss, mb.mask, c.loss_type, norm)
+        if not torch.isfinite(loss):
+            raise TrainingStopped(self._stop_message(f"non-finite loss ({loss.item()})"))
+        loss.backward()
+        m = mb.mask
+        n_tok = m.sum().item()
+        acc.add("entropy", (entropy * m).sum().item() / max(n_tok, 1), n_tok)
+        acc.add("clip_ratio/low_mean", (terms.is_low_clipped * m).sum().item() / max(n_tok, 1), n_tok)
+        acc.add("clip_ratio/high_mean", (terms.is_high_clipped * m).sum().item() / max(n_tok, 1), n_tok)
+        acc.add("clip_ratio/region_mean", ((terms.is_low_clipped | terms.is_high_clipped) * m).sum().item() / max(n_tok, 1), n_tok)
+        if terms.kl is not None:
+            acc.add("kl", (terms.kl.detach() * m).sum().item() / max(n_tok, 1), n_tok)
+        if first_pass and ro.old_logps is None:
+            self._mismatch(ro, idx, logps.detach(), acc)
+        return loss.item()
+
+    @staticmethod
+    def _stack(per_seq: dict[int, torch.Tensor], idx: list[int], like: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(like, requires_grad=False)
+        for row, i in enumerate(idx):
+            out[row, :per_seq[i].numel()] = per_seq[i]
+        return out
+
+    @staticmethod
+    def _mismatch(ro: Rollout, idx: list[int], logps: torch.Tensor, acc: "_Accumulator") -> None:
+        """|sampling logprob − trainer logprob| per token (training/inference mismatch, GRPO_SPEC §5)."""
+        for row, i in enumerate(idx):
+            s = torch.tensor(ro.sampling_logprobs[i])
+            if s.numel():
+                d = (s - logps[row, :s.numel()]).abs()
+                acc.add("logprob_mismatch/mean", d.mean().item(), s.numel())
+                acc.add_max("logprob_mismatch/max", d.max().item())
+
+    def _stop_message(self, what: str) -> str:
+        last = ckpt.latest_checkpoint(self.run_dir)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        return (f"training stopped at step {self.step + 1}: {what}; {where}. Lower --learning-rate, set "
+                f"--max-grad-norm, or check the reward functions, then resume with --resume")
+
+    # ----- one step -----
+    def train_step(self) -> dict[str, float]:
+        """One generation round and its updates; returns the step's metrics."""
+        c = self.cfg
+        t0 = time.perf_counter()
+        ro = self.generate_and_score()
+        t1 = time.perf_counter()
+        index = self.forwarded(ro)
+        self.compute_old_and_ref(ro, index)
+        t2 = time.perf_counter()
+        if ro.old_logps is not None:
+            acc = _Accumulator()
+            for i in index:
+                self._mismatch(ro, [i], ro.old_logps[i].unsqueeze(0), acc)
+            mismatch = acc.means()
+        else:
+            mismatch = {}
+        loss_stats = self.update(ro, index)
+        self.engine.update_weights(self.policy)
+        t3 = time.perf_counter()
+        self.step += 1
+        if self.reference is not None and c.ref_model_sync_steps and self.step % c.ref_model_sync_steps == 0:
+            self.sync_reference()
+        metrics = self._metrics(ro, index, t1 - t0, t2 - t1, t3 - t2)
+        metrics.update(loss_stats)
+        metrics.update(mismatch)
+        metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
+        self._guards(metrics)
+        if c.log_completions_steps and self.step % c.log_completions_steps == 0:
+            self.logger.log_samples(self.step, self._samples(ro))
+        return metrics
+
+    def _metrics(self, ro: Rollout, index: list[int], t_roll: float, t_ref: float, t_upd: float) -> dict[str, float]:
+        G = self.cfg.num_generations
+        lengths = torch.tensor([len(x) for x in ro.completion_ids], dtype=torch.float32)
+        group_std = ro.group_std.view(-1, G)[:, 0]
+        m = {
+            "reward": ro.rewards.mean().item(),
+            "reward_std": group_std.mean().item(),
+            "accuracy": sum(v.correct for v in ro.verdicts) / len(ro.verdicts),
+            "frac_reward_zero_std": (group_std.abs() < 1e-8).float().mean().item(),
+            "completions/mean_length": lengths.mean().item(),
+            "completions/max_length": lengths.max().item(),
+            "completions/min_length": lengths.min().item(),
+            "completions/clipped_ratio": sum(ro.truncated) / len(ro.truncated),
+            "forwarded_fraction": len(index) / len(ro),
+            "tokens_per_s": lengths.sum().item() / max(t_roll, 1e-9),
+            "time/rollout": t_roll, "time/reference": t_ref, "time/update": t_upd,
+            "time/step": t_roll + t_ref + t_upd,
+            **ro.stats,
+        }
+        for j, name in enumerate(self.scorer.names):
+            col = ro.rewards_per_func[:, j]
+            m[f"rewards/{name}/mean"] = torch.nanmean(col).item()
+            m[f"rewards/{name}/std"] = col[~col.isnan()].std().item() if (~col.isnan()).sum() > 1 else 0.0
+        if "format" in self.scorer.names:
+            m["format_rate"] = (ro.rewards_per_func[:, self.scorer.names.index("format")] > 0).float().mean().item()
+        return m
+
+    def _guards(self, m: dict[str, float]) -> None:
+        c = self.cfg
+        checks = {"truncated": (m["completions/clipped_ratio"] >= c.warn_truncated_ratio,
+                                f"{m['completions/clipped_ratio']:.0%} of completions hit max_completion_length="
+                                f"{c.max_completion_length}: rewards are computed on cut-off text; raise "
+                                "--max-completion-length or shorten the template"),
+                  "zero_std": (m["frac_reward_zero_std"] >= c.warn_zero_std_ratio,
+                               f"{m['frac_reward_zero_std']:.0%} of groups have zero reward std: almost no learning "
+                               "signal; try an easier task, more generations, or --dynamic-sampling true")}
+        for key, (bad, msg) in checks.items():
+            self.warn_counts[key] = self.warn_counts[key] + 1 if bad else 0
+            if self.warn_counts[key] == c.warn_patience:
+                warnings.warn(f"step {self.step}: {msg} (for {c.warn_patience} steps in a row)", stacklevel=2)
+
+    def _samples(self, ro: Rollout, per_step: int = 4) -> list[dict]:
+        G = self.cfg.num_generations
+        rows = []
+        for i in range(0, min(len(ro), per_step * G), G):
+            rows.append({"id": ro.examples[i].id, "prompt": ro.examples[i].prompt, "gold": ro.examples[i].gold,
+                         "completions": [{"text": ro.texts[j], "reward": ro.rewards[j].item(),
+                                          "advantage": ro.advantages[j].item(), "extracted": ro.verdicts[j].extracted,
+                                          "truncated": ro.truncated[j]} for j in range(i, i + G)]})
+        return rows
+
+    # ----- checkpoints -----
+    def state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "cursor": self.cursor, "warn_counts": self.warn_counts}
+
+    def save(self) -> Path:
+        import yaml
+
+        ref = self.reference if (self.reference is not None and self.cfg.ref_model_sync_steps) else None
+        return ckpt.save_checkpoint(self.run_dir, self.step, policy=self.policy, tokenizer=self.tokenizer,
+                                    optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=self.state(),
+                                    config_yaml=yaml.safe_dump(self.cfg.to_dict(), sort_keys=False),
+                                    reference=ref, keep=self.cfg.save_total_limit)
+
+    def resume_from(self, path: Path) -> None:
+        """Restore weights, optimizer, scheduler, RNG and data cursor from a checkpoint directory."""
+        from safetensors.torch import load_file
+
+        state_dict = load_file(str(path / "policy" / "model.safetensors"))
+        self.policy.load_state_dict(state_dict, strict=False)
+        if self.reference is not None and (path / "reference" / "model.safetensors").is_file():
+            self.reference.load_state_dict(load_file(str(path / "reference" / "model.safetensors")), strict=False)
+        st = ckpt.load_training_state(path, self.optimizer, self.scheduler)
+        self.step, self.epoch, self.cursor = st["step"], st["epoch"], st["cursor"]
+        self.warn_counts = st["warn_counts"]
+        self.engine.update_weights(self.policy)
+        self.logger.truncate_after(self.step)
+
+    def train(self, progress: bool = True, stop_after: int | None = None) -> list[dict[str, float]]:
+        """Run until ``max_steps`` (or ``stop_after`` steps in this call, used to simulate a kill).
+
+        Raises:
+            TrainingStopped: a guard fired (non-finite loss / grad norm); nothing was saved for that step.
+        """
+        from tqdm.auto import tqdm
+
+        c = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(c, self.run_dir / "config.yaml")
+        history = []
+        bar = tqdm(total=c.max_steps, initial=self.step, disable=not progress, desc="grpo", dynamic_ncols=True)
+        done = 0
+        try:
+            while self.step < c.max_steps and (stop_after is None or done < stop_after):
+                m = self.train_step()
+                done += 1
+                history.append(m)
+                if self.step % c.logging_steps == 0:
+                    self.logger.log(self.step, m)
+                if (c.save_steps and self.step % c.save_steps == 0) or self.step == c.max_steps:
+                    self.save()
+                bar.update(1)
+                bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.3f}",
+                                len=f"{m['completions/mean_length']:.0f}", s=f"{m['time/step']:.1f}")
+        finally:
+            bar.close()
+        return history
+
+
+class _Accumulator:
+    """Weighted running means (and maxima) of scalar statistics."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+        self.maxes: dict[str, float] = {}
+
+    def add(self, key: str, value: float, weight: float) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + value * weight
+        self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def add_max(self, key: str, value: float) -> None:
+        self.maxes[key] = max(self.maxes.get(key, -math.inf), value)
+
+    def means(self) -> dict[str, float]:
+        out = {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+        out.update(self.maxes)
+        return out
