@@ -102,8 +102,8 @@ class GRPOConfig:
     save_total_limit: int = 2  # keep the last N checkpoints
     tensorboard: bool = False
     plot: bool = True  # PNG of reward/accuracy/length curves at the end
-    eval_before: bool = True  # evaluate the initial policy on the held-out set
-    eval_after: bool = True  # evaluate the trained policy on the held-out set
+    eval_before: bool = False  # evaluate the initial policy on the held-out set (eval/before.json)
+    eval_after: bool = False  # evaluate the trained policy on the held-out set and write eval/report.md
 
     # --- guards ---
     warn_truncated_ratio: float = 0.9  # warn when this share of completions is truncated ...

@@ -1,0 +1,144 @@
+"""``r1kit`` command line.
+
+  r1kit train grpo --preset cpu_demo --output runs/demo [--config c.yaml] [--<field> value ...] [--resume]
+  r1kit eval --model M --task T [--k K] [--limit N] [--output DIR]
+  r1kit tasks
+
+Bad input (R1kitError) prints one ``error:`` line and exits with status 2; a guard stop exits with 3;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from r1kit.errors import R1kitError, TrainingStopped
+
+
+def _train_grpo(args: argparse.Namespace) -> int:
+    from r1kit.config import load_config, overrides_from_args
+    from r1kit.train.recipe import run_grpo
+
+    overrides = overrides_from_args(args)
+    if args.resume and not args.config and not args.preset:
+        saved = Path(overrides.get("output", "runs/grpo")) / "config.yaml"
+        if saved.is_file():
+            args.config = str(saved)
+    cfg = load_config(args.preset, args.config, overrides)
+    run_dir = run_grpo(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+    import yaml
+
+    from r1kit.data.loading import load_task
+    from r1kit.eval.evaluate import evaluate, markdown_table, save_result
+    from r1kit.models.loading import load_policy, resolve_dtype
+    from r1kit.runtime import make_engine, make_render, make_verifier
+
+    run_cfg = {}
+    cfg_path = Path(args.model) / "config.yaml"
+    if cfg_path.is_file():  # an r1kit run: default to the template and extraction it was trained with
+        run_cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    template = args.template or run_cfg.get("template", "chat_boxed")
+    extraction = args.answer_extraction or run_cfg.get("answer_extraction", "tagged")
+    if args.k < 1:
+        raise R1kitError(f"--k must be >= 1, got {args.k}")
+    torch.manual_seed(args.seed)
+    model, tok = load_policy(args.model, dtype=torch.float32)
+    examples = load_task(args.task, args.split, prompt_field=args.prompt_field, answer_field=args.answer_field,
+                         limit=args.limit)
+    render, _ = make_render(template, tok)
+    verifier = make_verifier(args.task, extraction)
+    engine = make_engine(model, tok, args.backend, resolve_dtype(args.dtype))
+    res = evaluate(engine, tok, examples, verifier, render, k=args.k, temperature=args.temperature,
+                   top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed, task=f"{args.task}/{args.split}")
+    table = markdown_table([(str(args.model), res)])
+    print(table)
+    out = Path(args.output) if args.output else (Path(args.model) / "eval" if Path(args.model).is_dir() else Path("runs/eval"))
+    name = f"{args.task.replace('/', '_')}_{args.split}_k{args.k}"
+    save_result(res, out / f"{name}.json")
+    (out / f"{name}.md").write_text(table)
+    print(f"wrote {out / (name + '.json')} and {name}.md")
+    return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from r1kit.data.base import task_names, task_verifier
+
+    for name in task_names():
+        print(f"{name:16s} verifier={task_verifier(name)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from r1kit.config import add_config_arguments, preset_names
+
+    p = argparse.ArgumentParser(prog="r1kit", description="Reproduce DeepSeek-R1: GRPO on verified rewards, evaluation.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a policy")
+    tsub = train.add_subparsers(dest="algo", required=True)
+    grpo = tsub.add_parser("grpo", help="GRPO on rule-verified rewards",
+                           description="GRPO training. Every config field is a --flag; see r1kit/config.py.")
+    grpo.add_argument("--preset", choices=preset_names(), help="named preset applied before --config and flags")
+    grpo.add_argument("--config", help="YAML file of config fields")
+    grpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    grpo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    grpo.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    add_config_arguments(grpo)
+    grpo.set_defaults(func=_train_grpo)
+
+    ev = sub.add_parser("eval", help="evaluate a model (R1 protocol: pass@1 over k samples, maj@k)")
+    ev.add_argument("--model", required=True, help="HF dir, .gguf, r1kit run dir, or smollm2-135m-instruct")
+    ev.add_argument("--task", required=True, help="task name (see `r1kit tasks`) or a local .jsonl/.parquet")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--k", type=int, default=1, help="samples per problem (pass@1 = their mean)")
+    ev.add_argument("--limit", type=int, default=None, help="first N problems only")
+    ev.add_argument("--temperature", type=float, default=0.6)
+    ev.add_argument("--top-p", type=float, default=0.95)
+    ev.add_argument("--max-tokens", type=int, default=512)
+    ev.add_argument("--template", default=None, help="prompt template (default: the run's, else chat_boxed)")
+    ev.add_argument("--answer-extraction", default=None, choices=["tagged", "any"])
+    ev.add_argument("--prompt-field", default=None)
+    ev.add_argument("--answer-field", default=None)
+    ev.add_argument("--backend", default="hf", choices=["hf", "engine", "vllm"])
+    ev.add_argument("--dtype", default="bf16", help="sampling dtype: bf16 or fp32")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--output", default=None, help="directory for the JSON and markdown report")
+    ev.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    ev.set_defaults(func=_eval)
+
+    tasks = sub.add_parser("tasks", help="list registered tasks")
+    tasks.set_defaults(func=_tasks)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TrainingStopped as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except R1kitError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Wiring shared by the training and evaluation commands: template → render function, task → verifier,
+backend name → sampling engine. Components stay independent; this is the one place that joins them."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from r1kit.data.base import Example
+from r1kit.errors import ConfigError
+
+
+def make_render(template_name: str, tokenizer) -> tuple[Callable[[Example], str], object]:
+    """(Example → prompt text, the PromptTemplate). Raises ConfigError for an unknown template."""
+    from r1kit.data.templates import get_template, render_prompt
+
+    template = get_template(template_name)
+    return (lambda ex: render_prompt(ex, tokenizer, template)), template
+
+
+def make_verifier(task: str, answer_extraction: str = "tagged"):
+    """The verifier registered for ``task``'s kind (math: math-verify with the given extraction)."""
+    from r1kit.data.loading import task_verifier_kind
+    from r1kit.rewards.registry import get_verifier
+
+    kind = task_verifier_kind(task)
+    return get_verifier(kind, extraction=answer_extraction) if kind == "math" else get_verifier(kind)
+
+
+def make_engine(model: torch.nn.Module, tokenizer, backend: str = "hf", dtype: torch.dtype | None = None,
+                max_batch_size: int = 64):
+    """A SamplingEngine over ``model``: "hf" (transformers generate), "engine" (r1kit) or "vllm"."""
+    if backend == "hf":
+        from r1kit.rollout.hf import HFGenerateEngine
+
+        return HFGenerateEngine(model, tokenizer, dtype=dtype, max_batch_size=max_batch_size)
+    if backend == "engine":
+        from r1kit.rollout.engine import Engine
+
+        return Engine(model, tokenizer, dtype=dtype or torch.float32, max_batch=max_batch_size)
+    if backend == "vllm":
+        from r1kit.rollout.vllm_backend import VLLMEngine
+
+        return VLLMEngine(model, tokenizer)
+    raise ConfigError(f"rollout backend must be hf, engine or vllm, got {backend!r}")

@@ -1,0 +1,142 @@
+"""The GRPO recipe: everything ``r1kit train grpo`` does, in order.
+
+1. seed; load the policy, the training problems and the held-out problems (checked disjoint);
+2. build template, verifier, reward functions, rollout engine, trainer (or resume from a checkpoint);
+3. evaluate the initial policy (``eval_before``), train, save ``final/``, evaluate again (``eval_after``);
+4. write ``eval/report.md`` (before/after with 95% intervals) and ``curves.png``.
+
+Run directory: config.yaml, metrics.jsonl, samples.jsonl, checkpoint-N/, final/, eval/, curves.png.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from r1kit.config import GRPOConfig
+from r1kit.errors import ConfigError, DataError, R1kitError
+from r1kit.eval.evaluate import comparison_markdown, evaluate, load_result, markdown_table, save_result
+from r1kit.models.loading import load_policy
+from r1kit.runtime import make_engine, make_render, make_verifier
+from r1kit.train import checkpoint as ckpt
+from r1kit.train.grpo import GRPOTrainer, RewardScorer
+from r1kit.train.logging import plot_curves
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_disjoint(train, held_out) -> None:
+    """Raise DataError if any held-out problem text also appears in the training problems."""
+    seen = {e.prompt.strip() for e in train}
+    clash = [e.id for e in held_out if e.prompt.strip() in seen]
+    if clash:
+        raise DataError(f"{len(clash)} evaluation problems also appear in the training data (first: {clash[0]}); "
+                        "choose another --eval-split or --eval-task so that no evaluation problem is trained on")
+
+
+def check_completion_budget(cfg: GRPOConfig, template, tokenizer) -> None:
+    """Raise ConfigError when max_completion_length cannot hold even a minimal well-formed answer."""
+    minimal = getattr(template, "minimal_completion", None)
+    if minimal:
+        need = len(tokenizer(minimal, add_special_tokens=False).input_ids) + 1
+        if cfg.max_completion_length < need:
+            raise ConfigError(f"max_completion_length={cfg.max_completion_length} is too small for template "
+                              f"{cfg.template!r}, whose shortest well-formed answer {minimal!r} needs {need} tokens; "
+                              "raise --max-completion-length")
+
+
+def save_final(policy, tokenizer, run_dir: Path) -> Path:
+    """Save the trained policy as an HF directory at ``run_dir/final`` atomically."""
+    final = run_dir / "final"
+    tmp = Path(tempfile.mkdtemp(prefix=".final.tmp", dir=run_dir))
+    try:
+        policy.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run the GRPO recipe described in the module docstring; returns the run directory.
+
+    Raises:
+        R1kitError (and subclasses): bad config, data or model; TrainingStopped from a guard.
+    """
+    from r1kit.data.loading import load_task
+    from r1kit.rewards.functions import build_reward_functions
+
+    cfg.validate()
+    run_dir = Path(cfg.output)
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume and ckpt.list_checkpoints(run_dir):
+        raise R1kitError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose another --output")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    policy, tokenizer = load_policy(cfg.model, dtype=torch.float32)
+    render, template = make_render(cfg.template, tokenizer)
+    check_completion_budget(cfg, template, tokenizer)
+    train = load_task(cfg.task, cfg.train_split, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field)
+    if cfg.max_train_examples:
+        train = train[:cfg.max_train_examples]
+    eval_task = cfg.eval_task or cfg.task
+    held_out = []
+    if cfg.eval_before or cfg.eval_after:
+        held_out = load_task(eval_task, cfg.eval_split, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
+                             limit=cfg.eval_limit)
+        check_disjoint(train, held_out)
+    verifier = make_verifier(cfg.task, cfg.answer_extraction)
+    think_in_prompt = "<think>" in getattr(template, "assistant_prefix", "")
+    reward_fns = build_reward_functions(cfg.reward_funcs, cfg.reward_weights, verifier, think_in_prompt=think_in_prompt)
+    rollout_dtype = (torch.bfloat16 if cfg.bf16 else torch.float32) if cfg.rollout_dtype == "auto" else \
+        {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.rollout_dtype]
+    engine = make_engine(policy, tokenizer, cfg.rollout_backend, rollout_dtype)
+    trainer = GRPOTrainer(cfg, policy, tokenizer, train, render, RewardScorer(cfg, verifier, reward_fns), engine, run_dir)
+    if resume:
+        last = ckpt.latest_checkpoint(run_dir)
+        if last is None:
+            raise R1kitError(f"--resume: no complete checkpoint in {run_dir}")
+        trainer.resume_from(last)
+        print(f"resumed from {last} (step {trainer.step})")
+    eval_dir = run_dir / "eval"
+    eval_kw = dict(k=cfg.eval_k, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                   max_tokens=cfg.max_completion_length, seed=cfg.seed, task=f"{eval_task}/{cfg.eval_split}")
+    before = None
+    if cfg.eval_before:
+        if (eval_dir / "before.json").is_file():
+            before = load_result(eval_dir / "before.json")
+        else:
+            rng = ckpt.rng_state()  # evaluation must not change the samples training draws
+            before = evaluate(engine, tokenizer, held_out, verifier, render, **eval_kw)
+            ckpt.set_rng_state(rng)
+            save_result(before, eval_dir / "before.json")
+        print("before training:\n" + markdown_table([("initial policy", before)]))
+    trainer.train(progress=progress)
+    trainer.logger.close()
+    save_final(policy, tokenizer, run_dir)
+    if cfg.plot and (run_dir / "metrics.jsonl").is_file():
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    if cfg.eval_after:
+        after = evaluate(engine, tokenizer, held_out, verifier, render, **eval_kw)
+        save_result(after, eval_dir / "after.json")
+        report = (comparison_markdown(before, after) if before is not None
+                  else markdown_table([("trained policy", after)]))
+        header = (f"# {cfg.task} GRPO run: held-out evaluation\n\nmodel {cfg.model}, {cfg.max_steps} steps, "
+                  f"template {cfg.template}, eval on {eval_task}/{cfg.eval_split} (never trained on), "
+                  f"k={cfg.eval_k}, T={cfg.eval_temperature}, top-p={cfg.eval_top_p}\n\n")
+        (eval_dir / "report.md").write_text(header + report)
+        print(header + report)
+    return run_dir
