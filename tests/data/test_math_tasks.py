@@ -3,6 +3,8 @@
 import hashlib
 import json
 import re
+import sys
+import types
 
 import pandas as pd
 import pytest
@@ -186,7 +188,21 @@ def test_file_errors(tmp_path, monkeypatch):
 
 
 def test_hub_dataset_unreachable(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(DataError, match="could not load dataset 'nobody/no-such-set-r1kit' split 'train' from the hub"):
-        load_task("nobody/no-such-set-r1kit")
+    def load_dataset(name, split):
+        raise ConnectionError("Couldn't reach the Hugging Face Hub (offline)")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(DataError, match="could not load dataset 'someone/set' split 'train' from the hub .*offline"):
+        load_task("someone/set")
+
+
+def test_hub_dataset_without_datasets_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match="'someone/set' is not a registered task or local file.*pip install datasets"):
+        load_task("someone/set")
+
+
+def test_hub_rows_mapped(monkeypatch):
+    rows = [{"question": "q1", "answer": "#### 5"}, {"question": "q2", "answer": "#### 6"}]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda name, split: rows))
+    assert [(e.id, e.gold) for e in load_task("someone/set", "test")] == [("someone/set/0", "5"), ("someone/set/1", "6")]

@@ -89,17 +89,17 @@ def test_user_reward_output_checked(user_module):
     (wrong, _), (nan, _) = build_reward_functions(
         [f"{user_module}:wrong_length", f"{user_module}:not_finite"], None, MathVerifier()
     )
-    with pytest.raises(ConfigError, match="'wrong_length' returned 1 values for 2 completions"):
+    with pytest.raises(ConfigError, match="reward 'wrong_length' has 1 values for 2 completions"):
         wrong(COMPLETIONS, EXAMPLES)
-    with pytest.raises(ConfigError, match="'not_finite' returned a non-finite value"):
+    with pytest.raises(ConfigError, match="reward 'not_finite' has a non-finite value"):
         nan(COMPLETIONS, EXAMPLES)
 
 
 @pytest.mark.parametrize(
     "names,weights,message",
     [
-        (["accuracy", "format"], [1.0], "has 1 values for 2 reward_funcs"),
-        (["accuracy"], [float("inf")], "must be finite"),
+        (["accuracy", "format"], [1.0], r"reward_weights has 1 values for 2 reward_funcs \['accuracy', 'format'\]"),
+        (["accuracy"], [float("inf")], "reward_weights has a non-finite value"),
         ([], None, "is empty"),
         (["accuracy", "accuracy"], None, "must be unique"),
     ],

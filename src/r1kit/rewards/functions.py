@@ -33,15 +33,19 @@ class UserReward:
         self.fn = fn
 
     def __call__(self, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
-        values = [float(v) for v in self.fn(completions, examples)]
-        if len(values) != len(completions):
-            raise ConfigError(
-                f"reward {self.name!r} returned {len(values)} values for {len(completions)} completions; "
-                "return one float per completion"
-            )
-        if not all(math.isfinite(v) for v in values):
-            raise ConfigError(f"reward {self.name!r} returned a non-finite value: {values}")
-        return values
+        values = self.fn(completions, examples)
+        return _finite_floats(values, len(completions), f"reward {self.name!r}", "completions")
+
+
+def _finite_floats(values: Sequence[Any], count: int, what: str, per: str) -> list[float]:
+    """``values`` as floats. Raises ConfigError naming ``what`` unless there are ``count`` of them
+    (one per item of ``per``) and all are finite."""
+    floats = [float(v) for v in values]
+    if len(floats) != count:
+        raise ConfigError(f"{what} has {len(floats)} values for {count} {per}; give one finite float each")
+    if not all(math.isfinite(v) for v in floats):
+        raise ConfigError(f"{what} has a non-finite value: {floats}")
+    return floats
 
 
 def _required_positional(fn: Callable[..., Any]) -> int | None:
@@ -110,14 +114,9 @@ def build_reward_functions(
     """
     if not names:
         raise ConfigError("reward_funcs is empty; give at least one reward, e.g. ['accuracy', 'format']")
-    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(names):
-        raise ConfigError(
-            f"reward_weights has {len(weights)} values for {len(names)} reward_funcs {list(names)}; "
-            "give one weight per reward"
-        )
-    if not all(math.isfinite(w) for w in weights):
-        raise ConfigError(f"reward_weights must be finite, got {weights}")
+    if weights is None:
+        weights = [1.0] * len(names)
+    weights = _finite_floats(weights, len(names), "reward_weights", f"reward_funcs {list(names)}")
     functions: list[RewardFunction] = []
     for name in names:
         if name == "accuracy":
