@@ -63,7 +63,9 @@ def load_task(
     else:
         given = [name for name, value in fields.items() if value is not None]
         if given:
-            raise ConfigError(f"{', '.join(given)} apply to local files and hub datasets, not to task {spec!r}")
+            raise ConfigError(
+                f"{', '.join(given)} apply to local files and hub datasets, not to task {spec!r}"
+            )
         examples = _load_registered(spec, split, options)
     return examples[:limit]
 
@@ -90,7 +92,9 @@ def _pick_field(row: dict[str, Any], given: str | None, candidates: tuple[str, .
     """The field to read ``role`` from: ``given`` if set, else the first candidate present."""
     if given is not None:
         if given not in row:
-            raise DataError(f"{source} row {row_no}: no field {given!r} for the {role} (fields: {sorted(row)})")
+            raise DataError(
+                f"{source} row {row_no}: no field {given!r} for the {role} (fields: {sorted(row)})"
+            )
         return given
     for name in candidates:
         if row.get(name) is not None:
