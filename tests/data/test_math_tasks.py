@@ -176,6 +176,13 @@ def test_missing_fields(tmp_path, monkeypatch):
         load_task("gsm8k", "train")
 
 
+def test_repeated_id(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"id": 1, "question": "a", "answer": "1"}, {"id": 1, "question": "b", "answer": "2"}])
+    with pytest.raises(DataError, match=r"d\.jsonl row 2: id 'd/1' repeats row 1"):
+        load_task(path)
+    assert [e.id for e in load_task(path, id_field="question")] == ["d/a", "d/b"]
+
+
 def test_file_errors(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="does not exist"):
         load_task(str(tmp_path / "nope.jsonl"))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from r1kit.data.base import Example, get_task_loader, task_names, task_verifier
-from r1kit.data.rows import FILE_SUFFIXES, check_gold, final_answer, format_number, read_rows
+from r1kit.data.rows import FILE_SUFFIXES, check_gold, final_answer, format_number, get_field, read_rows
 from r1kit.errors import ConfigError, DataError
 
 PROMPT_FIELDS = ("prompt", "question", "problem")
@@ -63,7 +63,9 @@ def load_task(
     else:
         given = [name for name, value in fields.items() if value is not None]
         if given:
-            raise ConfigError(f"{', '.join(given)} apply to local files and hub datasets, not to task {spec!r}")
+            raise ConfigError(
+                f"{', '.join(given)} apply to local files and hub datasets, not to task {spec!r}"
+            )
         examples = _load_registered(spec, split, options)
     return examples[:limit]
 
@@ -90,7 +92,9 @@ def _pick_field(row: dict[str, Any], given: str | None, candidates: tuple[str, .
     """The field to read ``role`` from: ``given`` if set, else the first candidate present."""
     if given is not None:
         if given not in row:
-            raise DataError(f"{source} row {row_no}: no field {given!r} for the {role} (fields: {sorted(row)})")
+            raise DataError(
+                f"{source} row {row_no}: no field {given!r} for the {role} (fields: {sorted(row)})"
+            )
         return given
     for name in candidates:
         if row.get(name) is not None:
@@ -103,20 +107,28 @@ def _pick_field(row: dict[str, Any], given: str | None, candidates: tuple[str, .
 
 def _map_rows(name: str, source: str | Path, rows: list[tuple[int, dict[str, Any]]],
               prompt_field: str | None, answer_field: str | None, id_field: str | None) -> list[Example]:
-    """Examples from rows through the field mapping; ids ``"<name>/<id or row index>"``."""
+    """Examples from rows through the field mapping; ids ``"<name>/<id or row index>"``.
+
+    Raises DataError naming the source and row for a missing/empty field, an unparseable gold or a
+    repeated id."""
     examples = []
+    first_row: dict[str, int] = {}
     for index, (row_no, row) in enumerate(rows):
         prompt_key = _pick_field(row, prompt_field, PROMPT_FIELDS, "prompt", source, row_no)
         answer_key = _pick_field(row, answer_field, ANSWER_FIELDS, "answer", source, row_no)
-        prompt = str(row[prompt_key]).strip()
-        if not prompt:
-            raise DataError(f"{source} row {row_no}: field {prompt_key!r} is empty")
-        answer = row[answer_key]
+        prompt = str(get_field(row, prompt_key, source, row_no)).strip()
+        answer = get_field(row, answer_key, source, row_no)
         gold = final_answer(answer) if isinstance(answer, str) else format_number(answer)
-        check_gold(gold, source, row_no, answer_key)
-        key = id_field or next((f for f in ID_FIELDS if row.get(f) is not None), None)
-        row_id = row[key] if key is not None and row.get(key) is not None else index
-        examples.append(Example(f"{name}/{row_id}", prompt, gold, {"source": str(source), "row": row_no}))
+        id_key = id_field or next((f for f in ID_FIELDS if row.get(f) is not None), None)
+        example_id = f"{name}/{get_field(row, id_key, source, row_no) if id_key else index}"
+        if example_id in first_row:
+            raise DataError(
+                f"{source} row {row_no}: id {example_id!r} repeats row {first_row[example_id]}; "
+                "ids must be unique (choose another --id-field)"
+            )
+        first_row[example_id] = row_no
+        meta = {"source": str(source), "row": row_no}
+        examples.append(Example(example_id, prompt, check_gold(gold, source, row_no, answer_key), meta))
     return examples
 
 

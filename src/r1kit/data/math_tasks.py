@@ -36,9 +36,9 @@ def _read_task(
     examples = []
     for index, (row_no, row) in enumerate(read_rows(path)):
         prompt = str(get_field(row, prompt_field, path, row_no))
-        gold = format_number(get_field(row, answer_field, path, row_no))
+        gold = check_gold(format_number(get_field(row, answer_field, path, row_no)), path, row_no, answer_field)
         meta = {k: row[k] for k in meta_fields if k in row}
-        examples.append(Example(f"{task}/{split}/{index}", prompt, check_gold(gold, path, row_no, answer_field), meta))
+        examples.append(Example(f"{task}/{split}/{index}", prompt, gold, meta))
     return examples
 
 
@@ -102,10 +102,9 @@ def amc23(split: str = "test") -> list[Example]:
     return _read_task("amc23", split, path, "problem", "answer", ("id", "url"))
 
 
-def _svamp_test_ids() -> frozenset[str]:
-    """IDs of SVAMP's test split: the first ``SVAMP_TEST_SIZE`` IDs ordered by
+def _svamp_test_ids(ids: list[str]) -> frozenset[str]:
+    """The test split among SVAMP ``ids``: the first ``SVAMP_TEST_SIZE`` ordered by
     sha256(``SVAMP_SPLIT_SALT`` + ID)."""
-    ids = [str(row["ID"]) for _, row in read_rows(data_dir() / "svamp" / "SVAMP.json")]
     ranked = sorted(ids, key=lambda i: hashlib.sha256((SVAMP_SPLIT_SALT + i).encode()).hexdigest())
     return frozenset(ranked[:SVAMP_TEST_SIZE])
 
@@ -120,10 +119,11 @@ def svamp(split: str = "train") -> list[Example]:
     ``"svamp/<split>/<ID>"``; ``meta`` holds the ``Equation`` and ``Type``.
     """
     path = _split_file("svamp", split, {"train": "SVAMP.json", "test": "SVAMP.json"})
-    test_ids = _svamp_test_ids()
+    rows = read_rows(path)
+    ids = [str(get_field(row, "ID", path, row_no)) for row_no, row in rows]
+    test_ids = _svamp_test_ids(ids)
     examples = []
-    for row_no, row in read_rows(path):
-        problem_id = str(get_field(row, "ID", path, row_no))
+    for problem_id, (row_no, row) in zip(ids, rows):
         if (problem_id in test_ids) != (split == "test"):
             continue
         prompt = f"{get_field(row, 'Body', path, row_no)} {get_field(row, 'Question', path, row_no)}"

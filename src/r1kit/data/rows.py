@@ -96,7 +96,7 @@ def get_field(row: dict[str, Any], field: str, source: Path | str, row_no: int) 
 
 
 def format_number(value: Any) -> str:
-    """A JSON answer as text: floats without a trailing ``.0`` (``51.0`` → ``"51"``, ``0.5`` → ``"0.5"``)."""
+    """A JSON answer as text; floats lose a trailing ``.0`` (``51.0`` → ``"51"``, ``0.5`` → ``"0.5"``)."""
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)

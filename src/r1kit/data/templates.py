@@ -114,7 +114,8 @@ def render_prompt(example: Example, tokenizer, template: PromptTemplate) -> str:
         return f"{system}User: {user}. Assistant:{prefix}"
     if getattr(tokenizer, "chat_template", None) is None:
         raise ConfigError(
-            f"template {template.name!r} needs a chat template, but the tokenizer has none; use template r1_zero"
+            f"template {template.name!r} needs a chat template, but the tokenizer has none; "
+            "use template r1_zero"
         )
     messages = [{"role": "user", "content": user}]
     if template.system_prompt is not None:
