@@ -38,7 +38,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from r1kit.data.loading import load_task
     from r1kit.eval.evaluate import evaluate, markdown_table, save_result
-    from r1kit.models.loading import load_policy, resolve_dtype
+    from r1kit.models.loading import load_policy, resolve_bf16, resolve_dtype
     from r1kit.runtime import make_engine, make_render, make_verifier
 
     run_cfg = {}
@@ -55,7 +55,8 @@ def _eval(args: argparse.Namespace) -> int:
                          limit=args.limit)
     render, _ = make_render(template, tok)
     verifier = make_verifier(args.task, extraction)
-    engine = make_engine(model, tok, args.backend, resolve_dtype(args.dtype))
+    dtype = (torch.bfloat16 if resolve_bf16("auto") else torch.float32) if args.dtype == "auto" else resolve_dtype(args.dtype)
+    engine = make_engine(model, tok, args.backend, dtype)
     res = evaluate(engine, tok, examples, verifier, render, k=args.k, temperature=args.temperature,
                    top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed, task=f"{args.task}/{args.split}")
     table = markdown_table([(str(args.model), res)])
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompt-field", default=None)
     ev.add_argument("--answer-field", default=None)
     ev.add_argument("--backend", default="hf", choices=["hf", "engine", "vllm"])
-    ev.add_argument("--dtype", default="bf16", help="sampling dtype: bf16 or fp32")
+    ev.add_argument("--dtype", default="auto", help="sampling dtype: auto (bf16 only where the CPU has native bf16), bf16, fp32")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--output", default=None, help="directory for the JSON and markdown report")
     ev.add_argument("--debug", action="store_true", help="show tracebacks for errors")

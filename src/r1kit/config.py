@@ -61,7 +61,7 @@ class GRPOConfig:
     top_p: float = 1.0
     top_k: int = 0
     rollout_backend: str = "hf"  # "hf" (transformers generate) or "engine" (r1kit engine) or "vllm"
-    rollout_dtype: str = "auto"  # "auto" = bf16 when bf16 is on, else fp32
+    rollout_dtype: str = "auto"  # "auto" = bf16 when bf16 resolves on, else fp32; or "bf16" / "fp32"
 
     # --- objective ---
     loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo (GRPO_SPEC §2)
@@ -90,7 +90,7 @@ class GRPOConfig:
     adam_beta2: float = 0.99
     max_grad_norm: float = 1.0  # 0 = no clipping
     max_steps: int = 100
-    bf16: bool = False  # bf16 autocast for forward passes (CPU with AVX512-BF16: ~4x GEMM speed)
+    bf16: str = "auto"  # bf16 autocast + bf16 rollouts: auto (only where the CPU has AVX512-BF16/AMX), true, false
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads (None = torch default)
 
@@ -144,6 +144,8 @@ class GRPOConfig:
             raise ConfigError(f"lr_scheduler must be constant, cosine or linear, got {self.lr_scheduler!r}")
         if self.rollout_backend not in ("hf", "engine", "vllm"):
             raise ConfigError(f"rollout_backend must be hf, engine or vllm, got {self.rollout_backend!r}")
+        if str(self.bf16).lower() not in ("auto", "true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ConfigError(f"bf16 must be auto, true or false, got {self.bf16!r}")
         if self.overlong_buffer >= self.max_completion_length:
             raise ConfigError("overlong_buffer must be smaller than max_completion_length")
 
@@ -184,7 +186,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         task="svamp", template="direct", answer_extraction="any", reward_funcs=["accuracy"],
         num_generations=8, prompts_per_step=8, max_completion_length=48, max_prompt_length=256,
         temperature=1.0, learning_rate=2e-5, lr_scheduler="constant", warmup_steps=2, beta=0.0,
-        loss_type="dapo", epsilon=0.2, epsilon_high=0.28, micro_batch_size=16, bf16=True, max_steps=60,
+        loss_type="dapo", epsilon=0.2, epsilon_high=0.28, micro_batch_size=16, bf16="auto", max_steps=60,
         eval_limit=300, eval_k=4, save_steps=20, log_completions_steps=10, rollout_backend="hf",
     ),
 }

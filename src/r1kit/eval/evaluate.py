@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from r1kit.data.base import Example
+from r1kit.data.templates import encode_prompt
 from r1kit.rollout.base import SamplingEngine, SamplingParams
 
 
@@ -95,7 +96,7 @@ def evaluate(engine: SamplingEngine, tokenizer, examples: list[Example], verifie
     Returns:
         EvalResult.
     """
-    prompt_ids = [tokenizer(render(e), add_special_tokens=False).input_ids for e in examples]
+    prompt_ids = [encode_prompt(render(e), tokenizer) for e in examples]
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=k, seed=seed)
     comps = engine.generate(prompt_ids, params)
     texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)

@@ -30,7 +30,9 @@ import torch
 
 from r1kit.config import GRPOConfig, save_config
 from r1kit.data.base import Example
+from r1kit.data.templates import encode_prompt
 from r1kit.errors import ConfigError, TrainingStopped
+from r1kit.models.loading import resolve_bf16
 from r1kit.rewards.base import Verdict
 from r1kit.rollout.base import SamplingEngine, SamplingParams
 from r1kit.train import checkpoint as ckpt
@@ -212,6 +214,7 @@ class GRPOTrainer:
         if not train_examples:
             raise ConfigError(f"task {cfg.task!r} split {cfg.train_split!r} has no training examples")
         self.cfg, self.policy, self.tokenizer, self.scorer, self.engine = cfg, policy, tokenizer, scorer, engine
+        self.bf16 = resolve_bf16(cfg.bf16)
         self.run_dir = Path(run_dir)
         self.examples = train_examples
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -253,7 +256,7 @@ class GRPOTrainer:
         """Token ids of the rendered prompt. Raises ConfigError when longer than max_prompt_length."""
         ids = self.prompt_cache.get(ex.id)
         if ids is None:
-            ids = self.tokenizer(self.render(ex), add_special_tokens=False).input_ids
+            ids = encode_prompt(self.render(ex), self.tokenizer)
             if len(ids) > self.cfg.max_prompt_length:
                 raise ConfigError(f"prompt of {ex.id} has {len(ids)} tokens > max_prompt_length="
                                   f"{self.cfg.max_prompt_length}; raise --max-prompt-length or drop the row")
@@ -340,7 +343,7 @@ class GRPOTrainer:
         for start in range(0, len(index), self.cfg.micro_batch_size):
             idx = index[start:start + self.cfg.micro_batch_size]
             mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id)
-            logps, _ = completion_logprobs(model, mb, self.cfg.temperature, self.cfg.bf16)
+            logps, _ = completion_logprobs(model, mb, self.cfg.temperature, self.bf16)
             for row, i in enumerate(idx):
                 out[i] = logps[row, :len(ro.completion_ids[i])].clone()
         return out
@@ -391,7 +394,7 @@ class GRPOTrainer:
         c = self.cfg
         loss_lens = [ro.loss_mask_len(i, c.mask_truncated_completions) for i in idx]
         mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id, loss_lens)
-        logps, entropy = completion_logprobs(self.policy, mb, c.temperature, c.bf16, with_entropy=True)
+        logps, entropy = completion_logprobs(self.policy, mb, c.temperature, self.bf16, with_entropy=True)
         old = self._stack(ro.old_logps, idx, logps) if ro.old_logps is not None else logps.detach()
         ref = self._stack(ro.ref_logps, idx, logps) if ro.ref_logps is not None else None
         adv = ro.advantages[idx]

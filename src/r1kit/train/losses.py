@@ -192,9 +192,9 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature
         temperature: the sampling temperature, so logprobs match the sampling distribution.
 
     Returns:
-        (n, s) float32 log-probabilities.
+        (n, s) log-probabilities in float32 (float64 if the logits are float64).
     """
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if temperature != 1.0:
         logits = logits / temperature
     picked = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)            # (n, s)
@@ -204,5 +204,5 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-position entropy (nats) of softmax(logits / T). (n, s, V) → (n, s), float32, no grad."""
     with torch.no_grad():
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
         return -(logp.exp() * logp).sum(-1)

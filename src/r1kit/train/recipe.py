@@ -22,7 +22,7 @@ import torch
 from r1kit.config import GRPOConfig
 from r1kit.errors import ConfigError, DataError, R1kitError
 from r1kit.eval.evaluate import comparison_markdown, evaluate, load_result, markdown_table, save_result
-from r1kit.models.loading import load_policy
+from r1kit.models.loading import load_policy, resolve_bf16, resolve_dtype
 from r1kit.runtime import make_engine, make_render, make_verifier
 from r1kit.train import checkpoint as ckpt
 from r1kit.train.grpo import GRPOTrainer, RewardScorer
@@ -44,15 +44,24 @@ def check_disjoint(train, held_out) -> None:
                         "choose another --eval-split or --eval-task so that no evaluation problem is trained on")
 
 
+def minimal_completion(template) -> str:
+    """The shortest completion that the template's format and extraction accept."""
+    if template.extraction == "any":
+        return "0"
+    if template.use_chat_template:
+        return ("</think> " if template.think_in_prompt else "") + "\\boxed{0}"
+    return "<think> </think> <answer> 0 </answer>"
+
+
 def check_completion_budget(cfg: GRPOConfig, template, tokenizer) -> None:
-    """Raise ConfigError when max_completion_length cannot hold even a minimal well-formed answer."""
-    minimal = getattr(template, "minimal_completion", None)
-    if minimal:
-        need = len(tokenizer(minimal, add_special_tokens=False).input_ids) + 1
-        if cfg.max_completion_length < need:
-            raise ConfigError(f"max_completion_length={cfg.max_completion_length} is too small for template "
-                              f"{cfg.template!r}, whose shortest well-formed answer {minimal!r} needs {need} tokens; "
-                              "raise --max-completion-length")
+    """Raise ConfigError when max_completion_length cannot hold even a minimal well-formed answer
+    plus the end-of-sequence token."""
+    minimal = minimal_completion(template)
+    need = len(tokenizer(minimal, add_special_tokens=False).input_ids) + 1
+    if cfg.max_completion_length < need:
+        raise ConfigError(f"max_completion_length={cfg.max_completion_length} is too small for template "
+                          f"{cfg.template!r}, whose shortest well-formed answer {minimal!r} needs {need} tokens; "
+                          "raise --max-completion-length")
 
 
 def save_final(policy, tokenizer, run_dir: Path) -> Path:
@@ -86,9 +95,6 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
-    policy, tokenizer = load_policy(cfg.model, dtype=torch.float32)
-    render, template = make_render(cfg.template, tokenizer)
-    check_completion_budget(cfg, template, tokenizer)
     train = load_task(cfg.task, cfg.train_split, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field)
     if cfg.max_train_examples:
         train = train[:cfg.max_train_examples]
@@ -99,10 +105,13 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
                              limit=cfg.eval_limit)
         check_disjoint(train, held_out)
     verifier = make_verifier(cfg.task, cfg.answer_extraction)
-    think_in_prompt = "<think>" in getattr(template, "assistant_prefix", "")
-    reward_fns = build_reward_functions(cfg.reward_funcs, cfg.reward_weights, verifier, think_in_prompt=think_in_prompt)
-    rollout_dtype = (torch.bfloat16 if cfg.bf16 else torch.float32) if cfg.rollout_dtype == "auto" else \
-        {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.rollout_dtype]
+    policy, tokenizer = load_policy(cfg.model, dtype=torch.float32)
+    render, template = make_render(cfg.template, tokenizer)
+    check_completion_budget(cfg, template, tokenizer)
+    reward_fns = build_reward_functions(cfg.reward_funcs, cfg.reward_weights, verifier,
+                                        think_in_prompt=template.think_in_prompt)
+    rollout_dtype = ((torch.bfloat16 if resolve_bf16(cfg.bf16) else torch.float32) if cfg.rollout_dtype == "auto"
+                     else resolve_dtype(cfg.rollout_dtype))
     engine = make_engine(policy, tokenizer, cfg.rollout_backend, rollout_dtype)
     trainer = GRPOTrainer(cfg, policy, tokenizer, train, render, RewardScorer(cfg, verifier, reward_fns), engine, run_dir)
     if resume:

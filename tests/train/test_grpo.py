@@ -1,0 +1,173 @@
+"""GRPO trainer: one optimizer step's gradient is independent of micro-batching and of skipping
+zero-advantage completions; resume is bit-exact; guards stop on non-finite values."""
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from r1kit.config import load_config
+from r1kit.data.base import Example
+from r1kit.errors import TrainingStopped
+from r1kit.models.loading import load_policy
+from r1kit.rewards.base import Verdict
+from r1kit.rollout.hf import HFGenerateEngine
+from r1kit.train.grpo import GRPOTrainer, RewardScorer, Rollout
+
+HERE = Path(__file__).parent
+
+
+class _NoVerifier:
+    name = "none"
+
+    def verify_batch(self, completions, examples):
+        return [Verdict(False, 0.0, "none") for _ in completions]
+
+
+def _rollout(G=4, groups=3, seed=0, vocab=1000):
+    """A fixed rollout: varied prompt/completion lengths; group 1 has all-equal rewards (A = 0)."""
+    g = torch.Generator().manual_seed(seed)
+    n = G * groups
+    rewards = torch.rand(n, generator=g)
+    rewards[G:2 * G] = 0.5
+    from r1kit.train.losses import group_advantages
+
+    adv, std = group_advantages(rewards, G)
+    prompts = [torch.randint(3, vocab, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(groups) for _ in range(G)]
+    comps = [torch.randint(3, vocab, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
+             for _ in range(n)]
+    ex = Example("toy/0", "p", "1")
+    return Rollout(examples=[ex] * n, prompt_ids=prompts, completion_ids=comps,
+                   sampling_logprobs=[[0.0] * len(c) for c in comps], truncated=[False] * n, texts=[""] * n,
+                   rewards_per_func=rewards[:, None].double(), rewards=rewards.double(), advantages=adv.double(),
+                   group_std=std,
+                   verdicts=[Verdict(False, 0.0, "x")] * n)
+
+
+def _trainer(model, tok, tmp_path, **over):
+    cfg = load_config(overrides=dict(learning_rate=0.0, max_grad_norm=0.0, num_generations=4, prompts_per_step=3,
+                                     bf16="false", max_completion_length=8, **over))
+    engine = HFGenerateEngine(model, tok)
+    scorer = RewardScorer(cfg, _NoVerifier(), [])
+    return GRPOTrainer(cfg, model, tok, [Example("toy/0", "p", "1")], lambda e: e.prompt, scorer, engine, tmp_path)
+
+
+def _grads_after_update(tiny_model_dir, tmp_path, ro, **over):
+    model, tok = load_policy(str(tiny_model_dir), dtype=torch.float64)  # float64: differences are the method's
+    tr = _trainer(model, tok, tmp_path, **over)
+    ro = copy.deepcopy(ro)
+    idx = tr.forwarded(ro)
+    tr.compute_old_and_ref(ro, idx)
+    tr.update(ro, idx)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, idx
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("beta", [0.0, 0.05])
+def test_step_gradient_independent_of_micro_batches(tiny_model_dir, tmp_path, loss_type, beta):
+    ro = _rollout()
+    ref, _ = _grads_after_update(tiny_model_dir, tmp_path, ro, loss_type=loss_type, beta=beta, micro_batch_size=12)
+    for mbs in (1, 5):
+        got, _ = _grads_after_update(tiny_model_dir, tmp_path, ro, loss_type=loss_type, beta=beta, micro_batch_size=mbs)
+        for name in ref:
+            assert torch.allclose(ref[name], got[name], atol=1e-6, rtol=0), (name, mbs)
+    assert sum(g.abs().sum() for g in ref.values()) > 0
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_skipping_zero_advantage_is_exact(tiny_model_dir, tmp_path, loss_type):
+    ro = _rollout()
+    skip, idx_skip = _grads_after_update(tiny_model_dir, tmp_path, ro, loss_type=loss_type, micro_batch_size=4)
+    full, idx_full = _grads_after_update(tiny_model_dir, tmp_path, ro, loss_type=loss_type, micro_batch_size=4,
+                                         skip_zero_advantage=False)
+    assert len(idx_skip) == 8 and len(idx_full) == 12  # group 1 (4 completions) has A = 0 and is skipped
+    for name in skip:
+        assert torch.allclose(skip[name], full[name], atol=1e-7), name
+
+
+def _cli(args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "r1kit.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=600, **kw)
+
+
+def _train_args(tiny_model_dir, toy_task, out, steps=4):
+    return ["train", "grpo", "--model", str(tiny_model_dir), "--task", str(toy_task), "--template", "direct",
+            "--answer-extraction", "any", "--reward-funcs", "accuracy,toy_rewards:distinct_chars",
+            "--num-generations", "4", "--prompts-per-step", "2", "--max-completion-length", "8",
+            "--micro-batch-size", "3", "--learning-rate", "1e-3", "--lr-scheduler", "cosine", "--max-steps", str(steps),
+            "--save-steps", "1", "--save-total-limit", "10", "--bf16", "false", "--num-threads", "1",
+            "--output", str(out), "--no-progress", "--log-completions-steps", "1"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parents[1] / "src"), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_resume_after_kill_is_bit_exact(tiny_model_dir, toy_task, tmp_path):
+    straight = tmp_path / "straight"
+    r = _cli(_train_args(tiny_model_dir, toy_task, straight), env=_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "r1kit.cli", *_train_args(tiny_model_dir, toy_task, killed)],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-2" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before checkpoint-2"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists()
+    r = _cli(_train_args(tiny_model_dir, toy_task, killed) + ["--resume"], env=_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout
+    a = load_file(str(straight / "final" / "model.safetensors"))
+    b = load_file(str(killed / "final" / "model.safetensors"))
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # training moved the weights
+    rows_a = (straight / "metrics.jsonl").read_text().splitlines()
+    rows_b = (killed / "metrics.jsonl").read_text().splitlines()
+    assert len(rows_a) == len(rows_b) == 4
+    for key in ('"reward"', '"step"'):
+        assert [ln.split(key)[1][:12] for ln in rows_a] == [ln.split(key)[1][:12] for ln in rows_b]
+    for f in ("metrics.jsonl", "samples.jsonl", "curves.png", "config.yaml"):
+        assert (straight / f).is_file(), f
+
+
+def test_nan_gradient_stops_and_last_checkpoint_loads(tiny_model_dir, toy_task, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+    from r1kit.train import recipe
+
+    out = tmp_path / "run"
+    cfg = load_config(overrides=dict(model=str(tiny_model_dir), task=str(toy_task), template="direct",
+                                     answer_extraction="any", reward_funcs=["toy_rewards:distinct_chars"],
+                                     num_generations=4, prompts_per_step=2, max_completion_length=8,
+                                     learning_rate=1e-3, max_steps=5, save_steps=1, bf16="false", output=str(out)))
+    calls = {"n": 0}
+    real_update = GRPOTrainer.update
+
+    def poisoned_update(self, ro, index):
+        calls["n"] += 1
+        if calls["n"] == 3:  # third step: a NaN reaches the gradients
+            self.policy.model.norm.weight.register_hook(lambda g: g * float("nan"))
+        return real_update(self, ro, index)
+
+    monkeypatch.setattr(GRPOTrainer, "update", poisoned_update)
+    with pytest.raises(TrainingStopped, match=r"non-finite grad norm.*checkpoint-2"):
+        recipe.run_grpo(cfg, progress=False)
+    assert not (out / "checkpoint-3").exists() and not (out / "final").exists()
+    model, _ = load_policy(str(out / "checkpoint-2" / "policy"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    saved = load_file(str(out / "checkpoint-2" / "policy" / "model.safetensors"))
+    assert any(not torch.equal(saved[k], v) for k, v in load_file(str(tiny_model_dir / "model.safetensors")).items())
