@@ -33,8 +33,9 @@ and the uid cannot read root-only files nor signal other users' processes.
 new session (``start_new_session``); a small runner sets hard ``setrlimit`` limits before the
 program's first line: CPU seconds, address space, processes/threads, file size (stdout and stderr
 are files, so this caps output), open files, and no core dumps. The parent waits ``wall_s``, then
-SIGKILLs the process group (under bwrap, killing the namespace's init kills every process in it)
-and, when running as root, every process left with the run's uid. Outputs are read back capped
+SIGKILLs the process group; under bwrap the namespace's init dies with it (``--die-with-parent``),
+and the kernel kills every process in the namespace; in the fallback, when running as root, every
+process left with the run's uid is killed. Outputs are read back capped
 at ``output_bytes``.
 
 *Fallback (``backend="rlimit"``).* Where bwrap is missing or fails to start, programs run with the
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -71,13 +73,14 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "bwrap", "rlimit")
 
-# Sets hard limits, moves the side channel to fd 3, then runs /work/main.py in a fresh namespace.
+# Moves the side channel to fd 3, closes any other inherited fd (a directory fd would let
+# openat(fd, "..") walk the host tree), sets hard limits, then runs main.py in a fresh namespace.
 _RUNNER = """
 import os, resource, sys
 cpu, mem, nproc, fsize, nofile, chan = map(int, sys.argv[1:7])
 if chan != 3:
     os.dup2(chan, 3)
-    os.close(chan)
+os.closerange(4, 2**31 - 1)
 for res, soft, hard in ((resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, mem, mem),
                         (resource.RLIMIT_NPROC, nproc, nproc), (resource.RLIMIT_FSIZE, fsize, fsize),
                         (resource.RLIMIT_NOFILE, nofile, nofile), (resource.RLIMIT_CORE, 0, 0)):
@@ -181,6 +184,9 @@ class Sandbox:
         self.limits = limits or Limits()
         self.tmp_root = tmp_root
         self._uids = _UidSlots(_UID_BASE, _UID_SLOTS) if os.geteuid() == 0 else None
+        if self._uids and not _others_can_search(tmp_root or tempfile.gettempdir()):
+            raise ConfigError(f"sandbox tmp_root={tmp_root!r}: every directory on its path must be "
+                              "searchable by other users (chmod o+x), as runs use their own uid")
         self.python = python or _default_python(self._uids is not None)
         self._bwrap = bwrap or shutil.which("bwrap")
         self.backend = self._choose_backend(backend)
@@ -196,7 +202,8 @@ class Sandbox:
             status, rc, outs = self._execute(root, source, stdin, uid)
         finally:
             if uid is not None:
-                _kill_uid(uid)
+                if self.backend == "rlimit":  # under bwrap the pid namespace died with its init
+                    _kill_uid(uid)
                 self._uids.release(uid)
             _remove_tree(root)
         return ExecResult(status, rc, *outs, wall_s=time.monotonic() - start, backend=self.backend)
@@ -230,18 +237,15 @@ class Sandbox:
         home = "/work" if sandboxed else work
         runner = [self.python, "-S", "-s", "-c", _RUNNER, str(lim.cpu_s), str(lim.memory_mb << 20),
                   str(lim.nproc), str(lim.fsize_mb << 20), str(lim.nofile), str(fchan.fileno())]
-        argv = self._bwrap_argv(work) + runner if sandboxed else runner
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home,
                "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+        argv = self._bwrap_argv(work) + runner if sandboxed else runner
         proc = subprocess.Popen(
             argv, stdin=fin, stdout=fout, stderr=ferr, pass_fds=(fchan.fileno(),), cwd=work, env=env,
             start_new_session=True, user=uid, group=uid, extra_groups=[] if uid is not None else None,
         )
-        timed_out = False
         try:
-            rc = proc.wait(timeout=lim.wall_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+            timed_out = not _exited_within(proc.pid, lim.wall_s)
         finally:
             _kill_group(proc.pid)
         return proc.wait(), timed_out
@@ -337,17 +341,19 @@ def _repeat(value: str) -> Iterator[str]:
 
 
 class _UidSlots:
-    """A thread-safe free list of uids ``base .. base + n - 1``, one per run in flight."""
+    """A thread-safe queue of free uids ``base .. base + n - 1``, one per run in flight. Used in
+    rotation: a uid's killed processes may still count against its RLIMIT_NPROC until init reaps
+    them, so it is not handed out again right away."""
 
     def __init__(self, base: int, n: int) -> None:
-        self._free = list(range(base + n - 1, base - 1, -1))
+        self._free = deque(range(base, base + n))
         self._lock = threading.Lock()
 
     def acquire(self) -> int:
         with self._lock:
             if not self._free:
                 raise ConfigError(f"more than {_UID_SLOTS} sandbox runs in flight; use fewer pool workers")
-            return self._free.pop()
+            return self._free.popleft()
 
     def release(self, uid: int) -> None:
         with self._lock:
@@ -375,16 +381,31 @@ def _default_python(drop_uid: bool) -> str:
 
 
 def _others_can_execute(path: str) -> bool:
-    """Every directory on the way is world-searchable and the file world-executable."""
+    """The file is world-readable and -executable, and every directory on the way world-searchable."""
     path = os.path.realpath(path)
-    parts = [path] + [p for p in _parents(path)]
-    return all(os.stat(p).st_mode & 0o001 for p in parts) and bool(os.stat(path).st_mode & 0o004)
+    return _others_can_search(path) and bool(os.stat(path).st_mode & 0o004)
+
+
+def _others_can_search(path: str) -> bool:
+    """``path`` and every directory above it have the others-execute (search) bit."""
+    path = os.path.realpath(path)
+    return all(os.stat(p).st_mode & 0o001 for p in [path, *_parents(path)])
 
 
 def _parents(path: str) -> Iterator[str]:
     while path != os.path.dirname(path):
         path = os.path.dirname(path)
         yield path
+
+
+def _exited_within(pid: int, seconds: float) -> bool:
+    """Block until child ``pid`` exits or ``seconds`` pass; True if it exited. A pidfd wakes up at
+    once, where ``Popen.wait(timeout)`` polls with sleeps of up to 50 ms."""
+    fd = os.pidfd_open(pid)
+    try:
+        return bool(select.select([fd], [], [], seconds)[0])
+    finally:
+        os.close(fd)
 
 
 def _read_capped(f, n: int) -> str:
@@ -400,9 +421,10 @@ def _kill_group(pgid: int) -> None:
 
 
 def _kill_uid(uid: int) -> None:
-    """SIGKILL every process whose real uid is ``uid`` until none is left (setsid'd stragglers)."""
+    """SIGKILL every live process whose real uid is ``uid`` until none is left (setsid'd
+    stragglers)."""
     for _ in range(100):
-        pids = [pid for pid in _pids() if _real_uid(pid) == uid]
+        pids = [pid for pid in _pids() if _live_uid(pid) == uid]
         if not pids:
             return
         for pid in pids:
@@ -418,16 +440,17 @@ def _pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
-def _real_uid(pid: int) -> int | None:
-    """Real uid of a live process; None for zombies (already dead) and vanished pids."""
+def _live_uid(pid: int) -> int | None:
+    """Real uid of a process from ``/proc/<pid>/status``; None if it is gone or a zombie. The
+    status file, unlike the owner of ``/proc/<pid>``, is right even for non-dumpable processes."""
     try:
         with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            status = dict(line.split(":", 1) for line in f if ":" in line)
+            text = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    if status.get("State", "Z").split()[0] == "Z":
+    if text[text.index("\nState:") + 7:].split(None, 1)[0] in ("Z", "X"):
         return None
-    return int(status["Uid"].split()[0])
+    return int(text[text.index("\nUid:") + 5:].split(None, 1)[0])
 
 
 def _remove_tree(path: str) -> None:
