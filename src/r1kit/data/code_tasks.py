@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from r1kit.data.base import Example, register_task
 from r1kit.errors import DataError
+from r1kit.rewards.code import parse_python
 
 DATA_DIR_ENV = "R1KIT_DATA_DIR"
 MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
@@ -159,9 +160,9 @@ def _field(row: dict[str, Any], name: str, kind: type, where: str) -> Any:
 
 def _parse(source: str, where: str) -> ast.Module:
     try:
-        return ast.parse(source)
-    except SyntaxError as err:
-        raise DataError(f"{where}: does not parse as Python ({err.msg}, line {err.lineno})") from None
+        return parse_python(source)
+    except (SyntaxError, ValueError) as err:
+        raise DataError(f"{where}: does not parse as Python ({err})") from None
 
 
 def _function_names(tree: ast.Module) -> set[str]:
@@ -170,5 +171,5 @@ def _function_names(tree: ast.Module) -> set[str]:
 
 def _called_names(source: str) -> list[str]:
     """Names of plain functions called in ``source``, in source order."""
-    calls = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    calls = [n for n in ast.walk(parse_python(source)) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
     return [c.func.id for c in sorted(calls, key=lambda c: (c.lineno, c.col_offset))]

@@ -27,6 +27,7 @@ import ast
 import logging
 import re
 import secrets
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -120,9 +121,18 @@ def _body_completion(body: str, prompt_code: str) -> tuple[str | None, str | Non
     return None, ("syntax_error" if body[:1] in (" ", "\t") else "no_code")
 
 
+def parse_python(source: str) -> ast.Module:
+    """``ast.parse`` without the Deprecation/SyntaxWarnings of invalid string escapes (``"\\d"``),
+    common in MBPP and model code. Raises SyntaxError (ValueError for null bytes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", SyntaxWarning)
+        return ast.parse(source)
+
+
 def _parse(source: str) -> ast.Module | None:
     try:
-        return ast.parse(source)
+        return parse_python(source)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
 
