@@ -27,23 +27,15 @@ def sandbox_processes_gone(tmp_root, within_s: float = 3.0) -> bool:
 def sandbox_processes(tmp_root) -> list[int]:
     """Live pids that belong to a sandbox run: a uid of this process's sandbox range (when root) or
     a command line naming a run directory under ``tmp_root``."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        pid = int(name)
-        uid = sandbox_mod._live_uid(pid)
-        if uid is None:
-            continue
+    found = set(sandbox_mod.sandbox_pids())
+    for pid in sandbox_mod._pids():
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read().decode(errors="replace")
+                if str(tmp_root).encode() in f.read() and sandbox_mod._live_uid(pid) is not None:
+                    found.add(pid)
         except (FileNotFoundError, ProcessLookupError):
             continue
-        in_range = sandbox_mod._UID_BASE <= uid < sandbox_mod._UID_BASE + sandbox_mod._UID_SLOTS
-        if in_range or str(tmp_root) in cmdline:
-            found.append(pid)
-    return found
+    return sorted(found)
 
 
 @contextlib.contextmanager

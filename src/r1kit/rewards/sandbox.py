@@ -34,13 +34,14 @@ new session (``start_new_session``); a small runner sets hard ``setrlimit`` limi
 program's first line: CPU seconds, address space, processes/threads, file size (stdout and stderr
 are files, so this caps output), open files, and no core dumps. The parent waits ``wall_s``, then
 SIGKILLs the process group; under bwrap the namespace's init dies with it (``--die-with-parent``),
-and the kernel kills every process in the namespace; in the fallback, when running as root, every
-process left with the run's uid is killed. Outputs are read back capped
-at ``output_bytes``.
+and the kernel kills every process in the namespace (within milliseconds, asynchronously); in
+the fallback, when running as root, every process left with the run's uid is killed before ``run``
+returns. Outputs are read back capped at ``output_bytes``.
 
 *Fallback (``backend="rlimit"``).* Where bwrap is missing or fails to start, programs run with the
 resource limits, clean environment, process-group kill and (as root) a private uid, but without
-namespaces: the network and world-readable files are reachable. r1kit warns loudly
+namespaces: the network and world-readable files are reachable, and world-writable directories
+(``/tmp``) writable. r1kit warns loudly
 (``SandboxWarning`` and a log line) each time a ``Sandbox`` is built on this backend. Run as a
 normal user there, background children that call ``setsid`` can outlive the run (nothing
 identifies them) and the parent's ``/proc/<pid>/environ`` is readable; ``RLIMIT_NPROC`` then counts
@@ -193,8 +194,8 @@ class Sandbox:
 
     def run(self, source: str, stdin: str = "") -> ExecResult:
         """Run ``source`` as ``/work/main.py`` with ``stdin`` on standard input; never raises for
-        anything the program does. Returns its ``ExecResult`` once every process of the run is gone
-        and its directory deleted."""
+        anything the program does. Returns its ``ExecResult`` once the run's process group is
+        killed and its directory deleted. Thread-safe."""
         uid = self._uids.acquire() if self._uids else None
         root = tempfile.mkdtemp(prefix="r1kit-sbx-", dir=self.tmp_root)
         start = time.monotonic()
@@ -245,7 +246,7 @@ class Sandbox:
             start_new_session=True, user=uid, group=uid, extra_groups=[] if uid is not None else None,
         )
         try:
-            timed_out = not _exited_within(proc.pid, lim.wall_s)
+            timed_out = not _exited_within(proc, lim.wall_s)
         finally:
             _kill_group(proc.pid)
         return proc.wait(), timed_out
@@ -398,10 +399,17 @@ def _parents(path: str) -> Iterator[str]:
         yield path
 
 
-def _exited_within(pid: int, seconds: float) -> bool:
-    """Block until child ``pid`` exits or ``seconds`` pass; True if it exited. A pidfd wakes up at
-    once, where ``Popen.wait(timeout)`` polls with sleeps of up to 50 ms."""
-    fd = os.pidfd_open(pid)
+def _exited_within(proc: subprocess.Popen, seconds: float) -> bool:
+    """Block until ``proc`` exits or ``seconds`` pass; True if it exited. A pidfd (Linux >= 5.3)
+    wakes up at once, where ``Popen.wait(timeout)``, the fallback, polls with sleeps up to 50 ms."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        try:
+            proc.wait(timeout=seconds)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
     try:
         return bool(select.select([fd], [], [], seconds)[0])
     finally:
@@ -418,6 +426,14 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def sandbox_pids() -> list[int]:
+    """Live processes running under this r1kit process's sandbox uids (when root; else none can be
+    attributed and the list is empty). Empty once every run has returned and the kernel has torn
+    its namespace down: the leak check of the tests and ``bench/sandbox.py``."""
+    uids = range(_UID_BASE, _UID_BASE + _UID_SLOTS)
+    return [pid for pid in _pids() if _live_uid(pid) in uids]
 
 
 def _kill_uid(uid: int) -> None:
