@@ -121,6 +121,25 @@ def test_verify_batch_checks_lengths(verifier):
         verifier.verify_batch(["", ""], [ADD])
 
 
+def test_math_examples_are_a_config_error(verifier):
+    with pytest.raises(ConfigError, match="'gsm8k/test/0' has no meta"):
+        verifier.verify("42", Example("gsm8k/test/0", "1+41?", "42"))
+
+
+@pytest.mark.parametrize("completion", [
+    fence("def add(a, b):\n    return a + b  # \ud800"),
+    fence("def add(a, b):\n    return a + b\x00"),
+    fence("(" * 300 + ")" * 300),
+])
+def test_undecodable_or_pathological_code_is_a_syntax_error(verifier, completion):
+    assert verifier.verify(completion, ADD).reason == "syntax_error"
+
+
+def test_sandbox_survives_a_lone_surrogate(verifier):
+    result = verifier.sandbox.run("print('\ud800')")
+    assert result.status == "error" and "UnicodeDecodeError" in result.stderr
+
+
 def test_partial_credit_must_be_boolean():
     with pytest.raises(ConfigError, match="partial_credit"):
         CodeVerifier(partial_credit="yes")

@@ -223,9 +223,14 @@ class CodeVerifier:
         """Verify ``completions[i]`` against ``examples[i]``, running the programs in parallel.
 
         Never raises for a bad completion: failures come back as ``Verdict(correct=False, reason=r)``
-        with ``r`` in ``REASONS``. Raises ConfigError if the lengths differ."""
+        with ``r`` in ``REASONS``. Raises ConfigError if the lengths differ or an example has no
+        code tests (a task whose verifier is not ``"code"``)."""
         if len(completions) != len(examples):
             raise ConfigError(f"verify_batch got {len(completions)} completions for {len(examples)} examples")
+        for example in examples:
+            if not {"entry_point", "tests"} <= example.meta.keys():
+                raise ConfigError(f"example {example.id!r} has no meta 'entry_point'/'tests'; the code "
+                                  "verifier only checks code tasks (humaneval, mbpp)")
         assembled = [assemble_program(c, e) for c, e in zip(completions, examples)]
         to_run = [i for i, (program, _) in enumerate(assembled) if program is not None]
         nonces = [secrets.token_hex(16) for _ in to_run]

@@ -213,9 +213,10 @@ class Sandbox:
         work = os.path.join(root, "work")
         os.mkdir(work, 0o700)
         os.chmod(root, 0o711)  # the run's uid may pass through to work/, not list its siblings
-        with open(os.path.join(work, "main.py"), "w", encoding="utf-8") as f:
+        # surrogatepass: a lone surrogate (bad token decoding) fails inside the sandbox, not here.
+        with open(os.path.join(work, "main.py"), "w", encoding="utf-8", errors="surrogatepass") as f:
             f.write(source)
-        with open(os.path.join(root, "stdin"), "w", encoding="utf-8") as f:
+        with open(os.path.join(root, "stdin"), "w", encoding="utf-8", errors="surrogatepass") as f:
             f.write(stdin)
         if uid is not None:
             os.chown(work, uid, uid)
