@@ -8,7 +8,7 @@ import pytest
 from r1kit.data.base import Example, get_task_loader
 from r1kit.errors import ConfigError
 from r1kit.rewards.base import Verifier
-from r1kit.rewards.code import CodeVerifier, extract_program
+from r1kit.rewards.code import REASONS, CodeVerifier, extract_program
 from r1kit.rewards.registry import get_verifier
 from r1kit.rewards.sandbox import Limits, SandboxWarning
 
@@ -73,6 +73,7 @@ def test_extract_program(completion, expected):
 def test_failures_have_specific_reasons(verifier, completion, reason):
     verdict = verifier.verify(completion, ADD)
     assert (verdict.correct, verdict.score, verdict.reason) == (False, 0.0, reason)
+    assert reason in REASONS
 
 
 @pytest.mark.parametrize("hack", [
@@ -153,6 +154,12 @@ def test_undecodable_or_pathological_code_is_a_syntax_error(verifier, completion
 def test_sandbox_survives_a_lone_surrogate(verifier):
     result = verifier.sandbox.run("print('\ud800')")
     assert result.status == "error" and "UnicodeDecodeError" in result.stderr
+
+
+def test_limits_from_a_config_dict():
+    assert CodeVerifier(limits={"wall_s": 2.5, "nproc": 8}).sandbox.limits == Limits(wall_s=2.5, nproc=8)
+    with pytest.raises(ConfigError, match="unknown field.*'walltime'"):
+        CodeVerifier(limits={"walltime": 2})
 
 
 def test_partial_credit_must_be_boolean():

@@ -28,7 +28,7 @@ import logging
 import re
 import secrets
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 from r1kit.data.base import Example
@@ -196,7 +196,8 @@ class CodeVerifier:
     Args:
         partial_credit: score = fraction of test steps passed (``correct`` still means all);
             default False: score 1.0 if all pass, else 0.0.
-        limits: sandbox limits per completion (default: ``Limits(wall_s=10, cpu_s=5)``).
+        limits: sandbox limits per completion, a ``Limits`` or a dict of its fields (default:
+            ``Limits()``: 10 s wall, 5 s CPU, 1 GiB address space).
         backend: sandbox backend, ``"auto"`` | ``"bwrap"`` | ``"rlimit"`` (see ``Sandbox``).
         workers: completions run in parallel by ``verify_batch`` (default: CPU count).
 
@@ -209,13 +210,19 @@ class CodeVerifier:
     def __init__(
         self,
         partial_credit: bool = False,
-        limits: Limits | None = None,
+        limits: Limits | dict | None = None,
         backend: str = "auto",
         workers: int | None = None,
     ) -> None:
         if not isinstance(partial_credit, bool):
             raise ConfigError(f"code verifier partial_credit={partial_credit!r} must be true or false")
         self.partial_credit = partial_credit
+        if isinstance(limits, dict):  # from a YAML config
+            unknown = set(limits) - {f.name for f in fields(Limits)}
+            if unknown:
+                raise ConfigError(f"code verifier limits: unknown field(s) {sorted(unknown)}; "
+                                  f"known: {[f.name for f in fields(Limits)]}")
+            limits = Limits(**limits)
         self.sandbox = Sandbox(limits, backend=backend)
         self.pool = SandboxPool(self.sandbox, workers=workers)
 

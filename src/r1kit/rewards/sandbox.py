@@ -8,7 +8,7 @@ Threat model
 ------------
 *Adversary.* Programs written by a policy model during RL or evaluation: buggy (infinite loops,
 memory or output blow-ups, fork loops, segfaults through ``ctypes``) or reward-hacking (reading the
-tests or the user's files, killing the grader, editing files, phoning home, leaving a process behind
+the user's files or secrets, killing the grader, editing files, phoning home, leaving a process behind
 to interfere with later runs). Not in scope: programs crafted by a human to exploit the kernel
 (the sandbox shares the host kernel), timing side channels, and a program that inspects the grading
 harness's own interpreter (frames, ``gc``) to forge its test report; run a VM or gVisor for those.
@@ -93,9 +93,6 @@ exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
 """
 
 _UID_SLOTS = 1000
-# A private range of uids, far above system and login users, offset by pid so that two r1kit
-# processes on one host rarely share a uid.
-_UID_BASE = 1_000_000_000 + (os.getpid() % 1_000_000) * _UID_SLOTS
 
 
 class SandboxWarning(RuntimeWarning):
@@ -184,7 +181,7 @@ class Sandbox:
             raise ConfigError(f"sandbox backend {backend!r} unknown; use one of {', '.join(BACKENDS)}")
         self.limits = limits or Limits()
         self.tmp_root = tmp_root
-        self._uids = _UidSlots(_UID_BASE, _UID_SLOTS) if os.geteuid() == 0 else None
+        self._uids = _uid_slots() if os.geteuid() == 0 else None
         if self._uids and not _others_can_search(tmp_root or tempfile.gettempdir()):
             raise ConfigError(f"sandbox tmp_root={tmp_root!r}: every directory on its path must be "
                               "searchable by other users (chmod o+x), as runs use their own uid")
@@ -348,7 +345,9 @@ class _UidSlots:
     them, so it is not handed out again right away."""
 
     def __init__(self, base: int, n: int) -> None:
-        self._free = deque(range(base, base + n))
+        self.pid = os.getpid()
+        self.uids = range(base, base + n)
+        self._free = deque(self.uids)
         self._lock = threading.Lock()
 
     def acquire(self) -> int:
@@ -360,6 +359,20 @@ class _UidSlots:
     def release(self, uid: int) -> None:
         with self._lock:
             self._free.append(uid)
+
+
+_slots: _UidSlots | None = None
+_slots_lock = threading.Lock()
+
+
+def _uid_slots() -> _UidSlots:
+    """This process's uids, shared by all its sandboxes: a private range far above system and
+    login users, offset by pid (rebuilt after a fork) so that two processes rarely share a uid."""
+    global _slots
+    with _slots_lock:
+        if _slots is None or _slots.pid != os.getpid():
+            _slots = _UidSlots(1_000_000_000 + (os.getpid() % 1_000_000) * _UID_SLOTS, _UID_SLOTS)
+        return _slots
 
 
 def _warn_unisolated(why: str) -> None:
@@ -433,7 +446,9 @@ def sandbox_pids() -> list[int]:
     """Live processes running under this r1kit process's sandbox uids (when root; else none can be
     attributed and the list is empty). Empty once every run has returned and the kernel has torn
     its namespace down: the leak check of the tests and ``bench/sandbox.py``."""
-    uids = range(_UID_BASE, _UID_BASE + _UID_SLOTS)
+    if os.geteuid() != 0:
+        return []
+    uids = _uid_slots().uids
     return [pid for pid in _pids() if _live_uid(pid) in uids]
 
 
