@@ -55,6 +55,13 @@ def test_extract_program(completion, expected):
     assert extract_program(completion) == expected
 
 
+def test_extract_prefers_the_last_block_defining_the_entry_point():
+    completion = ("```python\ndef add(a, b):\n    return a - b\n```\nFixed:\n```python\ndef add(a, b):\n    return a + b\n```\n"
+                  "Usage:\n```python\nprint(add(1, 2))\n```")
+    assert extract_program(completion, "add") == "def add(a, b):\n    return a + b\n"
+    assert extract_program(completion) == "print(add(1, 2))\n"
+
+
 @pytest.mark.parametrize("completion,reason", [
     ("", "empty"),
     ("  \n\t", "empty"),

@@ -77,21 +77,29 @@ _r1kit_harness(%r, %r, %r)
 """
 
 
-def extract_program(completion: str) -> str | None:
-    """The Python code in a chat completion: the last fenced ```python block (or untagged block;
-    an unclosed last fence runs to the end) after the final ``</think>``; with no fence, the text
-    itself if it parses as Python and defines a function or class. None if there is no code."""
+def extract_program(completion: str, entry_point: str | None = None) -> str | None:
+    """The Python code in a chat completion, after the final ``</think>``: the last fenced
+    ```python (or untagged) block that defines ``entry_point``, else the last such block (an
+    unclosed last fence runs to the end), so a trailing usage example does not replace the
+    solution; with no fence, the text itself if it parses as Python and defines a function or class.
+    None if there is no code."""
     text = completion.rsplit("</think>", 1)[-1]
     blocks = [(tag.lower(), body) for tag, body in _FENCE.findall(text)]
-    code = [body for tag, body in blocks if tag in _PYTHON_TAGS]
+    code = [body for tag, body in blocks if tag in _PYTHON_TAGS and body.strip()]
     if code:
-        return code[-1] if code[-1].strip() else None
+        defining = [c for c in code if entry_point is not None and _defines(c, entry_point)]
+        return (defining or code)[-1]
     if blocks:
         return None
     tree = _parse(text)
     if tree is not None and any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in tree.body):
         return text
     return None
+
+
+def _defines(code: str, name: str) -> bool:
+    tree = _parse(code)
+    return tree is not None and name in _defined_names(tree)
 
 
 def assemble_program(completion: str, example: Example) -> tuple[str | None, str | None]:
@@ -101,7 +109,7 @@ def assemble_program(completion: str, example: Example) -> tuple[str | None, str
     if not completion.strip():
         return None, "empty"
     prompt_code = example.meta.get("prompt_code", "")
-    code = extract_program(completion)
+    code = extract_program(completion, example.meta["entry_point"])
     if code is None and prompt_code:
         return _body_completion(completion.rsplit("</think>", 1)[-1], prompt_code)
     if code is None:
