@@ -107,7 +107,10 @@ class Limits:
         wall_s: wall-clock seconds before the whole process group is SIGKILLed.
         cpu_s: CPU seconds per process (RLIMIT_CPU; SIGXCPU, then SIGKILL one second later).
         memory_mb: address space per process in MiB (RLIMIT_AS); allocations past it fail.
-        nproc: processes + threads (RLIMIT_NPROC), counted in the sandbox's user namespace.
+        nproc: processes + threads (RLIMIT_NPROC), counted in the sandbox's user namespace (under
+            bwrap its init counts as one). The kernel bounds memory per process, not per run:
+            a run can hold up to ``nproc * memory_mb`` MiB, a pool ``workers`` times that; lower
+            these on small machines.
         fsize_mb: largest file the program may write, in MiB (RLIMIT_FSIZE); stdout and stderr
             are files, so this is also the output cap; reaching it gives status ``"output_limit"``.
         nofile: open file descriptors (RLIMIT_NOFILE).
@@ -117,7 +120,7 @@ class Limits:
     wall_s: float = 10.0
     cpu_s: int = 5
     memory_mb: int = 1024
-    nproc: int = 32
+    nproc: int = 8
     fsize_mb: int = 8
     nofile: int = 64
     output_bytes: int = 64 * 1024
