@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
-# Installs bubblewrap (`bwrap`), the isolation tool r1kit.rewards.sandbox runs model-written code
-# in (see docs/CODE_SANDBOX.md). Idempotent; never fails the set-up: without root or apt-get it
-# prints a warning, and r1kit falls back to resource limits only (with a loud warning at run time).
+# Installs what r1kit.rewards.sandbox needs to run model-written code (docs/CODE_SANDBOX.md):
+# bubblewrap (`bwrap`), and, because runs started as root switch to an unprivileged uid that cannot
+# execute an interpreter under /root, a system python3. Idempotent; never fails the set-up: without
+# root or apt-get it prints a warning, and r1kit falls back to resource limits only (with a loud
+# warning at run time).
 set -u
-if command -v bwrap >/dev/null 2>&1; then
-  exit 0
+missing=""
+command -v bwrap >/dev/null 2>&1 || missing=" bubblewrap"
+if [ "$(id -u 2>/dev/null)" = 0 ] && [ ! -x /usr/bin/python3 ]; then
+  missing="$missing python3-minimal"
 fi
-warn() { echo "warning: $1; r1kit will run model code WITHOUT namespace isolation. Install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap)." >&2; }
-if [ "$(id -u)" != 0 ]; then
-  warn "bubblewrap is missing and this set-up is not running as root"
+[ -z "$missing" ] && exit 0
+warn() { echo "warning: $1; r1kit may run model code WITHOUT namespace isolation. Install: apt-get install$missing" >&2; }
+if [ "$(id -u 2>/dev/null)" != 0 ]; then
+  warn "missing$missing and this set-up is not running as root"
   exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
-  warn "bubblewrap is missing and apt-get is not available"
+  warn "missing$missing and apt-get is not available"
   exit 0
 fi
 export DEBIAN_FRONTEND=noninteractive
-apt-get install -y -q bubblewrap >/dev/null 2>&1 \
-  || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1; } \
-  || warn "apt-get install bubblewrap failed"
-command -v bwrap >/dev/null 2>&1 && echo "bubblewrap installed: $(bwrap --version)"
+# shellcheck disable=SC2086
+apt-get install -y -q $missing >/dev/null 2>&1 \
+  || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $missing >/dev/null 2>&1; } \
+  || warn "apt-get install$missing failed"
+command -v bwrap >/dev/null 2>&1 && echo "sandbox: $(bwrap --version), $(/usr/bin/python3 --version 2>&1)"
 exit 0
