@@ -393,8 +393,9 @@ def _default_python(drop_uid: bool) -> str:
         candidates += [os.path.realpath(p) for p in ("/usr/bin/python3", "/usr/local/bin/python3")
                        if os.path.exists(p) and _others_can_execute(p)]
     if not candidates:
-        raise ConfigError("no Python interpreter executable by the sandbox uid; pass python=<path> "
-                          "(world-executable, e.g. /usr/bin/python3)")
+        raise ConfigError("no Python interpreter executable by the sandbox uid; run "
+                          "scripts/setup.d/sandbox.sh (installs /usr/bin/python3) or pass python=<path> "
+                          "to a world-executable interpreter")
     return candidates[0]
 
 
