@@ -155,3 +155,31 @@ def test_many_runs_leave_no_process_or_directory(runs):
     results = list(SandboxPool(sandbox, workers=3).map(sources))
     assert [r.status for r in results] == expected
     _assert_host_clean(sandbox)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs switch uid")
+def test_private_tmp_root_is_rejected_as_root(tmp_path):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    with pytest.raises(ConfigError, match="searchable by other users"):
+        Sandbox(LIMITS, backend="rlimit", tmp_root=str(private))
+
+
+def test_interpreter_must_be_reachable_by_other_users(runs):
+    from r1kit.rewards.sandbox import _others_can_execute
+
+    for name, mode in (("open", 0o711), ("hidden", 0o700)):
+        folder = os.path.join(runs, name)
+        os.mkdir(folder)
+        os.chmod(folder, mode)
+        with open(os.path.join(folder, "python3"), "w"):
+            pass
+        os.chmod(os.path.join(folder, "python3"), 0o755)
+    try:
+        assert _others_can_execute(os.path.join(runs, "open", "python3"))
+        assert not _others_can_execute(os.path.join(runs, "hidden", "python3"))
+        os.chmod(os.path.join(runs, "open", "python3"), 0o750)
+        assert not _others_can_execute(os.path.join(runs, "open", "python3"))
+    finally:
+        shutil.rmtree(os.path.join(runs, "open"))
+        shutil.rmtree(os.path.join(runs, "hidden"))
