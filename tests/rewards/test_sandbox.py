@@ -3,6 +3,7 @@ and the pool: input order, back-pressure, and nothing left behind after many run
 
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -117,6 +118,22 @@ def test_fallback_kills_background_children(rlimit_sandbox):
     r = rlimit_sandbox.run("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nprint('bye')")
     assert (r.status, r.stdout) == ("ok", "bye\n")
     assert r.wall_s < LIMITS.wall_s
+    _assert_host_clean(rlimit_sandbox)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as a normal user the fallback runs with the caller's uid")
+def test_fallback_cannot_signal_the_grader(rlimit_sandbox):
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        parent = rlimit_sandbox.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)")
+        everyone = rlimit_sandbox.run("import os, signal\nos.kill(-1, signal.SIGKILL)\nprint('sent')")
+        assert parent.status == "error" and "PermissionError" in parent.stderr
+        # kill(-1) reports success even when every target refused (EPERM); nothing outside dies.
+        assert (everyone.status, everyone.stdout) == ("ok", "sent\n")
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
     _assert_host_clean(rlimit_sandbox)
 
 
