@@ -170,7 +170,7 @@ def harness_source(program: str, example: Example) -> str:
 
 
 @dataclass(frozen=True)
-class TestReport:
+class HarnessReport:
     """Parsed harness report. ``passed``: indices of passed test steps; ``done``: all steps ran;
     ``program_error``: exception type raised by the program or set-up before any test, else None."""
 
@@ -179,7 +179,7 @@ class TestReport:
     program_error: str | None
 
 
-def parse_report(channel: str, nonce: str) -> TestReport:
+def parse_report(channel: str, nonce: str) -> HarnessReport:
     """Read the harness lines that carry ``nonce``; lines without it (forged) are ignored."""
     passed: set[int] = set()
     done, program_error = False, None
@@ -194,7 +194,7 @@ def parse_report(channel: str, nonce: str) -> TestReport:
             done = True
         elif words[:1] == ["program_error"]:
             program_error = words[1] if len(words) > 1 else "Exception"
-    return TestReport(frozenset(passed), done, program_error)
+    return HarnessReport(frozenset(passed), done, program_error)
 
 
 @register_verifier("code")
@@ -268,7 +268,7 @@ class CodeVerifier:
         return Verdict(correct, score, "ok" if correct else _failure_reason(result, report), program)
 
 
-def _failure_reason(result: ExecResult, report: TestReport) -> str:
+def _failure_reason(result: ExecResult, report: HarnessReport) -> str:
     if result.status in ("timeout", "output_limit", "crashed", "sandbox_error"):
         if result.status == "sandbox_error":
             log.error("code verifier: sandbox failed to start a program: %s", result.stderr.strip()[:300])
