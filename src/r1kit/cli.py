@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     grpo.add_argument("--config", help="YAML file of config fields")
     grpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     grpo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    grpo.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    grpo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     add_config_arguments(grpo)
     grpo.set_defaults(func=_train_grpo)
 
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="auto", help="sampling dtype: auto (bf16 only where the CPU has native bf16), bf16, fp32")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--output", default=None, help="directory for the JSON and markdown report")
-    ev.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     ev.set_defaults(func=_eval)
 
     tasks = sub.add_parser("tasks", help="list registered tasks")

@@ -103,7 +103,9 @@ def load_policy(name_or_path: str, dtype: str | torch.dtype = torch.float32):
         R1kitError: missing package/file (names the install command), or transformers cannot load it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     src = resolve_model_dir(name_or_path)
     torch_dtype = resolve_dtype(dtype)
     kwargs = {"gguf_file": src.name} if src.is_file() else {}

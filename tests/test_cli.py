@@ -1,0 +1,77 @@
+"""The command line: bad input gives one `error:` line naming the field and exit status 2 (no
+traceback unless --debug); `r1kit eval` writes its JSON and markdown reports."""
+
+import json
+
+import pytest
+
+from r1kit.cli import main
+
+
+def _err(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--num-generations", "1"], "num_generations must be >= 2"),
+    (["--prompts-per-step", "3", "--num-generations", "2", "--steps-per-generation", "4"], "not divisible by steps_per_generation"),
+    (["--learning-rate", "abc"], "learning_rate: cannot read 'abc'"),
+    (["--loss-type", "ppo"], "loss_type must be one of"),
+    (["--max-completion-length", "0"], "max_completion_length must be >= 1"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--task", "no_such_task"], "unknown task 'no_such_task'"),
+])
+def test_train_config_errors(capsys, tmp_path, args, needle):
+    assert main(["train", "grpo", "--output", str(tmp_path / "r"), *args]) == 2
+    assert needle in _err(capsys)
+
+
+def test_missing_model(capsys, tmp_path, toy_task):
+    rc = main(["train", "grpo", "--model", str(tmp_path / "nope"), "--task", str(toy_task), "--output", str(tmp_path / "r")])
+    assert rc == 2 and "not found" in _err(capsys)
+
+
+def test_completion_budget_too_small_for_template(capsys, tmp_path, toy_task, tiny_model_dir):
+    rc = main(["train", "grpo", "--model", str(tiny_model_dir), "--task", str(toy_task), "--template", "chat_boxed",
+               "--max-completion-length", "3", "--output", str(tmp_path / "r")])
+    assert rc == 2 and "too small for template 'chat_boxed'" in _err(capsys)
+
+
+def test_bad_rows_name_the_row(capsys, tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?"}\n')
+    rc = main(["train", "grpo", "--model", str(tiny_model_dir), "--task", str(bad), "--output", str(tmp_path / "r")])
+    line = _err(capsys)
+    assert rc == 2 and "row 2" in line and "bad.jsonl" in line
+    bad.write_text('{"question": "1+1?", "answer": "\\\\frac{"}\n')
+    rc = main(["train", "grpo", "--model", str(tiny_model_dir), "--task", str(bad), "--output", str(tmp_path / "r")])
+    line = _err(capsys)
+    assert rc == 2 and "row 1" in line
+
+
+def test_debug_shows_traceback(tmp_path):
+    from r1kit.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        main(["--debug", "train", "grpo", "--num-generations", "1", "--output", str(tmp_path / "r")])
+
+
+def test_existing_run_needs_resume(capsys, tmp_path, toy_task, tiny_model_dir):
+    (tmp_path / "r" / "checkpoint-1").mkdir(parents=True)
+    (tmp_path / "r" / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    rc = main(["train", "grpo", "--model", str(tiny_model_dir), "--task", str(toy_task), "--output", str(tmp_path / "r")])
+    assert rc == 2 and "--resume" in _err(capsys)
+
+
+def test_eval_writes_reports(capsys, tmp_path, toy_task, tiny_model_dir):
+    out = tmp_path / "ev"
+    rc = main(["eval", "--model", str(tiny_model_dir), "--task", str(toy_task), "--k", "2", "--limit", "3",
+               "--max-tokens", "4", "--template", "direct", "--dtype", "fp32", "--output", str(out)])
+    assert rc == 0
+    name = f"{toy_task}".replace("/", "_") + "_test_k2"
+    data = json.loads((out / f"{name}.json").read_text())
+    assert data["n_problems"] == 3 and data["k"] == 2 and len(data["per_problem"]) == 3
+    assert all(len(p["correct"]) == 2 for p in data["per_problem"])
+    assert "| pass@1 |" in (out / f"{name}.md").read_text()
