@@ -14,15 +14,14 @@ from __future__ import annotations
 import ast
 import gzip
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
 from r1kit.data.base import Example, register_task
+from r1kit.data.rows import DATA_DIR_ENV, data_dir
 from r1kit.errors import DataError
 from r1kit.rewards.code import parse_python
 
-DATA_DIR_ENV = "R1KIT_DATA_DIR"
 MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
 
 _MBPP_PROMPT = "You are an expert Python programmer, and here is your task: {text} Your code should pass these tests:\n\n{tests}"
@@ -126,10 +125,8 @@ def _mbpp_example(file: Path, n: int, row: dict[str, Any], split: str) -> Exampl
 
 
 def _data_file(task: str, name: str) -> Path:
-    """``$R1KIT_DATA_DIR/<task>/<name>``, else the file under the checkout's ``data/`` folder."""
-    root = os.environ.get(DATA_DIR_ENV)
-    base = Path(root) if root else Path(__file__).resolve().parents[3] / "data"
-    file = base / task / name
+    """``<data dir>/<task>/<name>`` (see ``rows.data_dir``); DataError when the file is missing."""
+    file = data_dir() / task / name
     if not file.is_file():
         raise DataError(f"{file} does not exist; set {DATA_DIR_ENV} to the data/ folder of an r1kit checkout")
     return file
