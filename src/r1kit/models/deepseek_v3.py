@@ -821,13 +821,26 @@ def expert_load_metrics(model: DeepseekV3ForCausalLM) -> dict[str, float]:
 
 
 def count_parameters(config: DeepseekV3Config) -> dict[str, int]:
-    """Parameter counts without allocating (meta device): ``total`` (main model, MTP excluded, as
-    the paper's 671B), ``mtp`` (unique MTP weights) and ``active`` per token (routed: K of E)."""
-    with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(config)
-    mtp = sum(p.numel() for p in model.mtp_layers.parameters())
-    total = sum(p.numel() for p in model.parameters()) - mtp
-    per_expert = 3 * config.hidden_size * config.moe_intermediate_size
-    n_moe = sum(1 for i in range(config.num_hidden_layers) if config.is_moe_layer(i))
-    inactive = n_moe * (config.n_routed_experts - config.num_experts_per_tok) * per_expert
+    """Parameter counts from the shapes, without building the model: ``total`` (main model, MTP
+    excluded, as the report's 671B), ``mtp`` (unique MTP weights: embedding and head are shared) and
+    ``active`` per token (K of E routed experts). Router biases are buffers and not counted."""
+    cfg = config
+    d, h = cfg.hidden_size, cfg.num_attention_heads
+    if cfg.q_lora_rank is None:
+        q = d * h * cfg.qk_dim
+    else:
+        q = d * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * h * cfg.qk_dim
+    kv = d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
+    attn = q + kv + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim) + h * cfg.v_head_dim * d
+    expert = 3 * d * cfg.moe_intermediate_size
+    moe = cfg.n_routed_experts * (expert + d) + cfg.n_shared_experts * expert
+
+    def layer(i: int) -> int:
+        return attn + 2 * d + (moe if cfg.is_moe_layer(i) else 3 * d * cfg.intermediate_size)
+
+    main = range(cfg.num_hidden_layers)
+    embeddings = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d
+    total = embeddings + sum(layer(i) for i in main)
+    mtp = sum(layer(cfg.num_hidden_layers + k) + 3 * d + 2 * d * d for k in range(cfg.num_nextn_predict_layers))
+    inactive = sum(cfg.is_moe_layer(i) for i in main) * (cfg.n_routed_experts - cfg.num_experts_per_tok) * expert
     return {"total": total, "mtp": mtp, "active": total - inactive}
