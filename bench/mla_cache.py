@@ -24,7 +24,7 @@ def v3_attention_probe() -> DeepseekV3ForCausalLM:
         v3, vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
         first_k_dense_replace=1, num_nextn_predict_layers=0, q_lora_rank=256,
     )
-    return DeepseekV3ForCausalLM(cfg).to(torch.bfloat16).eval()
+    return DeepseekV3ForCausalLM(cfg).cast(torch.bfloat16).eval()
 
 
 def cache_bytes_per_token(model: DeepseekV3ForCausalLM, absorbed: bool) -> float:

@@ -659,10 +659,28 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.config = config
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+        self.tie_weights()
         self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the head when config.tie_word_embeddings (V3 does not)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_buffers(self) -> None:
+        """Recompute the RoPE frequencies and zero the expert-load counters (after ``to_empty``)."""
+        self.inv_freq = rope_frequencies(self.config).to(self.inv_freq.device)
+        for moe in self.moe_layers():
+            moe.tokens_per_expert.zero_()
+
+    def cast(self, dtype: torch.dtype) -> DeepseekV3ForCausalLM:
+        """Cast parameters to ``dtype``, keeping the router biases in fp32 (spec §3.2). Returns self."""
+        self.to(dtype)
+        for moe in self.moe_layers():
+            if moe.gate.e_score_correction_bias is not None:
+                moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias.float()
+        return self
 
     def reset_parameters(self) -> None:
         """Normal(0, initializer_range) for linear, embedding and router weights; norms at 1, bias 0."""
