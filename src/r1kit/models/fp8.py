@@ -45,7 +45,7 @@ def weight_quant(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, tor
     amax = blocks.abs().amax(dim=(1, 3))  # (O, I)
     scale_inv = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     q = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q.flatten(2).flatten(0, 1)[:o, :i], scale_inv
+    return q.flatten(2).flatten(0, 1)[:o, :i].contiguous(), scale_inv
 
 
 def weight_dequant(
