@@ -722,40 +722,61 @@ class DeepseekV3ForCausalLM(nn.Module):
         (absorbed when a cache is given, naive otherwise). ``run_mtp`` defaults to training mode."""
         for moe in self.moe_layers():
             moe.balance_loss = None
-        past = cache.seq_len if cache is not None else 0
         absorb = (cache.absorbed if cache is not None else False) if absorb is None else absorb
-        b, s = input_ids.shape
         if position_ids is None:
-            position_ids = torch.arange(past, past + s, device=input_ids.device).expand(b, s)
-        token_mask = attention_mask[:, -s:].bool() if attention_mask is not None else None
-        cos, sin = self.rotary(position_ids)
-        embeds = self.model.embed_tokens(input_ids)
-        mask = causal_mask(s, past, attention_mask, torch.float32, input_ids.device)
-        x = embeds
+            past = cache.seq_len if cache is not None else 0
+            position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        cos, sin, mask, token_mask = self._attention_inputs(position_ids, attention_mask, cache)
+        x = self.model.embed_tokens(input_ids)
         for layer in self.main_layers:
             x = layer(x, cos, sin, mask, token_mask, cache, absorb)
         hidden = self.model.norm(x)
         out = DeepseekV3Output(logits=self.lm_head(hidden), hidden=hidden, cache=cache)
         if run_mtp if run_mtp is not None else (self.training and torch.is_grad_enabled()):
-            out.mtp_logits = self._mtp_logits(embeds, hidden, cos, sin, mask, token_mask)
+            out.mtp_logits = self._mtp_logits(input_ids, hidden, position_ids, attention_mask)
         moe_losses = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
         if self.training and torch.is_grad_enabled() and moe_losses:
             out.balance_loss = torch.stack(moe_losses).sum()
         return out
 
-    def _mtp_logits(self, embeds, hidden, cos, sin, mask, token_mask) -> list[torch.Tensor]:
-        """Depth k combines h^{k-1}[:, i] with Emb(t_{i+k}) over the first s-k positions
-        (report Eq. 21-23). Returns D tensors (b, s-k, V)."""
+    def _attention_inputs(self, position_ids, attention_mask, cache):
+        """cos, sin (b, s, r/2), additive mask (b|1, 1, s, t) and token mask (b, s) | None."""
+        s = position_ids.shape[1]
+        past = cache.seq_len if cache is not None else 0
+        cos, sin = self.rotary(position_ids)
+        mask = causal_mask(s, past, attention_mask, torch.float32, position_ids.device)
+        token_mask = attention_mask[:, -s:].bool() if attention_mask is not None else None
+        return cos, sin, mask, token_mask
+
+    def mtp_step(
+        self,
+        depth: int,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module ``depth`` (1-based) at positions p: hidden (b, s, d) is h^{depth-1}_p, next_ids
+        (b, s) the tokens t_{p+depth}; position_ids (b, s). Returns (h^depth (b, s, d), logits (b, s, V))
+        where logits[:, j] predicts t_{p_j + depth + 1} (report Eq. 21-23)."""
+        layer = self.mtp_layers[depth - 1]
+        cos, sin, mask, token_mask = self._attention_inputs(position_ids, attention_mask, cache)
+        absorb = cache.absorbed if cache is not None else False
+        out = layer(self.model.embed_tokens(next_ids), hidden, cos, sin, mask, token_mask, cache, absorb)
+        return out, self.lm_head(layer.shared_head.norm(out))
+
+    def _mtp_logits(self, input_ids, hidden, position_ids, attention_mask) -> list[torch.Tensor]:
+        """Training MTP: depth k combines h^{k-1}[:, i] with Emb(t_{i+k}) over the first s-k
+        positions, where both tokens are real. Returns up to D tensors (b, s-k, V)."""
         logits = []
-        for k, layer in enumerate(self.mtp_layers, start=1):
-            n = embeds.shape[1] - k
+        for k in range(1, len(self.mtp_layers) + 1):
+            n = input_ids.shape[1] - k
             if n <= 0:
                 break
-            sub_mask = token_mask[:, k:] if token_mask is not None else None
-            hidden = layer(
-                embeds[:, k:], hidden[:, :n], cos[:, :n], sin[:, :n], mask[..., :n, :n], sub_mask
-            )
-            logits.append(self.lm_head(layer.shared_head.norm(hidden)))
+            sub_mask = None if attention_mask is None else attention_mask[:, :n] * attention_mask[:, k:]
+            hidden, depth_logits = self.mtp_step(k, hidden[:, :n], input_ids[:, k:], position_ids[:, :n], None, sub_mask)
+            logits.append(depth_logits)
         return logits
 
     def moe_layers(self) -> list[MoE]:
