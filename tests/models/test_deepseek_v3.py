@@ -68,6 +68,26 @@ def test_parameter_count_matches_the_built_model(overrides):
     assert counts["total"] == sum(p.numel() for p in model.parameters()) - mtp
 
 
+OFFICIAL_671B = {  # deepseek-ai/DeepSeek-V3 inference/configs/config_671B.json
+    "vocab_size": 129280, "dim": 7168, "inter_dim": 18432, "moe_inter_dim": 2048, "n_layers": 61,
+    "n_dense_layers": 3, "n_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1, "n_activated_experts": 8,
+    "n_expert_groups": 8, "n_limited_groups": 4, "route_scale": 2.5, "score_func": "sigmoid", "q_lora_rank": 1536,
+    "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "dtype": "fp8",
+}
+
+
+def test_official_model_args_map_to_the_671b_preset():
+    official = DeepseekV3Config.from_model_args(OFFICIAL_671B)
+    preset = DeepseekV3Config.preset("671b")
+    training_only = {"num_nextn_predict_layers", "initializer_range", "aux_loss_alpha", "bias_update_speed",
+                     "mtp_loss_weight", "max_position_embeddings"}
+    for name, value in vars(preset).items():
+        if name not in training_only:
+            assert getattr(official, name) == value, name
+    lite = DeepseekV3Config.from_model_args({})  # ModelArgs defaults: the 16B shape
+    assert lite.q_lora_rank is None and lite.topk_method == "greedy" and not lite.norm_topk_prob
+
+
 def test_v3_rope_and_softmax_scale_match_the_spec():
     cfg = DeepseekV3Config.preset("671b")
     assert softmax_scale(cfg) == pytest.approx(192**-0.5 * (0.1 * math.log(40) + 1) ** 2)

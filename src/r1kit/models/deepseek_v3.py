@@ -36,6 +36,15 @@ from r1kit.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
+# Defaults of the official ``ModelArgs`` (inference/model.py L19-86), the 16B shape.
+OFFICIAL_DEFAULTS = {
+    "vocab_size": 102400, "dim": 2048, "inter_dim": 10944, "moe_inter_dim": 1408, "n_layers": 27,
+    "n_dense_layers": 1, "n_heads": 16, "n_routed_experts": 64, "n_shared_experts": 2, "n_activated_experts": 6,
+    "n_expert_groups": 1, "n_limited_groups": 1, "score_func": "softmax", "route_scale": 1.0, "q_lora_rank": 0,
+    "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "original_seq_len": 4096, "rope_theta": 10000.0, "rope_factor": 40, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+}
+
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -179,6 +188,34 @@ class DeepseekV3Config:
                 raw.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
+
+    @classmethod
+    def from_model_args(cls, args: dict[str, Any]) -> DeepseekV3Config:
+        """Build from the official ``ModelArgs`` JSON (``inference/configs/config_671B.json``; spec §0).
+
+        Missing keys take ModelArgs' defaults (the 16B shape). The router bias exists iff dim == 7168
+        and weights are renormalised iff sigmoid scoring, as in the official code (spec §8.5-8.6);
+        the official checkpoints carry no MTP layer (convert.py skips it).
+        """
+        a = {**OFFICIAL_DEFAULTS, **args}
+        grouped = "group_limited_greedy" if a["n_expert_groups"] > 1 else "greedy"
+        return cls(
+            vocab_size=a["vocab_size"], hidden_size=a["dim"], intermediate_size=a["inter_dim"],
+            moe_intermediate_size=a["moe_inter_dim"], num_hidden_layers=a["n_layers"],
+            first_k_dense_replace=a["n_dense_layers"], num_attention_heads=a["n_heads"],
+            n_routed_experts=a["n_routed_experts"], n_shared_experts=a["n_shared_experts"],
+            num_experts_per_tok=a["n_activated_experts"], n_group=a["n_expert_groups"],
+            topk_group=a["n_limited_groups"], scoring_func=a["score_func"], routed_scaling_factor=a["route_scale"],
+            topk_method="noaux_tc" if a["dim"] == 7168 else grouped, norm_topk_prob=a["score_func"] == "sigmoid",
+            q_lora_rank=a["q_lora_rank"], kv_lora_rank=a["kv_lora_rank"], qk_nope_head_dim=a["qk_nope_head_dim"],
+            qk_rope_head_dim=a["qk_rope_head_dim"], v_head_dim=a["v_head_dim"], rope_theta=a["rope_theta"],
+            rope_scaling={
+                "type": "yarn", "factor": a["rope_factor"], "original_max_position_embeddings": a["original_seq_len"],
+                "beta_fast": a["beta_fast"], "beta_slow": a["beta_slow"], "mscale": a["mscale"],
+                "mscale_all_dim": a["mscale"],
+            },
+            num_nextn_predict_layers=0,
+        )
 
     @classmethod
     def from_json(cls, path: str | Path) -> DeepseekV3Config:

@@ -85,15 +85,15 @@ def act_dequant(x_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     return (x_fp8.float().unflatten(-1, (scale.shape[-1], -1)) * scale[..., None]).flatten(-2).to(dtype)
 
 
-def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize a weight per 128×128 block with a straight-through gradient."""
-    dequant = weight_dequant(*weight_quant(w), dtype=w.dtype)
+def fake_quant_weight(w: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """Quantize-dequantize a weight per block×block block with a straight-through gradient."""
+    dequant = weight_dequant(*weight_quant(w, block), dtype=w.dtype, block=block)
     return w + (dequant - w).detach()
 
 
-def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize activations per 1×128 tile with a straight-through gradient."""
-    dequant = act_dequant(*act_quant(x), dtype=x.dtype)
+def fake_quant_act(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """Quantize-dequantize activations per 1×block tile with a straight-through gradient."""
+    dequant = act_dequant(*act_quant(x, block), dtype=x.dtype)
     return x + (dequant - x).detach()
 
 
@@ -124,13 +124,14 @@ def to_fp8_linears(module: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> n
     return module
 
 
-def linear_error_vs_bf16(weight: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
+def linear_error_vs_bf16(weight: torch.Tensor, x: torch.Tensor, block: int = BLOCK) -> dict[str, float]:
     """Relative Frobenius error of the FP8-simulated and the bf16 linear against fp32.
 
-    weight (o, i), x (T, i) fp32. Returns {"fp8": ‖y_fp8 − y‖/‖y‖, "bf16": ‖y_bf16 − y‖/‖y‖}.
+    weight (o, i), x (T, i) fp32; ``block`` the weight block and activation tile width (128 in V3;
+    i.e. one scale per token row when block = i). Returns {"fp8": ‖y_fp8 − y‖/‖y‖, "bf16": ‖y_bf16 − y‖/‖y‖}.
     """
     exact = x @ weight.T
-    fp8 = fake_quant_act(x) @ fake_quant_weight(weight).T
+    fp8 = fake_quant_act(x, block) @ fake_quant_weight(weight, block).T
     bf16 = (x.bfloat16() @ weight.bfloat16().T).float()
     return {
         "fp8": ((fp8 - exact).norm() / exact.norm()).item(),

@@ -179,6 +179,12 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise R1kitError(f"no *.safetensors files in {path}")
+    parallel = [f for f in files if re.fullmatch(r"model\d+-mp(\d+)\.safetensors", f) and not f.endswith("-mp1.safetensors")]
+    if parallel:
+        raise R1kitError(
+            f"{path} holds model-parallel shards ({parallel[0]}, ...); convert the HF checkpoint again with "
+            "inference/convert.py --model-parallel 1, or load the HF directory itself"
+        )
     raw = {}
     for file in files:
         if not (path / file).is_file():
@@ -209,7 +215,8 @@ def load_deepseek_v3(
 ) -> DeepseekV3ForCausalLM:
     """Build a DeepseekV3ForCausalLM from a checkpoint directory (HF or official names, bf16/fp32/FP8).
 
-    ``config`` defaults to the directory's config.json. A checkpoint without any MTP weights (as
+    ``config`` defaults to the directory's config.json; for an official converted directory (no
+    config.json) pass ``DeepseekV3Config.from_model_args(json.load(open("config_671B.json")))``. A checkpoint without any MTP weights (as
     transformers saves) loads with num_nextn_predict_layers=0. Raises R1kitError listing missing,
     mis-shaped or unexpected tensors; ConfigError for an inconsistent config.
     """
