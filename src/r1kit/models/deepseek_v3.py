@@ -430,9 +430,11 @@ class MLA(nn.Module):
         if cache is not None:
             key, value = cache.update(self.layer_idx, key, value)
         query = torch.cat([q_nope, q_pe], dim=-1)  # (b, s, h, n+r)
-        scores = torch.einsum("bshd,bthd->bhst", query, key).float() * self.scale + mask
-        probs = scores.softmax(-1).to(value.dtype)
-        return torch.einsum("bhst,bthd->bshd", probs, value)
+        out = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask.to(query.dtype),
+            scale=self.scale,
+        )  # (b, h, s, v)
+        return out.transpose(1, 2)
 
     def _absorbed(self, q_nope, q_pe, latent, k_pe, mask, cache) -> torch.Tensor:
         """Absorb W_UK into the query and W_UV into the output (model.py L480-496). Returns (b, s, h, v)."""
