@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from v3_helpers import YARN, tiny_config, tiny_model, transformers_twin
+from v3_helpers import one_thread, tiny_config, tiny_model, transformers_twin, YARN  # noqa: F401 (one_thread is an autouse fixture)
 
 from r1kit.errors import ConfigError
 from r1kit.models.deepseek_v3 import (

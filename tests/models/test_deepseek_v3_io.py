@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from v3_helpers import tiny_model
+from v3_helpers import one_thread, tiny_model  # noqa: F401 (one_thread is an autouse fixture)
 
 from r1kit.errors import R1kitError
 from r1kit.models.v3_io import (

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from v3_helpers import tiny_model
+from v3_helpers import one_thread, tiny_model  # noqa: F401 (one_thread is an autouse fixture)
 
 from r1kit.models.deepseek_v3 import (
     expert_load_metrics,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from safetensors.torch import load_file
-from v3_helpers import tiny_model
+from v3_helpers import one_thread, tiny_model  # noqa: F401 (one_thread is an autouse fixture)
 
 from r1kit.models.fp8 import (
     FP8,

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from v3_helpers import tiny_model, transformers_twin
+from v3_helpers import one_thread, tiny_model, transformers_twin  # noqa: F401 (one_thread is an autouse fixture)
 
 from r1kit.errors import ConfigError
 from r1kit.models.deepseek_v3 import pretrain_loss

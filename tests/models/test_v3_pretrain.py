@@ -4,6 +4,7 @@ import json
 import random
 
 import pytest
+from v3_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 from r1kit.errors import ConfigError
 from r1kit.models.v3_io import load_deepseek_v3

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from r1kit.models.deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run each test on one intra-op thread: on a shared 2-core machine two OpenMP threads make these
+    small matmuls 3-5x slower (spin-waiting); restores the previous count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 YARN = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
         "mscale": 1.0, "mscale_all_dim": 1.0}
