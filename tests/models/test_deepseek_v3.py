@@ -247,3 +247,18 @@ def test_padding_mask_leaves_real_tokens_unchanged():
     with torch.no_grad():
         torch.testing.assert_close(model(padded, attention_mask=mask).logits[:, :9], model(tokens).logits,
                                    atol=1e-5, rtol=0)
+
+
+def test_bf16_model_keeps_the_router_bias_fp32_and_tracks_fp32():
+    model = tiny_model()
+    tokens = ids()
+    with torch.no_grad():
+        reference = model(tokens).logits
+        model.cast(torch.bfloat16)
+        naive = model(tokens).logits.float()
+        cache = KVCache()
+        absorbed = torch.cat([model(tokens[:, :6], cache=cache).logits, model(tokens[:, 6:], cache=cache).logits], 1)
+    assert model.moe_layers()[0].gate.e_score_correction_bias.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.bfloat16 and absorbed.dtype == torch.bfloat16
+    assert (naive - reference).norm() / reference.norm() < 0.05
+    assert (absorbed.float() - reference).norm() / reference.norm() < 0.05
