@@ -259,6 +259,7 @@ def test_bf16_model_keeps_the_router_bias_fp32_and_tracks_fp32():
         cache = KVCache()
         absorbed = torch.cat([model(tokens[:, :6], cache=cache).logits, model(tokens[:, 6:], cache=cache).logits], 1)
     assert model.moe_layers()[0].gate.e_score_correction_bias.dtype == torch.float32
+    assert model.inv_freq.dtype == torch.float32 and model.moe_layers()[0].tokens_per_expert.dtype == torch.float32
     assert model.lm_head.weight.dtype == torch.bfloat16 and absorbed.dtype == torch.bfloat16
     assert (naive - reference).norm() / reference.norm() < 0.05
     assert (absorbed.float() - reference).norm() / reference.norm() < 0.05

@@ -495,7 +495,8 @@ class Gate(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor) -> Routing:
-        """x (T, d) -> Routing. The router runs in fp32 (spec §8.4)."""
+        """x (T, d) -> Routing. The router runs in fp32 as in transformers (the official code uses bf16
+        logits, spec §8.4); fp32 keeps the bias-driven choices stable in training."""
         cfg = self.config
         logits = F.linear(x.float(), self.weight.float())  # (T, E)
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(-1)
@@ -714,11 +715,13 @@ class DeepseekV3ForCausalLM(nn.Module):
             moe.tokens_per_expert.zero_()
 
     def cast(self, dtype: torch.dtype) -> DeepseekV3ForCausalLM:
-        """Cast parameters to ``dtype``, keeping the router biases in fp32 (spec §3.2). Returns self."""
+        """Cast parameters to ``dtype``; buffers stay fp32: router biases (spec §3.2), RoPE frequencies
+        and expert-load counts. Returns self."""
+        buffers = dict(self.named_buffers())
         self.to(dtype)
-        for moe in self.moe_layers():
-            if moe.gate.e_score_correction_bias is not None:
-                moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias.float()
+        for name, buffer in buffers.items():
+            owner, _, attr = name.rpartition(".")
+            setattr(self.get_submodule(owner), attr, buffer)
         return self
 
     def reset_parameters(self) -> None:

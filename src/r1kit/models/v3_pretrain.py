@@ -6,7 +6,7 @@ every optimizer step, and a log of the loss curve and per-layer expert load. The
 checkpoint (HF layout, ``r1kit.models.v3_io``) and ``history.json``; greedy accuracy on held-out
 problems is the starting reward for GRPO.
 
-Run: PYTHONPATH=src python -m r1kit.models.v3_pretrain --out runs/v3-tiny --max-seconds 600
+Run: PYTHONPATH=src python -m r1kit.models.v3_pretrain --out runs/v3-tiny --max-seconds 600 --threads 1
 (last line: ``final_lm_loss=<value>``).
 """
 
@@ -163,7 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-seconds", type=float, default=PretrainConfig.max_seconds)
     parser.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
     parser.add_argument("--seed", type=int, default=PretrainConfig.seed)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (1 is fastest on a busy 2-core machine; default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = PretrainConfig(preset=args.preset, steps=args.steps, max_seconds=args.max_seconds,
                          batch_size=args.batch_size, seed=args.seed)
     model, history = pretrain(cfg)
