@@ -116,8 +116,9 @@ def test_transformers_saved_config_reads_back():
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(), dict(q_lora_rank=None), dict(rope_scaling=None), dict(n_shared_experts=2, num_hidden_layers=3)],
-    ids=["q_lora+yarn", "no_q_lora", "no_yarn", "2shared_3layers"],
+    [dict(), dict(q_lora_rank=None), dict(rope_scaling=None), dict(n_shared_experts=2, num_hidden_layers=3),
+     dict(n_group=1, topk_group=1, num_experts_per_tok=5, routed_scaling_factor=1.0)],
+    ids=["q_lora+yarn", "no_q_lora", "no_yarn", "2shared_3layers", "one_group_top5"],
 )
 def test_logits_match_transformers(overrides):
     model = tiny_model(**overrides)
