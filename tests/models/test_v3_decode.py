@@ -66,6 +66,9 @@ def test_mtp_speculative_decoding_equals_greedy(trained):
     result = mtp_speculative_generate(model, prompt, max_new_tokens=20)
     assert result.tokens == plain
     assert result.drafted > 0
+    eos = plain[3]
+    stopped = mtp_speculative_generate(model, prompt, max_new_tokens=20, eos_token_id=eos)
+    assert stopped.tokens == plain[: plain.index(eos) + 1]
     if trained:
         assert plain[:6] == [7, 8, 9, 0, 1, 2]  # it learnt the cycle
         assert result.acceptance_rate > 0.8  # and the MTP module drafts it

@@ -200,7 +200,7 @@ def mtp_speculative_generate(
     hidden, hidden_pos = out.hidden, torch.arange(len(prompt), device=device)[None]
     follow = torch.tensor([prompt[1:] + tokens], device=device)
     result = SpeculativeResult(tokens=tokens, drafted=0, accepted=0)
-    while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
+    while len(tokens) < max_new_tokens and eos_token_id not in tokens:
         _, mtp_logits = model.mtp_step(1, hidden, follow, hidden_pos, mtp_cache)
         draft = int(mtp_logits[0, -1].argmax())
         start = main_cache.seq_len
