@@ -631,7 +631,8 @@ class MTPLayer(DecoderLayer):
 
     h' = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]), embedding first as vLLM and the released
     checkpoints (spec §5), then a full decoder layer; logits = lm_head(shared_head.norm(h^k)).
-    Embedding and head are shared with the main model.
+    h^0 is the main model's final-normed hidden state, which is what vLLM and SGLang feed the released
+    MTP weights. Embedding and head are shared with the main model.
     """
 
     def __init__(self, config: DeepseekV3Config, layer_idx: int):
