@@ -98,21 +98,22 @@ def test_model_with_fp8_linears_stays_close():
     assert 1e-2 < rel < 0.25  # about 3% per GEMM, compounded over 2 layers of 8 chained GEMMs
 
 
-def test_synthetic_fp8_checkpoint_loads_equal_to_its_source_within_the_bound(tmp_path):
-    model = tiny_model(hidden_size=128, q_lora_rank=128, intermediate_size=160)
+def test_synthetic_fp8_checkpoint_loads_equal_to_its_bf16_source_within_the_bound(tmp_path):
+    model = tiny_model(hidden_size=128, q_lora_rank=128, intermediate_size=160).cast(torch.bfloat16)
     save_deepseek_v3(model, tmp_path, fp8=True)
     stored = {k: v for f in tmp_path.glob("*.safetensors") for k, v in load_file(f).items()}
     name = "model.layers.1.self_attn.kv_b_proj.weight"
     assert stored[name].dtype == FP8 and stored[name + "_scale_inv"].shape == (1, 1)
-    assert stored["model.layers.1.mlp.gate.weight"].dtype == torch.float32  # router stays unquantized
-    loaded = load_deepseek_v3(tmp_path)
+    assert stored["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16  # router stays unquantized
+    loaded = load_deepseek_v3(tmp_path, dtype=torch.bfloat16).state_dict()
     checked = 0
     for key, source in model.state_dict().items():
         if key + "_scale_inv" not in stored:
-            assert torch.equal(loaded.state_dict()[key], source), key
+            assert torch.equal(loaded[key], source), key
             continue
+        source = source.float()
         scales = block_scales(stored[key + "_scale_inv"], source.shape)
-        bound = FP8_REL_ERR * source.abs() + FP8_SUBNORMAL_ERR * scales
-        assert ((loaded.state_dict()[key] - source).abs() <= bound * (1 + 1e-6)).all(), key
+        bound = (FP8_REL_ERR + 2.0**-8) * source.abs() + FP8_SUBNORMAL_ERR * scales  # + bf16 rounding on load
+        assert ((loaded[key].float() - source).abs() <= bound * (1 + 1e-3)).all(), key
         checked += 1
     assert checked > 20
