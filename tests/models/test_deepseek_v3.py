@@ -45,6 +45,14 @@ def test_inconsistent_config_fails_naming_fields(overrides, fields):
         assert name in str(err.value)
 
 
+@pytest.mark.parametrize("field, value", [("rope_interleave", False), ("attention_bias", True), ("hidden_act", "gelu")])
+def test_unsupported_config_json_values_are_refused(field, value):
+    raw = tiny_config().to_hf_dict()
+    assert DeepseekV3Config.from_dict(raw).hidden_size == 64  # the supported values load
+    with pytest.raises(ConfigError, match=field):
+        DeepseekV3Config.from_dict({**raw, field: value})
+
+
 def test_presets_match_the_papers_sizes():
     v3 = count_parameters(DeepseekV3Config.preset("671b"))
     assert round(v3["total"] / 1e9) == 671  # V3 report §4.2: 671B total

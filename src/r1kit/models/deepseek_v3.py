@@ -36,6 +36,9 @@ from r1kit.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
+# config.json fields r1kit reads only to refuse other values (spec §8.7 for rope_interleave).
+UNSUPPORTED_DEFAULTS = {"hidden_act": "silu", "attention_bias": False, "rope_interleave": True}
+
 # Defaults of the official ``ModelArgs`` (inference/model.py L19-86), the 16B shape.
 OFFICIAL_DEFAULTS = {
     "vocab_size": 102400, "dim": 2048, "inter_dim": 10944, "moe_inter_dim": 1408, "n_layers": 27,
@@ -179,8 +182,12 @@ class DeepseekV3Config:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> DeepseekV3Config:
         """Build from a ``config.json`` dict; transformers' ``rope_parameters`` is read as rope_theta +
-        rope_scaling. Unknown keys are ignored."""
+        rope_scaling. Unknown keys are ignored; hidden_act other than silu, attention_bias true or
+        rope_interleave false raise ConfigError."""
         raw = dict(raw)
+        unsupported = {k: raw[k] for k, ok in UNSUPPORTED_DEFAULTS.items() if k in raw and raw[k] != ok}
+        if unsupported:
+            raise ConfigError(f"config fields {unsupported} are not supported; r1kit's DeepSeek-V3 needs {UNSUPPORTED_DEFAULTS}")
         rope = raw.pop("rope_parameters", None)
         if rope is not None:
             raw.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
