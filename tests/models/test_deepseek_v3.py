@@ -138,6 +138,20 @@ def test_logits_match_transformers(overrides):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(topk_method="group_limited_greedy", routed_scaling_factor=16.0),
+     dict(topk_method="greedy", n_group=1, topk_group=1, n_shared_experts=2)],
+    ids=["v2_236b_style", "v2_lite_style"],
+)
+def test_v2_style_softmax_routing_matches_transformers_deepseek_v2(overrides):
+    model = tiny_model(scoring_func="softmax", norm_topk_prob=False, q_lora_rank=None, **overrides)
+    hf = transformers_twin(model, v2=True)
+    tokens = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, hf(tokens).logits, atol=1e-5, rtol=0)
+
+
 def test_yarn_applies_even_within_the_original_context():
     """Spec §8.2: official model.py enables YaRN and mscale² only when max_seq_len > original_seq_len,
     transformers whenever rope_scaling is set. The released checkpoints were trained long-context, so

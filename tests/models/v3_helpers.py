@@ -50,12 +50,14 @@ def tiny_model(seed: int = 0, randomize_bias: bool = True, **overrides) -> Deeps
     return model
 
 
-def transformers_twin(model: DeepseekV3ForCausalLM):
-    """transformers' DeepseekV3ForCausalLM with the same weights (experts fused as transformers stores them)."""
-    from transformers import DeepseekV3Config as HFConfig
-    from transformers import DeepseekV3ForCausalLM as HFModel
+def transformers_twin(model: DeepseekV3ForCausalLM, v2: bool = False):
+    """transformers' DeepseekV3ForCausalLM (or DeepseekV2ForCausalLM when ``v2``) with the same weights,
+    experts fused as transformers stores them in memory."""
+    import transformers
 
-    hf = HFModel(HFConfig(**model.config.to_hf_dict())).eval()
+    name = "DeepseekV2" if v2 else "DeepseekV3"
+    hf_config = getattr(transformers, f"{name}Config")(**model.config.to_hf_dict())
+    hf = getattr(transformers, f"{name}ForCausalLM")(hf_config).eval()
     ours = {k: v for k, v in model.state_dict().items() if not k.startswith(mtp_prefix(model))}
     fused = {}
     for layer_idx, layer in enumerate(model.main_layers):
