@@ -105,7 +105,9 @@ def test_synthetic_fp8_checkpoint_loads_equal_to_its_bf16_source_within_the_boun
     name = "model.layers.1.self_attn.kv_b_proj.weight"
     assert stored[name].dtype == FP8 and stored[name + "_scale_inv"].shape == (1, 1)
     assert stored["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16  # router stays unquantized
-    loaded = load_deepseek_v3(tmp_path, dtype=torch.bfloat16).state_dict()
+    model_loaded = load_deepseek_v3(tmp_path, dtype=torch.bfloat16)
+    assert model_loaded.config.quantization_config is None  # dense now: saving it again writes no FP8 config
+    loaded = model_loaded.state_dict()
     checked = 0
     for key, source in model.state_dict().items():
         if key + "_scale_inv" not in stored:

@@ -11,6 +11,7 @@ in the released checkpoints (README_WEIGHTS.md L33-48). The official repository'
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -227,9 +228,10 @@ def load_deepseek_v3(
             raise ConfigError(f"{path / CONFIG}: model_type {raw_config.get('model_type')!r} is not a DeepSeek-V3 model")
         config = DeepseekV3Config.from_dict(raw_config)
     tensors = read_tensors(path)
+    config = dataclasses.replace(config, quantization_config=None)  # FP8 weights are dequantized now
     mtp_prefix = f"model.layers.{config.num_hidden_layers}."
     if config.num_nextn_predict_layers and not any(n.startswith(mtp_prefix) for n in tensors):
-        config = DeepseekV3Config.from_dict({**vars(config), "num_nextn_predict_layers": 0})
+        config = dataclasses.replace(config, num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(config)
     check_tensors(model, tensors, path)
