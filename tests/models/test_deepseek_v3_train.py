@@ -123,3 +123,12 @@ def test_pretrain_loss_combines_lm_mtp_and_balance():
     expected = lm + 0.3 * mtp + 0.0001 * parts["balance"]
     assert parts["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert parts["balance"].item() > 0.9  # Σ f_i P_i is about 1 near balance
+
+
+def test_mtp_runs_in_training_only_when_weighted():
+    model = tiny_model().train()
+    assert len(model(TOKENS).mtp_logits) == 1
+    with torch.no_grad():
+        assert model(TOKENS).mtp_logits == []  # no gradients: an evaluation pass
+    model.config.mtp_loss_weight = 0.0  # e.g. GRPO, where only next-token logprobs matter
+    assert model(TOKENS).mtp_logits == []

@@ -769,7 +769,8 @@ class DeepseekV3ForCausalLM(nn.Module):
     ) -> DeepseekV3Output:
         """input_ids (b, s) int64; attention_mask (b, cached+s) 1/0; position_ids (b, s), default
         cached + arange(s). ``cache`` is extended in place; ``absorb`` defaults to the cache's path
-        (absorbed when a cache is given, naive otherwise). ``run_mtp`` defaults to training mode."""
+        (absorbed when a cache is given, naive otherwise). ``run_mtp`` defaults to training with
+        gradients and mtp_loss_weight > 0 (set the weight to 0 to skip MTP compute, e.g. in GRPO)."""
         for moe in self.moe_layers():
             moe.balance_loss = None
         absorb = (cache.absorbed if cache is not None else False) if absorb is None else absorb
@@ -782,7 +783,9 @@ class DeepseekV3ForCausalLM(nn.Module):
             x = layer(x, cos, sin, mask, token_mask, cache, absorb)
         hidden = self.model.norm(x)
         out = DeepseekV3Output(logits=self.lm_head(hidden), hidden=hidden, cache=cache)
-        if run_mtp if run_mtp is not None else (self.training and torch.is_grad_enabled()):
+        if run_mtp is None:
+            run_mtp = self.training and torch.is_grad_enabled() and self.config.mtp_loss_weight > 0
+        if run_mtp:
             out.mtp_logits = self._mtp_logits(input_ids, hidden, position_ids, attention_mask)
         moe_losses = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
         if self.training and torch.is_grad_enabled() and moe_losses:
