@@ -98,5 +98,5 @@ def test_bad_humaneval_row_names_file_and_row(tmp_path):
 def test_not_json_names_the_line(tmp_path):
     path = tmp_path / "mbpp.jsonl"
     path.write_text(json.dumps(GOOD_MBPP) + "\n{oops\n")
-    with pytest.raises(DataError, match="row 2: not valid JSON"):
+    with pytest.raises(DataError, match="line 2: not valid JSON"):
         get_task_loader("mbpp")("train", path=str(path))

@@ -12,13 +12,11 @@ the file and row.
 from __future__ import annotations
 
 import ast
-import gzip
-import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from r1kit.data.base import Example, register_task
-from r1kit.data.rows import DATA_DIR_ENV, data_dir
+from r1kit.data.rows import DATA_DIR_ENV, data_dir, jsonl_rows
 from r1kit.errors import DataError
 from r1kit.rewards.code import parse_python
 
@@ -38,7 +36,7 @@ def load_humaneval(split: str = "test", path: str | None = None) -> list[Example
     if split != "test":
         raise DataError(f"humaneval has only the split 'test' (got {split!r})")
     file = Path(path) if path else _data_file("humaneval", "HumanEval.jsonl.gz")
-    return [_humaneval_example(file, n, row) for n, row in _rows(file)]
+    return [_humaneval_example(file, n, row) for n, row in jsonl_rows(file)]
 
 
 @register_task("mbpp", verifier="code")
@@ -53,7 +51,7 @@ def load_mbpp(split: str = "train", path: str | None = None) -> list[Example]:
         raise DataError(f"mbpp has no split {split!r}; use one of {', '.join(MBPP_SPLITS)}")
     lo, hi = MBPP_SPLITS[split]
     file = Path(path) if path else _data_file("mbpp", "mbpp.jsonl")
-    examples = [_mbpp_example(file, n, row, split) for n, row in _rows(file)]
+    examples = [_mbpp_example(file, n, row, split) for n, row in jsonl_rows(file)]
     return [e for e in examples if lo <= e.meta["task_id"] <= hi]
 
 
@@ -130,22 +128,6 @@ def _data_file(task: str, name: str) -> Path:
     if not file.is_file():
         raise DataError(f"{file} does not exist; set {DATA_DIR_ENV} to the data/ folder of an r1kit checkout")
     return file
-
-
-def _rows(file: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, row)`` of a JSON Lines file, gzip-compressed if it ends in ``.gz``."""
-    opener = gzip.open if file.suffix == ".gz" else open
-    with opener(file, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{file} row {n}: not valid JSON ({err})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{file} row {n}: expected a JSON object")
-            yield n, row
 
 
 def _field(row: dict[str, Any], name: str, kind: type, where: str) -> Any:

@@ -6,6 +6,7 @@ Shared by the built-in math tasks and by local/hub datasets: rows keep their 1-b
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -50,7 +51,7 @@ def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     if path.suffix == ".jsonl":
-        return list(_jsonl_rows(path))
+        return list(jsonl_rows(path))
     if path.suffix == ".json":
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
@@ -66,8 +67,11 @@ def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     raise DataError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
 
 
-def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as f:
+def jsonl_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` of a JSON Lines file (gzip-compressed if it ends in ``.gz``), skipping
+    blank lines. Raises DataError naming the file and line for invalid JSON or a non-object row."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -9,6 +9,9 @@ Accepted ``name_or_path``:
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -86,6 +89,23 @@ def resolve_model_dir(name_or_path: str) -> Path:
     if ckpts:
         return ckpts[-1].parent
     raise R1kitError(f"{path} holds no config.json, final/ model or checkpoint-*/ directory")
+
+
+def save_pretrained_atomic(model, tokenizer, out_dir: Path) -> Path:
+    """Save ``model`` (safetensors) and ``tokenizer`` as an HF directory at ``out_dir`` atomically:
+    written into a temporary sibling, then renamed over any previous ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
 
 
 def load_policy(name_or_path: str, dtype: str | torch.dtype = torch.float32):

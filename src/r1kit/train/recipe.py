@@ -10,10 +10,7 @@ Run directory: config.yaml, metrics.jsonl, samples.jsonl, checkpoint-N/, final/,
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,7 @@ import torch
 from r1kit.config import GRPOConfig
 from r1kit.errors import ConfigError, DataError, R1kitError
 from r1kit.eval.evaluate import comparison_markdown, evaluate, load_result, markdown_table, save_result
-from r1kit.models.loading import load_policy, resolve_bf16, resolve_dtype
+from r1kit.models.loading import load_policy, resolve_bf16, resolve_dtype, save_pretrained_atomic
 from r1kit.runtime import make_engine, make_render, make_verifier
 from r1kit.train import checkpoint as ckpt
 from r1kit.train.grpo import GRPOTrainer, RewardScorer
@@ -66,17 +63,7 @@ def check_completion_budget(cfg: GRPOConfig, template, tokenizer) -> None:
 
 def save_final(policy, tokenizer, run_dir: Path) -> Path:
     """Save the trained policy as an HF directory at ``run_dir/final`` atomically."""
-    final = run_dir / "final"
-    tmp = Path(tempfile.mkdtemp(prefix=".final.tmp", dir=run_dir))
-    try:
-        policy.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return save_pretrained_atomic(policy, tokenizer, run_dir / "final")
 
 
 def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Path:
