@@ -1,0 +1,86 @@
+"""Evaluation statistics: pass@1 over k, maj@k, bootstrap intervals, paired before/after difference."""
+
+import pytest
+
+from r1kit.data.base import Example
+from r1kit.eval.evaluate import (EvalResult, bootstrap_ci, comparison_markdown, evaluate, majority_correct,
+                                 paired_difference)
+from r1kit.rewards.base import Verdict
+from r1kit.rollout.base import Completion
+
+
+def test_majority_correct():
+    assert majority_correct(["3", "3", "4"], [True, True, False])
+    assert not majority_correct(["4", "3", "4"], [False, True, False])
+    assert not majority_correct([None, None], [False, False])
+    assert majority_correct([None, " 5", "5 "], [False, True, True])  # whitespace-normalized votes
+
+
+def test_bootstrap_ci_brackets_the_mean_and_is_seeded():
+    vals = [1.0] * 30 + [0.0] * 70
+    lo, hi = bootstrap_ci(vals, seed=3)
+    assert lo < 0.3 < hi and 0.18 < lo and hi < 0.42
+    assert bootstrap_ci(vals, seed=3) == (lo, hi)
+    assert bootstrap_ci([1.0] * 10) == (1.0, 1.0)
+
+
+def _result(scores, k=1):
+    rows = [{"id": f"p{i}", "gold": "1", "correct": [s] * k, "extracted": ["1"] * k} for i, s in enumerate(scores)]
+    return EvalResult("t", len(rows), k, sum(scores) / len(scores), (0, 0), None, {}, rows)
+
+
+def test_paired_difference_detects_a_real_gain_and_not_noise():
+    before = _result([False] * 80 + [True] * 20)
+    after = _result([False] * 60 + [True] * 40)  # 20 problems flipped to correct, none lost
+    d = paired_difference(before, after)
+    assert d["diff"] == pytest.approx(0.2)
+    assert d["ci"][0] > 0.1 and d["p_le_zero"] == 0.0
+    assert "significant gain" in comparison_markdown(before, after)
+    same = paired_difference(before, before)
+    assert same["diff"] == 0 and same["ci"] == (0.0, 0.0)
+    assert "no significant change" in comparison_markdown(before, before)
+    with pytest.raises(ValueError):
+        paired_difference(before, _result([True] * 99))
+
+
+class _Engine:
+    """Returns, for prompt i, completion j: the text 'i' (correct) when j < i % 3, else 'x'."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def generate(self, prompt_ids, params):
+        out = []
+        for i in range(len(prompt_ids)):
+            for j in range(params.n):
+                text = str(i) if j < i % 3 else "x"
+                out.append(Completion(self.tok.encode(text), [0.0], "stop", i))
+        return out
+
+
+class _Tok:
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return ["".join(map(chr, x)) for x in ids]
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": self.encode(text)}
+
+    bos_token = None
+
+
+class _Verifier:
+    def verify_batch(self, texts, examples):
+        return [Verdict(t == e.gold, float(t == e.gold), "ok", t) for t, e in zip(texts, examples)]
+
+
+def test_evaluate_pass1_is_mean_over_k_and_majk():
+    exs = [Example(f"e{i}", f"q{i}", str(i)) for i in range(6)]
+    r = evaluate(_Engine(_Tok()), _Tok(), exs, _Verifier(), lambda e: e.prompt, k=3)
+    # correct samples per problem: i % 3 of 3 → 0, 1/3, 2/3, 0, 1/3, 2/3
+    assert r.pass1 == pytest.approx((0 + 1 / 3 + 2 / 3) * 2 / 6)
+    # majority answer correct when 2 of 3 agree on the gold: problems 2 and 5
+    assert r.majk == pytest.approx(2 / 6)
+    assert [p["correct"] for p in r.per_problem][2] == [True, True, False]
