@@ -60,7 +60,7 @@ class ModelAdapter(Protocol):
         ...
 
     def new_cache(self, slots: int, length: int) -> SlotCache:
-        """Allocate an (uninitialized) cache."""
+        """Allocate a cache whose every entry is finite."""
         ...
 
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cache: SlotCache, slots: torch.Tensor) -> torch.Tensor:
@@ -211,7 +211,8 @@ class LlamaAdapter:
 
     def new_cache(self, slots: int, length: int) -> SlotCache:
         shape = (self.n_layers, slots, self.n_kv, length, self.head_dim)
-        return SlotCache([torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)])
+        # Zeroed, not empty: masked positions still meet the values (0 x NaN garbage would be NaN).
+        return SlotCache([torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)])
 
     def _mlp(self, x: torch.Tensor, layer: LlamaLayer) -> torch.Tensor:
         """x + SwiGLU(RMSNorm(x)); x (..., D)."""
@@ -388,7 +389,8 @@ class LlamaAdapter:
 
     def new_cache(self, slots: int, length: int) -> SlotCache:
         shape = (self.n_layers, slots, self.n_kv, length, self.head_dim)
-        return SlotCache([torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)])
+        # Zeroed, not empty: masked positions still meet the values (0 x NaN garbage would be NaN).
+        return SlotCache([torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)])
 
     def _mlp(self, x: torch.Tensor, layer: LlamaLayer) -> torch.Tensor:
         """x + SwiGLU(RMSNorm(x)); x (..., D)."""
@@ -686,7 +688,8 @@ class _Run:
         self.count[slots] += 1
         self.last[slots] = tokens
         stopped = torch.isin(tokens, self.stop_ids)
-        full = (self.count[slots] >= self.params.max_tokens) | (self.pos[slots] >= self.length)
+        # A token at position pos makes the sequence pos + 1 long; the cache holds self.length.
+        full = (self.count[slots] >= self.params.max_tokens) | (self.pos[slots] + 1 >= self.length)
         for slot, stop, is_full in zip(slots.tolist(), stopped.tolist(), full.tolist()):
             if not (stop or is_full or self.stops):
                 continue
