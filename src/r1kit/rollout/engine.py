@@ -131,20 +131,39 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
+class Linear:
+    """``y = x W^T + b`` for x (n, in). In fp32 the weight is prepacked once for oneDNN, which runs the
+    (64 x 576) @ (576 x 49152) lm_head about 1.7x faster than ``F.linear`` (MKL) on this CPU
+    (bench/rollout.py); bf16, or a torch without the op, uses ``F.linear``.
+
+    Args:
+        weight: (out, in); bias: (out,) or None.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight, self.bias, self.packed = weight, bias, None
+        if weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+            except (AttributeError, RuntimeError):
+                self.packed = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
 @dataclass
 class LlamaLayer:
     """One decoder layer's weights, projections fused: qkv (H·d + 2·K·d, D), gate_up (2F, D)."""
 
     attn_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
+    qkv: Linear
+    o: Linear
     mlp_norm: torch.Tensor
-    gate_up: torch.Tensor
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
+    gate_up: Linear
+    down: Linear
 
 
 def _cat_or_none(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -179,7 +198,7 @@ class LlamaAdapter:
         with torch.no_grad():
             self.embed = model.model.embed_tokens.weight.detach().to(dt, copy=True)  # (V, D)
             self.final_norm = model.model.norm.weight.detach().to(dt, copy=True)
-            self.lm_head = model.lm_head.weight.detach().to(dt, copy=True)  # (V, D)
+            self.lm_head = Linear(model.lm_head.weight.detach().to(dt, copy=True), None)  # (V, D)
             self.layers = [self._layer(layer, dt) for layer in model.model.layers]
             positions = torch.arange(self.max_context)[None]  # (1, T)
             cos, sin = model.model.rotary_emb(self.embed[:1].float(), positions)
@@ -189,20 +208,18 @@ class LlamaAdapter:
     def _layer(layer: torch.nn.Module, dt: torch.dtype) -> LlamaLayer:
         a, m = layer.self_attn, layer.mlp
 
-        def w(*linears: torch.nn.Linear) -> torch.Tensor:
-            return torch.cat([lin.weight.detach() for lin in linears]).to(dt)
-
-        def b(*linears: torch.nn.Linear) -> torch.Tensor | None:
+        def fused(*linears: torch.nn.Linear) -> Linear:
             bias = _cat_or_none([lin.bias for lin in linears])
-            return None if bias is None else bias.detach().to(dt)
+            weight = torch.cat([lin.weight.detach() for lin in linears]).to(dt)
+            return Linear(weight, None if bias is None else bias.detach().to(dt))
 
         return LlamaLayer(
             attn_norm=layer.input_layernorm.weight.detach().to(dt, copy=True),
-            qkv=w(a.q_proj, a.k_proj, a.v_proj), qkv_bias=b(a.q_proj, a.k_proj, a.v_proj),
-            o=w(a.o_proj), o_bias=b(a.o_proj),
+            qkv=fused(a.q_proj, a.k_proj, a.v_proj),
+            o=fused(a.o_proj),
             mlp_norm=layer.post_attention_layernorm.weight.detach().to(dt, copy=True),
-            gate_up=w(m.gate_proj, m.up_proj), gate_up_bias=b(m.gate_proj, m.up_proj),
-            down=w(m.down_proj), down_bias=b(m.down_proj),
+            gate_up=fused(m.gate_proj, m.up_proj),
+            down=fused(m.down_proj),
         )
 
     def cache_bytes(self, slots: int, length: int) -> int:
@@ -216,12 +233,12 @@ class LlamaAdapter:
 
     def _mlp(self, x: torch.Tensor, layer: LlamaLayer) -> torch.Tensor:
         """x + SwiGLU(RMSNorm(x)); x (..., D)."""
-        gate, up = F.linear(rms_norm(x, layer.mlp_norm, self.eps), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+        gate, up = layer.gate_up(rms_norm(x, layer.mlp_norm, self.eps)).chunk(2, dim=-1)
+        return x + layer.down(F.silu(gate) * up)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """(b, D) -> float32 logits (b, V)."""
-        return F.linear(rms_norm(x, self.final_norm, self.eps), self.lm_head).float()
+        return self.lm_head(rms_norm(x, self.final_norm, self.eps)).float()
 
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cache: SlotCache, slots: torch.Tensor) -> torch.Tensor:
         u, s = tokens.shape
@@ -232,7 +249,7 @@ class LlamaAdapter:
         cos, sin = self.cos[real % s][:, None], self.sin[real % s][:, None]  # (n, 1, d)
         x = self.embed[tokens.flatten()[real]]  # (n, D)
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(rms_norm(x, layer.attn_norm, self.eps), layer.qkv, layer.qkv_bias).view(-1, H + 2 * K, d)
+            qkv = layer.qkv(rms_norm(x, layer.attn_norm, self.eps)).view(-1, H + 2 * K, d)
             grid = qkv.new_zeros(u * s, H + 2 * K, d)
             grid[real] = torch.cat((rotate(qkv[:, : H + K], cos, sin), qkv[:, H + K :]), dim=1)
             grid = grid.view(u, s, H + 2 * K, d).transpose(1, 2)  # (u, H+2K, s, d)
@@ -242,7 +259,7 @@ class LlamaAdapter:
             # Right padding: causal masking alone keeps real tokens off the pads.
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (u, H, s, d)
             attn = attn.transpose(1, 2).reshape(u * s, H * d)[real]  # (n, H*d)
-            x = x + F.linear(attn, layer.o, layer.o_bias)
+            x = x + layer.o(attn)
             x = self._mlp(x, layer)
         return self._logits(x[lengths.cumsum(0) - 1])  # last prompt token of each row
 
@@ -255,7 +272,7 @@ class LlamaAdapter:
         visible = (torch.arange(span)[None] <= positions[:, None])[:, None, None]  # (w, 1, 1, span)
         x = self.embed[tokens]  # (w, D)
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(rms_norm(x, layer.attn_norm, self.eps), layer.qkv, layer.qkv_bias).view(w, H + 2 * K, d)
+            qkv = layer.qkv(rms_norm(x, layer.attn_norm, self.eps)).view(w, H + 2 * K, d)
             qk = rotate(qkv[:, : H + K], cos, sin)  # (w, H+K, d)
             keys[i, rows, :, positions] = qk[:, H:]
             values[i, rows, :, positions] = qkv[:, H + K :]
@@ -264,7 +281,7 @@ class LlamaAdapter:
             attn = F.scaled_dot_product_attention(
                 q, keys[i, :w, :, :span], values[i, :w, :, :span], attn_mask=visible
             )  # (w, K, G, d)
-            x = x + F.linear(attn.reshape(w, H * d), layer.o, layer.o_bias)
+            x = x + layer.o(attn.reshape(w, H * d))
             x = self._mlp(x, layer)
         return self._logits(x)
 
