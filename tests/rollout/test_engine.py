@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from r1kit.errors import ConfigError
 from r1kit.models.embedded import embedded_model_dir
 from r1kit.rollout.base import SamplingParams
-from r1kit.rollout.engine import Engine, draw, resolve_dtype, sample
+from r1kit.rollout.engine import Engine, draw, native_bf16, resolve_dtype, sample
 
 torch.set_num_threads(1)
 
@@ -148,7 +148,11 @@ def test_update_weights_samples_from_the_new_weights():
 
 
 def test_bf16_engine_tracks_the_fp32_model(tiny):
-    out = Engine(tiny, [], dtype=torch.bfloat16).generate(PROMPTS[:2], SamplingParams(max_tokens=6, temperature=1.0, seed=0))
+    engine = Engine(tiny, [], dtype=torch.bfloat16)
+    head = engine.adapter.lm_head.weight  # bf16 values, held in bf16 or (no native bf16) fp32
+    assert torch.equal(head.float(), tiny.lm_head.weight.detach().bfloat16().float())
+    assert engine.compute_dtype == (torch.bfloat16 if native_bf16() else torch.float32)
+    out = engine.generate(PROMPTS[:2], SamplingParams(max_tokens=6, temperature=1.0, seed=0))
     for c in out:
         ref = full_forward_logprobs(tiny, PROMPTS[c.prompt_index], c.token_ids, 1.0)
         assert (torch.tensor(c.logprobs) - ref).abs().max() < 0.15
