@@ -6,7 +6,11 @@ ignored: HF through ``min_new_tokens``, the engine through an empty EOS list), s
 equal work. Prints tokens/s at ``--batch`` and at batch 1, llama.cpp's batch-1 tokens/s when
 llama-cpp-python is installed, and last ``ratio_vs_hf=<engine tok/s / HF tok/s>`` at ``--batch``.
 
-    PYTHONPATH=src python bench/rollout.py [--batch 64] [--new-tokens 128] [--dtype bf16]
+On a CPU without native bf16 matmuls (``native_bf16=False``) the engine holds bf16 weights but
+computes in fp32 (``engine_compute``), while HF computes in emulated bf16; ``--also-fp32`` adds
+the fp32-vs-fp32 pair (``ratio_vs_hf_fp32``), the engine's gain with the arithmetic held equal.
+
+    PYTHONPATH=src python bench/rollout.py [--batch 64] [--new-tokens 128] [--dtype bf16] [--also-fp32]
 """
 
 from __future__ import annotations
@@ -74,6 +78,14 @@ def llama_cpp_tokens_per_s(prompt: str, new_tokens: int) -> str:
     return f"{out['usage']['completion_tokens'] / (time.perf_counter() - start):.1f}"
 
 
+def batch_pair(path, tokenizer, dtype: torch.dtype, batch: int, new_tokens: int) -> tuple[float, float]:
+    """(engine tok/s, HF tok/s) for ``batch`` chat prompts in ``dtype``."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    engine = Engine(model, [], dtype=dtype, max_batch=batch)
+    prompts = chat_prompts(tokenizer, batch)
+    return engine_tokens_per_s(engine, prompts, new_tokens), hf_tokens_per_s(model, tokenizer, prompts, new_tokens)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64, help="sequences sampled together")
@@ -81,25 +93,27 @@ def main() -> None:
     ap.add_argument("--batch1-tokens", type=int, default=64, help="tokens sampled in the batch-1 run")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of both HF and the engine")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    ap.add_argument("--also-fp32", action="store_true", help="also measure the fp32 pair at --batch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     path = embedded_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    engine = Engine(model, [], dtype=dtype, max_batch=args.batch)
-    prompts = chat_prompts(tokenizer, args.batch)
-    print(f"model=smollm2-135m dtype={args.dtype} threads={args.threads} native_bf16={native_bf16()} "
-          f"prompt_tokens={min(map(len, prompts))}..{max(map(len, prompts))}")
-
-    ours_1 = engine_tokens_per_s(engine, prompts[:1], args.batch1_tokens)
-    hf_1 = hf_tokens_per_s(model, tokenizer, prompts[:1], args.batch1_tokens)
-    print(f"batch=1 new_tokens={args.batch1_tokens} engine_tok_s={ours_1:.1f} hf_tok_s={hf_1:.1f} "
-          f"ratio={ours_1 / hf_1:.2f}")
+    engine = Engine(model, [], dtype=dtype, max_batch=1)
+    prompts = chat_prompts(tokenizer, 1)
+    print(f"model=smollm2-135m dtype={args.dtype} engine_compute={engine.compute_dtype} native_bf16={native_bf16()} "
+          f"threads={args.threads} batch1_prompt_tokens={len(prompts[0])}")
+    ours_1 = engine_tokens_per_s(engine, prompts, args.batch1_tokens)
+    hf_1 = hf_tokens_per_s(model, tokenizer, prompts, args.batch1_tokens)
+    print(f"batch=1 new_tokens={args.batch1_tokens} engine_tok_s={ours_1:.1f} hf_tok_s={hf_1:.1f} ratio={ours_1 / hf_1:.2f}")
     print(f"llama_cpp_batch1_tok_s={llama_cpp_tokens_per_s(tokenizer.decode(prompts[0]), args.batch1_tokens)}")
-    ours = engine_tokens_per_s(engine, prompts, args.new_tokens)
-    hf = hf_tokens_per_s(model, tokenizer, prompts, args.new_tokens)
-    print(f"batch={args.batch} new_tokens={args.new_tokens} engine_tok_s={ours:.1f} hf_tok_s={hf:.1f}")
+    if args.also_fp32:
+        ours32, hf32 = batch_pair(path, tokenizer, torch.float32, args.batch, args.new_tokens)
+        print(f"dtype=fp32 batch={args.batch} new_tokens={args.new_tokens} engine_tok_s={ours32:.1f} hf_tok_s={hf32:.1f}")
+        print(f"ratio_vs_hf_fp32={ours32 / hf32:.2f}")
+    ours, hf = batch_pair(path, tokenizer, dtype, args.batch, args.new_tokens)
+    print(f"dtype={args.dtype} batch={args.batch} new_tokens={args.new_tokens} engine_tok_s={ours:.1f} hf_tok_s={hf:.1f}")
     print(f"ratio_vs_hf={ours / hf:.2f}")
 
 
