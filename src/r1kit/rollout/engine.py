@@ -363,8 +363,9 @@ class StopChecker:
         self.stop = list(stop)
         self.window = max(len(s) for s in stop) + 4  # a string of c chars spans at most c tokens
 
-    def hit(self, token_ids: list[int]) -> bool:
-        text = self.tokenizer.decode(token_ids[-self.window :], skip_special_tokens=False)
+    def hit(self, tail: list[int]) -> bool:
+        """True if a stop string occurs in the decoded ``tail`` (the last ``window`` tokens)."""
+        text = self.tokenizer.decode(tail, skip_special_tokens=False)
         return any(s in text for s in self.stop)
 
 
@@ -530,11 +531,10 @@ class _Run:
     def _decode(self) -> None:
         w = self.width
         span = int(self.pos[:w].max()) + 1
-        logits = self.adapter.decode(self.last[:w], self.pos[:w], self.cache, span)
-        self.pos[:w] += 1
-        busy = torch.tensor([q >= 0 for q in self.seq[:w]])
-        tokens, logp = sample(logits[busy], self.params, self.generator)
-        self._record(busy.nonzero()[:, 0], tokens, logp)
+        logits = self.adapter.decode(self.last[:w], self.pos[:w], self.cache, span)  # (w, V)
+        busy = torch.tensor([q >= 0 for q in self.seq[:w]]).nonzero()[:, 0]
+        self.pos[busy] += 1  # idle slots stay at position 0
+        self._record(busy, *sample(logits[busy], self.params, self.generator))
 
     def _record(self, slots: torch.Tensor, tokens: torch.Tensor, logp: torch.Tensor) -> None:
         """Append the sampled tokens (n,) to ``slots`` (n,) and retire the finished sequences."""
@@ -546,18 +546,23 @@ class _Run:
         # A token at position pos makes the sequence pos + 1 long; the cache holds self.length.
         full = (self.count[slots] >= self.params.max_tokens) | (self.pos[slots] + 1 >= self.length)
         for slot, stop, is_full in zip(slots.tolist(), stopped.tolist(), full.tolist()):
-            if not (stop or is_full or self.stops):
-                continue
-            ids = self.out_ids[slot, : self.count[slot]].tolist()
-            if stop or (self.stops is not None and self.stops.hit(ids)):
-                self._finish(slot, ids, "stop")
-            elif is_full:
-                self._finish(slot, ids, "length")
+            stop = stop or (self.stops is not None and self.stops.hit(self._tail(slot, self.stops.window)))
+            if stop or is_full:
+                self._finish(slot, "stop" if stop else "length")
 
-    def _finish(self, slot: int, ids: list[int], reason: str) -> None:
-        q = self.seq[slot]
-        logp = self.out_logp[slot, : len(ids)].tolist()
-        self.results[q] = Completion(token_ids=ids, logprobs=logp, finish_reason=reason, prompt_index=q // self.params.n)
+    def _tail(self, slot: int, window: int) -> list[int]:
+        """The last ``window`` completion tokens of ``slot``."""
+        n = int(self.count[slot])
+        return self.out_ids[slot, max(0, n - window) : n].tolist()
+
+    def _finish(self, slot: int, reason: str) -> None:
+        q, n = self.seq[slot], int(self.count[slot])
+        self.results[q] = Completion(
+            token_ids=self.out_ids[slot, :n].tolist(),
+            logprobs=self.out_logp[slot, :n].tolist(),
+            finish_reason=reason,
+            prompt_index=q // self.params.n,
+        )
         self.seq[slot] = -1
         self.pos[slot] = 0  # an idle slot decodes a dummy token at position 0
         while self.width and self.seq[self.width - 1] == -1:
