@@ -119,7 +119,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--bf16", default="auto")
-    p.add_argument("--backend", default="hf", help="r1kit rollout backend: hf or engine")
+    p.add_argument("--backend", default="auto", help="r1kit rollout backend: auto, engine or hf")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--which", choices=["r1kit", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--out", default="/tmp/r1kit-bench-grpo")

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--answer-extraction", default=None, choices=["tagged", "any"])
     ev.add_argument("--prompt-field", default=None)
     ev.add_argument("--answer-field", default=None)
-    ev.add_argument("--backend", default="hf", choices=["hf", "engine", "vllm"])
+    ev.add_argument("--backend", default="auto", choices=["auto", "engine", "hf", "vllm"])
     ev.add_argument("--dtype", default="auto", help="sampling dtype: auto (bf16 only where the CPU has native bf16), bf16, fp32")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--output", default=None, help="directory for the JSON and markdown report")

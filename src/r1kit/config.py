@@ -60,7 +60,7 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    rollout_backend: str = "hf"  # "hf" (transformers generate) or "engine" (r1kit engine) or "vllm"
+    rollout_backend: str = "auto"  # auto (r1kit engine where it has an adapter, else hf) | engine | hf | vllm
     rollout_dtype: str = "auto"  # "auto" = bf16 when bf16 resolves on, else fp32; or "bf16" / "fp32"
 
     # --- objective ---
@@ -142,8 +142,8 @@ class GRPOConfig:
             )
         if self.lr_scheduler not in ("constant", "cosine", "linear"):
             raise ConfigError(f"lr_scheduler must be constant, cosine or linear, got {self.lr_scheduler!r}")
-        if self.rollout_backend not in ("hf", "engine", "vllm"):
-            raise ConfigError(f"rollout_backend must be hf, engine or vllm, got {self.rollout_backend!r}")
+        if self.rollout_backend not in ("auto", "hf", "engine", "vllm"):
+            raise ConfigError(f"rollout_backend must be auto, engine, hf or vllm, got {self.rollout_backend!r}")
         if str(self.bf16).lower() not in ("auto", "true", "false", "1", "0", "yes", "no", "on", "off"):
             raise ConfigError(f"bf16 must be auto, true or false, got {self.bf16!r}")
         if self.overlong_buffer >= self.max_completion_length:
@@ -185,9 +185,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu_demo": dict(
         task="svamp", template="direct", answer_extraction="any", reward_funcs=["accuracy"],
         num_generations=8, prompts_per_step=8, max_completion_length=48, max_prompt_length=256,
-        temperature=1.0, learning_rate=2e-5, lr_scheduler="constant", warmup_steps=2, beta=0.0,
-        loss_type="dapo", epsilon=0.2, epsilon_high=0.28, micro_batch_size=16, bf16="auto", max_steps=60,
-        eval_limit=300, eval_k=4, save_steps=20, log_completions_steps=10, rollout_backend="hf",
+        temperature=1.0, learning_rate=1e-5, lr_scheduler="constant", warmup_steps=2, beta=0.0,
+        loss_type="dapo", epsilon=0.2, epsilon_high=0.28, micro_batch_size=16, bf16="auto", max_steps=30,
+        eval_limit=300, eval_k=2, save_steps=10, log_completions_steps=5,
     ),
 }
 

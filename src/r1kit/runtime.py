@@ -30,7 +30,12 @@ def make_verifier(task: str, answer_extraction: str = "tagged"):
 
 def make_engine(model: torch.nn.Module, tokenizer, backend: str = "hf", dtype: torch.dtype | None = None,
                 max_batch_size: int = 64):
-    """A SamplingEngine over ``model``: "hf" (transformers generate), "engine" (r1kit) or "vllm"."""
+    """A SamplingEngine over ``model``: "engine" (r1kit's), "hf" (transformers generate), "vllm", or
+    "auto" (r1kit's engine when it has an adapter for the model type, else transformers generate)."""
+    if backend == "auto":
+        from r1kit.rollout.engine import ADAPTERS
+
+        backend = "engine" if getattr(model.config, "model_type", None) in ADAPTERS else "hf"
     if backend == "hf":
         from r1kit.rollout.hf import HFGenerateEngine
 
@@ -43,4 +48,4 @@ def make_engine(model: torch.nn.Module, tokenizer, backend: str = "hf", dtype: t
         from r1kit.rollout.vllm_backend import VLLMEngine
 
         return VLLMEngine(model, tokenizer)
-    raise ConfigError(f"rollout backend must be hf, engine or vllm, got {backend!r}")
+    raise ConfigError(f"rollout backend must be auto, engine, hf or vllm, got {backend!r}")

@@ -171,3 +171,35 @@ def test_nan_gradient_stops_and_last_checkpoint_loads(tiny_model_dir, toy_task, 
     assert all(torch.isfinite(p).all() for p in model.parameters())
     saved = load_file(str(out / "checkpoint-2" / "policy" / "model.safetensors"))
     assert any(not torch.equal(saved[k], v) for k, v in load_file(str(tiny_model_dir / "model.safetensors")).items())
+
+
+def test_shared_prefix_logprobs_equal_one_concatenated_forward(tiny_model_dir):
+    """completion_logprobs runs each distinct prompt once; values and gradients must equal a plain
+    forward over the left-padded prompt + right-padded completion concatenation."""
+    from r1kit.train.grpo import collate, completion_logprobs
+    from r1kit.train.losses import selective_log_softmax
+
+    model, _ = load_policy(str(tiny_model_dir), dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    distinct = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (5, 9, 7)]
+    prompts = [distinct[i // 3] for i in range(9)]
+    comps = [torch.randint(3, 1000, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+             for _ in range(9)]
+    mb = collate(prompts, comps, list(range(9)), pad_id=2)
+    assert mb.prompt_ids.shape[0] == 3 and mb.prompt_of.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    got, _ = completion_logprobs(model, mb, 0.7, bf16=False)
+
+    P, C = max(map(len, prompts)), max(map(len, comps))
+    ids = torch.full((9, P + C), 2)
+    att = torch.zeros((9, P + C), dtype=torch.long)
+    for r, (p, c) in enumerate(zip(prompts, comps)):
+        ids[r, P - len(p):P + len(c)] = torch.tensor(p + c)
+        att[r, P - len(p):P + len(c)] = 1
+    logits = model(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0)).logits
+    ref = selective_log_softmax(logits[:, P - 1:-1], ids[:, P:], 0.7)
+    m = mb.mask.double()
+    assert torch.allclose(got * m, ref * m, atol=1e-10)
+    w = model.model.layers[0].self_attn.q_proj.weight
+    (g_got,) = torch.autograd.grad((got * m).sum(), w)
+    (g_ref,) = torch.autograd.grad((ref * m).sum(), w)
+    assert torch.allclose(g_got, g_ref, atol=1e-6, rtol=0) and g_ref.abs().max() > 1e-4
