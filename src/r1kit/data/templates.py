@@ -9,6 +9,8 @@ Presets:
         \\boxed{}").
     ``direct``: the chat template and an instruction to answer with the final number only, for weak
         models on one-step problems (verify with ``MathVerifier(extraction="any")``).
+    ``code``: the chat template and an instruction to answer in one fenced Python block (HumanEval,
+        MBPP; checked by the code verifier).
 
 Pass the rendered text to ``encode_prompt``, which adds the tokenizer's special tokens only when
 the text does not already start with its BOS (chat templates usually write it), so BOS never
@@ -45,6 +47,8 @@ class PromptTemplate:
         assistant_prefix: text the assistant turn starts with, e.g. ``"<think>\\n"`` (plain
             layout: after one space).
         extraction: the ``MathVerifier`` extraction mode answers in this template need.
+        shortest_answer: the shortest completion the template's format accepts; a
+            max_completion_length that cannot hold it (plus EOS) is refused before training.
     """
 
     name: str
@@ -53,6 +57,7 @@ class PromptTemplate:
     use_chat_template: bool
     assistant_prefix: str = ""
     extraction: str = "tagged"
+    shortest_answer: str = "\\boxed{0}"
 
     @property
     def think_in_prompt(self) -> bool:
@@ -63,13 +68,15 @@ class PromptTemplate:
 TEMPLATES = {
     t.name: t
     for t in (
-        PromptTemplate("r1_zero", R1_ZERO_SYSTEM, "", use_chat_template=False),
+        PromptTemplate("r1_zero", R1_ZERO_SYSTEM, "", use_chat_template=False,
+                       shortest_answer="<think> </think> <answer> 0 </answer>"),
         PromptTemplate(
             "chat_think",
             None,
             "Think step by step inside <think> </think> tags, then give the final answer within \\boxed{}.",
             use_chat_template=True,
             assistant_prefix="<think>\n",
+            shortest_answer="</think> \\boxed{0}",
         ),
         PromptTemplate(
             "chat_boxed",
@@ -83,6 +90,14 @@ TEMPLATES = {
             "Answer with the final number only.",
             use_chat_template=True,
             extraction="any",
+            shortest_answer="0",
+        ),
+        PromptTemplate(
+            "code",
+            None,
+            "Write the complete Python function in one ```python code block.",
+            use_chat_template=True,
+            shortest_answer="```python\ndef f(): pass\n```",
         ),
     )
 }

@@ -41,19 +41,10 @@ def check_disjoint(train, held_out) -> None:
                         "choose another --eval-split or --eval-task so that no evaluation problem is trained on")
 
 
-def minimal_completion(template) -> str:
-    """The shortest completion that the template's format and extraction accept."""
-    if template.extraction == "any":
-        return "0"
-    if template.use_chat_template:
-        return ("</think> " if template.think_in_prompt else "") + "\\boxed{0}"
-    return "<think> </think> <answer> 0 </answer>"
-
-
 def check_completion_budget(cfg: GRPOConfig, template, tokenizer) -> None:
     """Raise ConfigError when max_completion_length cannot hold even a minimal well-formed answer
     plus the end-of-sequence token."""
-    minimal = minimal_completion(template)
+    minimal = template.shortest_answer
     need = len(tokenizer(minimal, add_special_tokens=False).input_ids) + 1
     if cfg.max_completion_length < need:
         raise ConfigError(f"max_completion_length={cfg.max_completion_length} is too small for template "
