@@ -140,8 +140,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 class Linear:
     """``y = x W^T + b`` for x (n, in). In fp32 the weight is prepacked once for oneDNN, which runs the
-    (64 x 576) @ (576 x 49152) lm_head about 1.7x faster than ``F.linear`` (MKL) on this CPU
-    (bench/rollout.py); bf16, or a torch without the op, uses ``F.linear``.
+    (64 x 576) @ (576 x 49152) lm_head about 1.7x faster than ``F.linear`` (MKL) on an AVX2 CPU
+    (microbenchmark, 1 thread); bf16, or a torch without the op, uses ``F.linear``.
 
     Args:
         weight: (out, in); bias: (out,) or None.
