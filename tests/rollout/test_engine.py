@@ -16,8 +16,6 @@ from r1kit.models.embedded import embedded_model_dir
 from r1kit.rollout.base import SamplingParams
 from r1kit.rollout.engine import Engine, draw, native_bf16, resolve_dtype, sample
 
-torch.set_num_threads(1)
-
 
 def tiny_llama(seed: int = 0, context: int = 256) -> LlamaForCausalLM:
     """2 layers, D=64, 4 query heads over 2 KV heads (GQA), untied lm_head (tied ones make a random

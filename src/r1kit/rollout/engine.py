@@ -140,8 +140,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 class Linear:
     """``y = x W^T + b`` for x (n, in). In fp32 the weight is prepacked once for oneDNN, which runs the
-    (64 x 576) @ (576 x 49152) lm_head about 1.7x faster than ``F.linear`` (MKL) on this CPU
-    (bench/rollout.py); bf16, or a torch without the op, uses ``F.linear``.
+    (64 x 576) @ (576 x 49152) lm_head about 1.7x faster than ``F.linear`` (MKL) on an AVX2 CPU
+    (microbenchmark, 1 thread); bf16, or a torch without the op, uses ``F.linear``.
 
     Args:
         weight: (out, in); bias: (out,) or None.
@@ -499,34 +499,38 @@ class _Run:
         while self.waiting or self.width:
             if self.waiting and -1 in self.seq:
                 self._admit()
-            elif self.width:
+            else:
                 self._compact()
                 self._decode()
         return self.results
 
     def _admit(self) -> None:
         """Prefill the prompts of waiting sequences into free slots and sample their first token."""
+        n = self.params.n
         free = [s for s, q in enumerate(self.seq) if q == -1][: len(self.waiting)]
         seqs = [self.waiting.popleft() for _ in free]
-        n = self.params.n
-        unique = sorted({q // n for q in seqs})
-        lengths = torch.tensor([len(self.prompts[p]) for p in unique])
-        tokens = torch.zeros(len(unique), int(lengths.max()), dtype=torch.long)  # (u, s)
-        for row, p in enumerate(unique):
-            tokens[row, : lengths[row]] = torch.tensor(self.prompts[p])
-        first_slot = {p: free[[q // n for q in seqs].index(p)] for p in unique}
-        logits = self.adapter.prefill(tokens, lengths, self.cache, torch.tensor([first_slot[p] for p in unique]))
-        dup = [(first_slot[q // n], s) for q, s in zip(seqs, free) if first_slot[q // n] != s]
-        if dup:
-            self.cache.copy_slots(torch.tensor([a for a, _ in dup]), torch.tensor([b for _, b in dup]))
-        rows = torch.tensor([unique.index(q // n) for q in seqs])
-        slot_idx = torch.tensor(free)
+        prompt_of = [q // n for q in seqs]
+        unique = sorted(set(prompt_of))
+        home = {p: free[prompt_of.index(p)] for p in unique}  # the slot each prompt is prefilled into
+        tokens, lengths = self._padded(unique)
+        logits = self.adapter.prefill(tokens, lengths, self.cache, torch.tensor([home[p] for p in unique]))
+        copies = [(home[p], s) for p, s in zip(prompt_of, free) if home[p] != s]
+        if copies:
+            src, dst = torch.tensor(copies).T
+            self.cache.copy_slots(src, dst)
         for q, s in zip(seqs, free):
-            self.seq[s] = q
-            self.pos[s] = len(self.prompts[q // n])
-            self.count[s] = 0
+            self.seq[s], self.pos[s], self.count[s] = q, len(self.prompts[q // n]), 0
         self.width = max(self.width, max(free) + 1)
-        self._record(slot_idx, *sample(logits[rows], self.params, self.generator))
+        rows = torch.tensor([unique.index(p) for p in prompt_of])  # each sequence's prefill row
+        self._record(torch.tensor(free), *sample(logits[rows], self.params, self.generator))
+
+    def _padded(self, prompts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded token ids (u, s) and lengths (u,) of the prompts with these indices."""
+        lengths = torch.tensor([len(self.prompts[p]) for p in prompts])
+        tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            tokens[row, : lengths[row]] = torch.tensor(self.prompts[p])
+        return tokens, lengths
 
     def _decode(self) -> None:
         w = self.width
