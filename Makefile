@@ -17,8 +17,10 @@ demo: setup
 demo-gsm8k: setup
 	bash scripts/demo.sh $(RUN)-gsm8k gsm8k
 
+# One intra-op thread per test process: the suite is many small matmuls plus sandbox subprocesses,
+# and two OpenMP threads per process on 2 cores spin-wait against each other (the suite took 149 s so).
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q
 
 smoke: setup
 	$(VENV)/bin/r1kit train grpo --preset cpu_demo --max-steps 2 --output runs/smoke
