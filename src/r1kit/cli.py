@@ -46,6 +46,7 @@ def _eval(args: argparse.Namespace) -> int:
     if cfg_path.is_file():  # an r1kit run: default to the template and extraction it was trained with
         run_cfg = yaml.safe_load(cfg_path.read_text()) or {}
     template = args.template or run_cfg.get("template", "chat_boxed")
+    max_tokens = args.max_tokens or run_cfg.get("max_completion_length", 512)
     extraction = args.answer_extraction or run_cfg.get("answer_extraction", "tagged")
     if args.k < 1:
         raise R1kitError(f"--k must be >= 1, got {args.k}")
@@ -57,8 +58,10 @@ def _eval(args: argparse.Namespace) -> int:
     verifier = make_verifier(args.task, extraction)
     dtype = (torch.bfloat16 if resolve_bf16("auto") else torch.float32) if args.dtype == "auto" else resolve_dtype(args.dtype)
     engine = make_engine(model, tok, args.backend, dtype)
+    print(f"evaluating {len(examples)} problems × k={args.k} (template {template}, max {max_tokens} tokens)...",
+          flush=True)
     res = evaluate(engine, tok, examples, verifier, render, k=args.k, temperature=args.temperature,
-                   top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed, task=f"{args.task}/{args.split}")
+                   top_p=args.top_p, max_tokens=max_tokens, seed=args.seed, task=f"{args.task}/{args.split}")
     table = markdown_table([(str(args.model), res)])
     print(table)
     out = Path(args.output) if args.output else (Path(args.model) / "eval" if Path(args.model).is_dir() else Path("runs/eval"))
@@ -104,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="first N problems only")
     ev.add_argument("--temperature", type=float, default=0.6)
     ev.add_argument("--top-p", type=float, default=0.95)
-    ev.add_argument("--max-tokens", type=int, default=512)
+    ev.add_argument("--max-tokens", type=int, default=None,
+                    help="completion tokens at most (default: the run's max_completion_length, else 512)")
     ev.add_argument("--template", default=None, help="prompt template (default: the run's, else chat_boxed)")
     ev.add_argument("--answer-extraction", default=None, choices=["tagged", "any"])
     ev.add_argument("--prompt-field", default=None)

@@ -494,7 +494,7 @@ class GRPOTrainer:
         metrics.update(mismatch)
         metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
         self._guards(metrics)
-        if c.log_completions_steps and self.step % c.log_completions_steps == 0:
+        if c.log_completions_steps and (self.step % c.log_completions_steps == 0 or self.step == 1):
             self.logger.log_samples(self.step, self._samples(ro))
         return metrics
 

@@ -106,6 +106,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
         if (eval_dir / "before.json").is_file():
             before = load_result(eval_dir / "before.json")
         else:
+            print(f"evaluating the initial policy on {len(held_out)} held-out problems × k={cfg.eval_k}...", flush=True)
             rng = ckpt.rng_state()  # evaluation must not change the samples training draws
             before = evaluate(engine, tokenizer, held_out, verifier, render, **eval_kw)
             ckpt.set_rng_state(rng)
@@ -117,6 +118,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
     if cfg.plot and (run_dir / "metrics.jsonl").is_file():
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     if cfg.eval_after:
+        print(f"evaluating the trained policy on {len(held_out)} held-out problems × k={cfg.eval_k}...", flush=True)
         after = evaluate(engine, tokenizer, held_out, verifier, render, **eval_kw)
         save_result(after, eval_dir / "after.json")
         report = (comparison_markdown(before, after) if before is not None
