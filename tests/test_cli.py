@@ -22,6 +22,7 @@ def _err(capsys):
     (["--max-completion-length", "0"], "max_completion_length must be >= 1"),
     (["--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["--task", "no_such_task"], "unknown task 'no_such_task'"),
+    (["--preset", "no_such_preset"], "unknown preset 'no_such_preset'; known presets: cpu_demo, dapo"),
 ])
 def test_train_config_errors(capsys, tmp_path, args, needle):
     assert main(["train", "grpo", "--output", str(tmp_path / "r"), *args]) == 2
@@ -75,3 +76,11 @@ def test_eval_writes_reports(capsys, tmp_path, toy_task, tiny_model_dir):
     assert data["n_problems"] == 3 and data["k"] == 2 and len(data["per_problem"]) == 3
     assert all(len(p["correct"]) == 2 for p in data["per_problem"])
     assert "| pass@1 |" in (out / f"{name}.md").read_text()
+
+
+def test_invalid_yaml_is_one_line(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("reward_funcs: [accuracy\nbeta: 0\n")
+    assert main(["train", "grpo", "--config", str(bad), "--output", str(tmp_path / "r")]) == 2
+    line = _err(capsys)
+    assert "bad.yaml is not valid YAML at line" in line

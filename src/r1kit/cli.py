@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = train.add_subparsers(dest="algo", required=True)
     grpo = tsub.add_parser("grpo", help="GRPO on rule-verified rewards",
                            description="GRPO training. Every config field is a --flag; see r1kit/config.py.")
-    grpo.add_argument("--preset", choices=preset_names(), help="named preset applied before --config and flags")
+    grpo.add_argument("--preset", help=f"named preset applied before --config and flags: {', '.join(preset_names())}")
     grpo.add_argument("--config", help="YAML file of config fields")
     grpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     grpo.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -265,7 +265,10 @@ def load_config(preset: str | None = None, yaml_path: str | None = None,
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {yaml_path} is not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"config file {yaml_path} is not valid YAML{where}: {what}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {yaml_path} must hold a mapping of field: value")
         apply_overrides(cfg, data, yaml_path)
