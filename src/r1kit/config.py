@@ -294,7 +294,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(GRPOConfig):
         parser.add_argument(
             "--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=None, metavar="V",
-            help=f"{comments.get(f.name, '')} (default: {getattr(defaults, f.name)!r})".strip(),
+            help=(comments.get(f.name, "") if "default" in comments.get(f.name, "")
+                  else f"{comments.get(f.name, '')} (default: {getattr(defaults, f.name)!r})".strip()),
         )
 
 
