@@ -20,6 +20,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from r1kit.errors import ConfigError
 from r1kit.rollout.base import Completion, SamplingParams
+from r1kit.rollout.sampling import filter_logits
 
 
 class _SampleWarper(LogitsProcessor):
@@ -37,31 +38,13 @@ class _SampleWarper(LogitsProcessor):
         if self.params.temperature > 0:
             scores = scores / self.params.temperature
         self.prev_logprobs = torch.log_softmax(scores, dim=-1)
-        return mask_top_k_top_p(scores, self.params.top_k, self.params.top_p)
+        return filter_logits(scores, self.params.top_k, self.params.top_p)
 
     def finish(self, sequences: torch.Tensor) -> torch.Tensor:
         """(n, steps) logprobs of the sampled tokens, given the output sequences (n, p + steps)."""
         if self.prev_logprobs is not None:
             self.picked.append(self.prev_logprobs.gather(1, sequences[:, -1:]).squeeze(1))
         return torch.stack(self.picked, dim=1) if self.picked else sequences.new_zeros((sequences.shape[0], 0), dtype=torch.float32)
-
-
-def mask_top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set logits outside the top-k / nucleus (mass top_p) to -inf. (n, V) → (n, V).
-
-    The most likely token is always kept. Nucleus: keep the smallest set of tokens whose probability
-    mass reaches top_p (Holtzman et al. 2020).
-    """
-    if top_k and top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
-        cum = sorted_scores.softmax(-1).cumsum(-1)
-        drop_sorted = (cum - sorted_scores.softmax(-1)) >= top_p  # mass before this token already >= p
-        drop = drop_sorted.scatter(1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
-    return scores
 
 
 class HFGenerateEngine:
