@@ -3,7 +3,7 @@ VENV  := .venv
 STAMP := $(VENV)/.r1kit-setup
 RUN   ?= runs/demo
 
-.PHONY: setup demo demo-gsm8k test smoke bench clean
+.PHONY: setup demo demo-svamp test smoke bench clean
 
 setup: $(STAMP)
 
@@ -11,11 +11,13 @@ $(STAMP): pyproject.toml constraints.txt scripts/setup.sh $(wildcard scripts/set
 	bash scripts/setup.sh
 	touch $@
 
+# The main job: GRPO on GSM8K train, evaluated before/after on 200 GSM8K test problems.
 demo: setup
-	bash scripts/demo.sh $(RUN)
+	bash scripts/demo.sh $(RUN) cpu_demo_gsm8k
 
-demo-gsm8k: setup
-	bash scripts/demo.sh $(RUN)-gsm8k gsm8k
+# The second real-data demo: SVAMP one-step word problems (700 train / 300 held out).
+demo-svamp: setup
+	bash scripts/demo.sh $(RUN)-svamp cpu_demo
 
 # One intra-op thread per test process: the suite is many small matmuls plus sandbox subprocesses,
 # and two OpenMP threads per process on 2 cores spin-wait against each other (the suite took 149 s so).

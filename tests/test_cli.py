@@ -22,7 +22,7 @@ def _err(capsys):
     (["--max-completion-length", "0"], "max_completion_length must be >= 1"),
     (["--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["--task", "no_such_task"], "unknown task 'no_such_task'"),
-    (["--preset", "no_such_preset"], "unknown preset 'no_such_preset'; known presets: cpu_demo, dapo"),
+    (["--preset", "no_such_preset"], "unknown preset 'no_such_preset'; known presets: cpu_demo, cpu_demo_gsm8k, dapo"),
 ])
 def test_train_config_errors(capsys, tmp_path, args, needle):
     assert main(["train", "grpo", "--output", str(tmp_path / "r"), *args]) == 2

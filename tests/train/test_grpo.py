@@ -203,3 +203,21 @@ def test_shared_prefix_logprobs_equal_one_concatenated_forward(tiny_model_dir):
     (g_got,) = torch.autograd.grad((got * m).sum(), w)
     (g_ref,) = torch.autograd.grad((ref * m).sum(), w)
     assert torch.allclose(g_got, g_ref, atol=1e-6, rtol=0) and g_ref.abs().max() > 1e-4
+
+
+def test_time_budget_stops_after_the_crossing_step_and_checkpoints(tiny_model_dir, tmp_path, monkeypatch):
+    """max_train_minutes: the loop stops at the first step boundary past the budget, and the last
+    step is checkpointed so --resume continues from it. The clock is faked: 50 s per step."""
+    import r1kit.train.grpo as grpo_mod
+
+    model, tok = load_policy(str(tiny_model_dir))
+    tr = _trainer(model, tok, tmp_path, max_steps=10, max_train_minutes=2.0, save_steps=0)
+    ticks = iter(range(0, 10_000, 50))
+    monkeypatch.setattr(grpo_mod.time, "perf_counter", lambda: float(next(ticks)))
+    monkeypatch.setattr(tr, "train_step", lambda: (setattr(tr, "step", tr.step + 1), {
+        "reward": 0.0, "accuracy": 0.0, "completions/mean_length": 1.0, "time/step": 50.0})[1])
+    monkeypatch.setattr(tr.logger, "log", lambda step, m: None)
+    tr.train(progress=False)
+    # the clock reads 0 at the start, then 50, 100, 150 at the checks before steps 1, 2, 3: 150 s ≥ 120 s
+    assert tr.step == 2
+    assert (tmp_path / "checkpoint-2").is_dir()

@@ -577,7 +577,9 @@ class GRPOTrainer:
         self.logger.truncate_after(self.step)
 
     def train(self, progress: bool = True, stop_after: int | None = None) -> list[dict[str, float]]:
-        """Run until ``max_steps`` (or ``stop_after`` steps in this call, used to simulate a kill).
+        """Run until ``max_steps`` (or ``stop_after`` steps in this call, used to simulate a kill), or
+        until ``max_train_minutes`` of wall time have passed in this call: the step that crosses the
+        budget is finished and checkpointed, so ``--resume`` continues from it.
 
         Raises:
             TrainingStopped: a guard fired (non-finite loss / grad norm); nothing was saved for that step.
@@ -590,8 +592,14 @@ class GRPOTrainer:
         history = []
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not progress, desc="grpo", dynamic_ncols=True)
         done = 0
+        start = time.perf_counter()
         try:
             while self.step < c.max_steps and (stop_after is None or done < stop_after):
+                if c.max_train_minutes is not None and time.perf_counter() - start >= 60 * c.max_train_minutes:
+                    print(f"time budget of {c.max_train_minutes:g} min reached after step {self.step}", flush=True)
+                    if not (self.run_dir / f"checkpoint-{self.step}").exists() and self.step > 0:
+                        self.save()
+                    break
                 m = self.train_step()
                 done += 1
                 history.append(m)

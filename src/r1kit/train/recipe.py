@@ -123,7 +123,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
         save_result(after, eval_dir / "after.json")
         report = (comparison_markdown(before, after) if before is not None
                   else markdown_table([("trained policy", after)]))
-        header = (f"# {cfg.task} GRPO run: held-out evaluation\n\nmodel {cfg.model}, {cfg.max_steps} steps, "
+        header = (f"# {cfg.task} GRPO run: held-out evaluation\n\nmodel {cfg.model}, {trainer.step} steps, "
                   f"template {cfg.template}, eval on {eval_task}/{cfg.eval_split} (never trained on), "
                   f"k={cfg.eval_k}, T={cfg.eval_temperature}, top-p={cfg.eval_top_p}\n\n")
         (eval_dir / "report.md").write_text(header + report)
