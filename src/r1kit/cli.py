@@ -43,7 +43,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     run_cfg = {}
     cfg_path = Path(args.model) / "config.yaml"
-    if cfg_path.is_file():  # an r1kit run: default to the template and extraction it was trained with
+    if cfg_path.is_file():  # an r1kit run: default to the template, extraction and stops it was trained with
         run_cfg = yaml.safe_load(cfg_path.read_text()) or {}
     template = args.template or run_cfg.get("template", "chat_boxed")
     max_tokens = args.max_tokens or run_cfg.get("max_completion_length", 512)
@@ -61,7 +61,8 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"evaluating {len(examples)} problems × k={args.k} (template {template}, max {max_tokens} tokens)...",
           flush=True)
     res = evaluate(engine, tok, examples, verifier, render, k=args.k, temperature=args.temperature,
-                   top_p=args.top_p, max_tokens=max_tokens, seed=args.seed, task=f"{args.task}/{args.split}")
+                   top_p=args.top_p, max_tokens=max_tokens, seed=args.seed, task=f"{args.task}/{args.split}",
+                   stop=run_cfg.get("stop") or [])
     table = markdown_table([(str(args.model), res)])
     print(table)
     out = Path(args.output) if args.output else (Path(args.model) / "eval" if Path(args.model).is_dir() else Path("runs/eval"))

@@ -61,6 +61,7 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    stop: list[str] = field(default_factory=list)  # strings that end a completion, e.g. "\n" for one-line answers
     rollout_backend: str = "auto"  # auto (r1kit engine where it has an adapter, else hf) | engine | hf | vllm
     rollout_dtype: str = "auto"  # "auto" = bf16 when bf16 resolves on, else fp32; or "bf16" / "fp32"
 
@@ -187,9 +188,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # with a direct-answer prompt are where this model has reward variance (25-40% of groups mixed);
     # see README "What the demo shows" for the measured effect.
     "cpu_demo": dict(
-        task="svamp", template="direct", answer_extraction="any", reward_funcs=["accuracy"],
+        task="svamp", template="direct", answer_extraction="any", reward_funcs=["accuracy"], stop=["\n"],
         num_generations=8, prompts_per_step=8, max_completion_length=48, max_prompt_length=256,
-        temperature=1.0, learning_rate=2e-5, lr_scheduler="constant", warmup_steps=2, beta=0.0,
+        temperature=0.8, learning_rate=2e-5, lr_scheduler="constant", warmup_steps=2, beta=0.0,
         loss_type="dapo", epsilon=0.2, epsilon_high=0.28, num_iterations=2, micro_batch_size=16, bf16="auto",
         max_steps=100, max_train_minutes=19.0, eval_limit=300, eval_k=2, save_steps=10, log_completions_steps=5,
     ),
@@ -198,7 +199,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # problems, with a step-by-step prompt and room for a few reasoning steps. The 135M model solves ~1%
 # of GSM8K, so few groups carry reward variance; README says what this run achieves.
 PRESETS["cpu_demo_gsm8k"] = dict(
-    PRESETS["cpu_demo"], task="gsm8k", template="chat_boxed", max_completion_length=128, temperature=1.0,
+    PRESETS["cpu_demo"], task="gsm8k", template="chat_boxed", max_completion_length=128, stop=[],
     max_steps=40, max_train_minutes=17.0, eval_limit=200, eval_k=1,
 )
 
@@ -215,8 +216,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return None
         return _coerce(value, non_none[0], name)
     if origin is list:
-        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v.strip()]
-        return [_coerce(v.strip() if isinstance(v, str) else v, args[0], name) for v in items]
+        # a YAML/preset list is taken as written (a stop string may be "\n"); a command-line
+        # string is split on commas and each item stripped
+        items = value if isinstance(value, list) else [v.strip() for v in str(value).split(",") if v.strip()]
+        return [_coerce(v, args[0], name) for v in items]
     try:
         if tp is bool:
             if isinstance(value, bool):

@@ -72,7 +72,7 @@ class _Tok:
 
 
 class _Verifier:
-    def verify_batch(self, texts, examples):
+    def verify_batch(self, texts, examples, truncated=None):
         return [Verdict(t == e.gold, float(t == e.gold), "ok", t) for t, e in zip(texts, examples)]
 
 
@@ -84,3 +84,22 @@ def test_evaluate_pass1_is_mean_over_k_and_majk():
     # majority answer correct when 2 of 3 agree on the gold: problems 2 and 5
     assert r.majk == pytest.approx(2 / 6)
     assert [p["correct"] for p in r.per_problem][2] == [True, True, False]
+
+
+def test_evaluate_passes_stops_and_truncation_to_engine_and_verifier():
+    """The run's stop strings reach the sampler, and each completion's truncation flag reaches the
+    verifier (a cut-off direct answer has no final number)."""
+    from r1kit.rewards.math import MathVerifier
+
+    seen = {}
+
+    class Engine:
+        def generate(self, prompt_ids, params):
+            seen["stop"] = params.stop
+            return [Completion(_Tok().encode("so 3 + 4 = 7"), [0.0], "length", 0),
+                    Completion(_Tok().encode("so 3 + 4 = 7"), [0.0], "stop", 0)]
+
+    r = evaluate(Engine(), _Tok(), [Example("e0", "q", "7")], MathVerifier("any"), lambda e: e.prompt, k=2,
+                 stop=["\n"])
+    assert seen["stop"] == ["\n"] and r.settings["stop"] == ["\n"]
+    assert r.per_problem[0]["correct"] == [False, True] and r.per_problem[0]["truncated"] == [True, False]

@@ -148,6 +148,22 @@ def test_direct_extraction_mode():
     assert MathVerifier(extraction="tagged").verify("It costs 1,000 dollars", example("1000")).reason == "no_answer"
 
 
+def test_truncated_completion_has_no_last_number_answer():
+    """A direct answer cut off by the token limit ends on an intermediate number: no answer. A tagged
+    answer written before the cut still counts."""
+    direct = MathVerifier(extraction="any")
+    cut = "Adam has 10 apples.\nJackie has 2 apples.\nAdam has 10 + 2 = 12 apples.\nAdam has 1"
+    assert direct.verify(cut, example("1")) == Verdict(True, 1.0, "ok", "1")  # finished: last number
+    assert direct.verify(cut, example("1"), truncated=True) == Verdict(False, 0.0, "truncated", None)
+    boxed = "So the answer is \\boxed{12}. Let me check: 10 + 2 = 1"
+    assert direct.verify(boxed, example("12"), truncated=True).correct
+    assert MathVerifier().verify(boxed, example("12"), truncated=True).correct
+    verdicts = direct.verify_batch([cut, cut], [example("1"), example("1")], truncated=[False, True])
+    assert [v.reason for v in verdicts] == ["ok", "truncated"]
+    with pytest.raises(ValueError, match="and 1 truncation flags"):
+        direct.verify_batch([cut, cut], [example("1"), example("1")], truncated=[True])
+
+
 def test_verify_batch_and_accuracy_reward(verifier):
     golds = [example("3"), example("\\frac{1}{2}"), example("7")]
     completions = ["\\boxed{3}", "<answer>0.5</answer>", "\\boxed{8}"]
@@ -156,7 +172,7 @@ def test_verify_batch_and_accuracy_reward(verifier):
     reward = AccuracyReward(verifier)
     assert reward.name == "accuracy"
     assert reward(completions, golds) == [1.0, 1.0, 0.0]
-    with pytest.raises(ValueError, match="2 completions for 3 examples"):
+    with pytest.raises(ValueError, match="2 completions for 3 examples and 2 truncation flags"):
         verifier.verify_batch(completions[:2], golds)
 
 

@@ -27,7 +27,7 @@ HERE = Path(__file__).parent
 class _NoVerifier:
     name = "none"
 
-    def verify_batch(self, completions, examples):
+    def verify_batch(self, completions, examples, truncated=None):
         return [Verdict(False, 0.0, "none") for _ in completions]
 
 
@@ -221,3 +221,9 @@ def test_time_budget_stops_after_the_crossing_step_and_checkpoints(tiny_model_di
     # the clock reads 0 at the start, then 50, 100, 150 at the checks before steps 1, 2, 3: 150 s ≥ 120 s
     assert tr.step == 2
     assert (tmp_path / "checkpoint-2").is_dir()
+
+
+def test_stop_strings_reach_the_rollout_sampler(tiny_model_dir, tmp_path):
+    model, tok = load_policy(str(tiny_model_dir))
+    params = _trainer(model, tok, tmp_path, stop=["\n"], top_k=5).sampling_params()
+    assert (params.stop, params.top_k, params.n, params.max_tokens) == (["\n"], 5, 4, 8)

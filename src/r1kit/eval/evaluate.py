@@ -83,7 +83,8 @@ def majority_correct(extracted: list[str | None], correct: list[bool]) -> bool:
 
 def evaluate(engine: SamplingEngine, tokenizer, examples: list[Example], verifier,
              render: Callable[[Example], str], *, k: int = 1, temperature: float = 0.6, top_p: float = 0.95,
-             max_tokens: int = 512, seed: int = 0, task: str = "", keep_completions: bool = True) -> EvalResult:
+             max_tokens: int = 512, seed: int = 0, task: str = "", keep_completions: bool = True,
+             stop: Sequence[str] = ()) -> EvalResult:
     """Sample k completions per problem and score them with ``verifier``.
 
     Args:
@@ -92,16 +93,18 @@ def evaluate(engine: SamplingEngine, tokenizer, examples: list[Example], verifie
         examples: the problems (held out from training).
         render: Example → prompt text (the same template the model was trained with).
         k, temperature, top_p, max_tokens, seed: sampling settings (R1: 0.6 / 0.95).
+        stop: strings that end a completion (the run's ``stop``, so training and evaluation agree).
 
     Returns:
         EvalResult.
     """
     prompt_ids = [encode_prompt(render(e), tokenizer) for e in examples]
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=k, seed=seed)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=k, seed=seed,
+                            stop=list(stop))
     comps = engine.generate(prompt_ids, params)
     texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
     flat_ex = [examples[c.prompt_index] for c in comps]
-    verdicts = verifier.verify_batch(texts, flat_ex)
+    verdicts = verifier.verify_batch(texts, flat_ex, [c.truncated for c in comps])
     per_problem = []
     for i, ex in enumerate(examples):
         sl = range(i * k, (i + 1) * k)
@@ -114,7 +117,8 @@ def evaluate(engine: SamplingEngine, tokenizer, examples: list[Example], verifie
     scores = [sum(p["correct"]) / k for p in per_problem]
     majk = (sum(majority_correct(p["extracted"], p["correct"]) for p in per_problem) / len(per_problem)
             if k > 1 and per_problem else None)
-    settings = {"k": k, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}
+    settings = {"k": k, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
+                "stop": list(stop)}
     return EvalResult(task=task, n_problems=len(examples), k=k, pass1=sum(scores) / max(len(scores), 1),
                       pass1_ci=bootstrap_ci(scores, seed=seed), majk=majk, settings=settings,
                       per_problem=per_problem)

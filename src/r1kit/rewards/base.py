@@ -44,8 +44,11 @@ class Verifier(Protocol):
         """Verify one completion; never raises for a bad completion (returns a failed Verdict)."""
         ...
 
-    def verify_batch(self, completions: Sequence[str], examples: Sequence[Example]) -> list[Verdict]:
-        """Verify ``completions[i]`` against ``examples[i]``; same length in and out."""
+    def verify_batch(self, completions: Sequence[str], examples: Sequence[Example],
+                     truncated: Sequence[bool] | None = None) -> list[Verdict]:
+        """Verify ``completions[i]`` against ``examples[i]``; same length in and out. ``truncated[i]``
+        says the completion hit the token limit (None: none did); a verifier may refuse to read a
+        final answer out of a cut-off text."""
         ...
 
 

@@ -238,8 +238,11 @@ class CodeVerifier:
         """Verify one completion (see ``verify_batch``)."""
         return self.verify_batch([completion], [example])[0]
 
-    def verify_batch(self, completions: Sequence[str], examples: Sequence[Example]) -> list[Verdict]:
+    def verify_batch(self, completions: Sequence[str], examples: Sequence[Example],
+                     truncated: Sequence[bool] | None = None) -> list[Verdict]:
         """Verify ``completions[i]`` against ``examples[i]``, running the programs in parallel.
+        ``truncated`` is accepted for the Verifier interface and not needed: a program cut off by the
+        token limit is run as written (an unclosed code block fails on its own).
 
         Never raises for a bad completion: failures come back as ``Verdict(correct=False, reason=r)``
         with ``r`` in ``REASONS``. Raises ConfigError if the lengths differ or an example has no

@@ -146,7 +146,7 @@ def _tagged_answer(text: str) -> str | None:
     return last_boxed(text)
 
 
-def extract_answer(completion: str, mode: str = "tagged") -> str | None:
+def extract_answer(completion: str, mode: str = "tagged", finished: bool = True) -> str | None:
     """The final answer written in a completion, as a string, or None when there is none.
 
     Only the text after the last ``</think>`` is searched when the completion has one, so numbers and
@@ -157,6 +157,10 @@ def extract_answer(completion: str, mode: str = "tagged") -> str | None:
         mode: ``"tagged"``: the content of the last ``<answer>…</answer>`` (its ``\\boxed{}`` content if
             it holds one), else of the last ``\\boxed{…}``. ``"any"``: the tagged answer if present,
             else the last number (``-1,234.5`` style) — for direct-answer templates.
+        finished: the completion ended on its own (EOS or a stop string). The last-number fallback
+            needs this: a completion cut off by the token limit has not stated its final number yet,
+            and its last number is an intermediate one, so it gives no answer (a tagged answer
+            written before the cut still counts, as in R1's evaluation).
 
     Raises:
         ConfigError: unknown mode.
@@ -165,7 +169,7 @@ def extract_answer(completion: str, mode: str = "tagged") -> str | None:
         raise ConfigError(f"extraction mode {mode!r} is unknown; use one of {', '.join(EXTRACTION_MODES)}")
     text = completion.rsplit("</think>", 1)[-1]
     answer = _tagged_answer(text)
-    if answer is None and mode == "any":
+    if answer is None and mode == "any" and finished:
         numbers = _NUMBER.findall(text)
         answer = numbers[-1] if numbers else None
     if answer is None or not answer.strip():
@@ -183,7 +187,8 @@ class MathVerifier:
         timeout_s: wall-clock limit for parsing and comparing one completion, seconds.
 
     ``verify`` never raises for a bad completion; the Verdict's reason is ``"ok"``, ``"no_answer"``
-    (nothing extracted), ``"parse_error"`` (math-verify cannot read the extracted answer),
+    (nothing extracted), ``"truncated"`` (extraction ``"any"``: cut off by the token limit before a
+    final number), ``"parse_error"`` (math-verify cannot read the extracted answer),
     ``"mismatch"`` or ``"timeout"``. A gold answer that does not parse raises DataError (loaders
     validate golds, so this only happens for hand-made Examples). Parsed golds are cached by
     ``parse_gold``, so each distinct gold is parsed once per process.
@@ -207,12 +212,14 @@ class MathVerifier:
         except DataError as err:
             raise DataError(f"example {example.id!r}: {err}") from None
 
-    def verify(self, completion: str, example: Example) -> Verdict:
-        """Verify one completion against ``example.gold``; see the class docstring for reasons."""
+    def verify(self, completion: str, example: Example, truncated: bool = False) -> Verdict:
+        """Verify one completion against ``example.gold``; see the class docstring for reasons.
+        ``truncated``: the completion hit the token limit (see ``extract_answer``'s ``finished``)."""
         gold = self._gold(example)
-        extracted = extract_answer(completion, self.extraction)
+        extracted = extract_answer(completion, self.extraction, finished=not truncated)
         if extracted is None:
-            return Verdict(False, 0.0, "no_answer", None)
+            no_number = truncated and self.extraction == "any"
+            return Verdict(False, 0.0, "truncated" if no_number else "no_answer", None)
         try:
             with _time_limit(self.timeout_s):
                 pred = _parse_math(extracted)
@@ -223,11 +230,15 @@ class MathVerifier:
             return Verdict(True, 1.0, "ok", extracted)
         return Verdict(False, 0.0, "mismatch" if _has_math(pred) else "parse_error", extracted)
 
-    def verify_batch(self, completions: Sequence[str], examples: Sequence[Example]) -> list[Verdict]:
-        """Verify ``completions[i]`` against ``examples[i]``. Raises ValueError on a length mismatch."""
-        if len(completions) != len(examples):
-            raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
-        return [self.verify(c, e) for c, e in zip(completions, examples)]
+    def verify_batch(self, completions: Sequence[str], examples: Sequence[Example],
+                     truncated: Sequence[bool] | None = None) -> list[Verdict]:
+        """Verify ``completions[i]`` against ``examples[i]`` (``truncated[i]``: it hit the token limit).
+        Raises ValueError on a length mismatch."""
+        truncated = [False] * len(completions) if truncated is None else list(truncated)
+        if not len(completions) == len(examples) == len(truncated):
+            raise ValueError(f"{len(completions)} completions for {len(examples)} examples "
+                             f"and {len(truncated)} truncation flags")
+        return [self.verify(c, e, t) for c, e, t in zip(completions, examples, truncated)]
 
 
 class AccuracyReward:

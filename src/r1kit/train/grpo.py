@@ -194,9 +194,10 @@ class RewardScorer:
         weights = [w for _, w in reward_fns] + ([1.0] if cfg.overlong_buffer > 0 else [])
         self.weights = torch.tensor(weights, dtype=torch.float32)
 
-    def __call__(self, texts: list[str], examples: list[Example], lengths: list[int]):
-        """Returns (rewards_per_func (N, F), verdicts)."""
-        verdicts = self.verifier.verify_batch(texts, examples)
+    def __call__(self, texts: list[str], examples: list[Example], lengths: list[int],
+                 truncated: list[bool] | None = None):
+        """Returns (rewards_per_func (N, F), verdicts); ``truncated[i]``: completion i hit the token limit."""
+        verdicts = self.verifier.verify_batch(texts, examples, truncated)
         cols = []
         for fn, _ in self.reward_fns:
             if getattr(fn, "name", None) == "accuracy":
@@ -309,7 +310,7 @@ class GRPOTrainer:
     def sampling_params(self) -> SamplingParams:
         c = self.cfg
         return SamplingParams(max_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
-                              top_k=c.top_k, n=c.num_generations)
+                              top_k=c.top_k, n=c.num_generations, stop=list(c.stop))
 
     def generate_and_score(self) -> Rollout:
         """Sample, score and compute advantages for one round (with DAPO dynamic sampling if on)."""
@@ -324,7 +325,8 @@ class GRPOTrainer:
             comps = self.engine.generate(pids, self.sampling_params())
             texts = self.tokenizer.batch_decode([o.token_ids for o in comps], skip_special_tokens=True)
             flat_ex = [exs[o.prompt_index] for o in comps]
-            rpf, verdicts = self.scorer(texts, flat_ex, [len(o.token_ids) for o in comps])
+            rpf, verdicts = self.scorer(texts, flat_ex, [len(o.token_ids) for o in comps],
+                                        [o.truncated for o in comps])
             for g in range(len(exs)):
                 sl = slice(g * G, (g + 1) * G)
                 acc = [verdicts[i].score for i in range(sl.start, sl.stop)]

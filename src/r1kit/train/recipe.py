@@ -100,7 +100,8 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
         print(f"resumed from {last} (step {trainer.step})")
     eval_dir = run_dir / "eval"
     eval_kw = dict(k=cfg.eval_k, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                   max_tokens=cfg.max_completion_length, seed=cfg.seed, task=f"{eval_task}/{cfg.eval_split}")
+                   max_tokens=cfg.max_completion_length, seed=cfg.seed, task=f"{eval_task}/{cfg.eval_split}",
+                   stop=cfg.stop)
     before = None
     if cfg.eval_before:
         if (eval_dir / "before.json").is_file():
