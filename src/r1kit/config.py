@@ -184,9 +184,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         template="chat_boxed", reward_funcs=["accuracy"], steps_per_generation=16, warmup_steps=10,
     ),
     "dr_grpo": dict(loss_type="dr_grpo", scale_rewards="none", beta=0.0, template="chat_boxed"),
-    # Sized for 2 CPU cores and the 135M embedded model. One-step word problems (SVAMP train split)
-    # with a direct-answer prompt are where this model has reward variance (25-40% of groups mixed);
-    # see README "What the demo shows" for the measured effect.
+    # Sized for 2 CPU cores and the 135M embedded model (`make demo-svamp`). One-step word problems
+    # (SVAMP train split), a direct-answer prompt and one-line answers (stop at "\n"), so that a
+    # completion's last number is its answer; training is capped at 19 minutes so the run with both
+    # evaluations fits 30 minutes. README "What the demos show" has the measured effect.
     "cpu_demo": dict(
         task="svamp", template="direct", answer_extraction="any", reward_funcs=["accuracy"], stop=["\n"],
         num_generations=8, prompts_per_step=8, max_completion_length=48, max_prompt_length=256,
@@ -200,7 +201,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # of GSM8K, so few groups carry reward variance; README says what this run achieves.
 PRESETS["cpu_demo_gsm8k"] = dict(
     PRESETS["cpu_demo"], task="gsm8k", template="chat_boxed", max_completion_length=128, stop=[],
-    max_steps=40, max_train_minutes=17.0, eval_limit=200, eval_k=1,
+    max_steps=40, max_train_minutes=15.0, eval_limit=200, eval_k=1,
 )
 
 
