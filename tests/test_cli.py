@@ -84,3 +84,18 @@ def test_invalid_yaml_is_one_line(capsys, tmp_path):
     assert main(["train", "grpo", "--config", str(bad), "--output", str(tmp_path / "r")]) == 2
     line = _err(capsys)
     assert "bad.yaml is not valid YAML at line" in line
+
+
+def test_overlong_training_prompt_is_refused_before_any_work(capsys, tmp_path, tiny_model_dir):
+    """A training prompt longer than max_prompt_length is an error naming the row before the first
+    step (it used to surface mid-run, when the row was first drawn)."""
+    task = tmp_path / "t.jsonl"
+    rows = [{"question": "What is 1 plus 2?", "answer": "3"}] * 5 + [{"question": "word " * 300, "answer": "1"}]
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "r"
+    rc = main(["train", "grpo", "--model", str(tiny_model_dir), "--task", str(task), "--template", "r1_zero",
+               "--max-prompt-length", "150", "--num-generations", "2", "--prompts-per-step", "1",
+               "--max-completion-length", "16", "--output", str(out), "--eval-before", "false"])
+    err = _err(capsys)
+    assert rc == 2 and "prompt of t/5 " in err and "> max_prompt_length=150" in err
+    assert not (out / "metrics.jsonl").exists()

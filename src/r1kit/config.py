@@ -200,7 +200,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # problems, with a step-by-step prompt and room for a few reasoning steps. The 135M model solves ~1%
 # of GSM8K, so few groups carry reward variance; README says what this run achieves.
 PRESETS["cpu_demo_gsm8k"] = dict(
-    PRESETS["cpu_demo"], task="gsm8k", template="chat_boxed", max_completion_length=128, stop=[],
+    PRESETS["cpu_demo"], task="gsm8k", template="chat_boxed", max_prompt_length=512, max_completion_length=128, stop=[],
     max_steps=40, max_train_minutes=15.0, eval_limit=200, eval_k=1,
 )
 

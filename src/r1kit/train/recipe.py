@@ -92,6 +92,8 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
                      else resolve_dtype(cfg.rollout_dtype))
     engine = make_engine(policy, tokenizer, cfg.rollout_backend, rollout_dtype)
     trainer = GRPOTrainer(cfg, policy, tokenizer, train, render, RewardScorer(cfg, verifier, reward_fns), engine, run_dir)
+    for ex in train:  # every prompt fits max_prompt_length, checked before any work (ConfigError names the row)
+        trainer.prompt_ids(ex)
     if resume:
         last = ckpt.latest_checkpoint(run_dir)
         if last is None:
