@@ -6,17 +6,22 @@ ignored: HF through ``min_new_tokens``, the engine through an empty EOS list), s
 equal work. Prints tokens/s at ``--batch`` and at batch 1, llama.cpp's batch-1 tokens/s when
 llama-cpp-python is installed, and last ``ratio_vs_hf=<engine tok/s / HF tok/s>`` at ``--batch``.
 
+``--clock cpu`` times with this process's CPU seconds instead of wall seconds: on a machine shared
+with other jobs, with ``--threads 1``, it measures the work done rather than the share of the CPU
+received (both systems are timed the same way).
+
 On a CPU without native bf16 matmuls (``native_bf16=False``) the engine holds bf16 weights but
 computes in fp32 (``engine_compute``), while HF computes in emulated bf16; ``--also-fp32`` adds
 the fp32-vs-fp32 pair (``ratio_vs_hf_fp32``), the engine's gain with the arithmetic held equal.
 
-    PYTHONPATH=src python bench/rollout.py [--batch 64] [--new-tokens 128] [--dtype bf16] [--also-fp32]
+    PYTHONPATH=src python bench/rollout.py [--batch 64] [--new-tokens 128] [--dtype bf16] [--also-fp32] [--clock cpu]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -29,6 +34,7 @@ from r1kit.rollout.engine import Engine, native_bf16
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GSM8K = Path(__file__).resolve().parents[1] / "data" / "gsm8k" / "test.jsonl"
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def chat_prompts(tokenizer, count: int) -> list[list[int]]:
@@ -41,27 +47,29 @@ def chat_prompts(tokenizer, count: int) -> list[list[int]]:
     ]
 
 
-def hf_tokens_per_s(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> float:
-    """HF ``generate`` on left-padded ``prompts``, exactly ``new_tokens`` sampled tokens each."""
+def hf_tokens_per_s(model, tokenizer, prompts: list[list[int]], new_tokens: int, clock=time.perf_counter) -> float:
+    """HF ``generate`` on left-padded ``prompts``, exactly ``new_tokens`` sampled tokens each, per
+    second of ``clock``."""
     batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
     kwargs = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=tokenizer.pad_token_id)
     with torch.inference_mode():
         model.generate(**batch, max_new_tokens=2, **kwargs)  # warm-up
         torch.manual_seed(0)
-        start = time.perf_counter()
+        start = clock()
         out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - start
     assert out.shape[1] - batch["input_ids"].shape[1] == new_tokens
     return len(prompts) * new_tokens / elapsed
 
 
-def engine_tokens_per_s(engine: Engine, prompts: list[list[int]], new_tokens: int) -> float:
-    """The engine on ``prompts``, exactly ``new_tokens`` sampled tokens each (no EOS ids)."""
+def engine_tokens_per_s(engine: Engine, prompts: list[list[int]], new_tokens: int, clock=time.perf_counter) -> float:
+    """The engine on ``prompts``, exactly ``new_tokens`` sampled tokens each (no EOS ids), per second
+    of ``clock``."""
     engine.generate(prompts, SamplingParams(max_tokens=2, seed=0))  # warm-up
     params = SamplingParams(max_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0, seed=0)
-    start = time.perf_counter()
+    start = clock()
     out = engine.generate(prompts, params)
-    elapsed = time.perf_counter() - start
+    elapsed = clock() - start
     assert all(len(c.token_ids) == new_tokens for c in out)
     return len(prompts) * new_tokens / elapsed
 
@@ -78,12 +86,13 @@ def llama_cpp_tokens_per_s(prompt: str, new_tokens: int) -> str:
     return f"{out['usage']['completion_tokens'] / (time.perf_counter() - start):.1f}"
 
 
-def batch_pair(path, tokenizer, dtype: torch.dtype, batch: int, new_tokens: int) -> tuple[float, float]:
+def batch_pair(path, tokenizer, dtype: torch.dtype, batch: int, new_tokens: int, clock) -> tuple[float, float]:
     """(engine tok/s, HF tok/s) for ``batch`` chat prompts in ``dtype``."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     engine = Engine(model, [], dtype=dtype, max_batch=batch)
     prompts = chat_prompts(tokenizer, batch)
-    return engine_tokens_per_s(engine, prompts, new_tokens), hf_tokens_per_s(model, tokenizer, prompts, new_tokens)
+    return (engine_tokens_per_s(engine, prompts, new_tokens, clock),
+            hf_tokens_per_s(model, tokenizer, prompts, new_tokens, clock))
 
 
 def main() -> None:
@@ -94,7 +103,10 @@ def main() -> None:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of both HF and the engine")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     ap.add_argument("--also-fp32", action="store_true", help="also measure the fp32 pair at --batch")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall seconds or this process's CPU seconds")
+    ap.add_argument("--skip-batch1", action="store_true", help="skip the batch-1 and llama.cpp lines")
     args = ap.parse_args()
+    clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     path = embedded_model_dir()
@@ -103,16 +115,18 @@ def main() -> None:
     engine = Engine(model, [], dtype=dtype, max_batch=1)
     prompts = chat_prompts(tokenizer, 1)
     print(f"model=smollm2-135m dtype={args.dtype} engine_compute={engine.compute_dtype} native_bf16={native_bf16()} "
-          f"threads={args.threads} batch1_prompt_tokens={len(prompts[0])}")
-    ours_1 = engine_tokens_per_s(engine, prompts, args.batch1_tokens)
-    hf_1 = hf_tokens_per_s(model, tokenizer, prompts, args.batch1_tokens)
-    print(f"batch=1 new_tokens={args.batch1_tokens} engine_tok_s={ours_1:.1f} hf_tok_s={hf_1:.1f} ratio={ours_1 / hf_1:.2f}")
-    print(f"llama_cpp_batch1_tok_s={llama_cpp_tokens_per_s(tokenizer.decode(prompts[0]), args.batch1_tokens)}")
+          f"threads={args.threads} clock={args.clock} load_1min={os.getloadavg()[0]:.2f} "
+          f"batch1_prompt_tokens={len(prompts[0])}")
+    if not args.skip_batch1:
+        ours_1 = engine_tokens_per_s(engine, prompts, args.batch1_tokens, clock)
+        hf_1 = hf_tokens_per_s(model, tokenizer, prompts, args.batch1_tokens, clock)
+        print(f"batch=1 new_tokens={args.batch1_tokens} engine_tok_s={ours_1:.1f} hf_tok_s={hf_1:.1f} ratio={ours_1 / hf_1:.2f}")
+        print(f"llama_cpp_batch1_tok_s={llama_cpp_tokens_per_s(tokenizer.decode(prompts[0]), args.batch1_tokens)}")
     if args.also_fp32:
-        ours32, hf32 = batch_pair(path, tokenizer, torch.float32, args.batch, args.new_tokens)
+        ours32, hf32 = batch_pair(path, tokenizer, torch.float32, args.batch, args.new_tokens, clock)
         print(f"dtype=fp32 batch={args.batch} new_tokens={args.new_tokens} engine_tok_s={ours32:.1f} hf_tok_s={hf32:.1f}")
         print(f"ratio_vs_hf_fp32={ours32 / hf32:.2f}")
-    ours, hf = batch_pair(path, tokenizer, dtype, args.batch, args.new_tokens)
+    ours, hf = batch_pair(path, tokenizer, dtype, args.batch, args.new_tokens, clock)
     print(f"dtype={args.dtype} batch={args.batch} new_tokens={args.new_tokens} engine_tok_s={ours:.1f} hf_tok_s={hf:.1f}")
     print(f"ratio_vs_hf={ours / hf:.2f}")
 

@@ -23,6 +23,10 @@ def _err(capsys):
     (["--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["--task", "no_such_task"], "unknown task 'no_such_task'"),
     (["--preset", "no_such_preset"], "unknown preset 'no_such_preset'; known presets: cpu_demo, cpu_demo_gsm8k, dapo"),
+    (["--rollout-importance-sampling-mode", "tis"], "rollout_importance_sampling_mode must be one of"),
+    (["--rollout-importance-sampling-clip-max", "0.5"], "rollout_importance_sampling_clip_max must be >= 1, got 0.5"),
+    (["--rollout-importance-sampling-mode", "token_truncate", "--rollout-importance-sampling-clip-max", "none"],
+     "token_truncate needs rollout_importance_sampling_clip_max or rollout_importance_sampling_clip_min"),
 ])
 def test_train_config_errors(capsys, tmp_path, args, needle):
     assert main(["train", "grpo", "--output", str(tmp_path / "r"), *args]) == 2

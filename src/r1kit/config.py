@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from r1kit.errors import ConfigError
-from r1kit.train.losses import LOSS_TYPES, SCALE_REWARDS
+from r1kit.train.losses import IS_MODES, LOSS_TYPES, SCALE_REWARDS
 
 
 @dataclass
@@ -82,6 +82,10 @@ class GRPOConfig:
     ref_model_sync_steps: int = 0  # replace the reference by the policy every N steps (R1-Zero 400; 0 = never)
     ref_model_mixup_alpha: float = 1.0  # ref ← α·policy + (1-α)·ref at each sync
     skip_zero_advantage: bool = True  # skip forward/backward of completions with A = 0 (exact when β = 0)
+    rollout_importance_sampling_correction: bool = False  # reweight losses by π_old/π_rollout (TRL vllm_importance_sampling_*)
+    rollout_importance_sampling_mode: str = "sequence_mask"  # {token,sequence}_{truncate,mask}: see docs/ROLLOUT.md
+    rollout_importance_sampling_clip_max: float | None = 3.0  # ratio bound C_max >= 1 (None = no upper bound)
+    rollout_importance_sampling_clip_min: float | None = None  # ratio bound C_min in (0, 1] (None = no lower bound)
 
     # --- optimisation ---
     learning_rate: float = 1e-6
@@ -153,6 +157,21 @@ class GRPOConfig:
             raise ConfigError(f"bf16 must be auto, true or false, got {self.bf16!r}")
         if self.overlong_buffer >= self.max_completion_length:
             raise ConfigError("overlong_buffer must be smaller than max_completion_length")
+        self._validate_importance_sampling()
+
+    def _validate_importance_sampling(self) -> None:
+        """Bounds must keep an on-policy token's weight at 1 (C_min <= 1 <= C_max); truncation needs one."""
+        mode, low, high = (self.rollout_importance_sampling_mode, self.rollout_importance_sampling_clip_min,
+                           self.rollout_importance_sampling_clip_max)
+        if mode not in IS_MODES:
+            raise ConfigError(f"rollout_importance_sampling_mode must be one of {IS_MODES}, got {mode!r}")
+        if high is not None and high < 1:
+            raise ConfigError(f"rollout_importance_sampling_clip_max must be >= 1, got {high}")
+        if low is not None and not 0 < low <= 1:
+            raise ConfigError(f"rollout_importance_sampling_clip_min must be in (0, 1], got {low}")
+        if mode.endswith("truncate") and low is None and high is None:
+            raise ConfigError(f"rollout_importance_sampling_mode={mode} needs rollout_importance_sampling_clip_max "
+                              "or rollout_importance_sampling_clip_min")
 
     @property
     def generation_batch_size(self) -> int:

@@ -47,5 +47,6 @@ def make_engine(model: torch.nn.Module, tokenizer, backend: str = "hf", dtype: t
     if backend == "vllm":
         from r1kit.rollout.vllm_backend import VLLMEngine
 
-        return VLLMEngine(model, tokenizer)
+        names = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+        return VLLMEngine(model, dtype=names.get(dtype, "auto"))
     raise ConfigError(f"rollout backend must be auto, engine, hf or vllm, got {backend!r}")

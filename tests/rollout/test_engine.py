@@ -73,6 +73,30 @@ def test_tiny_greedy_equals_hf_generate_with_slot_refill(tiny):
         assert c.finish_reason == "length"
 
 
+def test_shared_prompt_prefix_is_prefilled_once_and_keeps_greedy_and_logprobs_exact(tiny, monkeypatch):
+    """Prompts admitted together that share >= SHARED_PREFIX_MIN leading tokens (a system prompt)
+    prefill them once; greedy tokens still equal HF generate and logprobs a full forward."""
+    from r1kit.rollout.engine import SHARED_PREFIX_MIN
+
+    prefix = list(range(700, 700 + SHARED_PREFIX_MIN + 4))
+    prompts = [prefix + [5, 6, 7], prefix + list(range(900, 912)), prefix + [42]]
+    engine = Engine(tiny, [], dtype=torch.float32, max_batch=8)
+    real_prefill = engine.adapter.prefill
+    calls = []
+
+    def spy(tokens, lengths, cache, slots, start=0):
+        calls.append((tuple(tokens.shape), start))
+        return real_prefill(tokens, lengths, cache, slots, start)
+
+    monkeypatch.setattr(engine.adapter, "prefill", spy)
+    out = engine.generate(prompts, SamplingParams(max_tokens=10, temperature=0))
+    assert calls == [((1, len(prefix)), 0), ((3, 12), len(prefix))]  # prefix once, then the 3 suffixes
+    for prompt, c in zip(prompts, out):
+        assert c.token_ids == hf_greedy(tiny, prompt, 10)
+        torch.testing.assert_close(torch.tensor(c.logprobs), full_forward_logprobs(tiny, prompt, c.token_ids, 1.0),
+                                   atol=1e-4, rtol=1e-4)
+
+
 def test_logprobs_equal_full_forward_recompute(tiny):
     params = SamplingParams(max_tokens=10, temperature=0.7, top_p=0.9, top_k=50, n=2, seed=3)
     out = Engine(tiny, [], dtype=torch.float32).generate(PROMPTS[:2], params)

@@ -50,6 +50,33 @@ def test_outputs_flatten_prompt_major_with_sampled_token_logprobs():
     ]
 
 
+def test_make_engine_builds_vllm_with_the_rollout_dtype_and_pushes_the_weights(monkeypatch):
+    """The trainer's wiring (runtime.make_engine) against a stand-in ``vllm`` module: no GPU needed."""
+    import sys
+
+    from r1kit.runtime import make_engine
+
+    built, pushed = {}, []
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            built.update(kwargs)
+
+        def apply_model(self, fn):
+            fn(SimpleNamespace(load_weights=lambda weights: pushed.append(dict(weights))))
+
+        def reset_prefix_cache(self):
+            pushed.append("reset")
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=FakeLLM))
+    model = torch.nn.Linear(2, 2)
+    model.name_or_path = "/models/policy"
+    make_engine(model, tokenizer=None, backend="vllm", dtype=torch.bfloat16)
+    assert built["model"] == "/models/policy" and built["dtype"] == "bfloat16"
+    assert 0 < built["gpu_memory_utilization"] < 1 and built["logprobs_mode"] == "processed_logprobs"
+    assert torch.equal(pushed[0]["weight"], model.weight) and pushed[1] == "reset"
+
+
 @pytest.mark.skipif(not (HAVE_VLLM and torch.cuda.is_available()), reason="needs vllm and a CUDA GPU")
 def test_vllm_greedy_matches_hf_and_follows_pushed_weights():
     from transformers import AutoModelForCausalLM

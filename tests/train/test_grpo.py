@@ -93,6 +93,58 @@ def test_skipping_zero_advantage_is_exact(tiny_model_dir, tmp_path, loss_type):
         assert torch.allclose(skip[name], full[name], atol=1e-7), name
 
 
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+def test_importance_correction_with_identical_logprobs_is_an_exact_no_op(tiny_model_dir, tmp_path, mode):
+    """Sampling logprobs equal to the trainer's (same micro-batches, so bit-identical): every weight is
+    exactly 1 and the step's gradient equals the uncorrected one bit for bit."""
+    model, tok = load_policy(str(tiny_model_dir), dtype=torch.float64)
+    tr = _trainer(model, tok, tmp_path, micro_batch_size=4)
+    ro = _rollout()
+    idx = tr.forwarded(ro)
+    trainer_logps = tr._logps_for(model, ro, idx)
+    for i in idx:
+        ro.sampling_logprobs[i] = trainer_logps[i].tolist()
+    plain, _ = _grads_after_update(tiny_model_dir, tmp_path, ro, micro_batch_size=4)
+    corrected, _ = _grads_after_update(tiny_model_dir, tmp_path, ro, micro_batch_size=4,
+                                       rollout_importance_sampling_correction=True,
+                                       rollout_importance_sampling_mode=mode,
+                                       rollout_importance_sampling_clip_min=0.9,
+                                       rollout_importance_sampling_clip_max=1.1)
+    assert all(torch.equal(plain[n], corrected[n]) for n in plain)
+    assert sum(g.abs().sum() for g in plain.values()) > 0
+    # and the weights do act: the rollout's original logprobs (all 0.0) are far from the trainer's
+    off, _ = _grads_after_update(tiny_model_dir, tmp_path, _rollout(), micro_batch_size=4,
+                                 rollout_importance_sampling_correction=True, rollout_importance_sampling_mode=mode)
+    assert any(not torch.allclose(plain[n], off[n]) for n in plain)
+
+
+def test_grpo_run_with_importance_correction_logs_its_ratios(tiny_model_dir, toy_task, tmp_path, monkeypatch):
+    """A full run (r1kit engine, fp32 rollouts and training) with the correction on: the engine's
+    sampling logprobs equal the trainer's recompute to ~1e-5, so the weights stay at 1 and none is clipped."""
+    import json
+
+    monkeypatch.syspath_prepend(str(HERE))
+    from r1kit.train import recipe
+
+    out = tmp_path / "run"
+    cfg = load_config(overrides=dict(model=str(tiny_model_dir), task=str(toy_task), template="direct",
+                                     answer_extraction="any", reward_funcs=["toy_rewards:distinct_chars"],
+                                     num_generations=4, prompts_per_step=2, max_completion_length=8,
+                                     learning_rate=1e-3, max_steps=2, bf16="false", rollout_backend="engine",
+                                     rollout_importance_sampling_correction=True,
+                                     rollout_importance_sampling_mode="token_truncate",
+                                     rollout_importance_sampling_clip_max=2.0, output=str(out), plot=False))
+    recipe.run_grpo(cfg, progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    key = "sampling/importance_sampling_ratio"
+    for r in rows:
+        assert r[f"{key}/min"] <= r[f"{key}/mean"] <= r[f"{key}/max"]
+        assert abs(r[f"{key}/mean"] - 1) < 1e-4 and abs(r[f"{key}/min"] - 1) < 1e-3 and abs(r[f"{key}/max"] - 1) < 1e-3
+        assert r[f"{key}/clipped_fraction"] == 0.0
+        assert r["logprob_mismatch/max"] < 1e-3
+
+
 def _cli(args, env=None, **kw):
     return subprocess.run([sys.executable, "-m", "r1kit.cli", *args], capture_output=True, text=True,
                           env=env, timeout=600, **kw)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from r1kit.errors import ConfigError
-from r1kit.train.losses import (LossNormalizer, aggregate_loss, group_advantages, kl_k3, policy_loss_terms,
-                                selective_log_softmax)
+from r1kit.train.losses import (IS_MODES, LossNormalizer, aggregate_loss, group_advantages, kl_k3,
+                                policy_loss_terms, rollout_importance_weights, selective_log_softmax)
 
 trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
 
@@ -30,11 +30,11 @@ def fixed_batch(seed=0):
     return logps, old, ref, adv, mask
 
 
-def trl_loss(loss_type, beta, eps_low, eps_high, logps, old, ref, adv, mask):
+def trl_loss(loss_type, beta, eps_low, eps_high, logps, old, ref, adv, mask, is_weights=None):
     fake = SimpleNamespace(
         top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
-        beta=beta, loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=False,
-        vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),
+        beta=beta, loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=is_weights is not None,
+        vllm_importance_sampling_correction=is_weights is not None, model=SimpleNamespace(training=True),
         current_gradient_accumulation_steps=1, max_completion_length=L, _entropy_bonus_enabled=False,
         aux_loss_enabled=False, _metrics={"train": defaultdict(list)},
         args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
@@ -48,16 +48,19 @@ def trl_loss(loss_type, beta, eps_low, eps_high, logps, old, ref, adv, mask):
     }
     if beta:
         inputs["ref_per_token_logps"] = ref
+    if is_weights is not None:
+        inputs["importance_sampling_ratio"] = is_weights
     return trl_grpo.GRPOTrainer._compute_loss(fake, None, inputs)
 
 
-def ours(loss_type, beta, eps_low, eps_high, logps, old, ref, adv, mask, micro=None):
+def ours(loss_type, beta, eps_low, eps_high, logps, old, ref, adv, mask, micro=None, is_weights=None):
     norm = LossNormalizer(num_sequences=N, num_tokens=int(mask.sum()), global_num_tokens=int(mask.sum()),
                           max_completion_length=L)
     parts = micro or [list(range(N))]
     total = 0.0
     for idx in parts:
-        terms = policy_loss_terms(logps[idx], old[idx], adv[idx], eps_low, eps_high, beta, ref[idx] if beta else None)
+        terms = policy_loss_terms(logps[idx], old[idx], adv[idx], eps_low, eps_high, beta, ref[idx] if beta else None,
+                                  None if is_weights is None else is_weights[idx])
         total = total + aggregate_loss(terms.per_token_loss, mask[idx], loss_type, norm)
     return total
 
@@ -154,3 +157,81 @@ def test_selective_log_softmax_matches_full():
 def test_unknown_loss_type():
     with pytest.raises(ConfigError, match="loss_type"):
         aggregate_loss(torch.zeros(1, 1), torch.ones(1, 1), "ppo", LossNormalizer(1, 1, 1))
+
+
+# ----- rollout importance sampling (training/inference mismatch) -----
+
+def is_case():
+    """Two completions (3 and 2 tokens, padded to 4) whose π_old/π_rollout ratios are chosen by hand:
+    row 0: 2, 0.25, 1.5 (product 0.75); row 1: 4, 0.8 (product 3.2). Padding holds garbage."""
+    ratios = torch.tensor([[2.0, 0.25, 1.5, 1.0], [4.0, 0.8, 1.0, 1.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.float64)
+    sampling = torch.tensor([[-1.0, -2.0, -0.5, 7.0], [-3.0, -0.1, -9.0, 5.0]], dtype=torch.float64)
+    old = torch.where(mask > 0, sampling + ratios.log(), torch.tensor(-4.0, dtype=torch.float64))
+    return old, sampling, mask
+
+
+IS_BY_HAND = {  # clip_min 0.5, clip_max 3: weights on the real tokens (token modes) or per completion
+    "token_truncate": ([[2.0, 0.5, 1.5], [3.0, 0.8]], [[False, True, False], [True, False]]),
+    "token_mask": ([[2.0, 0.0, 1.5], [0.0, 0.8]], [[False, True, False], [True, False]]),
+    "sequence_truncate": ([[0.75], [3.0]], [[False], [True]]),
+    "sequence_mask": ([[0.75], [0.0]], [[False], [True]]),
+}
+
+
+@pytest.mark.parametrize("mode", IS_MODES)
+def test_importance_weights_by_hand(mode):
+    old, sampling, mask = is_case()
+    isw = rollout_importance_weights(old, sampling, mask, mode, clip_min=0.5, clip_max=3.0)
+    want, want_clipped = IS_BY_HAND[mode]
+    rows = [(0, 3), (1, 2)] if mode.startswith("token") else [(0, 1), (1, 1)]
+    for (r, n), w, c in zip(rows, want, want_clipped):
+        assert torch.allclose(isw.weights[r, :n], torch.tensor(w, dtype=torch.float64), atol=1e-12), (mode, r)
+        assert isw.clipped[r, :n].tolist() == c
+    if mode.startswith("token"):
+        assert torch.equal(isw.weights[mask == 0], torch.ones(3, dtype=torch.float64))  # padding: diff masked to 0
+    else:
+        assert isw.weights.shape == (2, 1) and torch.allclose(isw.ratio[:, 0], torch.tensor([0.75, 3.2], dtype=torch.float64))
+
+
+def test_importance_weights_one_sided_bounds():
+    old, sampling, mask = is_case()
+    only_max = rollout_importance_weights(old, sampling, mask, "token_truncate", clip_min=None, clip_max=3.0)
+    assert torch.allclose(only_max.weights[0, :3], torch.tensor([2.0, 0.25, 1.5], dtype=torch.float64))
+    only_min = rollout_importance_weights(old, sampling, mask, "sequence_mask", clip_min=0.8, clip_max=None)
+    assert torch.allclose(only_min.weights[:, 0], torch.tensor([0.0, 3.2], dtype=torch.float64))
+    with pytest.raises(ConfigError, match="mode"):
+        rollout_importance_weights(old, sampling, mask, "token_clip")
+    with pytest.raises(ConfigError, match="clip_min or clip_max"):
+        rollout_importance_weights(old, sampling, mask, "token_truncate", clip_min=None, clip_max=None)
+
+
+@pytest.mark.parametrize("mode", IS_MODES)
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_importance_weighted_loss_matches_trl(mode, beta):
+    """TRL 1.16 multiplies the clipped per-token policy loss by ``importance_sampling_ratio`` before adding
+    β·KL; our is_weights must give the same loss and gradient for every loss_type."""
+    logps, old, ref, adv, mask = fixed_batch(3)
+    g = torch.Generator().manual_seed(4)
+    sampling = old + (torch.rand(N, S, generator=g) - 0.5) * 0.6
+    weights = rollout_importance_weights(old, sampling, mask, mode, clip_min=0.8, clip_max=1.2).weights
+    assert weights.unique().numel() > 2  # truncation / masking active and not everything clipped
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        ref_loss = trl_loss(loss_type, beta, 0.2, 0.28, logps, old, ref, adv, mask, is_weights=weights)
+        (ref_grad,) = torch.autograd.grad(ref_loss, logps)
+        our_loss = ours(loss_type, beta, 0.2, 0.28, logps, old, ref, adv, mask, is_weights=weights)
+        (our_grad,) = torch.autograd.grad(our_loss, logps)
+        assert abs(our_loss.item() - ref_loss.item()) < 1e-6, loss_type
+        assert torch.allclose(our_grad, ref_grad, atol=1e-7), loss_type
+
+
+@pytest.mark.parametrize("mode", IS_MODES)
+def test_identical_sampling_logprobs_make_the_correction_a_no_op(mode):
+    logps, old, ref, adv, mask = fixed_batch(5)
+    isw = rollout_importance_weights(old, old.clone(), mask, mode, clip_min=0.5, clip_max=2.0)
+    assert torch.equal(isw.weights, torch.ones_like(isw.weights)) and not isw.clipped.any()
+    plain = ours("dapo", 0.04, 0.2, 0.28, logps, old, ref, adv, mask)
+    (g_plain,) = torch.autograd.grad(plain, logps)
+    corrected = ours("dapo", 0.04, 0.2, 0.28, logps, old, ref, adv, mask, is_weights=isw.weights)
+    (g_corr,) = torch.autograd.grad(corrected, logps)
+    assert torch.equal(plain, corrected) and torch.equal(g_plain, g_corr)

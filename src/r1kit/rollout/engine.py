@@ -29,6 +29,7 @@ from r1kit.errors import ConfigError
 from r1kit.rollout.base import Completion, SamplingParams
 
 TOP_P_CANDIDATES = 1024  # tokens kept before the exact top-p cut; a full sort is the fallback
+SHARED_PREFIX_MIN = 16  # prompts admitted together that share this many leading tokens prefill them once
 
 
 @dataclass
@@ -63,14 +64,18 @@ class ModelAdapter(Protocol):
         """Allocate a cache whose every entry is finite."""
         ...
 
-    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cache: SlotCache, slots: torch.Tensor) -> torch.Tensor:
-        """Run prompts ``tokens`` (u, s) right-padded to s, true ``lengths`` (u,), writing their
-        positions 0..s-1 into cache ``slots`` (u,). Returns logits (u, V) at each last prompt token."""
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cache: SlotCache, slots: torch.Tensor,
+                start: int = 0) -> torch.Tensor:
+        """Run prompts ``tokens`` (u, s) right-padded to s, true ``lengths`` (u,), at positions
+        start..start+s-1 of cache ``slots`` (u,), whose positions < start already hold a shared prefix.
+        Returns logits (u, V) at each last prompt token."""
         ...
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: SlotCache, span: int) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: SlotCache, span: int,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
         """One step for slots 0..w-1: ``tokens`` (w,) at ``positions`` (w,); attends over cache
-        positions ``< span`` (span > max position). Returns logits (w, V)."""
+        positions ``< span`` (span > max position). Returns logits (r, V) at ``rows`` (r,) only, the
+        slots still generating (None = all w)."""
         ...
 
     def load(self, model: torch.nn.Module) -> None:
@@ -251,13 +256,17 @@ class LlamaAdapter:
         """(b, D) -> float32 logits (b, V)."""
         return self.lm_head(rms_norm(x, self.final_norm, self.eps)).float()
 
-    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cache: SlotCache, slots: torch.Tensor) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cache: SlotCache, slots: torch.Tensor,
+                start: int = 0) -> torch.Tensor:
         u, s = tokens.shape
         H, K, d = self.n_heads, self.n_kv, self.head_dim
         keys, values = cache.tensors
         # Projections and MLP run on the n real tokens only, packed; attention on the padded grid.
         real = (torch.arange(s)[None] < lengths[:, None]).flatten().nonzero()[:, 0]  # (n,) into u*s
-        cos, sin = self.cos[real % s][:, None], self.sin[real % s][:, None]  # (n, 1, d)
+        cos, sin = self.cos[start + real % s][:, None], self.sin[start + real % s][:, None]  # (n, 1, d)
+        # Query i sees the shared prefix and suffix positions <= i (bottom-right causal); right padding:
+        # causal masking alone keeps real tokens off the pads.
+        visible = torch.arange(start + s)[None] <= torch.arange(s)[:, None] + start  # (s, start+s)
         x = self.embed[tokens.flatten()[real]]  # (n, D)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(rms_norm(x, layer.attn_norm, self.eps)).view(-1, H + 2 * K, d)
@@ -265,28 +274,32 @@ class LlamaAdapter:
             grid[real] = torch.cat((rotate(qkv[:, : H + K], cos, sin), qkv[:, H + K :]), dim=1)
             grid = grid.view(u, s, H + 2 * K, d).transpose(1, 2)  # (u, H+2K, s, d)
             q, k, v = grid[:, :H], grid[:, H : H + K], grid[:, H + K :]
-            keys[i, slots, :, :s] = k
-            values[i, slots, :, :s] = v
-            # Right padding: causal masking alone keeps real tokens off the pads.
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (u, H, s, d)
+            keys[i, slots, :, start : start + s] = k
+            values[i, slots, :, start : start + s] = v
+            if start:
+                k, v = keys[i, slots, :, : start + s], values[i, slots, :, : start + s]  # (u, K, start+s, d)
+                attn = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
+            else:
+                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (u, H, s, d)
             attn = attn.transpose(1, 2).reshape(u * s, H * d)[real]  # (n, H*d)
             x = x + layer.o(attn)
             x = self._mlp(x, layer)
         return self._logits(x[lengths.cumsum(0) - 1])  # last prompt token of each row
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: SlotCache, span: int) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: SlotCache, span: int,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
         w = tokens.shape[0]
         H, K, d = self.n_heads, self.n_kv, self.head_dim
         keys, values = cache.tensors
-        rows = torch.arange(w)
+        slots = torch.arange(w)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (w, 1, d)
         visible = (torch.arange(span)[None] <= positions[:, None])[:, None, None]  # (w, 1, 1, span)
         x = self.embed[tokens]  # (w, D)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(rms_norm(x, layer.attn_norm, self.eps)).view(w, H + 2 * K, d)
             qk = rotate(qkv[:, : H + K], cos, sin)  # (w, H+K, d)
-            keys[i, rows, :, positions] = qk[:, H:]
-            values[i, rows, :, positions] = qkv[:, H + K :]
+            keys[i, slots, :, positions] = qk[:, H:]
+            values[i, slots, :, positions] = qkv[:, H + K :]
             # The G query heads sharing a KV head ride as G query positions of that head.
             q = qk[:, :H].view(w, K, H // K, d)
             attn = F.scaled_dot_product_attention(
@@ -294,7 +307,7 @@ class LlamaAdapter:
             )  # (w, K, G, d)
             x = x + layer.o(attn.reshape(w, H * d))
             x = self._mlp(x, layer)
-        return self._logits(x)
+        return self._logits(x if rows is None or len(rows) == w else x[rows])
 
 
 register_adapter("llama", LlamaAdapter)
@@ -319,11 +332,15 @@ def sample(
     if params.temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
-    logp = (logits / params.temperature).log_softmax(-1)  # (b, V)
+    scaled = logits if params.temperature == 1 else logits / params.temperature  # (b, V)
     if params.top_k == 0 and params.top_p == 1:
-        tokens = draw(logp.exp(), generator)
-    else:
-        tokens = _sample_truncated(logp, params.top_k, params.top_p, generator)
+        # log_softmax written out so the (b, V) passes are shared with the draw's weights.
+        shifted = scaled - scaled.amax(-1, keepdim=True)
+        weights = shifted.exp()
+        tokens = draw(weights, generator)
+        return tokens, shifted.gather(1, tokens[:, None])[:, 0] - weights.sum(-1).log()
+    logp = scaled.log_softmax(-1)
+    tokens = _sample_truncated(logp, params.top_k, params.top_p, generator)
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
 
 
@@ -512,8 +529,9 @@ class _Run:
         prompt_of = [q // n for q in seqs]
         unique = sorted(set(prompt_of))
         home = {p: free[prompt_of.index(p)] for p in unique}  # the slot each prompt is prefilled into
-        tokens, lengths = self._padded(unique)
-        logits = self.adapter.prefill(tokens, lengths, self.cache, torch.tensor([home[p] for p in unique]))
+        start = self._prefill_shared_prefix(unique, [home[p] for p in unique])
+        tokens, lengths = self._padded(unique, start)
+        logits = self.adapter.prefill(tokens, lengths, self.cache, torch.tensor([home[p] for p in unique]), start)
         copies = [(home[p], s) for p, s in zip(prompt_of, free) if home[p] != s]
         if copies:
             src, dst = torch.tensor(copies).T
@@ -524,21 +542,35 @@ class _Run:
         rows = torch.tensor([unique.index(p) for p in prompt_of])  # each sequence's prefill row
         self._record(torch.tensor(free), *sample(logits[rows], self.params, self.generator))
 
-    def _padded(self, prompts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded token ids (u, s) and lengths (u,) of the prompts with these indices."""
-        lengths = torch.tensor([len(self.prompts[p]) for p in prompts])
+    def _prefill_shared_prefix(self, prompts: list[int], slots: list[int]) -> int:
+        """Prefill the longest prefix the ``prompts`` share (a system prompt, a template's preamble) once
+        into the first of their ``slots`` and copy it to the others; returns its length (0 when under
+        ``SHARED_PREFIX_MIN`` tokens). Every prompt keeps at least one token of its own, whose logits
+        start its completion."""
+        ids = [self.prompts[p] for p in prompts]
+        start = min(len(os.path.commonprefix(ids)), min(map(len, ids)) - 1)
+        if len(ids) < 2 or start < SHARED_PREFIX_MIN:
+            return 0
+        self.adapter.prefill(torch.tensor([ids[0][:start]]), torch.tensor([start]), self.cache, torch.tensor(slots[:1]))
+        self.cache.copy_slots(torch.tensor(slots[:1] * (len(slots) - 1)), torch.tensor(slots[1:]))
+        return start
+
+    def _padded(self, prompts: list[int], start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded token ids (u, s) and lengths (u,) of the prompts with these indices, from
+        position ``start`` on."""
+        lengths = torch.tensor([len(self.prompts[p]) - start for p in prompts])
         tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
         for row, p in enumerate(prompts):
-            tokens[row, : lengths[row]] = torch.tensor(self.prompts[p])
+            tokens[row, : lengths[row]] = torch.tensor(self.prompts[p][start:])
         return tokens, lengths
 
     def _decode(self) -> None:
         w = self.width
         span = int(self.pos[:w].max()) + 1
-        logits = self.adapter.decode(self.last[:w], self.pos[:w], self.cache, span)  # (w, V)
         busy = torch.tensor([q >= 0 for q in self.seq[:w]]).nonzero()[:, 0]
+        logits = self.adapter.decode(self.last[:w], self.pos[:w], self.cache, span, busy)  # (b, V)
         self.pos[busy] += 1  # idle slots stay at position 0
-        self._record(busy, *sample(logits[busy], self.params, self.generator))
+        self._record(busy, *sample(logits, self.params, self.generator))
 
     def _record(self, slots: torch.Tensor, tokens: torch.Tensor, logp: torch.Tensor) -> None:
         """Append the sampled tokens (n,) to ``slots`` (n,) and retire the finished sequences."""

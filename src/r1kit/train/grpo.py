@@ -37,8 +37,9 @@ from r1kit.rewards.base import Verdict
 from r1kit.rollout.base import SamplingEngine, SamplingParams
 from r1kit.train import checkpoint as ckpt
 from r1kit.train.logging import MetricsLogger
-from r1kit.train.losses import (LossNormalizer, aggregate_loss, entropy_from_logits, group_advantages,
-                                policy_loss_terms, selective_log_softmax)
+from r1kit.train.losses import (ImportanceWeights, LossNormalizer, aggregate_loss, entropy_from_logits,
+                                group_advantages, policy_loss_terms, rollout_importance_weights,
+                                selective_log_softmax)
 
 
 @dataclass
@@ -407,7 +408,7 @@ class GRPOTrainer:
                 step_loss = 0.0
                 for start in range(0, len(fwd), c.micro_batch_size):
                     idx = fwd[start:start + c.micro_batch_size]
-                    step_loss += self._micro_step(ro, idx, norm, acc, first_pass=(it == 0 and s == 0))
+                    step_loss += self._micro_step(ro, idx, norm, acc, first_iteration=(it == 0))
                 acc.add("loss", step_loss, 1.0)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
                 if not torch.isfinite(grad_norm):
@@ -419,16 +420,23 @@ class GRPOTrainer:
         return acc.means()
 
     def _micro_step(self, ro: Rollout, idx: list[int], norm: LossNormalizer, acc: "_Accumulator",
-                    first_pass: bool) -> float:
-        """Forward/backward of one micro-batch; returns its share of the step loss."""
+                    first_iteration: bool) -> float:
+        """Forward/backward of one micro-batch; returns its share of the step loss. Statistics of the
+        round's fixed quantities (logprob mismatch, importance weights) are taken in the first iteration,
+        which sees every forwarded completion once."""
         c = self.cfg
         loss_lens = [ro.loss_mask_len(i, c.mask_truncated_completions) for i in idx]
         mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id, loss_lens)
         logps, entropy = completion_logprobs(self.policy, mb, c.temperature, self.bf16, with_entropy=True)
+        # With μ = 1 and one optimizer step per round the policy has not moved yet: π_old = π_θ.
         old = self._stack(ro.old_logps, idx, logps) if ro.old_logps is not None else logps.detach()
         ref = self._stack(ro.ref_logps, idx, logps) if ro.ref_logps is not None else None
         adv = ro.advantages[idx]
-        terms = policy_loss_terms(logps, old, adv, c.epsilon, c.eps_high, c.beta, ref)
+        isw = None
+        if c.rollout_importance_sampling_correction:
+            isw = self._importance_weights(ro, idx, old, mb.completion_attn)
+        terms = policy_loss_terms(logps, old, adv, c.epsilon, c.eps_high, c.beta, ref,
+                                  None if isw is None else isw.weights)
         loss = aggregate_loss(terms.per_token_loss, mb.mask, c.loss_type, norm)
         if not torch.isfinite(loss):
             raise TrainingStopped(self._stop_message(f"non-finite loss ({loss.item()})"))
@@ -441,9 +449,43 @@ class GRPOTrainer:
         acc.add("clip_ratio/region_mean", ((terms.is_low_clipped | terms.is_high_clipped) * m).sum().item() / max(n_tok, 1), n_tok)
         if terms.kl is not None:
             acc.add("kl", (terms.kl.detach() * m).sum().item() / max(n_tok, 1), n_tok)
-        if first_pass and ro.old_logps is None:
+        if first_iteration and ro.old_logps is None:
             self._mismatch(ro, idx, logps.detach(), acc)
+        if first_iteration and isw is not None:
+            self._importance_stats(isw, mb.completion_attn, acc)
         return loss.item()
+
+    def _importance_weights(self, ro: Rollout, idx: list[int], old: torch.Tensor,
+                            attn: torch.Tensor) -> ImportanceWeights:
+        """π_old / π_rollout weights of micro-batch ``idx`` (old, attn: (m, C)) from the engine's sampling logprobs.
+
+        Raises:
+            ConfigError: the rollout backend returned no logprob for some token.
+        """
+        c = self.cfg
+        sampling = torch.zeros_like(old)
+        for row, i in enumerate(idx):
+            lp = ro.sampling_logprobs[i]
+            if len(lp) != len(ro.completion_ids[i]):
+                raise ConfigError(f"rollout_importance_sampling_correction needs a sampling logprob per token; the "
+                                  f"{c.rollout_backend} backend gave {len(lp)} for {len(ro.completion_ids[i])} tokens")
+            sampling[row, :len(lp)] = torch.tensor(lp, dtype=old.dtype)
+        return rollout_importance_weights(old, sampling, attn.to(old.dtype), c.rollout_importance_sampling_mode,
+                                          c.rollout_importance_sampling_clip_min,
+                                          c.rollout_importance_sampling_clip_max)
+
+    @staticmethod
+    def _importance_stats(isw: ImportanceWeights, attn: torch.Tensor, acc: "_Accumulator") -> None:
+        """Weight mean/min/max (TRL's names) and the fraction truncated or masked: over completion tokens
+        (token modes) or completions (sequence modes)."""
+        keep = (attn > 0) if isw.weights.shape == attn.shape else torch.ones_like(isw.weights, dtype=torch.bool)
+        w, clipped = isw.weights[keep], isw.clipped[keep]
+        if w.numel():
+            key = "sampling/importance_sampling_ratio"
+            acc.add(f"{key}/mean", w.mean().item(), w.numel())
+            acc.add(f"{key}/clipped_fraction", clipped.float().mean().item(), w.numel())
+            acc.add_min(f"{key}/min", w.min().item())
+            acc.add_max(f"{key}/max", w.max().item())
 
     @staticmethod
     def _stack(per_seq: dict[int, torch.Tensor], idx: list[int], like: torch.Tensor) -> torch.Tensor:
@@ -618,12 +660,13 @@ class GRPOTrainer:
 
 
 class _Accumulator:
-    """Weighted running means (and maxima) of scalar statistics."""
+    """Weighted running means (and maxima, minima) of scalar statistics."""
 
     def __init__(self):
         self.sums: dict[str, float] = {}
         self.weights: dict[str, float] = {}
         self.maxes: dict[str, float] = {}
+        self.mins: dict[str, float] = {}
 
     def add(self, key: str, value: float, weight: float) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + value * weight
@@ -632,7 +675,11 @@ class _Accumulator:
     def add_max(self, key: str, value: float) -> None:
         self.maxes[key] = max(self.maxes.get(key, -math.inf), value)
 
+    def add_min(self, key: str, value: float) -> None:
+        self.mins[key] = min(self.mins.get(key, math.inf), value)
+
     def means(self) -> dict[str, float]:
         out = {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
         out.update(self.maxes)
+        out.update(self.mins)
         return out

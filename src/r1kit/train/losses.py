@@ -5,7 +5,8 @@ G = num_generations. All log-probabilities are natural-log, per token.
 
 Sources: DeepSeekMath (arXiv 2402.03300) §4.1 Eq. 3-4 (group advantages, clipped surrogate, k3 KL);
 DAPO (arXiv 2503.14476) Eq. 8 (token-mean aggregation, clip-higher); Dr. GRPO (arXiv 2503.20783) §3
-(no std scaling, constant normalizer); TRL 1.16 ``GRPOTrainer._compute_loss`` as executable reference.
+(no std scaling, constant normalizer); Yao et al. 2025 (truncated importance sampling of the rollout
+engine's samples); TRL 1.16 ``GRPOTrainer._compute_loss`` as executable reference.
 See ``docs/`` and GRPO_SPEC.md §1-2 for the contract these functions implement.
 
 The one deliberate difference from TRL: ``aggregate_loss`` takes the *whole optimizer step's*
@@ -15,6 +16,7 @@ batch is processed in one micro-batch or in k gradient-accumulation micro-batche
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,7 @@ from r1kit.errors import ConfigError
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group",
@@ -91,8 +94,10 @@ class PolicyLossTerms:
 
 def policy_loss_terms(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
                       epsilon_low: float, epsilon_high: float, beta: float = 0.0,
-                      ref_logps: torch.Tensor | None = None) -> PolicyLossTerms:
-    """The clipped surrogate of DeepSeekMath Eq. 3 per token, plus ``beta * k3`` KL.
+                      ref_logps: torch.Tensor | None = None,
+                      is_weights: torch.Tensor | None = None) -> PolicyLossTerms:
+    """The clipped surrogate of DeepSeekMath Eq. 3 per token, times the rollout importance weight when
+    given, plus ``beta * k3`` KL (the KL term is not reweighted, as in TRL 1.16).
 
     Args:
         logps: (n, s) log π_θ of the sampled tokens (with grad).
@@ -101,6 +106,8 @@ def policy_loss_terms(logps: torch.Tensor, old_logps: torch.Tensor, advantages: 
         epsilon_low, epsilon_high: clip range [1-ε_low, 1+ε_high] (DAPO clip-higher: ε_high = 0.28).
         beta: KL coefficient; when 0, ``ref_logps`` is not needed and ``kl`` is None.
         ref_logps: (n, s) log π_ref (detached), required when beta != 0.
+        is_weights: (n, s) or (n, 1) detached rollout importance weights (``rollout_importance_weights``),
+            or None for no correction.
 
     Raises:
         ValueError: beta != 0 without ref_logps.
@@ -109,6 +116,8 @@ def policy_loss_terms(logps: torch.Tensor, old_logps: torch.Tensor, advantages: 
     ratio = torch.exp(logps - old_logps)                                           # (n, s)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_token_loss = -torch.min(ratio * adv, clipped * adv)
+    if is_weights is not None:
+        per_token_loss = per_token_loss * is_weights
     kl = None
     if beta != 0.0:
         if ref_logps is None:
@@ -122,6 +131,68 @@ def policy_loss_terms(logps: torch.Tensor, old_logps: torch.Tensor, advantages: 
         is_low_clipped=(ratio < 1 - epsilon_low) & (adv < 0),
         is_high_clipped=(ratio > 1 + epsilon_high) & (adv > 0),
     )
+
+
+@dataclass
+class ImportanceWeights:
+    """Rollout importance weights and what the truncation/mask did to them.
+
+    Attributes:
+        weights: (n, s) for token modes, (n, 1) for sequence modes; detached, multiply the per-token
+            policy loss.
+        ratio: the raw ratios π_old / π_rollout, same shape, before truncation or masking.
+        clipped: bool, same shape: True where the ratio was outside [clip_min, clip_max] (truncated
+            to the bound in ``*_truncate`` modes, set to 0 in ``*_mask`` modes).
+    """
+
+    weights: torch.Tensor
+    ratio: torch.Tensor
+    clipped: torch.Tensor
+
+
+def rollout_importance_weights(old_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor,
+                               mode: str, clip_min: float | None = None,
+                               clip_max: float | None = 3.0) -> ImportanceWeights:
+    """Importance weights correcting the training/inference mismatch: the rollout engine sampled from
+    π_rollout (its own kernels, bf16, ...), the loss assumes samples from π_old (the trainer's recompute).
+
+    The per-token ratio is ``ρ_t = exp(old_logps_t - sampling_logps_t)``; sequence modes use the product
+    over the completion, ``exp(Σ_t mask_t (old_t - sampling_t))``, broadcast to all its tokens. Ratios
+    outside [clip_min, clip_max] are truncated to the bound (``*_truncate``; truncated IS, Yao et al. 2025
+    "Your efficient RL framework secretly brings you off-policy RL training") or set to 0 (``*_mask``).
+    NaN differences (a backend that could not score a token) count as 0, i.e. weight 1. Same semantics
+    as TRL 1.16 ``GRPOTrainer._generate_and_score_completions`` (``vllm_importance_sampling_*``).
+
+    Args:
+        old_logps: (n, s) trainer log π_old of the sampled tokens (detached).
+        sampling_logps: (n, s) the rollout engine's sampling logprobs of the same tokens.
+        mask: (n, s) 1 on completion tokens, 0 on padding.
+        mode: one of IS_MODES.
+        clip_min, clip_max: bounds (None = unbounded on that side).
+
+    Returns:
+        ImportanceWeights; with ``sampling_logps == old_logps`` (and clip_min <= 1 <= clip_max) every
+        weight is exactly 1.0, so the correction is an exact no-op.
+
+    Raises:
+        ConfigError: unknown mode, or a truncate mode with neither bound.
+    """
+    if mode not in IS_MODES:
+        raise ConfigError(f"importance sampling mode must be one of {IS_MODES}, got {mode!r}")
+    if mode.endswith("truncate") and clip_min is None and clip_max is None:
+        raise ConfigError(f"importance sampling mode {mode!r} needs clip_min or clip_max")
+    diff = torch.nan_to_num((old_logps - sampling_logps) * mask, nan=0.0)        # (n, s)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)                                          # (n, 1)
+    ratio = torch.exp(diff).detach()
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    clipped = (ratio < low) | (ratio > high)
+    if mode.endswith("truncate"):
+        weights = torch.clamp(ratio, min=clip_min, max=clip_max)
+    else:
+        weights = ratio.masked_fill(clipped, 0.0)
+    return ImportanceWeights(weights=weights, ratio=ratio, clipped=clipped)
 
 
 @dataclass(frozen=True)
