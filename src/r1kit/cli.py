@@ -76,7 +76,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _pretrain_v3_zero(args: argparse.Namespace) -> int:
     from r1kit.train.v3_zero import V3ZeroConfig, run_v3_zero
 
-    run_v3_zero(V3ZeroConfig(output=args.output, max_seconds=args.max_seconds, grpo_steps=args.grpo_steps,
+    run_v3_zero(V3ZeroConfig(output=args.output, max_seconds=args.max_seconds, pretrain_steps=args.pretrain_steps,
+                             grpo_steps=args.grpo_steps,
                              preset=args.preset, batch_size=args.batch_size, eval_limit=args.eval_limit,
                              seed=args.seed, threads=args.threads, progress=not args.no_progress))
     print(f"run directory: {args.output} (report.md, report.png)")
@@ -139,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = V3ZeroDefaults()
     zero.add_argument("--output", required=True, help="run directory (must be empty or absent)")
-    zero.add_argument("--max-seconds", type=float, default=d.max_seconds, help="pretraining wall-clock budget, s")
+    zero.add_argument("--max-seconds", type=float, default=d.max_seconds, help="pretraining budget in CPU seconds of this process (wall seconds on an idle core)")
+    zero.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps,
+                      help="pretraining optimizer steps at most (the time budget usually ends it first)")
     zero.add_argument("--grpo-steps", type=int, default=d.grpo_steps, help="GRPO steps after pretraining")
     zero.add_argument("--preset", default=d.preset, help="DeepSeek-V3 model preset (r1kit/models/presets)")
     zero.add_argument("--batch-size", type=int, default=d.batch_size, help="pretraining problems per step")

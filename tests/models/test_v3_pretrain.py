@@ -28,7 +28,7 @@ def test_char_tokenizer_ids_round_trip_and_reload(tmp_path):
 
 def test_batches_hold_train_problems_with_one_eos_each():
     tok = char_tokenizer()
-    ids, mask = training_batch(tok, random.Random(0), 8, 99)
+    ids, mask = training_batch(tok, random.Random(0), 8, 49)
     assert ids.shape == mask.shape and ids.shape[0] == 8
     assert (ids[mask == 0] == tok.pad_token_id).all()
     assert ids[mask.bool()].eq(tok.eos_token_id).sum() == 8 and (ids[:, 0] == tok.bos_token_id).all()

@@ -1,7 +1,8 @@
 """Generated arithmetic: the corpus and task of r1kit's from-scratch DeepSeek-V3 (R1-Zero in miniature).
 
-A problem is ``"a+b="`` or ``"a-b="`` with a, b in [0, max_operand]; its answer is the integer result
-(``"37+48="`` → ``"85"``, ``"12-40="`` → ``"-28"``). Every problem belongs to one split for good:
+A problem is ``"a+b="`` or ``"a-b="`` with a, b in [0, max_operand] (49 by default: 5,000 problems);
+its answer is the integer result (``"37+48="`` → ``"85"``, ``"12-40="`` → ``"-28"``). Every problem
+belongs to one split for good:
 ``test`` when sha256(``SPLIT_SALT`` + prompt) falls in the lowest ``TEST_FRACTION`` of hashes, else
 ``train``. Pretraining draws only train problems, so the test split is held out from pretraining and
 GRPO alike.
@@ -17,7 +18,7 @@ from r1kit.errors import ConfigError, DataError
 
 SPLIT_SALT = "r1kit-arithmetic-split-v1:"
 TEST_FRACTION = 0.1
-MAX_OPERAND = 99
+MAX_OPERAND = 49
 
 
 def _hash(prompt: str) -> int:

@@ -4,7 +4,7 @@ run GRPO on it with a rule reward, and report what each stage did.
 ``r1kit pretrain v3-zero --output DIR`` runs, in order:
 
 1. pretraining (``r1kit.models.v3_pretrain``): next-token + λ·MTP + α·balance loss with the
-   aux-loss-free router-bias update, for at most ``max_seconds`` of wall time, on the train split of
+   aux-loss-free router-bias update, for at most ``max_seconds`` of CPU time, on the train split of
    ``arithmetic`` (``"37+48=85"``) → ``DIR/pretrained/`` (V3 checkpoint, character tokenizer,
    ``history.json``);
 2. GRPO through the normal recipe (``r1kit.train.recipe.run_grpo``): rollouts on the absorbed-MLA
@@ -49,8 +49,9 @@ class V3ZeroConfig:
     """What ``run_v3_zero`` runs; GRPO fields not listed here are ``GRPO_SETTINGS``."""
 
     output: str = "runs/v3-zero"  # run directory (must be empty or absent)
-    max_seconds: float = 600.0  # pretraining wall-clock budget, seconds
-    grpo_steps: int = 40  # GRPO steps (generation rounds of prompts_per_step × G completions)
+    max_seconds: float = 600.0  # pretraining budget, CPU seconds of this process (one thread: one core's time)
+    pretrain_steps: int = 100_000  # pretraining optimizer steps at most (the time budget usually ends it first)
+    grpo_steps: int = 50  # GRPO steps (generation rounds of prompts_per_step × G completions)
     preset: str = "tiny-2m"  # model shape (models/presets)
     batch_size: int = 64  # pretraining problems per optimizer step
     eval_limit: int = 400  # held-out test problems evaluated before and after GRPO
@@ -74,14 +75,14 @@ def run_v3_zero(cfg: V3ZeroConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tok = char_tokenizer()
-    pre_cfg = PretrainConfig(preset=cfg.preset, max_seconds=cfg.max_seconds, batch_size=cfg.batch_size,
-                             seed=cfg.seed, overrides=cfg.model_overrides)
-    print(f"pretraining {cfg.preset} for at most {cfg.max_seconds:.0f} s...", flush=True)
+    pre_cfg = PretrainConfig(preset=cfg.preset, steps=cfg.pretrain_steps, max_seconds=cfg.max_seconds,
+                             batch_size=cfg.batch_size, seed=cfg.seed, overrides=cfg.model_overrides)
+    print(f"pretraining {cfg.preset} for at most {cfg.max_seconds:.0f} CPU seconds...", flush=True)
     model, history = pretrain(pre_cfg, tok)
     history["heldout_greedy_accuracy"] = heldout_accuracy(model, tok, cfg.eval_limit)
     pretrained = save_pretrained_atomic(model, tok, out / "pretrained")
     (pretrained / "history.json").write_text(json.dumps(history))
-    print(f"pretrained {history['steps']} steps in {history['seconds']:.0f} s: lm loss {history['lm'][0]:.3f} → "
+    print(f"pretrained {history['steps']} steps in {history['cpu_seconds']:.0f} CPU s: lm loss {history['lm'][0]:.3f} → "
           f"{history['lm'][-1]:.3f}, held-out greedy accuracy {history['heldout_greedy_accuracy']:.3f}", flush=True)
 
     grpo_cfg = load_config(overrides={**GRPO_SETTINGS, "model": str(pretrained), "output": str(out),
@@ -132,7 +133,8 @@ def build_report(history: dict, grpo_rows: list[dict], before: EvalResult, after
     diff = paired_difference(before, after)
     return {
         "pretrain": {
-            "steps": history["steps"], "seconds": history["seconds"], "tokens": history["tokens"],
+            "steps": history["steps"], "seconds": history["seconds"], "cpu_seconds": history["cpu_seconds"],
+            "tokens": history["tokens"],
             "lm_loss": [mean_of(history["lm"]), mean_of(history["lm"], last=True)],
             "mtp_loss": [mean_of(history["mtp"]), mean_of(history["mtp"], last=True)],
             "max_over_mean": {layer_label(layer, history): [mean_of(v), mean_of(v, last=True)]
@@ -166,7 +168,8 @@ def report_markdown(report: dict[str, Any]) -> str:
 
     return (
         "# R1-Zero in miniature: a tiny DeepSeek-V3 MoE pretrained from scratch, then GRPO\n\n"
-        f"## Pretraining ({pre['steps']} steps, {pre['seconds']:.0f} s, {pre['tokens']} tokens)\n\n"
+        f"## Pretraining ({pre['steps']} steps, {pre['tokens']} tokens, {pre['cpu_seconds']:.0f} CPU s, "
+        f"{pre['seconds']:.0f} s wall)\n\n"
         "| loss (nats/token) | first 10 steps | last 10 steps |\n|---|---|---|\n"
         f"| next-token | {pre['lm_loss'][0]:.3f} | {pre['lm_loss'][1]:.3f} |\n"
         f"| MTP (depth 1) | {pre['mtp_loss'][0]:.3f} | {pre['mtp_loss'][1]:.3f} |\n\n"
