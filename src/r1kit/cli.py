@@ -2,6 +2,7 @@
 
   r1kit train grpo --preset cpu_demo --output runs/demo [--config c.yaml] [--<field> value ...] [--resume]
   r1kit eval --model M --task T [--k K] [--limit N] [--output DIR]
+  r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 40]
   r1kit tasks
 
 Bad input (R1kitError) prints one ``error:`` line and exits with status 2; a guard stop exits with 3;
@@ -73,6 +74,17 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain_v3_zero(args: argparse.Namespace) -> int:
+    from r1kit.train.v3_zero import V3ZeroConfig, run_v3_zero
+
+    run_v3_zero(V3ZeroConfig(output=args.output, max_seconds=args.max_seconds, pretrain_steps=args.pretrain_steps,
+                             grpo_steps=args.grpo_steps,
+                             preset=args.preset, batch_size=args.batch_size, eval_limit=args.eval_limit,
+                             seed=args.seed, threads=args.threads, progress=not args.no_progress))
+    print(f"run directory: {args.output} (report.md, report.png)")
+    return 0
+
+
 def _tasks(args: argparse.Namespace) -> int:
     from r1kit.data.base import task_names, task_verifier
 
@@ -83,6 +95,7 @@ def _tasks(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from r1kit.config import add_config_arguments, preset_names
+    from r1kit.train.v3_zero import V3ZeroConfig as V3ZeroDefaults
 
     p = argparse.ArgumentParser(prog="r1kit", description="Reproduce DeepSeek-R1: GRPO on verified rewards, evaluation.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -120,6 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", default=None, help="directory for the JSON and markdown report")
     ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     ev.set_defaults(func=_eval)
+
+    pre = sub.add_parser("pretrain", help="pretrain a model from scratch")
+    psub = pre.add_subparsers(dest="recipe", required=True)
+    zero = psub.add_parser("v3-zero", help="R1-Zero in miniature: a tiny DeepSeek-V3 MoE pretrained on generated "
+                           "arithmetic, then GRPO with the exact-answer reward, with a report",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = V3ZeroDefaults()
+    zero.add_argument("--output", required=True, help="run directory (must be empty or absent)")
+    zero.add_argument("--max-seconds", type=float, default=d.max_seconds, help="pretraining budget in CPU seconds of this process (wall seconds on an idle core)")
+    zero.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps,
+                      help="pretraining optimizer steps at most (the time budget usually ends it first)")
+    zero.add_argument("--grpo-steps", type=int, default=d.grpo_steps, help="GRPO steps after pretraining")
+    zero.add_argument("--preset", default=d.preset, help="DeepSeek-V3 model preset (r1kit/models/presets)")
+    zero.add_argument("--batch-size", type=int, default=d.batch_size, help="pretraining problems per step")
+    zero.add_argument("--eval-limit", type=int, default=d.eval_limit, help="held-out problems evaluated before/after")
+    zero.add_argument("--seed", type=int, default=d.seed)
+    zero.add_argument("--threads", type=int, default=d.threads, help="torch intra-op threads")
+    zero.add_argument("--no-progress", action="store_true", help="no progress bar")
+    zero.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    zero.set_defaults(func=_pretrain_v3_zero)
 
     tasks = sub.add_parser("tasks", help="list registered tasks")
     tasks.set_defaults(func=_tasks)

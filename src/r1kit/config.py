@@ -95,6 +95,7 @@ class GRPOConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99
     max_grad_norm: float = 1.0  # 0 = no clipping
+    router_bias_update_speed: float = 0.001  # γ: DeepSeek-V3 MoE router-bias step per update (V3 report §2.1.2; 0 = frozen)
     max_steps: int = 100
     max_train_minutes: float | None = None  # also stop training after this much wall time (min; checkpointed)
     bf16: str = "auto"  # bf16 autocast + bf16 rollouts: auto (only where the CPU has AVX512-BF16/AMX), true, false
@@ -141,6 +142,8 @@ class GRPOConfig:
             raise ConfigError(f"beta must be >= 0, got {self.beta}")
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:
             raise ConfigError(f"max_train_minutes must be > 0 (or none), got {self.max_train_minutes}")
+        if self.router_bias_update_speed < 0:
+            raise ConfigError(f"router_bias_update_speed must be >= 0, got {self.router_bias_update_speed}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0 for GRPO sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:

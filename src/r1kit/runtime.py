@@ -28,10 +28,21 @@ def make_verifier(task: str, answer_extraction: str = "tagged"):
     return get_verifier(kind, extraction=answer_extraction) if kind == "math" else get_verifier(kind)
 
 
-def make_engine(model: torch.nn.Module, tokenizer, backend: str = "hf", dtype: torch.dtype | None = None,
+def make_engine(model: torch.nn.Module, tokenizer, backend: str = "auto", dtype: torch.dtype | None = None,
                 max_batch_size: int = 64):
     """A SamplingEngine over ``model``: "engine" (r1kit's), "hf" (transformers generate), "vllm", or
-    "auto" (r1kit's engine when it has an adapter for the model type, else transformers generate)."""
+    "auto" (r1kit's engine when it has an adapter for the model type, else transformers generate).
+
+    r1kit's DeepSeek-V3 model samples with ``V3SamplingEngine`` (absorbed-MLA cache, in the model's own
+    dtype) under "auto" and "engine"; "hf" and "vllm" raise ConfigError for it."""
+    from r1kit.models.deepseek_v3 import DeepseekV3ForCausalLM
+
+    if isinstance(model, DeepseekV3ForCausalLM):
+        if backend not in ("auto", "engine"):
+            raise ConfigError(f"rollout backend {backend!r} cannot run r1kit's DeepSeek-V3 model; use auto or engine")
+        from r1kit.models.v3_decode import V3SamplingEngine
+
+        return V3SamplingEngine(model, pad_token_id=tokenizer.pad_token_id or 0)
     if backend == "auto":
         from r1kit.rollout.engine import ADAPTERS
 

@@ -1,51 +1,65 @@
-"""Tiny V3 pretraining from scratch on generated arithmetic."""
+"""Tiny V3 pretraining from scratch on generated arithmetic, and its character tokenizer."""
 
-import json
 import random
 
-import pytest
+import torch
 from v3_helpers import one_thread  # noqa: F401 (autouse fixture)
 
-from r1kit.errors import ConfigError
-from r1kit.models.v3_io import load_deepseek_v3
-from r1kit.models.v3_pretrain import CharTokenizer, PretrainConfig, arithmetic_problem, main, pretrain, training_batch
+from r1kit.data.arithmetic import arithmetic, is_test_problem
+from r1kit.models import v3_pretrain
+from r1kit.models.v3_pretrain import PretrainConfig, char_tokenizer, heldout_accuracy, pretrain, training_batch
 
 MICRO = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, q_lora_rank=32,
              kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, num_attention_heads=2)
 
 
-def test_tokenizer_round_trip_and_alphabet():
-    tok = CharTokenizer()
-    ids = tok.encode("12+7=19")
-    assert ids[0] == tok.bos and len(ids) == 8
-    assert tok.decode(ids[1:] + [tok.eos, 5]) == "12+7=19"
-    with pytest.raises(ConfigError, match="'x'"):
-        tok.encode("2x3")
+def test_char_tokenizer_ids_round_trip_and_reload(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = char_tokenizer()
+    assert len(tok) == 22 and (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    assert tok("12+7=19").input_ids == [0, 5, 6, 14, 11, 16, 5, 13]  # bos, then 4 + index in ALPHABET
+    assert tok("2x3", add_special_tokens=False).input_ids == [6, 3, 7]  # unknown character -> <unk>
+    assert tok.batch_decode([[5, 13, 1, 2, 2]], skip_special_tokens=True) == ["19"]
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again("-98+0=\n").input_ids == tok("-98+0=\n").input_ids and again.pad_token_id == 2
 
 
-def test_problems_and_batches():
-    prompt, answer = arithmetic_problem(random.Random(0), 99)
-    a, op, b = prompt[:-1].partition("+") if "+" in prompt else prompt[:-1].partition("-")
-    assert int(answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
-    ids, mask = training_batch(CharTokenizer(), random.Random(0), 4, 9)
-    assert ids.shape == mask.shape and ids.shape[0] == 4
-    assert (ids[mask == 0] == CharTokenizer.pad).all()
-    assert (ids[mask.bool()].eq(CharTokenizer.eos).sum()) == 4  # one eos per row
+def test_batches_hold_train_problems_with_one_eos_each():
+    tok = char_tokenizer()
+    ids, mask = training_batch(tok, random.Random(0), 8, 49)
+    assert ids.shape == mask.shape and ids.shape[0] == 8
+    assert (ids[mask == 0] == tok.pad_token_id).all()
+    assert ids[mask.bool()].eq(tok.eos_token_id).sum() == 8 and (ids[:, 0] == tok.bos_token_id).all()
+    texts = tok.batch_decode(ids, skip_special_tokens=True)
+    for text in texts:
+        prompt, answer = text.split("=")
+        assert str(eval(prompt)) == answer and not is_test_problem(prompt + "=")
 
 
 def test_pretraining_lowers_the_loss_and_logs_expert_load():
     cfg = PretrainConfig(steps=25, batch_size=16, max_operand=9, lr=1e-2, warmup_steps=5, overrides=MICRO)
     model, history = pretrain(cfg)
     assert history["steps"] == 25 and len(history["max_over_mean"]) == 25
-    assert sum(history["lm"][-3:]) / 3 < history["lm"][0] - 1.0  # from ~ln(21) = 3.0 towards the digits
+    assert sum(history["lm"][-3:]) / 3 < history["lm"][0] - 1.0  # from ~ln(22) = 3.1 towards the digits
     assert all(1.0 <= r <= 4.0 for r in history["max_over_mean"])  # 8 experts, top-2: at most 8/2
+    assert set(history["load_per_layer"]) == {"layer1", "layer2"}  # main MoE layer and the MTP layer
+    assert history["max_over_mean"] == [max(v) for v in zip(*history["load_per_layer"].values())]
     assert any(m.gate.e_score_correction_bias.abs().sum() > 0 for m in model.moe_layers())
 
 
-def test_command_writes_a_loadable_checkpoint_and_history(tmp_path, capsys):
-    main(["--out", str(tmp_path), "--steps", "1", "--batch-size", "2"])
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("final_lm_loss=")
-    history = json.loads((tmp_path / "history.json").read_text())
-    assert history["steps"] == 1 and 0.0 <= history["accuracy"] <= 1.0
-    assert load_deepseek_v3(tmp_path).config.vocab_size == CharTokenizer().vocab_size
+def test_heldout_accuracy_counts_exact_answers_of_the_first_test_problems(monkeypatch):
+    tok = char_tokenizer()
+    problems = arithmetic("test")[:4]
+    answers = [problems[0].gold, problems[1].gold + "0", problems[2].gold, "9" + problems[3].gold]
+
+    def generate(model, ids, max_new_tokens, attention_mask, eos_token_id, pad_token_id):
+        assert [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, attention_mask)] == [
+            p.prompt for p in problems]
+        rows = [tok(a, add_special_tokens=False).input_ids + [eos_token_id] for a in answers]
+        new = torch.tensor([r + [pad_token_id] * (max_new_tokens - len(r)) for r in rows])
+        return torch.cat([ids, new], 1)
+
+    monkeypatch.setattr(v3_pretrain, "generate", generate)
+    assert heldout_accuracy(None, tok, n=4) == 0.5

@@ -8,12 +8,14 @@ rounding to 6 decimals, and an escaped dollar sign is dropped (``\\$32`` = ``32`
 """
 
 import threading
+import time
 
 import pytest
 
 from r1kit.data.base import Example
 from r1kit.errors import ConfigError, DataError
 from r1kit.rewards.base import Verdict, Verifier
+from r1kit.rewards import math as math_module
 from r1kit.rewards.math import AccuracyReward, MathVerifier, extract_answer, parse_gold
 from r1kit.rewards.registry import get_verifier
 
@@ -177,8 +179,23 @@ def test_verify_batch_and_accuracy_reward(verifier):
 
 
 def test_timeout_reason():
-    verdict = MathVerifier(timeout_s=1e-6).verify("\\boxed{\\frac{1}{2}}", example("\\frac{2}{4}"))
-    assert verdict == Verdict(False, 0.0, "timeout", "\\frac{1}{2}")
+    slow = "+".join(["x"] * 50)  # about 0.4 s of CPU to parse and compare
+    verdict = MathVerifier(timeout_s=1e-6).verify(f"\\boxed{{{slow}}}", example("\\frac{2}{4}"))
+    assert verdict == Verdict(False, 0.0, "timeout", slow)
+
+
+def test_timeout_counts_cpu_time_not_waiting(monkeypatch):
+    """A loaded machine stretches wall time, not CPU time: waiting must not turn a correct answer into
+    a timeout."""
+    real_parse = math_module._parse_math
+
+    def waiting_parse(text):
+        time.sleep(0.3)
+        return real_parse(text)
+
+    monkeypatch.setattr(math_module, "_parse_math", waiting_parse)
+    verdict = MathVerifier(timeout_s=0.1).verify("\\boxed{\\frac{1}{2}}", example("\\frac{2}{4}"))
+    assert verdict == Verdict(True, 1.0, "ok", "\\frac{1}{2}")
 
 
 def test_verify_off_main_thread_runs_without_alarm(verifier):

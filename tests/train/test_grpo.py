@@ -225,17 +225,16 @@ def test_nan_gradient_stops_and_last_checkpoint_loads(tiny_model_dir, toy_task, 
     assert any(not torch.equal(saved[k], v) for k, v in load_file(str(tiny_model_dir / "model.safetensors")).items())
 
 
-def test_shared_prefix_logprobs_equal_one_concatenated_forward(tiny_model_dir):
-    """completion_logprobs runs each distinct prompt once; values and gradients must equal a plain
-    forward over the left-padded prompt + right-padded completion concatenation."""
+def _check_shared_prefix_logprobs(model, vocab: int, weights, atol: float, rtol: float = 0.0):
+    """completion_logprobs runs each distinct prompt once; values and gradients (w.r.t. ``weights``) must
+    equal a plain forward over the left-padded prompt + right-padded completion concatenation."""
     from r1kit.train.grpo import collate, completion_logprobs
     from r1kit.train.losses import selective_log_softmax
 
-    model, _ = load_policy(str(tiny_model_dir), dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
-    distinct = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (5, 9, 7)]
+    distinct = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 9, 7)]
     prompts = [distinct[i // 3] for i in range(9)]
-    comps = [torch.randint(3, 1000, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+    comps = [torch.randint(3, vocab, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
              for _ in range(9)]
     mb = collate(prompts, comps, list(range(9)), pad_id=2)
     assert mb.prompt_ids.shape[0] == 3 and mb.prompt_of.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -251,10 +250,28 @@ def test_shared_prefix_logprobs_equal_one_concatenated_forward(tiny_model_dir):
     ref = selective_log_softmax(logits[:, P - 1:-1], ids[:, P:], 0.7)
     m = mb.mask.double()
     assert torch.allclose(got * m, ref * m, atol=1e-10)
-    w = model.model.layers[0].self_attn.q_proj.weight
-    (g_got,) = torch.autograd.grad((got * m).sum(), w)
-    (g_ref,) = torch.autograd.grad((ref * m).sum(), w)
-    assert torch.allclose(g_got, g_ref, atol=1e-6, rtol=0) and g_ref.abs().max() > 1e-4
+    for g_got, g_ref in zip(torch.autograd.grad((got * m).sum(), weights), torch.autograd.grad((ref * m).sum(), weights)):
+        assert torch.allclose(g_got, g_ref, atol=atol, rtol=rtol) and g_ref.abs().max() > 1e-4
+
+
+def test_shared_prefix_logprobs_equal_one_concatenated_forward(tiny_model_dir):
+    model, _ = load_policy(str(tiny_model_dir), dtype=torch.float64)
+    _check_shared_prefix_logprobs(model, 1000, [model.model.layers[0].self_attn.q_proj.weight], atol=1e-6)
+
+
+def test_shared_prefix_logprobs_equal_one_concatenated_forward_for_deepseek_v3():
+    """The V3 path runs on r1kit's naive-MLA KVCache; a MoE layer and its router are exercised. Gradients
+    to fp32 precision: the router computes in fp32 even in a float64 model."""
+    from r1kit.models.deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(
+        vocab_size=40, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+        first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        v_head_dim=8, initializer_range=0.2)).cast(torch.float64)
+    weights = [model.model.layers[0].self_attn.kv_b_proj.weight, model.model.layers[1].mlp.gate.weight]
+    _check_shared_prefix_logprobs(model, 40, weights, atol=1e-6, rtol=1e-6)
 
 
 def test_time_budget_stops_after_the_crossing_step_and_checkpoints(tiny_model_dir, tmp_path, monkeypatch):

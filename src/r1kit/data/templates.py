@@ -11,6 +11,8 @@ Presets:
         models on one-step problems (verify with ``MathVerifier(extraction="any")``).
     ``code``: the chat template and an instruction to answer in one fenced Python block (HumanEval,
         MBPP; checked by the code verifier).
+    ``bare``: the problem text itself, for models pretrained on bare problems (r1kit's from-scratch
+        DeepSeek-V3 on ``arithmetic``: ``"37+48="`` is continued with ``"85"``).
 
 Pass the rendered text to ``encode_prompt``, which adds the tokenizer's special tokens only when
 the text does not already start with its BOS (chat templates usually write it), so BOS never
@@ -49,6 +51,7 @@ class PromptTemplate:
         extraction: the ``MathVerifier`` extraction mode answers in this template need.
         shortest_answer: the shortest completion the template's format accepts; a
             max_completion_length that cannot hold it (plus EOS) is refused before training.
+        bare: render the problem text alone (no layout, instruction or chat template).
     """
 
     name: str
@@ -58,6 +61,7 @@ class PromptTemplate:
     assistant_prefix: str = ""
     extraction: str = "tagged"
     shortest_answer: str = "\\boxed{0}"
+    bare: bool = False
 
     @property
     def think_in_prompt(self) -> bool:
@@ -99,6 +103,7 @@ TEMPLATES = {
             use_chat_template=True,
             shortest_answer="```python\ndef f(): pass\n```",
         ),
+        PromptTemplate("bare", None, "", use_chat_template=False, extraction="any", shortest_answer="0", bare=True),
     )
 }
 
@@ -122,6 +127,8 @@ def render_prompt(example: Example, tokenizer, template: PromptTemplate) -> str:
         ConfigError: a chat template is requested but the tokenizer has none.
     """
     problem = example.prompt.strip()
+    if template.bare:
+        return problem
     user = f"{problem}\n\n{template.instruction}" if template.instruction else problem
     if not template.use_chat_template:
         system = f"{template.system_prompt} " if template.system_prompt else ""

@@ -360,6 +360,11 @@ class KVCache:
         self.layers[layer] = (first, second)
         return first, second
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select batch rows: row j of the cache becomes old row index[j] (index (m,) int64); a GRPO
+        group's completions share their prompt's cached entries this way."""
+        self.layers = {i: (a.index_select(0, index), b.index_select(0, index)) for i, (a, b) in self.layers.items()}
+
     def truncate(self, length: int) -> None:
         """Drop cached tokens from position ``length`` on (speculative decoding rejects drafts)."""
         self.layers = {i: (a[:, :length], b[:, :length]) for i, (a, b) in self.layers.items()}
@@ -766,11 +771,13 @@ class DeepseekV3ForCausalLM(nn.Module):
         cache: KVCache | None = None,
         absorb: bool | None = None,
         run_mtp: bool | None = None,
+        logits_to_keep: int = 0,
     ) -> DeepseekV3Output:
         """input_ids (b, s) int64; attention_mask (b, cached+s) 1/0; position_ids (b, s), default
         cached + arange(s). ``cache`` is extended in place; ``absorb`` defaults to the cache's path
         (absorbed when a cache is given, naive otherwise). ``run_mtp`` defaults to training with
-        gradients and mtp_loss_weight > 0 (set the weight to 0 to skip MTP compute, e.g. in GRPO)."""
+        gradients and mtp_loss_weight > 0 (pass False to skip MTP compute, e.g. in GRPO).
+        ``logits_to_keep`` > 0 computes logits (b, logits_to_keep, V) of the last positions only."""
         for moe in self.moe_layers():
             moe.balance_loss = None
         absorb = (cache.absorbed if cache is not None else False) if absorb is None else absorb
@@ -782,7 +789,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         for layer in self.main_layers:
             x = layer(x, cos, sin, mask, token_mask, cache, absorb)
         hidden = self.model.norm(x)
-        out = DeepseekV3Output(logits=self.lm_head(hidden), hidden=hidden, cache=cache)
+        out = DeepseekV3Output(logits=self.lm_head(hidden[:, -logits_to_keep:]), hidden=hidden, cache=cache)
         if run_mtp is None:
             run_mtp = self.training and torch.is_grad_enabled() and self.config.mtp_loss_weight > 0
         if run_mtp:
@@ -835,6 +842,14 @@ class DeepseekV3ForCausalLM(nn.Module):
     def moe_layers(self) -> list[MoE]:
         """All MoE feed-forwards, main layers first then MTP layers."""
         return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def save_pretrained(self, path: str | Path, safe_serialization: bool = True) -> Path:
+        """Write an HF checkpoint directory with ``r1kit.models.v3_io.save_deepseek_v3`` (always
+        safetensors). transformers' signature, so r1kit's run directories and checkpoints save this
+        model like any HF policy."""
+        from r1kit.models.v3_io import save_deepseek_v3
+
+        return save_deepseek_v3(self, path)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,6 +5,10 @@ Accepted ``name_or_path``:
   * an HF model directory (``config.json`` + safetensors/bin, any causal LM transformers supports);
   * a ``.gguf`` file (dequantized by transformers' GGUF support);
   * an r1kit run directory or checkpoint (``checkpoint-N/`` or a run dir with ``final/``).
+
+A DeepSeek-V3/R1 (or V2) directory, by ``model_type`` or ``architectures`` in its config.json, loads as
+r1kit's own ``DeepseekV3ForCausalLM`` (trainable router bias, absorbed-MLA decoding), whether saved by
+r1kit (``r1kit.models.v3_io``) or by transformers.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from r1kit.errors import R1kitError
 from r1kit.models import embedded
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 DTYPES = {"fp64": torch.float64, "float64": torch.float64, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -116,29 +121,55 @@ def load_policy(name_or_path: str, dtype: str | torch.dtype = torch.float32):
         dtype: parameter dtype (training keeps fp32 master weights; use bf16 autocast for speed).
 
     Returns:
-        (model, tokenizer): a ``transformers.PreTrainedModel`` in eval mode with no quantization
-        config attached, and its tokenizer with ``pad_token`` set and ``padding_side="left"``.
+        (model, tokenizer): the model in eval mode (a ``transformers.PreTrainedModel`` with no
+        quantization config attached, or r1kit's ``DeepseekV3ForCausalLM`` for a DeepSeek-V3
+        directory), and its tokenizer with ``pad_token`` set and ``padding_side="left"``.
 
     Raises:
         R1kitError: missing package/file (names the install command), or transformers cannot load it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from r1kit.models.v3_io import is_deepseek_v3
 
     hf_logging.disable_progress_bar()
     src = resolve_model_dir(name_or_path)
     torch_dtype = resolve_dtype(dtype)
-    kwargs = {"gguf_file": src.name} if src.is_file() else {}
-    root = src.parent if src.is_file() else src
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(root, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(root, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise R1kitError(f"transformers could not load {src}: {e}") from None
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+    if src.is_dir() and is_deepseek_v3(src):
+        model, tokenizer = load_deepseek_v3_policy(src, torch_dtype)
+    else:
+        model, tokenizer = load_hf_policy(src, torch_dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     model.eval()
     return model, tokenizer
+
+
+def load_hf_policy(src: Path, dtype: torch.dtype):
+    """(model, tokenizer) of an HF directory or GGUF file through transformers' Auto classes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": src.name} if src.is_file() else {}
+    root = src.parent if src.is_file() else src
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(root, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise R1kitError(f"transformers could not load {src}: {e}") from None
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    return model, tokenizer
+
+
+def load_deepseek_v3_policy(src: Path, dtype: torch.dtype):
+    """(r1kit's DeepseekV3ForCausalLM, the directory's HF tokenizer). Raises R1kitError when the
+    directory has no tokenizer files, or (from ``load_deepseek_v3``) lists missing or mis-shaped weights."""
+    from transformers import AutoTokenizer
+
+    from r1kit.models.v3_io import load_deepseek_v3
+
+    if not any((src / name).is_file() for name in TOKENIZER_FILES):
+        raise R1kitError(f"{src} holds a DeepSeek-V3 model but no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+                         "save one next to the weights with tokenizer.save_pretrained")
+    return load_deepseek_v3(src, dtype), AutoTokenizer.from_pretrained(src)

@@ -1,28 +1,22 @@
 """Pretrain a tiny DeepSeek-V3 MoE from scratch on generated arithmetic, on the CPU.
 
-The first half of "R1-Zero in miniature": a character-level corpus of sums and differences
-(``"37+48=85"``), next-token + λ·MTP + α·balance loss, the aux-loss-free router-bias update after
-every optimizer step, and a log of the loss curve and per-layer expert load. The result is a
-checkpoint (HF layout, ``r1kit.models.v3_io``) and ``history.json``; greedy accuracy on held-out
-problems is the starting reward for GRPO.
-
-Run: PYTHONPATH=src python -m r1kit.models.v3_pretrain --out runs/v3-tiny --max-seconds 600 --threads 1
-(last line: ``final_lm_loss=<value>``).
+The first half of "R1-Zero in miniature" (``r1kit.train.v3_zero``): a character-level corpus of sums
+and differences (``"37+48=85"``, train split of ``r1kit.data.arithmetic`` only), next-token + λ·MTP +
+α·balance loss, the aux-loss-free router-bias update after every optimizer step, and a history of the
+loss curve and per-layer expert load. Saved with ``save_pretrained_atomic`` the checkpoint (HF layout,
+``r1kit.models.v3_io``) carries the tokenizer's files, so ``load_policy`` reads both back.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from r1kit.errors import ConfigError
+from r1kit.data.arithmetic import MAX_OPERAND, arithmetic, random_problem
 from r1kit.models.deepseek_v3 import (
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
@@ -30,57 +24,41 @@ from r1kit.models.deepseek_v3 import (
     update_router_bias,
 )
 from r1kit.models.v3_decode import generate
-from r1kit.models.v3_io import save_deepseek_v3
 
 
-class CharTokenizer:
-    """Characters of arithmetic text; ids 0/1/2 are bos/eos/pad (V3's bos 0, eos 1)."""
-
-    specials = ("<bos>", "<eos>", "<pad>")
-    chars = "0123456789+-=*() \n"
-    bos, eos, pad = 0, 1, 2
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of ids."""
-        return len(self.specials) + len(self.chars)
-
-    def encode(self, text: str) -> list[int]:
-        """bos + one id per character. Raises ConfigError naming an unknown character."""
-        unknown = set(text) - set(self.chars)
-        if unknown:
-            raise ConfigError(f"characters {sorted(unknown)} are not in the arithmetic alphabet {self.chars!r}")
-        return [self.bos] + [len(self.specials) + self.chars.index(c) for c in text]
-
-    def decode(self, ids: list[int]) -> str:
-        """Characters of the non-special ids, stopping at eos."""
-        out = []
-        for i in ids:
-            if i == self.eos:
-                break
-            if i >= len(self.specials):
-                out.append(self.chars[i - len(self.specials)])
-        return "".join(out)
+SPECIALS = ("<bos>", "<eos>", "<pad>", "<unk>")  # ids 0-3; bos 0 / eos 1 as DeepSeek-V3's config
+ALPHABET = "0123456789+-=*() \n"
 
 
-def arithmetic_problem(rng: random.Random, max_operand: int) -> tuple[str, str]:
-    """A random ``a+b=`` or ``a-b=`` prompt and its answer (a, b in [0, max_operand])."""
-    a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
-    if rng.random() < 0.5:
-        return f"{a}+{b}=", str(a + b)
-    return f"{a}-{b}=", str(a - b)
+def char_tokenizer():
+    """A character-level HF tokenizer for generated arithmetic: ids 0-3 are ``SPECIALS``, then one id per
+    character of ``ALPHABET`` (22 ids); encoding prepends ``<bos>``, other characters become ``<unk>``,
+    decoding joins characters without spaces.
+
+    It is a ``PreTrainedTokenizerFast``, so ``save_pretrained`` writes ``tokenizer.json`` next to the
+    checkpoint and ``load_policy`` / ``AutoTokenizer`` read it back.
+    """
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate([*SPECIALS, *ALPHABET])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one token per char
+    backend.add_special_tokens(list(SPECIALS))
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="left")
 
 
-def training_batch(
-    tok: CharTokenizer, rng: random.Random, batch_size: int, max_operand: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """batch_size problems with answers, right-padded: input_ids, attention_mask (b, s)."""
+def training_batch(tok, rng: random.Random, batch_size: int, max_operand: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """batch_size train-split problems with their answers and eos, right-padded: input_ids,
+    attention_mask (b, s)."""
     rows = []
     for _ in range(batch_size):
-        prompt, answer = arithmetic_problem(rng, max_operand)
-        rows.append(tok.encode(prompt + answer) + [tok.eos])
+        prompt, answer = random_problem(rng, max_operand)
+        rows.append(tok(prompt + answer).input_ids + [tok.eos_token_id])
     width = max(len(r) for r in rows)
-    ids = torch.full((batch_size, width), tok.pad)
+    ids = torch.full((batch_size, width), tok.pad_token_id)
     mask = torch.zeros(batch_size, width, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
@@ -93,10 +71,10 @@ class PretrainConfig:
     """What ``pretrain`` runs."""
 
     preset: str = "tiny-10m"  # model shape (models/presets); vocab_size is set to the tokenizer's
-    steps: int = 2000  # optimizer steps at most
-    max_seconds: float = 600.0  # wall-clock budget; training stops at whichever comes first
+    steps: int = 100_000  # optimizer steps at most
+    max_seconds: float = 600.0  # budget in CPU seconds of this process (a shared machine's load does not shrink it)
     batch_size: int = 32  # problems per step
-    max_operand: int = 99  # operands in [0, max_operand]
+    max_operand: int = MAX_OPERAND  # operands in [0, max_operand]
     lr: float = 3e-3  # AdamW peak learning rate, linear warm-up over warmup_steps
     warmup_steps: int = 20
     bias_update_speed: float = 0.001  # γ of the router-bias update (V3 report §4.2)
@@ -104,25 +82,29 @@ class PretrainConfig:
     overrides: dict = dataclasses.field(default_factory=dict)  # DeepseekV3Config fields to change
 
 
-def build_model(cfg: PretrainConfig, tok: CharTokenizer) -> DeepseekV3ForCausalLM:
+def build_model(cfg: PretrainConfig, tok) -> DeepseekV3ForCausalLM:
     """The preset with the tokenizer's vocabulary, bos/eos and ``overrides``, seeded."""
     fields = {**dataclasses.asdict(DeepseekV3Config.preset(cfg.preset)), **cfg.overrides}
-    fields.update(vocab_size=tok.vocab_size, bos_token_id=tok.bos, eos_token_id=tok.eos,
+    fields.update(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   bias_update_speed=cfg.bias_update_speed)
     torch.manual_seed(cfg.seed)
     return DeepseekV3ForCausalLM(DeepseekV3Config(**fields))
 
 
-def pretrain(cfg: PretrainConfig) -> tuple[DeepseekV3ForCausalLM, dict]:
+def pretrain(cfg: PretrainConfig, tok=None) -> tuple[DeepseekV3ForCausalLM, dict]:
     """Train from scratch; returns the model (eval mode) and the history: per step ``loss``, ``lm``,
-    ``mtp``, ``balance`` and ``max_over_mean`` (worst MoE layer), plus ``steps``, ``seconds``, ``tokens``."""
-    tok = CharTokenizer()
+    ``mtp``, ``balance`` (nats) and ``max_over_mean`` (worst MoE layer's max/mean expert load), per
+    MoE layer ``load_per_layer[name]`` (max/mean per step), plus ``steps``, ``seconds`` (wall),
+    ``cpu_seconds``, ``tokens`` and ``mtp_layers`` (the names of the MTP modules' layers). Training stops
+    after ``cfg.steps`` steps or once ``cfg.max_seconds`` of process CPU time are spent."""
+    tok = tok or char_tokenizer()
     model = build_model(cfg, tok).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / cfg.warmup_steps))
     rng = random.Random(cfg.seed)
     history = {key: [] for key in ("loss", "lm", "mtp", "balance", "max_over_mean")}
-    start, tokens = time.monotonic(), 0
+    history["load_per_layer"] = {}
+    start, cpu_start, tokens = time.monotonic(), time.process_time(), 0
     for _ in range(cfg.steps):
         ids, mask = training_batch(tok, rng, cfg.batch_size, cfg.max_operand)
         parts = pretrain_loss(model, model(ids, attention_mask=mask), ids, mask)
@@ -130,58 +112,31 @@ def pretrain(cfg: PretrainConfig) -> tuple[DeepseekV3ForCausalLM, dict]:
         opt.step()
         schedule.step()
         opt.zero_grad()
-        loads = update_router_bias(model)
+        loads = {k.split("/")[1]: v for k, v in update_router_bias(model).items() if k.endswith("max_over_mean")}
         for key in ("loss", "lm", "mtp", "balance"):
             history[key].append(parts[key].item())
-        history["max_over_mean"].append(max((v for k, v in loads.items() if k.endswith("max_over_mean")), default=1.0))
+        history["max_over_mean"].append(max(loads.values(), default=1.0))
+        for layer, value in loads.items():
+            history["load_per_layer"].setdefault(layer, []).append(value)
         tokens += int(mask.sum())
-        if time.monotonic() - start > cfg.max_seconds:
+        if time.process_time() - cpu_start > cfg.max_seconds:
             break
-    history.update(steps=len(history["loss"]), seconds=time.monotonic() - start, tokens=tokens)
+    n_main = model.config.num_hidden_layers
+    history.update(steps=len(history["loss"]), seconds=time.monotonic() - start,
+                   cpu_seconds=time.process_time() - cpu_start, tokens=tokens,
+                   mtp_layers=[f"layer{n_main + k}" for k in range(model.config.num_nextn_predict_layers)])
     return model.eval(), history
 
 
-def arithmetic_accuracy(model: DeepseekV3ForCausalLM, n: int = 64, max_operand: int = 99, seed: int = 1) -> float:
-    """Fraction of ``n`` held-out problems whose greedy completion (up to eos) is the exact answer."""
-    tok, rng = CharTokenizer(), random.Random(seed)
-    problems = [arithmetic_problem(rng, max_operand) for _ in range(n)]
-    prompts = [tok.encode(p) for p, _ in problems]
+def heldout_accuracy(model: DeepseekV3ForCausalLM, tok, n: int = 200, max_operand: int = MAX_OPERAND) -> float:
+    """Fraction of the first ``n`` test-split problems whose greedy completion (up to eos) is the
+    exact answer."""
+    problems = arithmetic("test", max_operand)[:n]
+    prompts = [tok(p.prompt).input_ids for p in problems]
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[tok.pad] * (width - len(p)) + p for p in prompts])
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = generate(model, ids, max_new_tokens=6, attention_mask=mask, eos_token_id=tok.eos, pad_token_id=tok.pad)
-    answers = [tok.decode(row[width:].tolist()) for row in out]
-    return sum(a == gold for a, (_, gold) in zip(answers, problems)) / n
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command line: pretrain, save the checkpoint and history.json under --out, print a summary."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--preset", default=PretrainConfig.preset)
-    parser.add_argument("--steps", type=int, default=PretrainConfig.steps)
-    parser.add_argument("--max-seconds", type=float, default=PretrainConfig.max_seconds)
-    parser.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
-    parser.add_argument("--seed", type=int, default=PretrainConfig.seed)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads (1 is fastest on a busy 2-core machine; default: torch's)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = PretrainConfig(preset=args.preset, steps=args.steps, max_seconds=args.max_seconds,
-                         batch_size=args.batch_size, seed=args.seed)
-    model, history = pretrain(cfg)
-    history["accuracy"] = arithmetic_accuracy(model)
-    save_deepseek_v3(model, args.out)
-    (args.out / "history.json").write_text(json.dumps(history))
-    every = max(1, history["steps"] // 10)
-    for step in range(0, history["steps"], every):
-        print(f"step={step} lm={history['lm'][step]:.3f} mtp={history['mtp'][step]:.3f} "
-              f"max_over_mean={history['max_over_mean'][step]:.2f}")
-    print(f"steps={history['steps']} seconds={history['seconds']:.0f} tokens_per_s={history['tokens'] / history['seconds']:.0f}")
-    print(f"greedy_accuracy={history['accuracy']:.3f}")
-    print(f"final_lm_loss={history['lm'][-1]:.4f}")
-
-
-if __name__ == "__main__":
-    main()
+    out = generate(model, ids, max_new_tokens=6, attention_mask=mask, eos_token_id=tok.eos_token_id,
+                   pad_token_id=tok.pad_token_id)
+    answers = tok.batch_decode(out[:, width:], skip_special_tokens=True)
+    return sum(a == p.gold for a, p in zip(answers, problems)) / len(problems)

@@ -12,7 +12,8 @@ after rounding to 6 decimals) are pinned down in ``tests/rewards/test_math_verif
 
 Timeouts: math-verify's own timeout is a whole-second ``signal.alarm`` that raises in threads; we
 turn it off and bound the parse + compare of one completion with one ``setitimer`` alarm of
-``timeout_s`` seconds instead. Off the main thread no alarm can be set and checks run unbounded.
+``timeout_s`` seconds of process CPU time instead (``ITIMER_PROF``, so a loaded machine does not turn a
+slow check into a timeout). Off the main thread no alarm can be set and checks run unbounded.
 """
 
 from __future__ import annotations
@@ -58,7 +59,12 @@ for _logger in ("math_verify.parser", "math_verify.grader"):
 
 @contextmanager
 def _time_limit(seconds: float) -> Iterator[None]:
-    """Raise ``_Timeout`` in the body after ``seconds`` of wall time (main thread only)."""
+    """Raise ``_Timeout`` in the body after ``seconds`` of this process's CPU time (main thread only).
+
+    CPU time, not wall time: on a loaded machine (or at a low scheduling priority) a check that takes
+    0.2 s of CPU can take many seconds of wall time, and a wall-clock limit would score a correct
+    answer as a timeout, or reject a valid gold answer at load.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -66,13 +72,13 @@ def _time_limit(seconds: float) -> Iterator[None]:
     def on_alarm(signum, frame):
         raise _Timeout
 
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    previous = signal.signal(signal.SIGPROF, on_alarm)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
 
 
 def _parse_math(text: str) -> list:
@@ -93,7 +99,7 @@ def parse_gold(text: str | None, timeout_s: float = 5.0) -> list:
 
     Args:
         text: the reference answer (``"72"``, ``"\\frac{3}{4}"``, ``"(3,4]"``, ``"\\text{(C)}"``).
-        timeout_s: wall-clock limit for the parse, seconds.
+        timeout_s: CPU-time limit for the parse, seconds.
 
     Returns:
         math-verify's parse result: SymPy object(s) followed by the matched string.
@@ -184,7 +190,7 @@ class MathVerifier:
     Args:
         extraction: ``"tagged"`` (``<answer>``/``\\boxed{}``) or ``"any"`` (also the last number); see
             ``extract_answer``.
-        timeout_s: wall-clock limit for parsing and comparing one completion, seconds.
+        timeout_s: CPU-time limit for parsing and comparing one completion, seconds.
 
     ``verify`` never raises for a bad completion; the Verdict's reason is ``"ok"``, ``"no_answer"``
     (nothing extracted), ``"truncated"`` (extraction ``"any"``: cut off by the token limit before a

@@ -32,7 +32,9 @@ from r1kit.config import GRPOConfig, save_config
 from r1kit.data.base import Example
 from r1kit.data.templates import encode_prompt
 from r1kit.errors import ConfigError, TrainingStopped
+from r1kit.models.deepseek_v3 import DeepseekV3ForCausalLM, KVCache, update_router_bias
 from r1kit.models.loading import resolve_bf16
+from r1kit.models.v3_io import read_tensors
 from r1kit.rewards.base import Verdict
 from r1kit.rollout.base import SamplingEngine, SamplingParams
 from r1kit.train import checkpoint as ckpt
@@ -141,19 +143,47 @@ def completion_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: flo
 
     Returns (logps (m, C) float32, entropy (m, C) or None).
     """
-    from transformers import DynamicCache
-
     with autocast(bf16):
-        first = model(input_ids=mb.prompt_ids, attention_mask=mb.prompt_mask, position_ids=mb.prompt_pos,
-                      past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-        cache = first.past_key_values
-        cache.reorder_cache(mb.prompt_of)                                              # (u, ...) → (m, ...)
-        rest = model(input_ids=mb.completion_ids, position_ids=mb.completion_pos, past_key_values=cache,
-                     attention_mask=torch.cat([mb.prompt_mask[mb.prompt_of], mb.completion_attn], dim=1),
-                     use_cache=True).logits                                            # (m, C, V)
-    logits = torch.cat([first.logits[mb.prompt_of], rest[:, :-1]], dim=1)             # (m, C, V)
+        last, rest = (v3_prefix_logits if isinstance(model, DeepseekV3ForCausalLM) else hf_prefix_logits)(model, mb)
+    logits = torch.cat([last[mb.prompt_of], rest[:, :-1]], dim=1)                     # (m, C, V)
     logps = selective_log_softmax(logits, mb.completion_ids, temperature)
     return logps, (entropy_from_logits(logits, temperature) if with_entropy else None)
+
+
+def hf_prefix_logits(model: torch.nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers models: logits at each distinct prompt's last token (u, 1, V) and at every
+    completion token (m, C, V), the prompts' DynamicCache gathered for their completions."""
+    from transformers import DynamicCache
+
+    first = model(input_ids=mb.prompt_ids, attention_mask=mb.prompt_mask, position_ids=mb.prompt_pos,
+                  past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+    cache = first.past_key_values
+    cache.reorder_cache(mb.prompt_of)                                                  # (u, ...) → (m, ...)
+    rest = model(input_ids=mb.completion_ids, position_ids=mb.completion_pos, past_key_values=cache,
+                 attention_mask=torch.cat([mb.prompt_mask[mb.prompt_of], mb.completion_attn], dim=1),
+                 use_cache=True).logits
+    return first.logits, rest
+
+
+def v3_prefix_logits(model: DeepseekV3ForCausalLM, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """r1kit's DeepSeek-V3: as ``hf_prefix_logits`` on its naive-MLA KVCache (the training path; the
+    absorbed path is for decoding), without the MTP modules, which GRPO does not train."""
+    cache = KVCache(absorbed=False)
+    first = model(mb.prompt_ids, attention_mask=mb.prompt_mask, position_ids=mb.prompt_pos, cache=cache,
+                  run_mtp=False, logits_to_keep=1)
+    cache.reorder(mb.prompt_of)                                                        # (u, ...) → (m, ...)
+    rest = model(mb.completion_ids, attention_mask=torch.cat([mb.prompt_mask[mb.prompt_of], mb.completion_attn], 1),
+                 position_ids=mb.completion_pos, cache=cache, run_mtp=False)
+    return first.logits, rest.logits
+
+
+def balance_experts(policy: torch.nn.Module, gamma: float) -> dict[str, float]:
+    """After an optimizer step of a DeepSeek-V3 policy: the aux-loss-free router-bias update with speed
+    ``gamma`` over the tokens of that step (V3 report §2.1.2), returning each MoE layer's expert load
+    ``moe/layer{i}/max_over_mean`` and ``min_over_mean``. Other models: nothing, {}."""
+    if not isinstance(policy, DeepseekV3ForCausalLM):
+        return {}
+    return update_router_bias(policy, gamma)
 
 
 def autocast(bf16: bool):
@@ -306,6 +336,9 @@ class GRPOTrainer:
         a = self.cfg.ref_model_mixup_alpha
         for r, p in zip(self.reference.parameters(), self.policy.parameters()):
             r.mul_(1 - a).add_(p.detach(), alpha=a)
+        for (name, r), p in zip(self.reference.named_buffers(), self.policy.buffers()):
+            if name.endswith("e_score_correction_bias"):  # V3 router biases route like weights
+                r.mul_(1 - a).add_(p, alpha=a)
 
     # ----- rollout -----
     def sampling_params(self) -> SamplingParams:
@@ -416,6 +449,8 @@ class GRPOTrainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 acc.add("grad_norm", grad_norm.item(), 1.0)
+                for key, value in balance_experts(self.policy, c.router_bias_update_speed).items():
+                    acc.add(key, value, 1.0)
         self.policy.eval()
         return acc.means()
 
@@ -608,12 +643,9 @@ class GRPOTrainer:
 
     def resume_from(self, path: Path) -> None:
         """Restore weights, optimizer, scheduler, RNG and data cursor from a checkpoint directory."""
-        from safetensors.torch import load_file
-
-        state_dict = load_file(str(path / "policy" / "model.safetensors"))
-        self.policy.load_state_dict(state_dict, strict=False)
-        if self.reference is not None and (path / "reference" / "model.safetensors").is_file():
-            self.reference.load_state_dict(load_file(str(path / "reference" / "model.safetensors")), strict=False)
+        self.policy.load_state_dict(read_tensors(path / "policy"), strict=False)
+        if self.reference is not None and (path / "reference").is_dir():
+            self.reference.load_state_dict(read_tensors(path / "reference"), strict=False)
         st = ckpt.load_training_state(path, self.optimizer, self.scheduler)
         self.step, self.epoch, self.cursor = st["step"], st["epoch"], st["cursor"]
         self.warn_counts = st["warn_counts"]
