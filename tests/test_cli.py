@@ -103,3 +103,12 @@ def test_overlong_training_prompt_is_refused_before_any_work(capsys, tmp_path, t
     err = _err(capsys)
     assert rc == 2 and "prompt of t/5 " in err and "> max_prompt_length=150" in err
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_eval_takes_stop_strings(capsys, tmp_path, toy_task, tiny_model_dir):
+    out = tmp_path / "ev"
+    rc = main(["eval", "--model", str(tiny_model_dir), "--task", str(toy_task), "--k", "1", "--limit", "2",
+               "--max-tokens", "4", "--template", "direct", "--dtype", "fp32", "--stop", "\\n", "--output", str(out)])
+    assert rc == 0
+    data = json.loads(next(out.glob("*.json")).read_text())
+    assert data["settings"]["stop"] == ["\n"]

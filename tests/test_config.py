@@ -25,3 +25,9 @@ def test_gsm8k_demo_is_the_svamp_demo_loop_on_gsm8k():
 def test_time_budget_must_be_positive():
     with pytest.raises(ConfigError, match="max_train_minutes must be > 0"):
         load_config(overrides={"max_train_minutes": 0})
+
+
+def test_stop_on_the_command_line_unescapes_newlines():
+    assert load_config(overrides={"stop": "\\n"}).stop == ["\n"]
+    assert load_config(overrides={"stop": "\\n\\n,Q:"}).stop == ["\n\n", "Q:"]
+    assert load_config("cpu_demo").stop == ["\n"]

@@ -37,6 +37,7 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
     import yaml
 
+    from r1kit.config import load_config
     from r1kit.data.loading import load_task
     from r1kit.eval.evaluate import evaluate, markdown_table, save_result
     from r1kit.models.loading import load_policy, resolve_bf16, resolve_dtype
@@ -63,7 +64,8 @@ def _eval(args: argparse.Namespace) -> int:
           flush=True)
     res = evaluate(engine, tok, examples, verifier, render, k=args.k, temperature=args.temperature,
                    top_p=args.top_p, max_tokens=max_tokens, seed=args.seed, task=f"{args.task}/{args.split}",
-                   stop=run_cfg.get("stop") or [])
+                   stop=(load_config(overrides={"stop": args.stop}).stop if args.stop is not None
+                         else run_cfg.get("stop") or []))
     table = markdown_table([(str(args.model), res)])
     print(table)
     out = Path(args.output) if args.output else (Path(args.model) / "eval" if Path(args.model).is_dir() else Path("runs/eval"))
@@ -124,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=None,
                     help="completion tokens at most (default: the run's max_completion_length, else 512)")
     ev.add_argument("--template", default=None, help="prompt template (default: the run's, else chat_boxed)")
+    ev.add_argument("--stop", default=None,
+                    help="stop strings, comma-separated, '\\n' = newline (default: the run's, else none)")
     ev.add_argument("--answer-extraction", default=None, choices=["tagged", "any"])
     ev.add_argument("--prompt-field", default=None)
     ev.add_argument("--answer-field", default=None)

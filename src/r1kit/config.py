@@ -61,7 +61,7 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    stop: list[str] = field(default_factory=list)  # strings that end a completion, e.g. "\n" for one-line answers
+    stop: list[str] = field(default_factory=list)  # strings that end a completion, comma-separated; --stop '\n' = newline
     rollout_backend: str = "auto"  # auto (r1kit engine where it has an adapter, else hf) | engine | hf | vllm
     rollout_dtype: str = "auto"  # "auto" = bf16 when bf16 resolves on, else fp32; or "bf16" / "fp32"
 
@@ -275,6 +275,8 @@ def apply_overrides(cfg: GRPOConfig, values: dict[str, Any], source: str) -> GRP
         name = key.replace("-", "_")
         if name not in types:
             raise ConfigError(f"{source}: unknown GRPO config field {key!r}")
+        if name == "stop" and isinstance(value, str):  # command line: "\\n" means a newline; not stripped
+            value = [v.encode("latin-1", "backslashreplace").decode("unicode_escape") for v in value.split(",") if v]
         setattr(cfg, name, _coerce(value, types[name], name))
     return cfg
 

@@ -228,3 +228,17 @@ def test_registry_and_protocol():
         MathVerifier(extraction="last")
     with pytest.raises(ConfigError, match="timeout_s must be > 0"):
         MathVerifier(timeout_s=0)
+
+
+@pytest.mark.parametrize("gold", ["banana", "N/A", "hello world", "unknown"])
+def test_gold_that_is_words_is_an_error(gold):
+    """math-verify reads a plain word as a product of symbols ("banana" → a³·b·n²): such a gold
+    would reward nothing, so it is refused like any unparseable gold."""
+    with pytest.raises(DataError, match="does not parse"):
+        parse_gold(gold)
+
+
+@pytest.mark.parametrize("gold", ["\\text{Evelyn}", "\\begin{pmatrix} -1/3 \\\\ 2/3 \\end{pmatrix}", "x \\in [-2,7]",
+                                  "90^\\circ", "p - q"])
+def test_words_inside_latex_commands_are_math(gold):
+    assert parse_gold(gold)

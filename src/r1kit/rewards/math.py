@@ -94,6 +94,19 @@ def _has_math(parsed: list) -> bool:
     return any(not isinstance(p, str) for p in parsed)
 
 
+# LaTeX commands and \text{…}-style arguments are allowed to hold words ("\text{Evelyn}", "\in");
+# what is left must not hold a plain word, which math-verify would read as a product of symbols
+# ("banana" → a³·b·n², "N/A" → n/a) and so reward nothing.
+_WORDY_ARGS = re.compile(r"\\(?:text|textbf|textit|mbox|mathrm|mathbf|operatorname|begin|end)\s*\{[^{}]*\}")
+_COMMAND = re.compile(r"\\[A-Za-z]+")
+_WORD = re.compile(r"[A-Za-z]{3,}|\b[A-Za-z]/[A-Za-z]\b")
+
+
+def _looks_like_words(text: str) -> bool:
+    """True when ``text`` holds a plain word outside LaTeX commands (e.g. "banana", "N/A")."""
+    return bool(_WORD.search(_COMMAND.sub(" ", _WORDY_ARGS.sub(" ", text))))
+
+
 def parse_gold(text: str | None, timeout_s: float = 5.0) -> list:
     """Parse a gold answer with math-verify (cached per answer text; do not mutate the result).
 
@@ -120,7 +133,7 @@ def _parse_gold_cached(text: str, timeout_s: float) -> list:
             parsed = _parse_math(text)
     except _Timeout:
         parsed = []
-    if not _has_math(parsed):
+    if not _has_math(parsed) or _looks_like_words(text):
         raise DataError(
             f"gold answer {text!r} does not parse with math-verify; "
             "write it as a number or a LaTeX expression"
