@@ -2,7 +2,7 @@
 
   r1kit train grpo --preset cpu_demo --output runs/demo [--config c.yaml] [--<field> value ...] [--resume]
   r1kit eval --model M --task T [--k K] [--limit N] [--output DIR]
-  r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 40]
+  r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 100]
   r1kit tasks
 
 Bad input (R1kitError) prints one ``error:`` line and exits with status 2; a guard stop exits with 3;

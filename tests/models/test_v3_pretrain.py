@@ -2,12 +2,14 @@
 
 import random
 
+import pytest
 import torch
 from v3_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 from r1kit.data.arithmetic import arithmetic, is_test_problem
 from r1kit.models import v3_pretrain
-from r1kit.models.v3_pretrain import PretrainConfig, char_tokenizer, heldout_accuracy, pretrain, training_batch
+from r1kit.models.v3_pretrain import (PretrainConfig, char_tokenizer, heldout_accuracy, learning_rate, pretrain,
+                                      training_batch)
 
 MICRO = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, q_lora_rank=32,
              kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, num_attention_heads=2)
@@ -63,3 +65,11 @@ def test_heldout_accuracy_counts_exact_answers_of_the_first_test_problems(monkey
 
     monkeypatch.setattr(v3_pretrain, "generate", generate)
     assert heldout_accuracy(None, tok, n=4) == 0.5
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor_as_the_budget_is_spent():
+    cfg = PretrainConfig(lr=1e-2, warmup_steps=10, min_lr_ratio=0.1)
+    assert learning_rate(cfg, 0, 0.0) == pytest.approx(1e-3)  # warm-up: (0 + 1) / 10
+    assert learning_rate(cfg, 9, 0.0) == pytest.approx(1e-2)
+    assert learning_rate(cfg, 500, 0.5) == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))  # cosine at its midpoint
+    assert learning_rate(cfg, 900, 1.0) == learning_rate(cfg, 900, 1.3) == pytest.approx(1e-3)

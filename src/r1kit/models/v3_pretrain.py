@@ -10,6 +10,7 @@ loss curve and per-layer expert load. Saved with ``save_pretrained_atomic`` the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -75,8 +76,9 @@ class PretrainConfig:
     max_seconds: float = 600.0  # budget in CPU seconds of this process (a shared machine's load does not shrink it)
     batch_size: int = 32  # problems per step
     max_operand: int = MAX_OPERAND  # operands in [0, max_operand]
-    lr: float = 3e-3  # AdamW peak learning rate, linear warm-up over warmup_steps
+    lr: float = 3e-3  # AdamW peak learning rate, linear warm-up over warmup_steps, then cosine decay
     warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # the cosine ends at min_lr_ratio·lr when the budget (steps or CPU time) is spent
     bias_update_speed: float = 0.001  # γ of the router-bias update (V3 report §4.2)
     seed: int = 0
     overrides: dict = dataclasses.field(default_factory=dict)  # DeepseekV3Config fields to change
@@ -100,17 +102,18 @@ def pretrain(cfg: PretrainConfig, tok=None) -> tuple[DeepseekV3ForCausalLM, dict
     tok = tok or char_tokenizer()
     model = build_model(cfg, tok).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / cfg.warmup_steps))
     rng = random.Random(cfg.seed)
     history = {key: [] for key in ("loss", "lm", "mtp", "balance", "max_over_mean")}
     history["load_per_layer"] = {}
     start, cpu_start, tokens = time.monotonic(), time.process_time(), 0
-    for _ in range(cfg.steps):
+    for step in range(cfg.steps):
         ids, mask = training_batch(tok, rng, cfg.batch_size, cfg.max_operand)
         parts = pretrain_loss(model, model(ids, attention_mask=mask), ids, mask)
         parts["loss"].backward()
+        spent = max(step / cfg.steps, (time.process_time() - cpu_start) / cfg.max_seconds)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step, spent)
         opt.step()
-        schedule.step()
         opt.zero_grad()
         loads = {k.split("/")[1]: v for k, v in update_router_bias(model).items() if k.endswith("max_over_mean")}
         for key in ("loss", "lm", "mtp", "balance"):
@@ -126,6 +129,14 @@ def pretrain(cfg: PretrainConfig, tok=None) -> tuple[DeepseekV3ForCausalLM, dict
                    cpu_seconds=time.process_time() - cpu_start, tokens=tokens,
                    mtp_layers=[f"layer{n_main + k}" for k in range(model.config.num_nextn_predict_layers)])
     return model.eval(), history
+
+
+def learning_rate(cfg: PretrainConfig, step: int, spent: float) -> float:
+    """Linear warm-up to ``cfg.lr`` over ``warmup_steps``, times a cosine from 1 down to ``min_lr_ratio``
+    as ``spent`` (fraction of the budget used, steps or CPU time, whichever is further) goes 0 → 1.
+    The run ends at a small learning rate whichever budget stops it, not in the middle of a loss spike."""
+    cosine = 0.5 * (1 + math.cos(math.pi * min(spent, 1.0)))
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
 def heldout_accuracy(model: DeepseekV3ForCausalLM, tok, n: int = 200, max_operand: int = MAX_OPERAND) -> float:
