@@ -17,13 +17,14 @@ script measures, in one run:
 
 With one thread everything is timed in this process's CPU seconds (``time.process_time``), so other
 jobs on a shared machine change the wall time but not the measurement; with more threads, in wall
-seconds (only meaningful on a quiet machine: see the printed load).
+seconds, only meaningful on a quiet machine (see the printed load): one preempted thread stalls the
+other at every barrier, which on the shared development VM cut 2-thread decode GEMMs to 3-28 GFLOP/s.
 
 It prints each system's share of that ceiling and ``max_ratio_vs_hf = ceiling / HF``, the ratio an
 engine doing the same arithmetic could reach if it wasted nothing. The ceiling counts each prompt
 token once (no padding); ``with_prefix_reuse`` also counts the prompts' shared leading tokens once.
 
-    PYTHONPATH=src python bench/rollout_roofline.py [--threads 1,2] [--batch 64] [--new-tokens 128]
+    PYTHONPATH=src python bench/rollout_roofline.py [--threads 1] [--batch 64] [--new-tokens 128]
 
 Last line: ``max_ratio_vs_hf_fp32=<the largest max_ratio_vs_hf over the thread counts>``.
 """
@@ -141,7 +142,7 @@ def workload_seconds(shape: Shape, rates: dict, bandwidth: float, prompt_lens: l
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
+    ap.add_argument("--threads", default="1", help="comma-separated torch thread counts (>1 only on a quiet machine)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per GEMM (the fastest counts)")
