@@ -74,6 +74,7 @@ class GRPOConfig:
     num_iterations: int = 1  # μ, optimisation passes over each generation batch
     steps_per_generation: int = 1  # optimizer steps per generation batch (mini-batches)
     micro_batch_size: int = 8  # completions per forward/backward (gradient accumulation inside a step)
+    padding_free: bool = True  # pack a group's completions behind one copy of its prompt (no pad tokens computed)
     mask_truncated_completions: bool = False  # DAPO overlong filtering: truncated completions get no loss
     overlong_buffer: int = 0  # DAPO soft overlong punishment: L_cache tokens (0 = off)
     overlong_penalty: float = 1.0  # DAPO: maximum penalty at max_completion_length

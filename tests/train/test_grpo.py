@@ -54,7 +54,7 @@ def _rollout(G=4, groups=3, seed=0, vocab=1000):
 
 def _trainer(model, tok, tmp_path, **over):
     cfg = load_config(overrides=dict(learning_rate=0.0, max_grad_norm=0.0, num_generations=4, prompts_per_step=3,
-                                     bf16="false", max_completion_length=8, **over))
+                                     bf16="false", max_completion_length=8) | over)
     engine = HFGenerateEngine(model, tok)
     scorer = RewardScorer(cfg, _NoVerifier(), [])
     return GRPOTrainer(cfg, model, tok, [Example("toy/0", "p", "1")], lambda e: e.prompt, scorer, engine, tmp_path)
@@ -80,6 +80,39 @@ def test_step_gradient_independent_of_micro_batches(tiny_model_dir, tmp_path, lo
         for name in ref:
             assert torch.allclose(ref[name], got[name], atol=1e-6, rtol=0), (name, mbs)
     assert sum(g.abs().sum() for g in ref.values()) > 0
+
+
+def test_padding_free_update_equals_padded_update(tiny_model_dir, tmp_path):
+    ro = _rollout()
+    packed, _ = _grads_after_update(tiny_model_dir, tmp_path, ro, loss_type="grpo", beta=0.05, micro_batch_size=5)
+    padded, _ = _grads_after_update(tiny_model_dir, tmp_path, ro, loss_type="grpo", beta=0.05, micro_batch_size=5,
+                                    padding_free=False)
+    for name in packed:
+        assert torch.allclose(packed[name], padded[name], atol=1e-9, rtol=0), name
+
+
+def test_second_iteration_uses_first_pass_logprobs_as_old(tiny_model_dir, tmp_path):
+    """μ = 2 with one optimizer step per pass: π_old kept from the first (grad) pass gives the same
+    weights, to float64 rounding, as a separate no-grad forward before the update (TRL's way)."""
+    ro = _rollout()
+    weights = []
+    for separate in (False, True):
+        model, tok = load_policy(str(tiny_model_dir), dtype=torch.float64)
+        tr = _trainer(model, tok, tmp_path, loss_type="dapo", num_iterations=2, micro_batch_size=5, learning_rate=1e-2)
+        r = copy.deepcopy(ro)
+        idx = tr.forwarded(r)
+        tr.compute_old_and_ref(r, idx)
+        assert r.old_logps is None
+        if separate:
+            r.old_logps = tr._logps_for(tr.policy, r, idx)
+        stats = tr.update(r, idx)
+        assert sorted(r.old_logps) == sorted(idx)
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    moved = load_policy(str(tiny_model_dir), dtype=torch.float64)[0].model.layers[0].mlp.up_proj.weight
+    assert not torch.allclose(weights[0]["model.layers.0.mlp.up_proj.weight"], moved)
+    for name in weights[0]:
+        assert torch.allclose(weights[0][name], weights[1][name], atol=1e-12, rtol=0), name
+    assert stats["clip_ratio/region_mean"] > 0.0      # the second pass ran off-policy: its ratios moved past ε
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
@@ -225,7 +258,8 @@ def test_nan_gradient_stops_and_last_checkpoint_loads(tiny_model_dir, toy_task, 
     assert any(not torch.equal(saved[k], v) for k, v in load_file(str(tiny_model_dir / "model.safetensors")).items())
 
 
-def _check_shared_prefix_logprobs(model, vocab: int, weights, atol: float, rtol: float = 0.0):
+def _check_shared_prefix_logprobs(model, vocab: int, weights, atol: float, rtol: float = 0.0,
+                                  padding_free: bool = False):
     """completion_logprobs runs each distinct prompt once; values and gradients (w.r.t. ``weights``) must
     equal a plain forward over the left-padded prompt + right-padded completion concatenation."""
     from r1kit.train.grpo import collate, completion_logprobs
@@ -238,7 +272,7 @@ def _check_shared_prefix_logprobs(model, vocab: int, weights, atol: float, rtol:
              for _ in range(9)]
     mb = collate(prompts, comps, list(range(9)), pad_id=2)
     assert mb.prompt_ids.shape[0] == 3 and mb.prompt_of.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    got, _ = completion_logprobs(model, mb, 0.7, bf16=False)
+    got, _ = completion_logprobs(model, mb, 0.7, bf16=False, padding_free=padding_free)
 
     P, C = max(map(len, prompts)), max(map(len, comps))
     ids = torch.full((9, P + C), 2)
@@ -257,6 +291,36 @@ def _check_shared_prefix_logprobs(model, vocab: int, weights, atol: float, rtol:
 def test_shared_prefix_logprobs_equal_one_concatenated_forward(tiny_model_dir):
     model, _ = load_policy(str(tiny_model_dir), dtype=torch.float64)
     _check_shared_prefix_logprobs(model, 1000, [model.model.layers[0].self_attn.q_proj.weight], atol=1e-6)
+
+
+def test_padding_free_logprobs_equal_one_concatenated_forward(tiny_model_dir):
+    """Completions packed behind one prompt copy under a block mask: same values and gradients."""
+    from r1kit.train.grpo import can_pack
+
+    model, _ = load_policy(str(tiny_model_dir), dtype=torch.float64)
+    assert can_pack(model)
+    _check_shared_prefix_logprobs(model, 1000, [model.model.layers[0].self_attn.q_proj.weight], atol=1e-6,
+                                  padding_free=True)
+
+
+def test_pack_rows_layout_and_budget():
+    """Two prompts (lengths 2 and 3, left-padded to 3) with completions of 2, 1 | 3, 2 tokens; a budget of
+    4 completion tokens splits the second group over two rows, each with its own prompt copy."""
+    from r1kit.train.grpo import collate, pack_rows
+
+    prompts = [[5, 6], [5, 6], [7, 8, 9], [7, 8, 9]]
+    comps = [[10, 11], [12], [13, 14, 15], [16, 17]]
+    packed = pack_rows(collate(prompts, comps, [0, 1, 2, 3], pad_id=0), pad_id=0, budget=4)
+    assert packed.input_ids.tolist() == [[5, 6, 10, 11, 12, 0], [7, 8, 9, 13, 14, 15], [7, 8, 9, 16, 17, 0]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2, 0], [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 0]]
+    # token 12 (completion 1) sees the prompt and itself, not completion 0
+    assert packed.allowed[0, 0, 4].tolist() == [True, True, False, False, True, False]
+    assert packed.allowed[0, 0, 5].tolist() == [False] * 5 + [True]                   # pad: itself only
+    assert list(zip(packed.src_row.tolist(), packed.src_pos.tolist())) == [
+        (0, 1), (0, 2), (0, 1), (1, 2), (1, 3), (1, 4), (2, 2), (2, 3)]
+    assert packed.target.tolist() == [10, 11, 12, 13, 14, 15, 16, 17]
+    assert list(zip(packed.dst_row.tolist(), packed.dst_col.tolist())) == [
+        (0, 0), (0, 1), (1, 0), (2, 0), (2, 1), (2, 2), (3, 0), (3, 1)]
 
 
 def test_shared_prefix_logprobs_equal_one_concatenated_forward_for_deepseek_v3():

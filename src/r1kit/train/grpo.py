@@ -133,7 +133,8 @@ def collate(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int
 
 
 def completion_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: float, bf16: bool,
-                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        with_entropy: bool = False, padding_free: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log π(o_t | q, o_<t) of the completion tokens under softmax(logits / T).
 
     Shared-prefix forward: each distinct prompt (u of them) runs once, its KV cache is gathered for
@@ -141,13 +142,121 @@ def completion_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: flo
     the (m, P+C) concatenation (tested to 1e-6 in float64, gradients included), at the cost of
     u·P + m·C instead of m·(P+C) tokens: a GRPO group of G completions pays for its prompt once.
 
-    Returns (logps (m, C) float32, entropy (m, C) or None).
+    ``padding_free`` (transformers models with SDPA attention and a plain lm_head, see ``can_pack``):
+    the group's completions are packed end to end behind one copy of their prompt under a block mask
+    (``packed_logprobs``), so no pad token and no prompt position reaches a matmul or the lm_head:
+    u·P + Σ C_i tokens instead of u·P + m·C. Same values and gradients (tested in float64).
+
+    Returns (logps (m, C) float32, entropy (m, C) or None); positions past a completion's end hold 0
+    on the padding-free path and unspecified values otherwise (callers mask them).
     """
+    if padding_free and can_pack(model):
+        with autocast(bf16):
+            return packed_logprobs(model, mb, temperature, with_entropy)
     with autocast(bf16):
         last, rest = (v3_prefix_logits if isinstance(model, DeepseekV3ForCausalLM) else hf_prefix_logits)(model, mb)
     logits = torch.cat([last[mb.prompt_of], rest[:, :-1]], dim=1)                     # (m, C, V)
     logps = selective_log_softmax(logits, mb.completion_ids, temperature)
     return logps, (entropy_from_logits(logits, temperature) if with_entropy else None)
+
+
+#: model types whose causal LM is ``lm_head(decoder(x))`` with no logit scaling or soft-capping.
+PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+#: completion tokens packed behind one prompt copy at most (attention in a packed row is quadratic).
+PACK_TOKENS = 1024
+
+
+def can_pack(model: torch.nn.Module) -> bool:
+    """Whether ``packed_logprobs`` is exact for ``model``: a listed transformers model type running SDPA
+    attention (which takes the boolean block mask as is; eager attention would add it as numbers)."""
+    config = getattr(model, "config", None)
+    return (getattr(config, "model_type", None) in PACKABLE_MODEL_TYPES
+            and getattr(config, "_attn_implementation", None) == "sdpa")
+
+
+@dataclass
+class PackedRows:
+    """Completions packed behind their prompt, r rows of length L.
+
+    Attributes:
+        input_ids, position_ids: (r, L); position ids restart at the prompt length for each completion.
+        allowed: (r, 1, L, L) bool, True where a query may attend a key: its prompt (causally) and the
+            earlier tokens of its own completion; a pad position attends only itself.
+        src_row, src_pos: (n,) the row and position whose hidden state predicts each completion token.
+        dst_row, dst_col, target: (n,) where that token sits in the (m, C) micro-batch, and its id.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    allowed: torch.Tensor
+    src_row: torch.Tensor
+    src_pos: torch.Tensor
+    dst_row: torch.Tensor
+    dst_col: torch.Tensor
+    target: torch.Tensor
+
+
+def pack_rows(mb: MicroBatch, pad_id: int, budget: int = PACK_TOKENS) -> PackedRows:
+    """Pack ``mb``'s completions: each row is one prompt followed by as many of its completions as fit
+    in ``budget`` tokens (at least one). n = Σ C_i scored tokens."""
+    p_w = mb.prompt_ids.shape[1]
+    lens = mb.completion_attn.sum(-1).tolist()                                         # (m,)
+    prompt_lens = mb.prompt_mask.sum(-1).tolist()                                      # (u,)
+    rows: list[tuple[int, list[int]]] = []
+    for u in range(mb.prompt_ids.shape[0]):
+        members = [j for j, pu in enumerate(mb.prompt_of.tolist()) if pu == u]
+        current: list[int] = []
+        for j in members:
+            if current and sum(lens[k] for k in current) + lens[j] > budget:
+                rows.append((u, current))
+                current = []
+            current.append(j)
+        if current:
+            rows.append((u, current))
+    L = max(prompt_lens[u] + sum(lens[j] for j in js) for u, js in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), L), dtype=torch.long)
+    allowed = torch.eye(L, dtype=torch.bool).repeat(len(rows), 1, 1, 1)              # (r, 1, L, L)
+    src_row, src_pos, dst_row, dst_col = [], [], [], []
+    for r, (u, js) in enumerate(rows):
+        p = prompt_lens[u]
+        ids[r, :p] = mb.prompt_ids[u, p_w - p:]
+        pos[r, :p] = torch.arange(p)
+        allowed[r, 0, :p, :p] = torch.ones(p, p, dtype=torch.bool).tril()
+        start = p
+        for j in js:
+            n = lens[j]
+            end = start + n
+            ids[r, start:end] = mb.completion_ids[j, :n]
+            pos[r, start:end] = torch.arange(p, p + n)
+            allowed[r, 0, start:end, :p] = True
+            allowed[r, 0, start:end, start:end] = torch.ones(n, n, dtype=torch.bool).tril()
+            src_row += [r] * n
+            src_pos += [p - 1] + list(range(start, end - 1))
+            dst_row += [j] * n
+            dst_col += list(range(n))
+            start = end
+    dst_row_t, dst_col_t = torch.tensor(dst_row, dtype=torch.long), torch.tensor(dst_col, dtype=torch.long)
+    return PackedRows(ids, pos, allowed, torch.tensor(src_row, dtype=torch.long), torch.tensor(src_pos, dtype=torch.long),
+                      dst_row_t, dst_col_t, mb.completion_ids[dst_row_t, dst_col_t])
+
+
+def packed_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: float,
+                    with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``completion_logprobs`` on packed rows: decoder over (r, L), lm_head over the n scored positions
+    only. Returns (logps (m, C) float32 with 0 past each completion's end, entropy (m, C) or None)."""
+    packed = pack_rows(mb, pad_id=0)                       # pad positions are never scored; any id will do
+    hidden = model.get_decoder()(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                                 attention_mask=packed.allowed, use_cache=False).last_hidden_state  # (r, L, D)
+    logits = model.get_output_embeddings()(hidden[packed.src_row, packed.src_pos])    # (n, V)
+    flat = selective_log_softmax(logits[None], packed.target[None], temperature)[0]   # (n,)
+    dtype = torch.promote_types(flat.dtype, torch.float32)
+    logps = torch.zeros(mb.completion_ids.shape, dtype=dtype).index_put((packed.dst_row, packed.dst_col), flat.to(dtype))
+    entropy = None
+    if with_entropy:
+        ent = entropy_from_logits(logits[None], temperature)[0]
+        entropy = torch.zeros(mb.completion_ids.shape, dtype=ent.dtype).index_put((packed.dst_row, packed.dst_col), ent)
+    return logps, entropy
 
 
 def hf_prefix_logits(model: torch.nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -407,17 +516,21 @@ class GRPOTrainer:
         for start in range(0, len(index), self.cfg.micro_batch_size):
             idx = index[start:start + self.cfg.micro_batch_size]
             mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id)
-            logps, _ = completion_logprobs(model, mb, self.cfg.temperature, self.bf16)
+            logps, _ = completion_logprobs(model, mb, self.cfg.temperature, self.bf16,
+                                           padding_free=self.cfg.padding_free)
             for row, i in enumerate(idx):
                 out[i] = logps[row, :len(ro.completion_ids[i])].clone()
         return out
 
     def compute_old_and_ref(self, ro: Rollout, index: list[int]) -> None:
-        """Reference logprobs (β > 0) and old-policy logprobs (when the policy moves within a round)."""
+        """Reference logprobs (β > 0) and old-policy logprobs when the policy moves before a completion's
+        first forward (steps_per_generation > 1). With one optimizer step per pass (num_iterations > 1,
+        steps_per_generation = 1) the first pass runs on π_old, so ``update`` keeps its logprobs instead
+        of paying for a separate no-grad forward."""
         c = self.cfg
         if self.reference is not None:
             ro.ref_logps = self._logps_for(self.reference, ro, index)
-        if c.num_iterations > 1 or c.steps_per_generation > 1:
+        if c.steps_per_generation > 1:
             ro.old_logps = self._logps_for(self.policy, ro, index)
 
     # ----- update -----
@@ -429,8 +542,11 @@ class GRPOTrainer:
         order = torch.randperm(N).tolist() if S > 1 else list(range(N))
         active = set(index)
         acc = _Accumulator()
+        keep_old = {} if (ro.old_logps is None and c.num_iterations > 1) else None
         self.policy.train()
         for it in range(c.num_iterations):
+            if it == 1 and keep_old is not None:
+                ro.old_logps = keep_old                         # π_old = the first pass's logprobs
             for s in range(S):
                 chunk = order[s * N // S:(s + 1) * N // S]
                 n_tokens = sum(ro.loss_mask_len(i, c.mask_truncated_completions) for i in chunk)
@@ -441,7 +557,8 @@ class GRPOTrainer:
                 step_loss = 0.0
                 for start in range(0, len(fwd), c.micro_batch_size):
                     idx = fwd[start:start + c.micro_batch_size]
-                    step_loss += self._micro_step(ro, idx, norm, acc, first_iteration=(it == 0))
+                    step_loss += self._micro_step(ro, idx, norm, acc, first_iteration=(it == 0),
+                                                  keep_old=keep_old if it == 0 else None)
                 acc.add("loss", step_loss, 1.0)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
                 if not torch.isfinite(grad_norm):
@@ -455,16 +572,21 @@ class GRPOTrainer:
         return acc.means()
 
     def _micro_step(self, ro: Rollout, idx: list[int], norm: LossNormalizer, acc: "_Accumulator",
-                    first_iteration: bool) -> float:
+                    first_iteration: bool, keep_old: dict[int, torch.Tensor] | None = None) -> float:
         """Forward/backward of one micro-batch; returns its share of the step loss. Statistics of the
         round's fixed quantities (logprob mismatch, importance weights) are taken in the first iteration,
-        which sees every forwarded completion once."""
+        which sees every forwarded completion once. ``keep_old`` collects this pass's detached logprobs
+        (completion i → (C_i,)) as π_old for the later iterations."""
         c = self.cfg
         loss_lens = [ro.loss_mask_len(i, c.mask_truncated_completions) for i in idx]
         mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id, loss_lens)
-        logps, entropy = completion_logprobs(self.policy, mb, c.temperature, self.bf16, with_entropy=True)
+        logps, entropy = completion_logprobs(self.policy, mb, c.temperature, self.bf16, with_entropy=True,
+                                             padding_free=c.padding_free)
         # With μ = 1 and one optimizer step per round the policy has not moved yet: π_old = π_θ.
         old = self._stack(ro.old_logps, idx, logps) if ro.old_logps is not None else logps.detach()
+        if keep_old is not None:
+            for row, i in enumerate(idx):
+                keep_old[i] = old[row, :len(ro.completion_ids[i])].clone()
         ref = self._stack(ro.ref_logps, idx, logps) if ro.ref_logps is not None else None
         adv = ro.advantages[idx]
         isw = None
