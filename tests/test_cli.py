@@ -1,11 +1,14 @@
 """The command line: bad input gives one `error:` line naming the field and exit status 2 (no
-traceback unless --debug); `r1kit eval` writes its JSON and markdown reports."""
+traceback unless --debug); `r1kit eval` writes its JSON and markdown reports; `--print-config` shows
+the resolved GRPO config."""
 
 import json
 
 import pytest
+import yaml
 
-from r1kit.cli import main
+from r1kit.cli import main, report_name
+from r1kit.config import load_config
 
 
 def _err(capsys):
@@ -75,7 +78,7 @@ def test_eval_writes_reports(capsys, tmp_path, toy_task, tiny_model_dir):
     rc = main(["eval", "--model", str(tiny_model_dir), "--task", str(toy_task), "--k", "2", "--limit", "3",
                "--max-tokens", "4", "--template", "direct", "--dtype", "fp32", "--output", str(out)])
     assert rc == 0
-    name = f"{toy_task}".replace("/", "_") + "_test_k2"
+    name = "toy_k2"  # a local file's report is named after its stem (it has no split)
     data = json.loads((out / f"{name}.json").read_text())
     assert data["n_problems"] == 3 and data["k"] == 2 and len(data["per_problem"]) == 3
     assert all(len(p["correct"]) == 2 for p in data["per_problem"])
@@ -112,3 +115,49 @@ def test_eval_takes_stop_strings(capsys, tmp_path, toy_task, tiny_model_dir):
     assert rc == 0
     data = json.loads(next(out.glob("*.json")).read_text())
     assert data["settings"]["stop"] == ["\n"]
+
+
+def test_grpo_help_says_presets_override_the_defaults_shown(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "grpo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    assert e.value.code == 0
+    assert "The defaults shown are the base GRPOConfig values: --preset overrides them" in text
+    assert "presets: cpu_demo, cpu_demo_gsm8k, dapo, dr_grpo, r1, r1_zero." in text
+    assert "per completion (default: 256)" in text  # the base max_completion_length; cpu_demo sets 48
+
+
+def test_print_config_shows_the_resolved_preset_without_loading_a_model(capsys, tmp_path):
+    """The model path does not exist: nothing is loaded. The YAML is the preset over the defaults,
+    flags over the preset, and loads back into the same config."""
+    base = ["train", "grpo", "--model", str(tmp_path / "no_such_model"), "--print-config"]
+    assert main([*base, "--preset", "cpu_demo"]) == 0
+    printed = capsys.readouterr().out
+    cfg = yaml.safe_load(printed)
+    assert (cfg["num_generations"], cfg["stop"], cfg["task"], cfg["max_completion_length"]) == (8, ["\n"], "svamp", 48)
+    assert cfg["model"] == str(tmp_path / "no_such_model") and cfg["epsilon"] == 0.2  # a field the preset leaves
+    (tmp_path / "c.yaml").write_text(printed)
+    assert load_config(yaml_path=str(tmp_path / "c.yaml")) == load_config("cpu_demo", overrides={"model": cfg["model"]})
+    assert main([*base, "--preset", "cpu_demo", "--num-generations", "4", "--stop", "###"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["num_generations"], cfg["stop"], cfg["task"]) == (4, ["###"], "svamp")
+
+
+def test_eval_report_names():
+    assert report_name("gsm8k", "test", 1) == "gsm8k_test_k1"
+    assert report_name("owner/dataset", "train", 4) == "owner_dataset_train_k4"
+    assert report_name("data/dir/my.file.jsonl", "test", 1) == "my.file_k1"
+    assert report_name("probs.parquet", "validation", 2) == "probs_k2"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
+    (["--max-tokens", "-3"], "--max-tokens must be >= 1, got -3"),
+    (["--k", "0"], "--k must be >= 1, got 0"),
+    (["--limit", "0"], "--limit must be >= 1, got 0"),
+    (["--limit", "-1"], "--limit must be >= 1, got -1"),
+])
+def test_eval_counts_must_be_positive_before_any_model_loads(capsys, tmp_path, toy_task, args, needle):
+    """The model does not exist: the count is refused first (a later check would say 'not found')."""
+    rc = main(["eval", "--model", str(tmp_path / "no_such_model"), "--task", str(toy_task), *args])
+    assert rc == 2 and _err(capsys) == f"error: {needle}"

@@ -1,6 +1,7 @@
 """``r1kit`` command line.
 
   r1kit train grpo --preset cpu_demo --output runs/demo [--config c.yaml] [--<field> value ...] [--resume]
+  r1kit train grpo --preset cpu_demo [--<field> value ...] --print-config
   r1kit eval --model M --task T [--k K] [--limit N] [--output DIR]
   r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 100]
   r1kit tasks
@@ -19,7 +20,7 @@ from r1kit.errors import R1kitError, TrainingStopped
 
 
 def _train_grpo(args: argparse.Namespace) -> int:
-    from r1kit.config import load_config, overrides_from_args
+    from r1kit.config import config_yaml, load_config, overrides_from_args
     from r1kit.train.recipe import run_grpo
 
     overrides = overrides_from_args(args)
@@ -28,9 +29,29 @@ def _train_grpo(args: argparse.Namespace) -> int:
         if saved.is_file():
             args.config = str(saved)
     cfg = load_config(args.preset, args.config, overrides)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
     run_dir = run_grpo(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"run directory: {run_dir}")
     return 0
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    """Raise R1kitError naming the flag when --k, --limit or --max-tokens is not a positive count."""
+    for flag, value in (("--k", args.k), ("--limit", args.limit), ("--max-tokens", args.max_tokens)):
+        if value is not None and value < 1:
+            raise R1kitError(f"{flag} must be >= 1, got {value}")
+
+
+def report_name(task: str, split: str, k: int) -> str:
+    """File name (no suffix) of an eval report: ``<file stem>_k<k>`` for a local task file (it has no
+    split), else ``<task>_<split>_k<k>`` with ``/`` in a hub name replaced by ``_``."""
+    from r1kit.data.rows import FILE_SUFFIXES
+
+    if task.endswith(FILE_SUFFIXES):
+        return f"{Path(task).stem}_k{k}"
+    return f"{task.replace('/', '_')}_{split}_k{k}"
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -43,15 +64,14 @@ def _eval(args: argparse.Namespace) -> int:
     from r1kit.models.loading import load_policy, resolve_bf16, resolve_dtype
     from r1kit.runtime import make_engine, make_render, make_verifier
 
+    _check_eval_args(args)
     run_cfg = {}
     cfg_path = Path(args.model) / "config.yaml"
     if cfg_path.is_file():  # an r1kit run: default to the template, extraction and stops it was trained with
         run_cfg = yaml.safe_load(cfg_path.read_text()) or {}
     template = args.template or run_cfg.get("template", "chat_boxed")
-    max_tokens = args.max_tokens or run_cfg.get("max_completion_length", 512)
+    max_tokens = args.max_tokens if args.max_tokens is not None else run_cfg.get("max_completion_length", 512)
     extraction = args.answer_extraction or run_cfg.get("answer_extraction", "tagged")
-    if args.k < 1:
-        raise R1kitError(f"--k must be >= 1, got {args.k}")
     torch.manual_seed(args.seed)
     model, tok = load_policy(args.model, dtype=torch.float32)
     examples = load_task(args.task, args.split, prompt_field=args.prompt_field, answer_field=args.answer_field,
@@ -69,7 +89,7 @@ def _eval(args: argparse.Namespace) -> int:
     table = markdown_table([(str(args.model), res)])
     print(table)
     out = Path(args.output) if args.output else (Path(args.model) / "eval" if Path(args.model).is_dir() else Path("runs/eval"))
-    name = f"{args.task.replace('/', '_')}_{args.split}_k{args.k}"
+    name = report_name(args.task, args.split, args.k)
     save_result(res, out / f"{name}.json")
     (out / f"{name}.md").write_text(table)
     print(f"wrote {out / (name + '.json')} and {name}.md")
@@ -105,11 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a policy")
     tsub = train.add_subparsers(dest="algo", required=True)
-    grpo = tsub.add_parser("grpo", help="GRPO on rule-verified rewards",
-                           description="GRPO training. Every config field is a --flag; see r1kit/config.py.")
+    grpo = tsub.add_parser(
+        "grpo", help="GRPO on rule-verified rewards",
+        description="GRPO training. Every config field is a --flag; see r1kit/config.py. The defaults shown are "
+                    "the base GRPOConfig values: --preset overrides them, --config overrides the preset, and "
+                    "--flags override both.",
+        epilog=f"presets: {', '.join(preset_names())}. `r1kit train grpo --preset P [--flags] --print-config` "
+               "prints the resolved config.")
     grpo.add_argument("--preset", help=f"named preset applied before --config and flags: {', '.join(preset_names())}")
     grpo.add_argument("--config", help="YAML file of config fields")
     grpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    grpo.add_argument("--print-config", action="store_true",
+                      help="print the resolved config (defaults, preset, --config, flags) as YAML and exit; "
+                           "loads no model")
     grpo.add_argument("--no-progress", action="store_true", help="no progress bar")
     grpo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     add_config_arguments(grpo)

@@ -344,6 +344,11 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
 
 
+def config_yaml(cfg: GRPOConfig) -> str:
+    """The resolved config as YAML, fields in declaration order (the format of every ``config.yaml``)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: GRPOConfig, path: Path) -> None:
     """Write the resolved config as YAML."""
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    path.write_text(config_yaml(cfg))

@@ -4,7 +4,7 @@ import pytest
 
 from r1kit.data.base import Example
 from r1kit.eval.evaluate import (EvalResult, bootstrap_ci, comparison_markdown, evaluate, majority_correct,
-                                 paired_difference)
+                                 paired_difference, pass1_interval, wilson_interval)
 from r1kit.rewards.base import Verdict
 from r1kit.rollout.base import Completion
 
@@ -22,6 +22,25 @@ def test_bootstrap_ci_brackets_the_mean_and_is_seeded():
     assert lo < 0.3 < hi and 0.18 < lo and hi < 0.42
     assert bootstrap_ci(vals, seed=3) == (lo, hi)
     assert bootstrap_ci([1.0] * 10) == (1.0, 1.0)
+
+
+def test_wilson_interval_by_hand():
+    """z = 1.959964, z² = 3.841459. At 0/n the upper bound is z²/(n + z²); at n/n the lower is n/(n + z²).
+    30/100: center (0.3 + z²/200)/(1 + z²/100) = 0.307399, half-width 1.887457 · sqrt(0.0021 + z²/40000)
+    = 0.088450, so [0.21895, 0.39585] (the 0.2189–0.3958 of published tables)."""
+    assert wilson_interval(0.0, 200) == pytest.approx((0.0, 3.841459 / 203.841459), abs=1e-7)  # [0, 1.885%]
+    assert wilson_interval(1.0, 200) == pytest.approx((200 / 203.841459, 1.0), abs=1e-7)  # [98.12%, 100%]
+    assert wilson_interval(0.3, 100) == pytest.approx((0.21895, 0.39585), abs=1e-5)
+
+
+def test_pass1_interval_is_wilson_for_k1_and_for_equal_scores_else_bootstrap():
+    assert pass1_interval([0.0] * 200, k=1) == wilson_interval(0.0, 200)  # a bootstrap would give [0, 0]
+    assert pass1_interval([1.0] * 30 + [0.0] * 70, k=1) == wilson_interval(0.3, 100)
+    assert pass1_interval([1.0] * 50, k=4) == wilson_interval(1.0, 50)  # over problems, not 200 samples
+    mixed = [0.0, 0.25, 0.5, 1.0] * 10
+    assert pass1_interval(mixed, k=4, seed=2) == bootstrap_ci(mixed, seed=2)
+    lo, hi = pass1_interval([], k=1)
+    assert lo != lo and hi != hi  # nan
 
 
 def _result(scores, k=1):
@@ -84,6 +103,9 @@ def test_evaluate_pass1_is_mean_over_k_and_majk():
     # majority answer correct when 2 of 3 agree on the gold: problems 2 and 5
     assert r.majk == pytest.approx(2 / 6)
     assert [p["correct"] for p in r.per_problem][2] == [True, True, False]
+    assert r.pass1_ci == bootstrap_ci([0, 1 / 3, 2 / 3] * 2, seed=0)
+    r1 = evaluate(_Engine(_Tok()), _Tok(), exs, _Verifier(), lambda e: e.prompt, k=1)  # correct: i % 3 > 0
+    assert r1.pass1 == pytest.approx(4 / 6) and r1.pass1_ci == wilson_interval(4 / 6, 6)
 
 
 def test_evaluate_passes_stops_and_truncation_to_engine_and_verifier():

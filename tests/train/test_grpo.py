@@ -356,6 +356,84 @@ def test_time_budget_stops_after_the_crossing_step_and_checkpoints(tiny_model_di
     assert (tmp_path / "checkpoint-2").is_dir()
 
 
+def _dead(ro: Rollout) -> Rollout:
+    """``ro`` with every reward 0.5: all groups have zero std, so with β = 0 nothing is forwarded."""
+    ro.rewards[:] = 0.5
+    ro.rewards_per_func[:] = 0.5
+    ro.advantages.zero_()
+    ro.group_std.zero_()
+    return ro
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])  # 2: old logprobs and the mismatch come from a no-grad pass
+def test_a_step_that_forwards_nothing_logs_the_same_keys(tiny_model_dir, tmp_path, num_iterations):
+    """Constant rewards: loss and grad_norm are exactly 0 (every advantage is 0, β = 0); what was not
+    measured is NaN in the step's metrics and null in metrics.jsonl, never a missing key."""
+    import json
+    import math
+
+    model, tok = load_policy(str(tiny_model_dir), dtype=torch.float64)
+    tr = _trainer(model, tok, tmp_path, num_iterations=num_iterations)
+    rollouts = iter([_rollout(), _dead(_rollout(seed=1))])
+    tr.generate_and_score = lambda: next(rollouts)
+    live, dead = tr.train_step(), tr.train_step()
+    assert live["forwarded_fraction"] == pytest.approx(8 / 12) and dead["forwarded_fraction"] == 0.0
+    assert list(live) == list(dead)
+    assert dead["loss"] == 0.0 and dead["grad_norm"] == 0.0 and dead["reward"] == 0.5
+    unmeasured = ["entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                  "logprob_mismatch/mean", "logprob_mismatch/max"]
+    assert all(math.isnan(dead[k]) and math.isfinite(live[k]) for k in unmeasured)
+    assert live["entropy"] > 0 and live["grad_norm"] > 0
+    tr.logger.log(1, live)
+    tr.logger.log(2, dead)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert list(rows[0]) == list(rows[1]) and all(rows[1][k] is None for k in unmeasured)
+
+
+def test_plot_curves_leaves_out_null_and_nan_values(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from r1kit.train.logging import plot_curves
+
+    rows = ['{"step": 1, "reward": 0.25, "accuracy": null}', '{"step": 2, "reward": NaN, "accuracy": null}',
+            '{"step": 3, "reward": 0.75, "accuracy": null}']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    plotted = []
+    real_plot = matplotlib.axes.Axes.plot
+
+    def recording_plot(ax, xs, ys, *args, **kw):
+        plotted.append((list(xs), list(ys)))
+        return real_plot(ax, xs, ys, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording_plot)
+    png = plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png", window=2)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert plotted == [([1, 3], [0.25, 0.75]), ([3], [0.5])]  # reward per step and its mean of 2; no accuracy
+
+
+def test_resume_of_a_finished_run_rewrites_nothing(tiny_model_dir, toy_task, tmp_path, capsys):
+    """--resume on a run that reached max_steps says so and exits 0 with final/ untouched; raising
+    --max-steps resumes training."""
+    from r1kit.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "grpo", "--model", str(tiny_model_dir), "--task", str(toy_task), "--template", "direct",
+                 "--answer-extraction", "any", "--reward-funcs", "accuracy", "--num-generations", "2",
+                 "--prompts-per-step", "1", "--max-completion-length", "4", "--max-steps", "1", "--bf16", "false",
+                 "--plot", "false", "--output", str(out), "--no-progress"]) == 0
+    final = out / "final" / "model.safetensors"
+    stamp, metrics = final.stat().st_mtime_ns, (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["train", "grpo", "--output", str(out), "--resume", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert f"{out} is complete (max_steps=1 reached, final/ written): nothing to resume" in said
+    assert "resumed from" not in said
+    assert final.stat().st_mtime_ns == stamp and (out / "metrics.jsonl").read_text() == metrics
+    assert main(["train", "grpo", "--output", str(out), "--resume", "--max-steps", "2", "--no-progress"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert final.stat().st_mtime_ns != stamp and len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def test_stop_strings_reach_the_rollout_sampler(tiny_model_dir, tmp_path):
     model, tok = load_policy(str(tiny_model_dir))
     params = _trainer(model, tok, tmp_path, stop=["\n"], top_k=5).sampling_params()

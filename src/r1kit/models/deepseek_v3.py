@@ -914,6 +914,12 @@ def update_router_bias(model: DeepseekV3ForCausalLM, gamma: float | None = None)
     return metrics
 
 
+def expert_load_keys(model: DeepseekV3ForCausalLM) -> list[str]:
+    """Every key ``expert_load_metrics`` can return for ``model``: two per MoE layer of the main model."""
+    return [f"moe/layer{i}/{stat}" for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)
+            for stat in ("max_over_mean", "min_over_mean")]
+
+
 def expert_load_metrics(model: DeepseekV3ForCausalLM) -> dict[str, float]:
     """Per MoE layer ``moe/layer{i}/max_over_mean`` (1.0 = perfectly balanced) and ``.../min_over_mean``
     of the token counts accumulated since the last bias update; layers with no counts are skipped."""

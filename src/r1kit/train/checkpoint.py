@@ -83,6 +83,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    """The optimizer step a checkpoint was written at, from its trainer_state.json."""
+    return json.loads((ckpt / "trainer_state.json").read_text())["step"]
+
+
 def load_training_state(ckpt: Path, optimizer, scheduler) -> dict:
     """Restore optimizer, scheduler and RNG states from ``ckpt``; return its trainer_state dict.
 

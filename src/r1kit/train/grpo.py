@@ -28,11 +28,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from r1kit.config import GRPOConfig, save_config
+from r1kit.config import GRPOConfig, config_yaml, save_config
 from r1kit.data.base import Example
 from r1kit.data.templates import encode_prompt
 from r1kit.errors import ConfigError, TrainingStopped
-from r1kit.models.deepseek_v3 import DeepseekV3ForCausalLM, KVCache, update_router_bias
+from r1kit.models.deepseek_v3 import DeepseekV3ForCausalLM, KVCache, expert_load_keys, update_router_bias
 from r1kit.models.loading import resolve_bf16
 from r1kit.models.v3_io import read_tensors
 from r1kit.rewards.base import Verdict
@@ -691,6 +691,7 @@ class GRPOTrainer:
         if self.reference is not None and c.ref_model_sync_steps and self.step % c.ref_model_sync_steps == 0:
             self.sync_reference()
         metrics = self._metrics(ro, index, t1 - t0, t2 - t1, t3 - t2)
+        metrics.update(dict.fromkeys(self.update_metric_keys(), math.nan))
         metrics.update(loss_stats)
         metrics.update(mismatch)
         metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
@@ -698,6 +699,28 @@ class GRPOTrainer:
         if c.log_completions_steps and (self.step % c.log_completions_steps == 0 or self.step == 1):
             self.logger.log_samples(self.step, self._samples(ro))
         return metrics
+
+    def update_metric_keys(self) -> list[str]:
+        """The update statistics every step of this run logs, so that each metrics.jsonl row has the same
+        keys. The set depends on the config and the model only: ``kl`` with β > 0, the importance ratios
+        with the rollout correction on, ``moe/*`` expert loads for a DeepSeek-V3 policy.
+
+        A step that forwards no completion (every group's rewards equal and β = 0, or every completion
+        masked) measures none of entropy, clip_ratio/*, kl, logprob_mismatch/*, the importance ratios or
+        the expert loads: they are NaN (null in metrics.jsonl), not 0. Its ``loss`` and ``grad_norm``
+        are measured and exact: every per-token term is 0 (advantage 0 with β = 0) or masked out, so the
+        loss is 0.0 and so is the gradient.
+        """
+        c = self.cfg
+        keys = ["loss", "grad_norm", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                "clip_ratio/region_mean", "logprob_mismatch/mean", "logprob_mismatch/max"]
+        if c.beta != 0.0:
+            keys.append("kl")
+        if c.rollout_importance_sampling_correction:
+            keys += [f"sampling/importance_sampling_ratio/{s}" for s in ("mean", "clipped_fraction", "min", "max")]
+        if isinstance(self.policy, DeepseekV3ForCausalLM):
+            keys += expert_load_keys(self.policy)
+        return keys
 
     def _metrics(self, ro: Rollout, index: list[int], t_roll: float, t_ref: float, t_upd: float) -> dict[str, float]:
         G = self.cfg.num_generations
@@ -755,12 +778,10 @@ class GRPOTrainer:
         return {"step": self.step, "epoch": self.epoch, "cursor": self.cursor, "warn_counts": self.warn_counts}
 
     def save(self) -> Path:
-        import yaml
-
         ref = self.reference if (self.reference is not None and self.cfg.ref_model_sync_steps) else None
         return ckpt.save_checkpoint(self.run_dir, self.step, policy=self.policy, tokenizer=self.tokenizer,
                                     optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=self.state(),
-                                    config_yaml=yaml.safe_dump(self.cfg.to_dict(), sort_keys=False),
+                                    config_yaml=config_yaml(self.cfg),
                                     reference=ref, keep=self.cfg.save_total_limit)
 
     def resume_from(self, path: Path) -> None:

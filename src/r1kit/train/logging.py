@@ -3,6 +3,8 @@
 Every step appends one JSON line ``{"step": N, "<metric>": value, ...}`` to ``metrics.jsonl``; metric
 names follow TRL where one exists (``reward``, ``reward_std``, ``rewards/<fn>/mean``, ``kl``,
 ``clip_ratio/low_mean``, ``entropy``, ``completions/mean_length``, ``frac_reward_zero_std``, ...).
+Every row of a run has the same keys; a statistic a step did not measure (entropy on a step that
+forwarded no completion) and any other non-finite value is written as null.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_curves(metrics_path: Path, out_png: Path, window: int = 5) -> Path:
-    """Plot reward, accuracy and completion length per step (raw and a moving average) to a PNG."""
+    """Plot reward, accuracy and completion length per step (raw and a moving average) to a PNG; steps
+    where a value is null or NaN are left out of its panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +85,7 @@ def plot_curves(metrics_path: Path, out_png: Path, window: int = 5) -> Path:
               ("frac_reward_zero_std", "groups with zero reward std")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (key, label) in zip(axes, panels):
-        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        pts = [(r["step"], r[key]) for r in rows if _finite_or_none(r.get(key)) is not None]
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, alpha=0.35, lw=1, label="per step")

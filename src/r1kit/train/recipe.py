@@ -57,8 +57,19 @@ def save_final(policy, tokenizer, run_dir: Path) -> Path:
     return save_pretrained_atomic(policy, tokenizer, run_dir / "final")
 
 
+def run_complete(cfg: GRPOConfig, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run of ``cfg``: ``final/``, a checkpoint at or past
+    ``max_steps`` and, when ``eval_after`` asks for one, ``eval/report.md``. A run stopped by
+    ``max_train_minutes`` is not finished: ``--resume`` continues it for another budget."""
+    last = ckpt.latest_checkpoint(run_dir)
+    return ((run_dir / "final").is_dir() and last is not None and ckpt.checkpoint_step(last) >= cfg.max_steps
+            and (not cfg.eval_after or (run_dir / "eval" / "report.md").is_file()))
+
+
 def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run the GRPO recipe described in the module docstring; returns the run directory.
+    """Run the GRPO recipe described in the module docstring; returns the run directory. With
+    ``resume`` on a finished run (``run_complete``) it says so and returns at once: nothing is
+    loaded, trained or rewritten.
 
     Raises:
         R1kitError (and subclasses): bad config, data or model; TrainingStopped from a guard.
@@ -70,6 +81,10 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
     run_dir = Path(cfg.output)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume and ckpt.list_checkpoints(run_dir):
         raise R1kitError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose another --output")
+    if resume and run_complete(cfg, run_dir):
+        print(f"{run_dir} is complete (max_steps={cfg.max_steps} reached, final/ written): nothing to resume; "
+              "raise --max-steps to train further", flush=True)
+        return run_dir
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)

@@ -126,11 +126,11 @@ def build_report(history: dict, grpo_rows: list[dict], before: EvalResult, after
                  greedy_after: float) -> dict[str, Any]:
     """The measured numbers: pretraining loss start/end (mean of the first/last 10 steps, nats per
     token), per-layer expert load max/mean at the start and end of pretraining and GRPO, GRPO train
-    reward over the first/last 5 steps, held-out pass@1 before/after with bootstrap CIs and the paired
+    reward over the first/last 5 steps, held-out pass@1 before/after with 95% CIs and the paired
     difference, and greedy held-out accuracy before/after."""
     def load_at(rows: list[dict], last: bool) -> dict[str, float]:
-        keys = sorted({k for r in rows for k in r if k.endswith("max_over_mean")})
-        return {k.split("/")[1]: mean_of([r[k] for r in rows if k in r], 5, last) for k in keys}
+        keys = sorted({k for r in rows for k, v in r.items() if k.endswith("max_over_mean") and v is not None})
+        return {k.split("/")[1]: mean_of([r[k] for r in rows if r.get(k) is not None], 5, last) for k in keys}
 
     diff = paired_difference(before, after)
     return {
@@ -209,7 +209,7 @@ def plot_report(history: dict, grpo_rows: list[dict], report: dict[str, Any], ou
     for layer, values in history["load_per_layer"].items():
         pre_ax.plot(moving_mean(values, window), lw=1, label=layer_label(layer, history))
         key = f"moe/{layer}/max_over_mean"
-        points = [(r["step"], r[key]) for r in grpo_rows if key in r]
+        points = [(r["step"], r[key]) for r in grpo_rows if r.get(key) is not None]
         if points:
             grpo_ax.plot(*zip(*points), lw=1, label=layer)
     pre_ax.set(title=f"expert load max/mean, pretraining (mean of {window} steps)", xlabel="pretraining step")
