@@ -96,7 +96,7 @@ class GRPOConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99
     max_grad_norm: float = 1.0  # 0 = no clipping
-    router_bias_update_speed: float = 0.001  # γ: DeepSeek-V3 MoE router-bias step per update (V3 report §2.1.2; 0 = frozen)
+    router_bias_update_speed: float = 0.0  # γ: DeepSeek-V3 router-bias step per update (V3 report §2.1.2); 0 = frozen, as V3 ends pretraining
     max_steps: int = 100
     max_train_minutes: float | None = None  # also stop training after this much wall time (min; checkpointed)
     bf16: str = "auto"  # bf16 autocast + bf16 rollouts: auto (only where the CPU has AVX512-BF16/AMX), true, false
