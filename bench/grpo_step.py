@@ -5,7 +5,7 @@ embedded SmolLM2-135M-Instruct, SVAMP train problems with the `direct` template,
 reward (r1kit's math verifier), G completions per prompt, the same max completion length, learning
 rate and loss (dapo, beta 0). Each reports the median wall time of its steps after a warm-up step.
 
-    .venv/bin/python bench/grpo_step.py [--steps 4] [--generations 8] [--prompts 2] [--max-tokens 64]
+    .venv/bin/python bench/grpo_step.py [--steps 4] [--generations 8] [--prompts 2] [--max-tokens 64] [--full-update]
 
 Last line: ``ratio_vs_trl=<r1kit median step time / TRL median step time>`` (lower is better).
 """
@@ -42,7 +42,7 @@ def run_r1kit(args) -> dict:
         num_generations=args.generations, prompts_per_step=args.prompts, max_completion_length=args.max_tokens,
         learning_rate=1e-6, loss_type="dapo", beta=0.0, micro_batch_size=args.generations * args.prompts,
         max_steps=args.steps + 1, bf16=args.bf16, rollout_backend=args.backend, output=args.out, save_steps=0,
-        log_completions_steps=0, temperature=1.0))
+        log_completions_steps=0, temperature=1.0, skip_zero_advantage=not args.full_update))
     policy, tok = load_policy("smollm2-135m-instruct")
     render, _ = make_render(cfg.template, tok)
     verifier = make_verifier("svamp", "any")
@@ -121,6 +121,9 @@ def main() -> None:
     p.add_argument("--bf16", default="auto")
     p.add_argument("--backend", default="auto", help="r1kit rollout backend: auto, engine or hf")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--full-update", action="store_true",
+                   help="r1kit forwards every completion, zero-advantage ones included, as TRL does "
+                        "(default: they are skipped, which leaves the update unchanged when beta = 0)")
     p.add_argument("--which", choices=["r1kit", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--out", default="/tmp/r1kit-bench-grpo")
     args = p.parse_args()

@@ -303,6 +303,18 @@ def test_padding_free_logprobs_equal_one_concatenated_forward(tiny_model_dir):
                                   padding_free=True)
 
 
+def test_packing_is_refused_where_the_block_mask_would_not_be_exact(tiny_model_dir):
+    from r1kit.train.grpo import can_pack
+
+    model, _ = load_policy(str(tiny_model_dir))
+    assert can_pack(model)
+    model.config.sliding_window, model.config.use_sliding_window = 16, True
+    assert not can_pack(model)                  # the packed mask would drop the window
+    model.config.sliding_window = None
+    model.config._attn_implementation = "eager"
+    assert not can_pack(model)                  # eager attention adds the mask as numbers
+
+
 def test_pack_rows_layout_and_budget():
     """Two prompts (lengths 2 and 3, left-padded to 3) with completions of 2, 1 | 3, 2 tokens; a budget of
     4 completion tokens splits the second group over two rows, each with its own prompt copy."""

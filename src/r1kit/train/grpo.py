@@ -168,10 +168,12 @@ PACK_TOKENS = 1024
 
 def can_pack(model: torch.nn.Module) -> bool:
     """Whether ``packed_logprobs`` is exact for ``model``: a listed transformers model type running SDPA
-    attention (which takes the boolean block mask as is; eager attention would add it as numbers)."""
+    attention (which takes the boolean block mask as is; eager attention would add it as numbers) and
+    no sliding window (the block mask replaces the model's own mask, window included)."""
     config = getattr(model, "config", None)
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
     return (getattr(config, "model_type", None) in PACKABLE_MODEL_TYPES
-            and getattr(config, "_attn_implementation", None) == "sdpa")
+            and getattr(config, "_attn_implementation", None) == "sdpa" and not sliding)
 
 
 @dataclass
