@@ -69,10 +69,16 @@ def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 def jsonl_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
     """``(line number, row)`` of a JSON Lines file (gzip-compressed if it ends in ``.gz``), skipping
-    blank lines. Raises DataError naming the file and line for invalid JSON or a non-object row."""
+    blank lines. Raises DataError naming the file and line for bytes that are not UTF-8, invalid JSON
+    or a non-object row."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with opener(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path} line {line_no}: not UTF-8 ({err.reason} at byte {err.start}); "
+                                "re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
