@@ -161,3 +161,18 @@ def test_eval_counts_must_be_positive_before_any_model_loads(capsys, tmp_path, t
     """The model does not exist: the count is refused first (a later check would say 'not found')."""
     rc = main(["eval", "--model", str(tmp_path / "no_such_model"), "--task", str(toy_task), *args])
     assert rc == 2 and _err(capsys) == f"error: {needle}"
+
+
+def test_eval_output_that_is_a_file_is_refused_before_any_model_loads(capsys, tmp_path, toy_task):
+    existing = tmp_path / "report.txt"
+    existing.write_text("keep me")
+    rc = main(["eval", "--model", str(tmp_path / "no_such_model"), "--task", str(toy_task), "--output", str(existing)])
+    assert rc == 2 and _err(capsys) == f"error: --output {existing} is an existing file; pass a directory for the reports"
+    assert existing.read_text() == "keep me"
+
+
+def test_eval_on_an_empty_task_file_names_it(capsys, tmp_path, tiny_model_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    rc = main(["eval", "--model", str(tiny_model_dir), "--task", str(empty)])
+    assert rc == 2 and _err(capsys) == f"error: task {str(empty)!r} split 'test' has no problems to evaluate"

@@ -38,10 +38,13 @@ def _train_grpo(args: argparse.Namespace) -> int:
 
 
 def _check_eval_args(args: argparse.Namespace) -> None:
-    """Raise R1kitError naming the flag when --k, --limit or --max-tokens is not a positive count."""
+    """Raise R1kitError naming the flag when --k, --limit or --max-tokens is not a positive count, or
+    when --output names an existing file (it must be a directory), before any work."""
     for flag, value in (("--k", args.k), ("--limit", args.limit), ("--max-tokens", args.max_tokens)):
         if value is not None and value < 1:
             raise R1kitError(f"{flag} must be >= 1, got {value}")
+    if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
+        raise R1kitError(f"--output {args.output} is an existing file; pass a directory for the reports")
 
 
 def report_name(task: str, split: str, k: int) -> str:
@@ -73,9 +76,11 @@ def _eval(args: argparse.Namespace) -> int:
     max_tokens = args.max_tokens if args.max_tokens is not None else run_cfg.get("max_completion_length", 512)
     extraction = args.answer_extraction or run_cfg.get("answer_extraction", "tagged")
     torch.manual_seed(args.seed)
-    model, tok = load_policy(args.model, dtype=torch.float32)
     examples = load_task(args.task, args.split, prompt_field=args.prompt_field, answer_field=args.answer_field,
-                         limit=args.limit)
+                         limit=args.limit)                     # data errors before the model loads
+    if not examples:
+        raise R1kitError(f"task {args.task!r} split {args.split!r} has no problems to evaluate")
+    model, tok = load_policy(args.model, dtype=torch.float32)
     render, _ = make_render(template, tok)
     verifier = make_verifier(args.task, extraction)
     dtype = (torch.bfloat16 if resolve_bf16("auto") else torch.float32) if args.dtype == "auto" else resolve_dtype(args.dtype)
