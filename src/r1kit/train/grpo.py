@@ -204,15 +204,16 @@ def pack_rows(mb: MicroBatch, pad_id: int, budget: int = PACK_TOKENS) -> PackedR
     p_w = mb.prompt_ids.shape[1]
     lens = mb.completion_attn.sum(-1).tolist()                                         # (m,)
     prompt_lens = mb.prompt_mask.sum(-1).tolist()                                      # (u,)
+    prompt_of = mb.prompt_of.tolist()
     rows: list[tuple[int, list[int]]] = []
     for u in range(mb.prompt_ids.shape[0]):
-        members = [j for j, pu in enumerate(mb.prompt_of.tolist()) if pu == u]
-        current: list[int] = []
-        for j in members:
-            if current and sum(lens[k] for k in current) + lens[j] > budget:
+        current, used = [], 0
+        for j in (j for j, pu in enumerate(prompt_of) if pu == u):
+            if current and used + lens[j] > budget:
                 rows.append((u, current))
-                current = []
+                current, used = [], 0
             current.append(j)
+            used += lens[j]
         if current:
             rows.append((u, current))
     L = max(prompt_lens[u] + sum(lens[j] for j in js) for u, js in rows)
@@ -251,14 +252,14 @@ def packed_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: float,
     hidden = model.get_decoder()(input_ids=packed.input_ids, position_ids=packed.position_ids,
                                  attention_mask=packed.allowed, use_cache=False).last_hidden_state  # (r, L, D)
     logits = model.get_output_embeddings()(hidden[packed.src_row, packed.src_pos])    # (n, V)
-    flat = selective_log_softmax(logits[None], packed.target[None], temperature)[0]   # (n,)
-    dtype = torch.promote_types(flat.dtype, torch.float32)
-    logps = torch.zeros(mb.completion_ids.shape, dtype=dtype).index_put((packed.dst_row, packed.dst_col), flat.to(dtype))
-    entropy = None
-    if with_entropy:
-        ent = entropy_from_logits(logits[None], temperature)[0]
-        entropy = torch.zeros(mb.completion_ids.shape, dtype=ent.dtype).index_put((packed.dst_row, packed.dst_col), ent)
-    return logps, entropy
+    flat = selective_log_softmax(logits[None], packed.target[None], temperature)[0]   # (n,) float32/64
+
+    def unpack(values: torch.Tensor) -> torch.Tensor:                                  # (n,) → (m, C)
+        out = torch.zeros(mb.completion_ids.shape, dtype=values.dtype)
+        return out.index_put((packed.dst_row, packed.dst_col), values)
+
+    entropy = unpack(entropy_from_logits(logits[None], temperature)[0]) if with_entropy else None
+    return unpack(flat), entropy
 
 
 def hf_prefix_logits(model: torch.nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
