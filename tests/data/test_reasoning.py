@@ -1,0 +1,27 @@
+"""The reasoning split (r1kit.data.reasoning): each rule of the module docstring on a hand-written case."""
+
+import pytest
+
+from r1kit.data.reasoning import ReasoningSplit, split_reasoning
+
+CASES = [
+    # (completion, think_in_prompt, reasoning, content)
+    ("2+2 is 4.\n</think>\n\n\\boxed{4}", True, "2+2 is 4.", "\\boxed{4}"),          # R1 prefill: no opening tag
+    ("<think>\n2+2 is 4.\n</think>\n\\boxed{4}", False, "2+2 is 4.", "\\boxed{4}"),   # opening tag dropped
+    ("  <think>a</think>b", True, "a", "b"),                                          # opening tag in output too
+    ("still thinking about 2+2", True, "still thinking about 2+2", None),            # never closed
+    ("<think>still thinking", False, "still thinking", None),
+    ("a</think>b</think>c", True, "a", "b</think>c"),                                # first close wins
+    ("a</think>b", False, "a", "b"),                                                 # model omitted the opening tag
+    ("The answer is \\boxed{4}.", False, None, "The answer is \\boxed{4}."),        # plain template, no tags
+    ("Sure. <think>2+2</think> 4", False, "2+2", "Sure. 4"),                         # text before the tag is kept
+    ("<think></think>4", False, "", "4"),                                            # empty reasoning is "", not None
+    ("</think>", True, "", ""),
+    ("", True, "", None),
+    ("", False, None, ""),
+]
+
+
+@pytest.mark.parametrize("text,think_in_prompt,reasoning,content", CASES)
+def test_split_reasoning(text, think_in_prompt, reasoning, content):
+    assert split_reasoning(text, think_in_prompt) == ReasoningSplit(reasoning, content)
