@@ -234,3 +234,20 @@ def test_lora_grpo_reference_is_the_policy_with_adapters_disabled(tiny_model_dir
     metrics = tr.train_step()                               # a full LoRA GRPO step: update, merged engine refresh
     assert metrics["kl"] is not None and tr.step == 1
     assert all(torch.equal(p, frozen[n]) for n, p in policy.named_parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("row, flags, needle", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, [], "row 1: field 'messages' has no assistant turn"),
+    ({"prompt": "q", "reasoning": "long " * 400, "answer": "a"}, ["--overlong", "error"],
+     "example bad/1 has"),
+    ({"prompt": "q", "reasoning": "long " * 400, "answer": "a"}, [], "no SFT examples to train on"),
+])
+def test_cli_bad_sft_input_is_one_error_line(tiny_model_dir, tmp_path, capsys, row, flags, needle):
+    from r1kit.cli import main
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    code = main(["train", "sft", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "o"),
+                 "--max-length", "256", "--no-progress", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
