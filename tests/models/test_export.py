@@ -9,6 +9,7 @@ keeps the dtype matrix fast: transformers' loader parses the whole token list tw
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,9 @@ def test_cli_exports_gguf_and_a_failed_export_keeps_the_old_file(tmp_path, small
     out = tmp_path / "out" / "model.gguf"
     assert main(["export", str(src), "--format", "gguf", "--dtype", "q8_0", "--output", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not a private temporary one
     before = out.read_bytes()
 
     import r1kit.models.export as export

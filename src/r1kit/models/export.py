@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -124,9 +123,7 @@ def export_gguf(model, tokenizer, output: str | Path, dtype: str = "f16", name: 
     tok_meta = tokenizer_metadata(tokenizer, cfg.vocab_size)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # created by the writer, so the umask applies
     try:
         writer = gguf.GGUFWriter(tmp, "llama")
         add_llama_metadata(writer, cfg, dtype, name)
