@@ -205,6 +205,14 @@ def test_hf_export_of_r1kits_deepseek_v3_loads_in_transformers(tmp_path, small_t
     assert tok(TEXTS[0])["input_ids"] == small_tokenizer(TEXTS[0])["input_ids"]
     assert main(["export", str(src), "--format", "gguf", "--output", str(tmp_path / "v3.gguf")]) == 2
 
+    assert main(["export", str(src), "--format", "hf", "--dtype", "bf16", "--output", str(out)]) == 0
+    half, _ = load_policy(str(out), dtype="bf16")
+    source = model.state_dict()
+    for name, t in half.named_parameters():  # weights rounded to bf16
+        assert torch.equal(t, source[name].bfloat16()), name
+    biases = [n for n, _ in half.named_buffers() if n.endswith("e_score_correction_bias")]
+    assert biases and all(torch.equal(half.get_buffer(n), source[n]) for n in biases)  # fp32 (spec §3.2)
+
 
 @pytest.mark.slow
 def test_embedded_model_gguf_matches_llama_cpps_own_conversion(tmp_path, embedded_dir):
