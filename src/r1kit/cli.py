@@ -5,6 +5,7 @@
   r1kit train sft --preset cpu_sft_demo --output runs/sft [--data FILE|DIR|gsm8k] [--<field> value ...] [--resume]
   r1kit eval --model M --task T [--k K] [--limit N] [--output DIR]
   r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 100]
+  r1kit export MODEL --format gguf|hf [--dtype f16|bf16|q8_0 | fp32|bf16|fp16] --output PATH
   r1kit tasks
 
 Bad input (R1kitError) prints one ``error:`` line and exits with status 2; a guard stop exits with 3;
@@ -129,6 +130,14 @@ def _pretrain_v3_zero(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from r1kit.models.export import export_model
+
+    out = export_model(args.model, args.format, args.output, args.dtype)
+    print(f"wrote {out}")
+    return 0
+
+
 def _tasks(args: argparse.Namespace) -> int:
     from r1kit.data.base import task_names, task_verifier
 
@@ -217,6 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     zero.add_argument("--no-progress", action="store_true", help="no progress bar")
     zero.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     zero.set_defaults(func=_pretrain_v3_zero)
+
+    ex = sub.add_parser("export", help="write a model as GGUF (llama.cpp, Ollama) or an HF directory (transformers, vLLM)")
+    ex.add_argument("model", help="HF dir, .gguf, r1kit run dir, or smollm2-135m-instruct")
+    ex.add_argument("--format", required=True, help="gguf (Llama-family models) or hf (safetensors, every model)")
+    ex.add_argument("--dtype", default=None,
+                    help="gguf: f16 (default), bf16 or q8_0 for the 2-D weights; hf: fp32 (default), bf16 or fp16")
+    ex.add_argument("--output", required=True, help="the .gguf file or HF directory to write (replaced atomically)")
+    ex.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    ex.set_defaults(func=_export)
 
     tasks = sub.add_parser("tasks", help="list registered tasks")
     tasks.set_defaults(func=_tasks)
