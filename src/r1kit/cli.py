@@ -3,6 +3,7 @@
   r1kit train grpo --preset cpu_demo --output runs/demo [--config c.yaml] [--<field> value ...] [--resume]
   r1kit train grpo --preset cpu_demo [--<field> value ...] --print-config
   r1kit train sft --preset cpu_sft_demo --output runs/sft [--data FILE|DIR|gsm8k] [--<field> value ...] [--resume]
+  r1kit train grpo|sft ... --nproc N [--master-port P]   (execs torchrun --nproc-per-node N -m r1kit train ...)
   r1kit eval --model M --task T [--k K] [--limit N] [--output DIR]
   r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 100]
   r1kit export MODEL --format gguf|hf [--dtype f16|bf16|q8_0 | fp32|bf16|fp16] --output PATH
@@ -24,8 +25,15 @@ from r1kit.errors import R1kitError, TrainingStopped
 def _train(args: argparse.Namespace, cls: type, run, default_output: str) -> int:
     """``r1kit train grpo|sft``: resolve the config (a --resume without --preset/--config reuses the run's
     config.yaml), print it or run ``run(cfg, resume, progress)``."""
-    from r1kit.config import config_yaml, load_config, overrides_from_args
+    import os
 
+    from r1kit.config import config_yaml, load_config, overrides_from_args
+    from r1kit.train import distributed
+
+    if args.nproc is not None and "WORLD_SIZE" not in os.environ:
+        argv = distributed.torchrun_argv(_without_launcher_flags(args.argv), args.nproc, args.master_port)
+        sys.stdout.flush()
+        os.execv(argv[0], argv)
     overrides = overrides_from_args(args)
     if args.resume and not args.config and not args.preset:
         saved = Path(overrides.get("output", default_output)) / "config.yaml"
@@ -36,8 +44,23 @@ def _train(args: argparse.Namespace, cls: type, run, default_output: str) -> int
         print(config_yaml(cfg), end="")
         return 0
     run_dir = run(cfg, resume=args.resume, progress=not args.no_progress)
-    print(f"run directory: {run_dir}")
+    if distributed.current().is_main:
+        print(f"run directory: {run_dir}")
+    distributed.shutdown()
     return 0
+
+
+def _without_launcher_flags(argv: list[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` and ``--master-port P`` (also in ``--flag=value`` form)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--nproc", "--master-port"):
+            skip = True
+        elif not a.startswith(("--nproc=", "--master-port=")):
+            out.append(a)
+    return out
 
 
 def _train_grpo(args: argparse.Namespace) -> int:
@@ -180,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="print the resolved config (defaults, preset, --config, flags) as YAML and exit; "
                                  "loads no model")
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+        parser.add_argument("--nproc", type=int, default=None,
+                            help="data-parallel processes on this machine: execs `torchrun --nproc-per-node N -m "
+                                 "r1kit` with the other arguments (gloo on CPU, NCCL on GPU; docs/SCALE.md)")
+        parser.add_argument("--master-port", type=int, default=29500, help="rendezvous port for --nproc")
         parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
         add_config_arguments(parser, cls)
         parser.set_defaults(func=func)
@@ -244,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except TrainingStopped as e:

@@ -109,6 +109,8 @@ class GRPOConfig:
     bf16: str = "auto"  # bf16 autocast + bf16 rollouts: auto (only where the CPU has AVX512-BF16/AMX), true, false
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads (None = torch default)
+    data_parallel: str = "ddp"  # under torchrun: ddp (replicas, gradients all-reduced) | fsdp2 (fully_shard per layer)
+    dist_timeout_minutes: float = 10.0  # every collective of a torchrun run fails after this long (min), no hang
 
     # --- run directory, logging, checkpoints ---
     output: str = "runs/grpo"
@@ -170,6 +172,7 @@ class GRPOConfig:
             raise ConfigError("overlong_buffer must be smaller than max_completion_length")
         self._validate_importance_sampling()
         validate_lora(self)
+        validate_distributed(self)
 
     def _validate_importance_sampling(self) -> None:
         """Bounds must keep an on-policy token's weight at 1 (C_min <= 1 <= C_max); truncation needs one."""
@@ -234,6 +237,14 @@ PRESETS["cpu_demo_gsm8k"] = dict(
     PRESETS["cpu_demo"], task="gsm8k", template="chat_boxed", max_prompt_length=512, max_completion_length=128, stop=[],
     max_steps=40, max_train_minutes=15.0, eval_limit=200, eval_k=1,
 )
+
+
+def validate_distributed(cfg: Any) -> None:
+    """The torchrun settings: data_parallel is ddp or fsdp2, the collective timeout positive."""
+    if cfg.data_parallel not in ("ddp", "fsdp2"):
+        raise ConfigError(f"data_parallel must be ddp or fsdp2, got {cfg.data_parallel!r}")
+    if cfg.dist_timeout_minutes <= 0:
+        raise ConfigError(f"dist_timeout_minutes must be > 0, got {cfg.dist_timeout_minutes}")
 
 
 def validate_lora(cfg: Any) -> None:
@@ -302,6 +313,8 @@ class SFTConfig:
     bf16: str = "auto"  # bf16 autocast: auto (only where the CPU has AVX512-BF16/AMX), true, false
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads (None = torch default)
+    data_parallel: str = "ddp"  # under torchrun: ddp (replicas, gradients all-reduced) | fsdp2 (fully_shard per layer)
+    dist_timeout_minutes: float = 10.0  # every collective of a torchrun run fails after this long (min), no hang
 
     # --- evaluation (the same protocol and report as GRPO) ---
     eval_task: str | None = None  # held-out task (default: data, when it is a registered task)
@@ -347,6 +360,7 @@ class SFTConfig:
         if str(self.bf16).lower() not in ("auto", "true", "false", "1", "0", "yes", "no", "on", "off"):
             raise ConfigError(f"bf16 must be auto, true or false, got {self.bf16!r}")
         validate_lora(self)
+        validate_distributed(self)
 
     @property
     def examples_per_step(self) -> int:

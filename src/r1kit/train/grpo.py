@@ -8,6 +8,10 @@ completion length of a micro-batch, V = vocabulary.
 Exactness notes:
   * Loss normalizers are counted over the whole optimizer step (``LossNormalizer``), so gradient
     accumulation does not change the gradient for any loss_type.
+  * Under torchrun (``r1kit.train.distributed``) every rank holds the whole round (each samples and
+    scores its slice, then the slices are gathered), forwards and backwards only its slice, divides by
+    the global normalizers, and the gradients are summed over ranks: the update equals the single-
+    process update of the same round for every loss_type (tested on 2 gloo ranks in float64).
   * With beta == 0 a completion whose advantage is exactly 0 (all of a group's rewards equal) has zero
     per-token loss and zero gradient; ``skip_zero_advantage`` leaves it out of the forward/backward
     passes while still counting it in the normalizers, so the update is unchanged and the compute
@@ -22,7 +26,7 @@ import copy
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,6 +40,7 @@ from r1kit.models.deepseek_v3 import DeepseekV3ForCausalLM, KVCache, expert_load
 from r1kit.models.loading import resolve_bf16
 from r1kit.rewards.base import Verdict
 from r1kit.rollout.base import SamplingEngine, SamplingParams
+from r1kit.train import distributed
 from r1kit.train.loop import DataCursor, TrainLoop, is_peft, lr_lambda, make_optimizer, merged_for_save
 from r1kit.train.losses import (ImportanceWeights, LossNormalizer, aggregate_loss, entropy_from_logits,
                                 group_advantages, policy_loss_terms, rollout_importance_weights,
@@ -296,12 +301,16 @@ def v3_prefix_logits(model: DeepseekV3ForCausalLM, mb: MicroBatch) -> tuple[torc
     return first.logits, rest.logits
 
 
-def balance_experts(policy: torch.nn.Module, gamma: float) -> dict[str, float]:
+def balance_experts(policy: torch.nn.Module, gamma: float,
+                    env: distributed.DistEnv = distributed.DistEnv()) -> dict[str, float]:
     """After an optimizer step of a DeepSeek-V3 policy: the aux-loss-free router-bias update with speed
     ``gamma`` over the tokens of that step (V3 report §2.1.2), returning each MoE layer's expert load
-    ``moe/layer{i}/max_over_mean`` and ``min_over_mean``. Other models: nothing, {}."""
+    ``moe/layer{i}/max_over_mean`` and ``min_over_mean``. Under torchrun the loads are summed over ranks
+    first (as torchtitan does), so every rank applies the same update. Other models: nothing, {}."""
     if not isinstance(policy, DeepseekV3ForCausalLM):
         return {}
+    for moe in policy.moe_layers():
+        distributed.all_reduce_sum_(moe.tokens_per_expert, env)
     return update_router_bias(policy, gamma)
 
 
@@ -378,6 +387,11 @@ class GRPOTrainer(TrainLoop):
         cfg.validate()
         if not train_examples:
             raise ConfigError(f"task {cfg.task!r} split {cfg.train_split!r} has no training examples")
+        env = distributed.current(cfg.data_parallel)
+        distributed.check_divisible(cfg.generation_batch_size, env.world_size,
+                                    f"prompts_per_step × num_generations ({cfg.prompts_per_step} × "
+                                    f"{cfg.num_generations})", "change --prompts-per-step")
+        distributed.broadcast_parameters(policy, env)
         self.cfg, self.policy, self.tokenizer, self.scorer, self.engine = cfg, policy, tokenizer, scorer, engine
         if cfg.use_lora and cfg.beta != 0.0 and cfg.ref_model_sync_steps:
             raise ConfigError("use_lora with beta > 0 takes the reference as the policy with its adapters disabled, "
@@ -449,11 +463,7 @@ class GRPOTrainer(TrainLoop):
         while True:
             exs = self.next_examples(c.prompts_per_step)
             pids = [self.prompt_ids(e) for e in exs]
-            comps = self.engine.generate(pids, self.sampling_params())
-            texts = self.tokenizer.batch_decode([o.token_ids for o in comps], skip_special_tokens=True)
-            flat_ex = [exs[o.prompt_index] for o in comps]
-            rpf, verdicts = self.scorer(texts, flat_ex, [len(o.token_ids) for o in comps],
-                                        [o.truncated for o in comps])
+            comps, texts, rpf, verdicts = self.sample_round(exs, pids, rounds)
             for g in range(len(exs)):
                 sl = slice(g * G, (g + 1) * G)
                 acc = [verdicts[i].score for i in range(sl.start, sl.stop)]
@@ -486,6 +496,33 @@ class GRPOTrainer(TrainLoop):
             verdicts=[v for k in kept for v in k[5]], stats=stats,
         )
 
+    def sample_round(self, exs: list[Example], pids: list[list[int]], round_index: int = 0):
+        """Sample G completions of each prompt and score them: (completions, texts, rewards_per_func (N, F),
+        verdicts), prompt-major. Under torchrun each rank samples and scores its contiguous slice of the
+        N completions (a group may straddle ranks) with its own seed, and the slices are gathered, so
+        every rank returns the whole round."""
+        G, env = self.cfg.num_generations, self.dist
+        if not env.enabled:
+            comps = self.engine.generate(pids, self.sampling_params())
+            owners = [o.prompt_index for o in comps]
+        else:
+            lo, hi = distributed.shard_bounds(len(exs) * G, env)
+            owners = [j // G for j in range(lo, hi)]
+            seed = ((self.cfg.seed * 1000003 + self.step) * 1009 + round_index) * env.world_size + env.rank
+            comps = self.engine.generate([pids[g] for g in owners], replace(self.sampling_params(), n=1, seed=seed))
+        texts = self.tokenizer.batch_decode([o.token_ids for o in comps], skip_special_tokens=True)
+        rpf, verdicts = self.scorer(texts, [exs[g] for g in owners], [len(o.token_ids) for o in comps],
+                                    [o.truncated for o in comps])
+        if env.enabled:
+            parts = distributed.all_gather_objects((comps, texts, rpf, verdicts), env)
+            comps, texts = [o for p in parts for o in p[0]], [t for p in parts for t in p[1]]
+            rpf, verdicts = torch.cat([p[2] for p in parts]), [v for p in parts for v in p[3]]
+        return comps, texts, rpf, verdicts
+
+    def my_slice(self, n: int) -> range:
+        """The rollout indices this rank forwards and backwards (all of them in one process)."""
+        return range(*distributed.shard_bounds(n, self.dist))
+
     # ----- no-grad passes -----
     def forwarded(self, ro: Rollout) -> list[int]:
         """Completions that need forward passes: all, or (β = 0) those with a non-zero advantage."""
@@ -512,6 +549,8 @@ class GRPOTrainer(TrainLoop):
         steps_per_generation = 1) the first pass runs on π_old, so ``update`` keeps its logprobs instead
         of paying for a separate no-grad forward."""
         c = self.cfg
+        mine = self.my_slice(len(ro))
+        index = [i for i in index if i in mine]
         if self.reference is not None:
             ro.ref_logps = self._logps_for(self.reference, ro, index)
         elif c.beta != 0.0:                                   # LoRA: the reference is the adapter-free policy
@@ -526,8 +565,9 @@ class GRPOTrainer(TrainLoop):
         c = self.cfg
         N = len(ro)
         S = c.steps_per_generation
-        order = torch.randperm(N).tolist() if S > 1 else list(range(N))
-        active = set(index)
+        order = distributed.broadcast_object(torch.randperm(N).tolist(), self.dist) if S > 1 else list(range(N))
+        mine = self.my_slice(N)
+        active = {i for i in index if i in mine}
         acc = _Accumulator()
         keep_old = {} if (ro.old_logps is None and c.num_iterations > 1) else None
         self.policy.train()
@@ -546,17 +586,18 @@ class GRPOTrainer(TrainLoop):
                     idx = fwd[start:start + c.micro_batch_size]
                     step_loss += self._micro_step(ro, idx, norm, acc, first_iteration=(it == 0),
                                                   keep_old=keep_old if it == 0 else None)
-                acc.add("loss", step_loss, 1.0)
+                acc.add("loss", distributed.sum_scalars({"loss": step_loss}, self.dist)["loss"], 1.0)
+                distributed.sum_gradients(self.params, self.dist)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
                 if not torch.isfinite(grad_norm):
                     raise TrainingStopped(self.stop_message(f"non-finite grad norm ({grad_norm.item()})"))
                 self.optimizer.step()
                 self.scheduler.step()
                 acc.add("grad_norm", grad_norm.item(), 1.0)
-                for key, value in balance_experts(self.policy, c.router_bias_update_speed).items():
+                for key, value in balance_experts(self.policy, c.router_bias_update_speed, self.dist).items():
                     acc.add(key, value, 1.0)
         self.policy.eval()
-        return acc.means()
+        return acc.merged(self.dist).means()
 
     def _micro_step(self, ro: Rollout, idx: list[int], norm: LossNormalizer, acc: "_Accumulator",
                     first_iteration: bool, keep_old: dict[int, torch.Tensor] | None = None) -> float:
@@ -660,9 +701,9 @@ class GRPOTrainer(TrainLoop):
         t2 = time.perf_counter()
         if ro.old_logps is not None:
             acc = _Accumulator()
-            for i in index:
+            for i in (i for i in index if i in ro.old_logps):          # this rank's slice
                 self._mismatch(ro, [i], ro.old_logps[i].unsqueeze(0), acc)
-            mismatch = acc.means()
+            mismatch = acc.merged(self.dist).means()
         else:
             mismatch = {}
         loss_stats = self.update(ro, index)
@@ -677,7 +718,7 @@ class GRPOTrainer(TrainLoop):
         metrics.update(mismatch)
         metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
         self._guards(metrics)
-        if c.log_completions_steps and (self.step % c.log_completions_steps == 0 or self.step == 1):
+        if c.log_completions_steps and (self.step % c.log_completions_steps == 0 or self.step == 1) and self.dist.is_main:
             self.logger.log_samples(self.step, self._samples(ro))
         return metrics
 
@@ -799,6 +840,21 @@ class _Accumulator:
 
     def add_min(self, key: str, value: float) -> None:
         self.mins[key] = min(self.mins.get(key, math.inf), value)
+
+    def merged(self, env: distributed.DistEnv) -> "_Accumulator":
+        """The accumulator of all ranks' statistics (sums and weights added, extremes combined); a
+        statistic every rank adds with weight 1 (loss, grad_norm: already global) keeps its value."""
+        if not env.enabled:
+            return self
+        out = _Accumulator()
+        for part in distributed.all_gather_objects(self, env):
+            for k in part.sums:
+                out.add(k, part.sums[k] / part.weights[k] if part.weights[k] else 0.0, part.weights[k])
+            for k, v in part.maxes.items():
+                out.add_max(k, v)
+            for k, v in part.mins.items():
+                out.add_min(k, v)
+        return out
 
     def means(self) -> dict[str, float]:
         out = {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}

@@ -10,7 +10,9 @@ its metrics) and ``progress_postfix``; the skeleton owns everything around it:
     and at the end (``checkpoint.save_checkpoint``: policy, optimizer, scheduler, RNG, trainer state);
   * resume: weights, optimizer, scheduler, RNG, the data cursor and the trainer's own state;
   * the guard message (``stop_message``) naming the last good checkpoint;
-  * the seeded per-epoch shuffle (``DataCursor``) and the learning-rate schedule (``lr_lambda``).
+  * the seeded per-epoch shuffle (``DataCursor``) and the learning-rate schedule (``lr_lambda``);
+  * under torchrun (``self.dist``, ``r1kit.train.distributed``): rank 0 alone writes config, metrics,
+    samples and checkpoints, the others wait for it at a barrier after each checkpoint.
 
 LoRA (``apply_lora``): the policy becomes a PEFT model whose adapters alone train; checkpoints hold
 the adapter weights, ``final/`` the merged model (``merged_for_save``), which ``load_policy`` and the
@@ -29,6 +31,7 @@ import torch
 
 from r1kit.config import config_yaml, save_config
 from r1kit.train import checkpoint as ckpt
+from r1kit.train import distributed
 from r1kit.train.logging import MetricsLogger
 
 
@@ -119,7 +122,8 @@ class TrainLoop:
 
     def init_loop(self, cfg: Any, run_dir: Path, total_steps: int) -> None:
         self.cfg, self.run_dir, self.total_steps, self.step = cfg, Path(run_dir), total_steps, 0
-        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard)
+        self.dist = distributed.current(cfg.data_parallel)
+        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard and self.dist.is_main)
 
     # ----- hooks -----
     def train_step(self) -> dict[str, float]:
@@ -150,17 +154,24 @@ class TrainLoop:
                 f"--max-grad-norm, or check the reward functions, then resume with --resume")
 
     def save(self) -> Path:
-        return ckpt.save_checkpoint(self.run_dir, self.step, policy=self.policy, tokenizer=self.tokenizer,
-                                    optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=self.state(),
-                                    config_yaml=config_yaml(self.cfg), reference=self.checkpoint_reference(),
-                                    keep=self.cfg.save_total_limit)
+        """Write ``checkpoint-<step>`` (rank 0; ddp replicas hold identical weights, optimizer and global
+        RNG, so one copy resumes on any number of ranks); every rank returns after it is complete."""
+        path = self.run_dir / f"checkpoint-{self.step}"
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.run_dir, self.step, policy=self.policy, tokenizer=self.tokenizer,
+                                        optimizer=self.optimizer, scheduler=self.scheduler,
+                                        trainer_state=self.state(), config_yaml=config_yaml(self.cfg),
+                                        reference=self.checkpoint_reference(), keep=self.cfg.save_total_limit)
+        distributed.barrier(self.dist)
+        return path
 
     def resume_from(self, path: Path) -> None:
         """Restore weights, optimizer, scheduler, RNG and the trainer state from a checkpoint directory."""
         ckpt.load_policy_weights(self.policy, path / "policy")
         self.after_resume(path)
         self.load_state(ckpt.load_training_state(path, self.optimizer, self.scheduler))
-        self.logger.truncate_after(self.step)
+        if self.dist.is_main:
+            self.logger.truncate_after(self.step)
 
     # ----- the loop -----
     def train(self, progress: bool = True, stop_after: int | None = None) -> list[dict[str, float]]:
@@ -175,22 +186,27 @@ class TrainLoop:
 
         c = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(c, self.run_dir / "config.yaml")
+        main = self.dist.is_main
+        if main:
+            save_config(c, self.run_dir / "config.yaml")
         history = []
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not progress, desc=self.desc, dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (progress and main), desc=self.desc,
+                   dynamic_ncols=True)
         done = 0
         start = time.perf_counter()
         try:
             while self.step < self.total_steps and (stop_after is None or done < stop_after):
-                if c.max_train_minutes is not None and time.perf_counter() - start >= 60 * c.max_train_minutes:
+                if c.max_train_minutes is not None and distributed.broadcast_object(  # rank 0's clock decides
+                        time.perf_counter() - start >= 60 * c.max_train_minutes, self.dist):
                     print(f"time budget of {c.max_train_minutes:g} min reached after step {self.step}", flush=True)
-                    if not (self.run_dir / f"checkpoint-{self.step}").exists() and self.step > 0:
+                    if self.step > 0 and distributed.broadcast_object(
+                            not (self.run_dir / f"checkpoint-{self.step}").exists(), self.dist):
                         self.save()
                     break
                 m = self.train_step()
                 done += 1
                 history.append(m)
-                if self.step % c.logging_steps == 0:
+                if self.step % c.logging_steps == 0 and main:
                     self.logger.log(self.step, m)
                 if (c.save_steps and self.step % c.save_steps == 0) or self.step == self.total_steps:
                     self.save()

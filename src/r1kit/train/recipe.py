@@ -6,6 +6,7 @@
 4. write ``eval/report.md`` (before/after with 95% intervals) and ``curves.png``.
 
 Run directory: config.yaml, metrics.jsonl, samples.jsonl, checkpoint-N/, final/, eval/, curves.png.
+Under torchrun (``r1kit.train.distributed``) every rank trains; rank 0 alone evaluates and writes them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from r1kit.eval.evaluate import EvalResult, comparison_markdown, evaluate, load_
 from r1kit.models.loading import load_policy, resolve_bf16, resolve_dtype, save_pretrained_atomic
 from r1kit.runtime import make_engine, make_render, make_verifier
 from r1kit.train import checkpoint as ckpt
+from r1kit.train import distributed
 from r1kit.train.grpo import GRPOTrainer, RewardScorer
 from r1kit.train.logging import plot_curves
 from r1kit.train.loop import apply_lora, merged_for_save
@@ -139,6 +141,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
     from r1kit.rewards.functions import build_reward_functions
 
     cfg.validate()
+    env = distributed.init_distributed(cfg.dist_timeout_minutes, cfg.data_parallel)
     run_dir = Path(cfg.output)
     check_run_dir(run_dir, resume)
     if resume and run_complete(run_dir, cfg.max_steps, cfg.eval_after):
@@ -179,9 +182,12 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
                         top_p=cfg.eval_top_p, max_tokens=cfg.max_completion_length, seed=cfg.seed,
                         task=f"{eval_task}/{cfg.eval_split}", stop=cfg.stop)
 
-    before = evaluate_before(run_eval, len(held_out), cfg.eval_k, eval_dir) if cfg.eval_before else None
+    before = (evaluate_before(run_eval, len(held_out), cfg.eval_k, eval_dir)
+              if cfg.eval_before and env.is_main else None)
     trainer.train(progress=progress)
     trainer.logger.close()
+    if not env.is_main:
+        return run_dir
     save_final(policy, tokenizer, run_dir)
     if cfg.plot and (run_dir / "metrics.jsonl").is_file():
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")

@@ -12,6 +12,9 @@ in 4.46). Examples longer than ``max_length`` are dropped before training and co
 never cut. With ``packing`` the examples of a micro-batch are laid end to end in rows of at most
 ``max_length`` tokens under a block-diagonal causal mask with positions restarting at 0 per
 document, which gives the same values and gradients as the padded batch (tested in float64).
+Under torchrun every rank draws the same global step batch, forwards its contiguous slice, divides by
+the trained tokens of the whole step (an all-reduce of the per-rank counts) and the gradients are
+summed over ranks (``r1kit.train.distributed``): the update equals one process's on that batch.
 
 Notation: m = examples in a micro-batch, S = its padded length, n = trained tokens, V = vocabulary.
 
@@ -36,6 +39,7 @@ from r1kit.data.sft_data import SFTRow, TokenizedExample, load_sft_rows, tokeniz
 from r1kit.errors import ConfigError, DataError, TrainingStopped
 from r1kit.models.deepseek_v3 import DeepseekV3ForCausalLM
 from r1kit.models.loading import resolve_bf16
+from r1kit.train import distributed
 from r1kit.train.grpo import autocast, can_pack, decoder_logits
 from r1kit.train.losses import entropy_from_logits
 from r1kit.train.loop import DataCursor, TrainLoop, lr_lambda, make_optimizer
@@ -174,6 +178,12 @@ class SFTTrainer(TrainLoop):
             raise ConfigError("packing needs a transformers model with SDPA attention, a plain lm_head and no "
                               f"sliding window (model type {getattr(policy.config, 'model_type', '?')!r}); "
                               "set --packing false")
+        env = distributed.current(cfg.data_parallel)
+        distributed.check_divisible(cfg.examples_per_step, env.world_size,
+                                    f"examples_per_step (per_device_train_batch_size × gradient_accumulation_steps"
+                                    f" = {cfg.per_device_train_batch_size} × {cfg.gradient_accumulation_steps})",
+                                    "change --gradient-accumulation-steps")
+        distributed.broadcast_parameters(policy, env)
         self.policy, self.tokenizer, self.examples = policy, tokenizer, examples
         self.examples_dropped = examples_dropped
         self.bf16 = resolve_bf16(cfg.bf16)
@@ -199,10 +209,12 @@ class SFTTrainer(TrainLoop):
 
     def accumulate(self, batch: list[TokenizedExample]) -> dict[str, float]:
         """Forward/backward of one optimizer step's examples into ``.grad`` (not zeroed here), each
-        micro-batch's NLL sum divided by the step's trained tokens. Returns loss, accuracy, entropy.
+        micro-batch's NLL sum divided by the step's trained tokens. Under torchrun ``batch`` is this
+        rank's slice and the normalizer and the returned statistics are those of the whole step.
+        Returns loss, accuracy, entropy, trained_tokens.
 
         Raises TrainingStopped on a non-finite loss."""
-        n_step = sum(len(e.completion_ids) for e in batch)
+        n_step = int(distributed.sum_scalars({"n": sum(len(e.completion_ids) for e in batch)}, self.dist)["n"])
         loss = correct = entropy = 0.0
         self.policy.train()
         for mb in self.micro_batches(batch):
@@ -215,15 +227,18 @@ class SFTTrainer(TrainLoop):
             correct += right.sum().item()
             entropy += ent.sum().item()
         self.policy.eval()
-        return {"loss": loss, "mean_token_accuracy": correct / n_step, "entropy": entropy / n_step,
+        tot = distributed.sum_scalars({"loss": loss, "correct": correct, "entropy": entropy}, self.dist)
+        return {"loss": tot["loss"], "mean_token_accuracy": tot["correct"] / n_step, "entropy": tot["entropy"] / n_step,
                 "trained_tokens": float(n_step)}
 
     def train_step(self) -> dict[str, float]:
         c = self.cfg
         t0 = time.perf_counter()
         batch = [self.examples[i] for i in self.data.take(c.examples_per_step)]
+        lo, hi = distributed.shard_bounds(len(batch), self.dist)
         self.optimizer.zero_grad(set_to_none=False)
-        m = self.accumulate(batch)
+        m = self.accumulate(batch[lo:hi])
+        distributed.sum_gradients(self.params, self.dist)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
         if not torch.isfinite(grad_norm):
             raise TrainingStopped(self.stop_message(f"non-finite grad norm ({grad_norm.item()})"))
@@ -291,6 +306,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> Path
                                     run_complete, save_final, say_complete, seed_everything)
 
     cfg.validate()
+    env = distributed.init_distributed(cfg.dist_timeout_minutes, cfg.data_parallel)
     run_dir = Path(cfg.output)
     check_run_dir(run_dir, resume)
     total = sft_total_steps(cfg, run_dir)
@@ -326,7 +342,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> Path
                         task=f"{eval_task}/{cfg.eval_split}", stop=cfg.stop)
 
     before = (evaluate_before(lambda: run_eval(policy), len(held_out), cfg.eval_k, eval_dir)
-              if cfg.eval_before else None)
+              if cfg.eval_before and env.is_main else None)
     if cfg.use_lora:
         policy = apply_lora(policy, cfg)
     trainer = SFTTrainer(cfg, policy, tokenizer, examples, run_dir, examples_dropped=len(dropped))
@@ -335,6 +351,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> Path
     print(f"training on {len(examples)} examples, {trainer.total_steps} steps of {cfg.examples_per_step}", flush=True)
     trainer.train(progress=progress)
     trainer.logger.close()
+    if not env.is_main:
+        return run_dir
     save_final(policy, tokenizer, run_dir)
     if cfg.plot and (run_dir / "metrics.jsonl").is_file():
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", panels=SFT_PANELS)

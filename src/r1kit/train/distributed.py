@@ -1,0 +1,242 @@
+"""Data-parallel training on torch.distributed: process group, shards, gradient reduction, launch.
+
+A run launched by ``torchrun --nproc-per-node N -m r1kit train grpo|sft ...`` (or ``r1kit train ...
+--nproc N``, which execs exactly that) has N ranks that each hold the whole model (``ddp``) or a
+shard of it (``fsdp2``, ``torch.distributed.fsdp.fully_shard``). The contract (SCALE_SPEC §1-2):
+
+  * the data order, the seeds and the data cursor are global: every rank draws the same global batch
+    (``DataCursor``) and takes its contiguous slice (``shard_bounds``), so a run's prompts do not
+    depend on N; GRPO groups may straddle ranks;
+  * GRPO: each rank samples and scores its slice of the round's completions, the slices are gathered
+    (``all_gather_objects``) so every rank holds the whole round, and advantages are computed on it
+    (as TRL gathers rewards before its group statistics);
+  * every loss normalizer is the global count (SCALE_SPEC §1: TRL, verl, OpenRLHF, torchtitan); each
+    rank's loss is its share of the global step loss, so the global gradient is the **sum** over ranks:
+    ``ddp`` all-reduces the flat gradient with SUM once per optimizer update (``sum_gradients``),
+    ``fsdp2`` reduce-scatters with divide factor 1 (torchtitan's guard against the gloo averaging bug,
+    pytorch #162338) in float32;
+  * rank 0 alone writes metrics, samples, plots, checkpoints and ``final/``; every rank reports its
+    errors; collectives time out after ``dist_timeout_minutes``.
+
+Why not ``torch.nn.parallel.DistributedDataParallel``: the GRPO forward runs the model twice per
+micro-batch (shared-prefix KV cache) and calls its decoder directly (padding-free path), which DDP's
+one-forward-one-backward reducer does not follow; one SUM all-reduce of the accumulated gradient per
+update is what DDP with ``no_sync`` over the micro-batches does, minus the bucket overlap.
+
+Backend: gloo on CPU, NCCL when CUDA is available (``backend_for``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from r1kit.errors import ConfigError, R1kitError
+
+DATA_PARALLEL = ("ddp", "fsdp2")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the data-parallel group.
+
+    Attributes:
+        rank: 0 .. world_size - 1 (torchrun's RANK).
+        world_size: N processes (1 = not distributed).
+        local_rank: rank on this node (the CUDA device index under NCCL).
+        strategy: "ddp" or "fsdp2" (only meaningful with world_size > 1).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    strategy: str = "ddp"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def backend_for(cuda: bool | None = None) -> str:
+    """``nccl`` when CUDA is available (or ``cuda`` is True), else ``gloo``."""
+    return "nccl" if (torch.cuda.is_available() if cuda is None else cuda) else "gloo"
+
+
+def current(strategy: str = "ddp") -> DistEnv:
+    """The DistEnv of the initialized default process group (world_size 1 when there is none)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistEnv(strategy=strategy)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())),
+                   strategy)
+
+
+def init_distributed(timeout_minutes: float, strategy: str = "ddp") -> DistEnv:
+    """Join the process group torchrun described in the environment (WORLD_SIZE, RANK, MASTER_ADDR,
+    MASTER_PORT), with ``timeout_minutes`` on every collective; a process not started by torchrun
+    (WORLD_SIZE unset or 1) stays single. An already initialized group (tests) is reused.
+
+    Raises:
+        ConfigError: unknown ``strategy``; R1kitError: the rendezvous failed (names MASTER_ADDR:PORT).
+    """
+    if strategy not in DATA_PARALLEL:
+        raise ConfigError(f"data_parallel must be one of {DATA_PARALLEL}, got {strategy!r}")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return current(strategy)
+    backend = backend_for()
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    except (RuntimeError, ValueError) as err:
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise R1kitError(f"rank {os.environ.get('RANK', '?')}: joining the process group at {where} failed "
+                         f"({err}); check --master-port / MASTER_PORT and that every rank started") from None
+    return current(strategy)
+
+
+def shutdown() -> None:
+    """Destroy the default process group if this process created one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_bounds(n: int, env: DistEnv) -> tuple[int, int]:
+    """The contiguous slice [lo, hi) of ``n`` global items that ``env.rank`` owns: equal slices when
+    world_size divides n (checked at start), rank-ordered near-equal ones otherwise (a DAPO round that
+    kept fewer groups)."""
+    return env.rank * n // env.world_size, (env.rank + 1) * n // env.world_size
+
+
+def check_divisible(n: int, world_size: int, what: str, fix: str) -> None:
+    """Raise ConfigError (the same on every rank, before any collective) when ``world_size`` ranks cannot
+    share ``n`` items (``what`` names the setting) equally, or when there are fewer items than ranks."""
+    if world_size <= 1:
+        return
+    if n < world_size:
+        raise ConfigError(f"{world_size} processes but {what} = {n} per step: some rank would get nothing; "
+                          f"{fix}, or launch fewer processes (--nproc / --nproc-per-node)")
+    if n % world_size:
+        raise ConfigError(f"{what} = {n} is not divisible by the {world_size} processes; {fix}, or launch a "
+                          "number of processes (--nproc / --nproc-per-node) that divides it")
+
+
+def all_gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """Every rank's ``obj`` in rank order (pickled; small metadata such as token ids and rewards)."""
+    if not env.enabled:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, env: DistEnv) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not env.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sum_scalars(values: dict[str, float], env: DistEnv) -> dict[str, float]:
+    """Each value summed over ranks (float64 all-reduce; the same keys on every rank)."""
+    if not env.enabled:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def max_int(value: int, env: DistEnv) -> int:
+    """The largest ``value`` over ranks."""
+    if not env.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if backend_for() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum_(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """``tensor`` summed over ranks, in place (a no-op in one process)."""
+    if env.enabled:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_parameters(model: torch.nn.Module, env: DistEnv) -> None:
+    """Rank 0's parameters and buffers on every rank (what DDP does at construction): a LoRA adapter's
+    random init, or a model built under per-rank seeds, then starts identical everywhere."""
+    if not env.enabled:
+        return
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def sum_gradients(params: Sequence[torch.nn.Parameter], env: DistEnv) -> None:
+    """All-reduce (SUM) the accumulated ``.grad`` of ``params`` in one flat buffer per dtype: with every
+    rank's loss already divided by the global normalizer, the sum is the single-process gradient of
+    the global batch (the ``ddp`` strategy; FSDP2 reduces in its backward hooks instead)."""
+    if not env.enabled or env.strategy == "fsdp2":
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.enabled:
+        dist.barrier()
+
+
+# ----- launch -----
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a TCP listener already holds ``host:port`` (the rendezvous port torchrun would bind)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def torchrun_argv(argv: Sequence[str], nproc: int, master_port: int) -> list[str]:
+    """The torchrun command line that ``r1kit ... --nproc N`` execs: ``python -m torch.distributed.run
+    --standalone``-style single-node launch of ``-m r1kit`` with the same arguments minus the launcher's.
+
+    Raises:
+        ConfigError: nproc < 1, or ``master_port`` is already in use (names --master-port).
+    """
+    import sys
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    if port_in_use(master_port):
+        raise ConfigError(f"--master-port {master_port} is already in use on this machine (another run's "
+                          "rendezvous?); pass a free --master-port")
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(master_port), "-m", "r1kit", *argv]

@@ -1,0 +1,281 @@
+"""Data parallel on 2 gloo processes equals one process on the same global batch (float64, 1e-10):
+one GRPO update for each loss_type (a group straddles the ranks, the ranks hold unequal token
+counts), one with β > 0, two mini-batches and two iterations, and one SFT step; bad settings are one
+clear error on every rank; the ``--nproc`` launcher refuses a port in use and runs torchrun.
+
+One process group serves the whole module: a single ``spawn`` of 2 ranks runs every scenario and
+saves its tensors, which the tests compare with the same scenarios run here in one process.
+"""
+
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from r1kit.config import SFTConfig, load_config
+from r1kit.data.base import Example
+from r1kit.data.sft_data import TokenizedExample
+from r1kit.errors import ConfigError
+from r1kit.models.loading import load_policy
+from r1kit.rewards.base import Verdict
+from r1kit.rollout.hf import HFGenerateEngine
+from r1kit.train.grpo import GRPOTrainer, RewardScorer, Rollout
+from r1kit.train.loop import DataCursor
+from r1kit.train.losses import LOSS_TYPES, group_advantages
+from r1kit.train.sft import SFTTrainer
+
+HERE = Path(__file__).parent
+WORLD = 2
+G, GROUPS = 4, 3                     # 12 completions: rank 0 holds 0-5, rank 1 6-11; group 1 straddles
+GRPO_SCENARIOS = {lt: dict(loss_type=lt) for lt in LOSS_TYPES} | {
+    "dapo_beta_minibatches": dict(loss_type="dapo", beta=0.05, steps_per_generation=2, num_iterations=2)}
+
+
+class _NoVerifier:
+    name = "none"
+
+    def verify_batch(self, completions, examples, truncated=None):
+        return [Verdict(False, 0.0, "none") for _ in completions]
+
+
+def _rollout(vocab: int = 1000) -> Rollout:
+    """Varied prompt/completion lengths (unequal tokens per rank); group 1 (A = 0) straddles the ranks."""
+    g = torch.Generator().manual_seed(7)
+    n = G * GROUPS
+    rewards = torch.rand(n, generator=g, dtype=torch.float64)
+    adv, std = group_advantages(rewards, G)
+    prompts = [torch.randint(3, vocab, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(GROUPS) for _ in range(G)]
+    comps = [torch.randint(3, vocab, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+             for _ in range(n)]
+    ex = Example("toy/0", "p", "1")
+    return Rollout(examples=[ex] * n, prompt_ids=prompts, completion_ids=comps,
+                   sampling_logprobs=[[0.0] * len(c) for c in comps], truncated=[False] * n, texts=[""] * n,
+                   rewards_per_func=rewards[:, None], rewards=rewards, advantages=adv, group_std=std,
+                   verdicts=[Verdict(False, 0.0, "x")] * n)
+
+
+def _grpo_update(model_dir: str, run_dir: Path, **over) -> dict[str, torch.Tensor]:
+    """One GRPO round's updates on the fixed rollout; the summed gradients and the updated weights."""
+    torch.manual_seed(0)                               # the mini-batch order (rank 0's, broadcast)
+    model, tok = load_policy(model_dir, dtype=torch.float64)
+    cfg = load_config(overrides=dict(learning_rate=1e-2, max_grad_norm=0.5, num_generations=G, prompts_per_step=GROUPS,
+                                     bf16="false", max_completion_length=8, micro_batch_size=2) | over)
+    tr = GRPOTrainer(cfg, model, tok, [Example("toy/0", "p", "1")], lambda e: e.prompt,
+                     RewardScorer(cfg, _NoVerifier(), []), HFGenerateEngine(model, tok), run_dir)
+    ro = _rollout()
+    index = tr.forwarded(ro)
+    tr.compute_old_and_ref(ro, index)
+    stats = tr.update(ro, index)
+    out = {f"grad/{n}": p.grad.clone() for n, p in model.named_parameters()}
+    out |= {f"param/{n}": p.detach().clone() for n, p in model.named_parameters()}
+    out["loss"], out["grad_norm"] = torch.tensor(stats["loss"]), torch.tensor(stats["grad_norm"])
+    return out
+
+
+def _sft_examples() -> list[TokenizedExample]:
+    g = torch.Generator().manual_seed(3)
+    return [TokenizedExample(f"ex{i}", torch.randint(3, 1000, (3 + i,), generator=g).tolist(),
+                             torch.randint(3, 1000, (2 + 3 * (i % 3),), generator=g).tolist()) for i in range(6)]
+
+
+def _sft_step(model_dir: str, run_dir: Path) -> dict[str, torch.Tensor]:
+    """One SFT train_step over a global batch of 4 examples (2 per rank, micro-batches of 1)."""
+    model, tok = load_policy(model_dir, dtype=torch.float64)
+    cfg = load_config(overrides=dict(bf16="false", output=str(run_dir), lr_scheduler="constant", learning_rate=1e-2,
+                                     max_grad_norm=0.5, plot=False, save_steps=0, max_steps=3,
+                                     per_device_train_batch_size=1, gradient_accumulation_steps=4), cls=SFTConfig)
+    tr = SFTTrainer(cfg, model, tok, _sft_examples(), run_dir)
+    m = tr.train_step()
+    out = {f"param/{n}": p.detach().clone() for n, p in model.named_parameters()}
+    out |= {k: torch.tensor(m[k]) for k in ("loss", "grad_norm", "mean_token_accuracy", "trained_tokens")}
+    return out
+
+
+def _bad_settings(model_dir: str, run_dir: Path) -> dict[str, str]:
+    """The error each bad data-parallel setting raises on this rank."""
+    errors = {}
+    try:
+        _grpo_update(model_dir, run_dir, num_generations=3, prompts_per_step=1)
+    except ConfigError as err:
+        errors["grpo_indivisible"] = str(err)
+    model, tok = load_policy(model_dir, dtype=torch.float64)
+    cfg = load_config(overrides=dict(bf16="false", output=str(run_dir), per_device_train_batch_size=1,
+                                     gradient_accumulation_steps=1), cls=SFTConfig)
+    try:
+        SFTTrainer(cfg, model, tok, _sft_examples(), run_dir)
+    except ConfigError as err:
+        errors["sft_too_few"] = str(err)
+    return errors
+
+
+def _scenarios(model_dir: str, tmp: Path) -> dict:
+    results = {f"grpo/{name}": _grpo_update(model_dir, tmp / name, **over) for name, over in GRPO_SCENARIOS.items()}
+    results["sft"] = _sft_step(model_dir, tmp / "sft")
+    return results
+
+
+def _worker(rank: int, port: int, model_dir: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        tmp = Path(out) / f"rank{rank}"
+        results = _scenarios(model_dir, tmp)
+        results["errors"] = _bad_settings(model_dir, tmp)
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.start_processes(_worker, args=(_free_port(), str(tiny_model_dir), str(out)), nprocs=WORLD, join=True,
+                       start_method="spawn")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tiny_model_dir, tmp_path_factory):
+    return _scenarios(str(tiny_model_dir), tmp_path_factory.mktemp("single"))
+
+
+def test_the_rollout_straddles_ranks_with_unequal_tokens():
+    ro = _rollout()
+    half = len(ro) // WORLD
+    assert (half % G) != 0                                                   # a group is cut by the rank boundary
+    tokens = [sum(len(c) for c in ro.completion_ids[r * half:(r + 1) * half]) for r in range(WORLD)]
+    assert tokens[0] != tokens[1]
+
+
+def _assert_equal_results(ours: dict, ref: dict) -> None:
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=1e-10, msg=k)
+
+
+@pytest.mark.parametrize("name", list(GRPO_SCENARIOS))
+def test_grpo_update_on_two_ranks_equals_one_process(two_ranks, one_rank, name):
+    ref = one_rank[f"grpo/{name}"]
+    assert any(v.abs().max() > 0 for k, v in ref.items() if k.startswith("grad/"))
+    for rank in range(WORLD):
+        _assert_equal_results(two_ranks[rank][f"grpo/{name}"], ref)
+
+
+def test_sft_step_on_two_ranks_equals_one_process(two_ranks, one_rank):
+    for rank in range(WORLD):
+        _assert_equal_results(two_ranks[rank]["sft"], one_rank["sft"])
+    batch = [_sft_examples()[i] for i in DataCursor(6, seed=0).take(4)]        # the global batch, shuffled
+    assert one_rank["sft"]["trained_tokens"].item() == sum(len(e.completion_ids) for e in batch)
+    assert len(batch[0].completion_ids) + len(batch[1].completion_ids) != \
+        len(batch[2].completion_ids) + len(batch[3].completion_ids)           # unequal tokens per rank
+
+
+def test_bad_settings_are_one_clear_error_on_every_rank(two_ranks):
+    for rank in range(WORLD):
+        errors = two_ranks[rank]["errors"]
+        assert "prompts_per_step × num_generations (1 × 3) = 3 is not divisible by the 2 processes" in \
+            errors["grpo_indivisible"]
+        assert "--prompts-per-step" in errors["grpo_indivisible"]
+        assert "2 processes but examples_per_step" in errors["sft_too_few"]
+        assert "--nproc" in errors["sft_too_few"]
+    assert two_ranks[0]["errors"] == two_ranks[1]["errors"]
+
+
+def _cli(args, **kw):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parents[1] / "src")]))
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, "-m", "r1kit", *args], capture_output=True, text=True, env=env,
+                          timeout=600, **kw)
+
+
+def test_nproc_refuses_a_port_in_use(tiny_model_dir, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = _cli(["train", "sft", "--model", str(tiny_model_dir), "--output", str(tmp_path / "run"),
+                  "--nproc", "2", "--master-port", str(port)])
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"error: --master-port {port} is already in use on this machine (another run's "
+                                "rendezvous?); pass a free --master-port")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (from /proc; torchrun starts its ranks in sessions of their own)."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        top = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == top]
+        out += kids
+        todo += kids
+    return out
+
+
+def _sft_args(model_dir, out) -> list[str]:
+    return ["train", "sft", "--model", str(model_dir), "--data", "gsm8k", "--max-train-examples", "8",
+            "--max-steps", "12", "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "2",
+            "--learning-rate", "1e-3", "--lr-scheduler", "cosine", "--bf16", "false", "--save-steps", "1",
+            "--save-total-limit", "3", "--plot", "false", "--output", str(out), "--no-progress"]
+
+
+def test_torchrun_run_killed_then_resumed_on_one_rank_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    """``r1kit train sft --nproc 2`` (torchrun, gloo), the whole job killed with SIGKILL after a
+    checkpoint, resumed in one process: the final weights equal a one-process run of the same steps.
+    Not bit-exact: the 2-rank gradient is a sum of two partial sums (another float32 order)."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    from r1kit.cli import main
+
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parents[1] / "src")]))
+    proc = subprocess.Popen([sys.executable, "-m", "r1kit", *_sft_args(tiny_model_dir, killed), "--nproc", "2",
+                             "--master-port", str(_free_port())], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-2" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, f"run ended before checkpoint-2: {proc.stderr.read()}"
+        time.sleep(0.05)
+    for pid in [proc.pid, *_descendants(proc.pid)]:                    # torchrun and both ranks at once
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists()
+    rows = [json.loads(ln) for ln in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows][:2] == [1, 2] and len({r["step"] for r in rows}) == len(rows)  # rank 0 alone
+    assert main(_sft_args(tiny_model_dir, killed) + ["--resume"]) == 0
+    straight = tmp_path / "straight"
+    assert main(_sft_args(tiny_model_dir, straight)) == 0
+    a = load_file(str(straight / "final" / "model.safetensors"))
+    b = load_file(str(killed / "final" / "model.safetensors"))
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-2       # training moved the weights
+    steps = [json.loads(ln)["step"] for ln in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
