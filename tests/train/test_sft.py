@@ -251,3 +251,17 @@ def test_cli_bad_sft_input_is_one_error_line(tiny_model_dir, tmp_path, capsys, r
                  "--max-length", "256", "--no-progress", *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_cpu_budget_stops_after_the_crossing_step_and_checkpoints(tiny_model_dir, tmp_path, monkeypatch):
+    """max_train_cpu_seconds (shared TrainLoop): process CPU time faked at 60 s per read; the check
+    before step 2 reads 120 s >= 100 s, so one step runs and is checkpointed."""
+    import time
+
+    model, tok = load_policy(str(tiny_model_dir))
+    tr = SFTTrainer(_cfg(tmp_path, max_train_cpu_seconds=100.0, max_steps=5), model, tok, _examples(tok, 4),
+                    tmp_path / "run")
+    ticks = iter(range(0, 10_000, 60))
+    monkeypatch.setattr(time, "process_time", lambda: float(next(ticks)))
+    tr.train(progress=False)
+    assert tr.step == 1 and (tmp_path / "run" / "checkpoint-1").is_dir()
