@@ -276,6 +276,6 @@ def test_torchrun_run_killed_then_resumed_on_one_rank_equals_an_uninterrupted_ru
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
-    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-2       # training moved the weights
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3       # training moved the weights
     steps = [json.loads(ln)["step"] for ln in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
