@@ -30,11 +30,13 @@ from r1kit.rollout.hf import HFGenerateEngine
 from r1kit.train.grpo import GRPOTrainer, RewardScorer, Rollout
 from r1kit.train.loop import DataCursor
 from r1kit.train.losses import LOSS_TYPES, group_advantages
+from r1kit.train.distributed import current, shard_bounds
 from r1kit.train.sft import SFTTrainer
 
 HERE = Path(__file__).parent
 WORLD = 2
 G, GROUPS = 4, 3                     # 12 completions: rank 0 holds 0-5, rank 1 6-11; group 1 straddles
+FSDP2_SCENARIOS = ("grpo", "dapo_beta_minibatches")
 GRPO_SCENARIOS = {lt: dict(loss_type=lt) for lt in LOSS_TYPES} | {
     "dapo_beta_minibatches": dict(loss_type="dapo", beta=0.05, steps_per_generation=2, num_iterations=2)}
 
@@ -75,8 +77,8 @@ def _grpo_update(model_dir: str, run_dir: Path, **over) -> dict[str, torch.Tenso
     index = tr.forwarded(ro)
     tr.compute_old_and_ref(ro, index)
     stats = tr.update(ro, index)
-    out = {f"grad/{n}": p.grad.clone() for n, p in model.named_parameters()}
-    out |= {f"param/{n}": p.detach().clone() for n, p in model.named_parameters()}
+    out = {f"grad/{n}": _full(p.grad) for n, p in model.named_parameters()}
+    out |= {f"param/{n}": _full(p.detach()) for n, p in model.named_parameters()}
     out["loss"], out["grad_norm"] = torch.tensor(stats["loss"]), torch.tensor(stats["grad_norm"])
     return out
 
@@ -87,15 +89,20 @@ def _sft_examples() -> list[TokenizedExample]:
                              torch.randint(3, 1000, (2 + 3 * (i % 3),), generator=g).tolist()) for i in range(6)]
 
 
-def _sft_step(model_dir: str, run_dir: Path) -> dict[str, torch.Tensor]:
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain copy of a tensor or of an FSDP2 DTensor's whole value."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.clone()
+
+
+def _sft_step(model_dir: str, run_dir: Path, **over) -> dict[str, torch.Tensor]:
     """One SFT train_step over a global batch of 4 examples (2 per rank, micro-batches of 1)."""
     model, tok = load_policy(model_dir, dtype=torch.float64)
-    cfg = load_config(overrides=dict(bf16="false", output=str(run_dir), lr_scheduler="constant", learning_rate=1e-2,
+    cfg = load_config(overrides=over | dict(bf16="false", output=str(run_dir), lr_scheduler="constant", learning_rate=1e-2,
                                      max_grad_norm=0.5, plot=False, save_steps=0, max_steps=3,
                                      per_device_train_batch_size=1, gradient_accumulation_steps=4), cls=SFTConfig)
     tr = SFTTrainer(cfg, model, tok, _sft_examples(), run_dir)
     m = tr.train_step()
-    out = {f"param/{n}": p.detach().clone() for n, p in model.named_parameters()}
+    out = {f"param/{n}": _full(p.detach()) for n, p in model.named_parameters()}
     out |= {k: torch.tensor(m[k]) for k in ("loss", "grad_norm", "mean_token_accuracy", "trained_tokens")}
     return out
 
@@ -118,9 +125,33 @@ def _bad_settings(model_dir: str, run_dir: Path) -> dict[str, str]:
 
 
 def _scenarios(model_dir: str, tmp: Path) -> dict:
-    results = {f"grpo/{name}": _grpo_update(model_dir, tmp / name, **over) for name, over in GRPO_SCENARIOS.items()}
-    results["sft"] = _sft_step(model_dir, tmp / "sft")
+    results = {}
+    for strategy in ("ddp", "fsdp2"):
+        for name, over in GRPO_SCENARIOS.items():
+            if strategy == "ddp" or name in FSDP2_SCENARIOS:
+                results[f"{strategy}/grpo/{name}"] = _grpo_update(model_dir, tmp / strategy / name,
+                                                                  data_parallel=strategy, **over)
+        results[f"{strategy}/sft"] = _sft_step(model_dir, tmp / strategy / "sft", data_parallel=strategy)
+    results["mean_loss_grads"] = _fsdp2_mean_loss_grads()
     return results
+
+
+def _fsdp2_mean_loss_grads() -> dict[str, torch.Tensor]:
+    """Plain ``fully_shard`` (default averaging) of a float64 MLP, each rank's loss the mean over its
+    equal half of 8 rows: the averaged gradient equals one process's mean over all 8 rows. Under the
+    gloo summing bug (pytorch #162338) it would come out 2×."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)).double()
+    x = torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    env = current()
+    if env.enabled:
+        fully_shard(mlp[0])
+        fully_shard(mlp)
+    lo, hi = shard_bounds(len(x), env)
+    mlp(x[lo:hi]).pow(2).mean().backward()
+    return {n: _full(p.grad) for n, p in mlp.named_parameters()}
 
 
 def _worker(rank: int, port: int, model_dir: str, out: str) -> None:
@@ -169,21 +200,29 @@ def _assert_equal_results(ours: dict, ref: dict) -> None:
         torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=1e-10, msg=k)
 
 
-@pytest.mark.parametrize("name", list(GRPO_SCENARIOS))
-def test_grpo_update_on_two_ranks_equals_one_process(two_ranks, one_rank, name):
-    ref = one_rank[f"grpo/{name}"]
+@pytest.mark.parametrize("key", [f"ddp/grpo/{n}" for n in GRPO_SCENARIOS] + [f"fsdp2/grpo/{n}" for n in FSDP2_SCENARIOS])
+def test_grpo_update_on_two_ranks_equals_one_process(two_ranks, one_rank, key):
+    ref = one_rank[key]
     assert any(v.abs().max() > 0 for k, v in ref.items() if k.startswith("grad/"))
     for rank in range(WORLD):
-        _assert_equal_results(two_ranks[rank][f"grpo/{name}"], ref)
+        _assert_equal_results(two_ranks[rank][key], ref)
 
 
-def test_sft_step_on_two_ranks_equals_one_process(two_ranks, one_rank):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_sft_step_on_two_ranks_equals_one_process(two_ranks, one_rank, strategy):
     for rank in range(WORLD):
-        _assert_equal_results(two_ranks[rank]["sft"], one_rank["sft"])
+        _assert_equal_results(two_ranks[rank][f"{strategy}/sft"], one_rank[f"{strategy}/sft"])
     batch = [_sft_examples()[i] for i in DataCursor(6, seed=0).take(4)]        # the global batch, shuffled
-    assert one_rank["sft"]["trained_tokens"].item() == sum(len(e.completion_ids) for e in batch)
+    assert one_rank["ddp/sft"]["trained_tokens"].item() == sum(len(e.completion_ids) for e in batch)
     assert len(batch[0].completion_ids) + len(batch[1].completion_ids) != \
         len(batch[2].completion_ids) + len(batch[3].completion_ids)           # unequal tokens per rank
+
+
+def test_fsdp2_averaging_is_not_a_sum_on_gloo(two_ranks, one_rank):
+    """The guard is divide factor 1 with our own global normalizer (the parity tests above); this
+    checks the pinned torch's default averaging too, which gave N× gradients before PR #171458."""
+    for rank in range(WORLD):
+        _assert_equal_results(two_ranks[rank]["mean_loss_grads"], one_rank["mean_loss_grads"])
 
 
 def test_bad_settings_are_one_clear_error_on_every_rank(two_ranks):
@@ -279,3 +318,12 @@ def test_torchrun_run_killed_then_resumed_on_one_rank_equals_an_uninterrupted_ru
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3       # training moved the weights
     steps = [json.loads(ln)["step"] for ln in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
+
+
+def test_fsdp2_refuses_a_scalar_parameter_by_name():
+    from r1kit.train.distributed import DistEnv, shard_model
+
+    model = torch.nn.Module()
+    model.scale = torch.nn.Parameter(torch.tensor(1.0))
+    with pytest.raises(ConfigError, match=r"cannot shard the scalar parameter 'scale'.*data_parallel=ddp"):
+        shard_model(model, DistEnv(rank=0, world_size=2, strategy="fsdp2"))

@@ -206,6 +206,51 @@ def sum_gradients(params: Sequence[torch.nn.Parameter], env: DistEnv) -> None:
             offset += g.numel()
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of a causal LM (transformers models and r1kit's DeepSeek-V3: ``model.layers``)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(inner, "model", None), "layers", None)
+    if layers is None:
+        raise ConfigError(f"data_parallel=fsdp2 found no decoder layers (model.model.layers) in "
+                          f"{type(inner).__name__}; use data_parallel=ddp")
+    return list(layers)
+
+
+def shard_model(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    """FSDP2 (``fully_shard``) on each decoder layer, then on the root (embeddings, final norm, head),
+    in place. Gradients are reduce-scattered with divide factor 1 (a SUM: our losses already carry the
+    global normalizer; torchtitan's guard against the gloo averaging bug, pytorch #162338) in at least
+    float32 (``reduce_dtype``; bf16 collectives over gloo are unsupported in older torch).
+
+    Raises:
+        ConfigError: a scalar (0-d) parameter, which fully_shard refuses (names it and the fix).
+    """
+    if not env.enabled or env.strategy != "fsdp2":
+        return model
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    for name, p in model.named_parameters():
+        if p.dim() == 0:
+            raise ConfigError(f"data_parallel=fsdp2 cannot shard the scalar parameter {name!r} (fully_shard refuses "
+                              "0-d parameters): make it a 1-element tensor, or use data_parallel=ddp")
+    dtype = next(model.parameters()).dtype
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.promote_types(dtype, torch.float32))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+    return model
+
+
+def clip_grad_norm(params: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` (max_norm <= 0: no clipping) returning the global norm as a plain tensor
+    (FSDP2's sharded gradients give a DTensor norm, reduced over ranks)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def barrier(env: DistEnv) -> None:
     if env.enabled:
         dist.barrier()

@@ -402,6 +402,12 @@ class GRPOTrainer(TrainLoop):
         self.prompt_cache: dict[str, list[int]] = {}
         self.render = render
         self.reference = self._make_reference() if cfg.beta != 0.0 and not is_peft(policy) else None
+        self.fsdp = env.enabled and env.strategy == "fsdp2"
+        # FSDP2 gathers the root's weights in the model's own forward: the padding-free path calls the decoder.
+        self.padding_free = cfg.padding_free and not self.fsdp
+        for model in (policy, self.reference):
+            if model is not None:
+                distributed.shard_model(model, env)
         params = [p for p in policy.parameters() if p.requires_grad]
         for p in params:
             p.grad = torch.zeros_like(p)
@@ -525,8 +531,12 @@ class GRPOTrainer(TrainLoop):
 
     # ----- no-grad passes -----
     def forwarded(self, ro: Rollout) -> list[int]:
-        """Completions that need forward passes: all, or (β = 0) those with a non-zero advantage."""
+        """Completions that need forward passes: all, or (β = 0) those with a non-zero advantage. Under
+        FSDP2 all of them (zero-advantage and masked completions add exactly 0), so that every rank runs
+        as many forwards, each a collective."""
         c = self.cfg
+        if self.fsdp:
+            return list(range(len(ro)))
         return [i for i in range(len(ro))
                 if ro.loss_mask_len(i, c.mask_truncated_completions) > 0
                 and (c.beta != 0.0 or not c.skip_zero_advantage or ro.advantages[i].item() != 0.0)]
@@ -538,7 +548,7 @@ class GRPOTrainer(TrainLoop):
             idx = index[start:start + self.cfg.micro_batch_size]
             mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id)
             logps, _ = completion_logprobs(model, mb, self.cfg.temperature, self.bf16,
-                                           padding_free=self.cfg.padding_free)
+                                           padding_free=self.padding_free)
             for row, i in enumerate(idx):
                 out[i] = logps[row, :len(ro.completion_ids[i])].clone()
         return out
@@ -586,9 +596,13 @@ class GRPOTrainer(TrainLoop):
                     idx = fwd[start:start + c.micro_batch_size]
                     step_loss += self._micro_step(ro, idx, norm, acc, first_iteration=(it == 0),
                                                   keep_old=keep_old if it == 0 else None)
+                if self.fsdp:                       # as many forward/backward collectives as the busiest rank
+                    have = math.ceil(len(fwd) / c.micro_batch_size)
+                    for _ in range(distributed.max_int(have, self.dist) - have):
+                        self._zero_micro_step(ro, [mine[0]])
                 acc.add("loss", distributed.sum_scalars({"loss": step_loss}, self.dist)["loss"], 1.0)
                 distributed.sum_gradients(self.params, self.dist)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
+                grad_norm = distributed.clip_grad_norm(self.params, c.max_grad_norm)
                 if not torch.isfinite(grad_norm):
                     raise TrainingStopped(self.stop_message(f"non-finite grad norm ({grad_norm.item()})"))
                 self.optimizer.step()
@@ -609,7 +623,7 @@ class GRPOTrainer(TrainLoop):
         loss_lens = [ro.loss_mask_len(i, c.mask_truncated_completions) for i in idx]
         mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id, loss_lens)
         logps, entropy = completion_logprobs(self.policy, mb, c.temperature, self.bf16, with_entropy=True,
-                                             padding_free=c.padding_free)
+                                             padding_free=self.padding_free)
         # With μ = 1 and one optimizer step per round the policy has not moved yet: π_old = π_θ.
         old = self._stack(ro.old_logps, idx, logps) if ro.old_logps is not None else logps.detach()
         if keep_old is not None:
@@ -639,6 +653,13 @@ class GRPOTrainer(TrainLoop):
         if first_iteration and isw is not None:
             self._importance_stats(isw, mb.completion_attn, acc)
         return loss.item()
+
+    def _zero_micro_step(self, ro: Rollout, idx: list[int]) -> None:
+        """A forward/backward that adds exactly 0 to every gradient: FSDP2 ranks with fewer micro-batches
+        in an update run these so that every rank joins each all-gather and reduce-scatter."""
+        mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id)
+        logps, _ = completion_logprobs(self.policy, mb, self.cfg.temperature, self.bf16, padding_free=False)
+        (logps.sum() * 0.0).backward()
 
     def _importance_weights(self, ro: Rollout, idx: list[int], old: torch.Tensor,
                             attn: torch.Tensor) -> ImportanceWeights:

@@ -127,26 +127,27 @@ def packed_batch(examples: list[TokenizedExample], budget: int) -> TokenBatch:
     return TokenBatch(ids, pos, allowed, torch.tensor(src_row), torch.tensor(src_pos), torch.tensor(target))
 
 
-def trained_token_logits(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+def trained_token_logits(model: torch.nn.Module, batch: TokenBatch, whole_model: bool = False) -> torch.Tensor:
     """(n, V) logits that predict the trained tokens. Models with a plain lm_head (``can_pack``-able
     transformers models) run the head on those n positions only; others produce all logits and are
-    indexed (a packed batch needs a plain head: the block mask goes to the decoder)."""
+    indexed (a packed batch needs a plain head: the block mask goes to the decoder). ``whole_model``:
+    always call the model itself (FSDP2 gathers the root's weights in the model's forward hook)."""
     if isinstance(model, DeepseekV3ForCausalLM):
         logits = model(batch.input_ids, attention_mask=batch.attention, position_ids=batch.position_ids,
                        run_mtp=False).logits
         return logits[batch.src_row, batch.src_pos]
-    if can_pack(model):
+    if can_pack(model) and not whole_model:
         return decoder_logits(model, batch.input_ids, batch.position_ids, batch.attention, batch.src_row, batch.src_pos)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention, position_ids=batch.position_ids,
                    use_cache=False).logits
     return logits[batch.src_row, batch.src_pos]
 
 
-def sft_token_terms(model: torch.nn.Module, batch: TokenBatch, bf16: bool = False
+def sft_token_terms(model: torch.nn.Module, batch: TokenBatch, bf16: bool = False, whole_model: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per trained token: (NLL (n,) with grad, correct (n,) bool: argmax = target, entropy (n,) nats)."""
     with autocast(bf16):
-        logits = trained_token_logits(model, batch)                                     # (n, V)
+        logits = trained_token_logits(model, batch, whole_model)                                     # (n, V)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     nll = torch.nn.functional.cross_entropy(logits, batch.target, reduction="none")     # (n,)
     correct = logits.detach().argmax(-1) == batch.target
@@ -186,6 +187,10 @@ class SFTTrainer(TrainLoop):
                                     f" = {cfg.per_device_train_batch_size} × {cfg.gradient_accumulation_steps})",
                                     "change --gradient-accumulation-steps")
         distributed.broadcast_parameters(policy, env)
+        if cfg.packing and env.enabled and env.strategy == "fsdp2":
+            raise ConfigError("packing calls the decoder with a block mask, which FSDP2's root hook does not see; "
+                              "set --packing false or --data-parallel ddp")
+        distributed.shard_model(policy, env)
         self.policy, self.tokenizer, self.examples = policy, tokenizer, examples
         self.examples_dropped = examples_dropped
         self.bf16 = resolve_bf16(cfg.bf16)
@@ -220,7 +225,7 @@ class SFTTrainer(TrainLoop):
         loss = correct = entropy = 0.0
         self.policy.train()
         for mb in self.micro_batches(batch):
-            nll, right, ent = sft_token_terms(self.policy, mb, self.bf16)
+            nll, right, ent = sft_token_terms(self.policy, mb, self.bf16, whole_model=self.dist.strategy == "fsdp2")
             part = nll.sum() / n_step
             if not torch.isfinite(part):
                 raise TrainingStopped(self.stop_message(f"non-finite loss ({part.item()})"))
@@ -241,7 +246,7 @@ class SFTTrainer(TrainLoop):
         self.optimizer.zero_grad(set_to_none=False)
         m = self.accumulate(batch[lo:hi])
         distributed.sum_gradients(self.params, self.dist)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
+        grad_norm = distributed.clip_grad_norm(self.params, c.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise TrainingStopped(self.stop_message(f"non-finite grad norm ({grad_norm.item()})"))
         lr = self.scheduler.get_last_lr()[0]
