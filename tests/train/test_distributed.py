@@ -273,9 +273,9 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _sft_args(model_dir, out) -> list[str]:
+def _sft_args(model_dir, out, steps: int = 12) -> list[str]:
     return ["train", "sft", "--model", str(model_dir), "--data", "gsm8k", "--max-train-examples", "8",
-            "--max-steps", "12", "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "2",
+            "--max-steps", str(steps), "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "2",
             "--learning-rate", "1e-3", "--lr-scheduler", "cosine", "--bf16", "false", "--save-steps", "1",
             "--save-total-limit", "3", "--plot", "false", "--output", str(out), "--no-progress"]
 
@@ -327,3 +327,42 @@ def test_fsdp2_refuses_a_scalar_parameter_by_name():
     model.scale = torch.nn.Parameter(torch.tensor(1.0))
     with pytest.raises(ConfigError, match=r"cannot shard the scalar parameter 'scale'.*data_parallel=ddp"):
         shard_model(model, DistEnv(rank=0, world_size=2, strategy="fsdp2"))
+
+
+def test_fsdp2_sharded_checkpoint_of_two_ranks_resumes_on_one(tiny_model_dir, tmp_path):
+    """FSDP2 on 2 ranks (torchrun): checkpoints hold one DCP shard per rank and a gathered HF policy;
+    ``final/`` is one HF directory; the run cut back to checkpoint-2 resumes in one process (DCP
+    reshards the optimizer) and ends where a one-process run ends. A missing shard is one error."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from r1kit.cli import main
+    from r1kit.errors import R1kitError
+
+    two = tmp_path / "two"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parents[1] / "src")]))
+    r = subprocess.run([sys.executable, "-m", "r1kit", *_sft_args(tiny_model_dir, two, steps=4), "--data-parallel",
+                        "fsdp2", "--nproc", "2", "--master-port", str(_free_port())], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in (two / "checkpoint-2" / "dcp").iterdir()) == [".metadata", "__0_0.distcp",
+                                                                               "__1_0.distcp"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    for name in ("checkpoint-3", "checkpoint-4", "final"):
+        shutil.rmtree(resumed / name)
+    broken = tmp_path / "broken"
+    shutil.copytree(resumed, broken)
+    (broken / "checkpoint-2" / "dcp" / "__1_0.distcp").unlink()
+    with pytest.raises(R1kitError, match="cannot load the sharded checkpoint .*checkpoint-2/dcp"):
+        main(_sft_args(tiny_model_dir, broken, steps=4) + ["--resume", "--debug"])
+    assert main(_sft_args(tiny_model_dir, resumed, steps=4) + ["--resume"]) == 0
+    straight = tmp_path / "straight"
+    assert main(_sft_args(tiny_model_dir, straight, steps=4)) == 0
+    a = load_file(str(straight / "final" / "model.safetensors"))
+    for run in (two, resumed):
+        b = load_file(str(run / "final" / "model.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=f"{run.name} {k}")

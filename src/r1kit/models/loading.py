@@ -96,10 +96,11 @@ def resolve_model_dir(name_or_path: str) -> Path:
     raise R1kitError(f"{path} holds no config.json, final/ model or checkpoint-*/ directory")
 
 
-def save_pretrained_atomic(model, tokenizer, out_dir: Path) -> Path:
-    """Save ``model`` (safetensors) and ``tokenizer`` as an HF directory at ``out_dir`` atomically."""
+def save_pretrained_atomic(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> Path:
+    """Save ``model`` (safetensors) and ``tokenizer`` as an HF directory at ``out_dir`` atomically
+    (``state_dict``: the tensors to write instead of the model's own, e.g. an FSDP2 model gathered whole)."""
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
 
     return write_dir_atomic(out_dir, write)

@@ -3,7 +3,9 @@
 Layout of ``<run>/checkpoint-<step>/``:
   policy/            HF directory (config.json, model.safetensors, tokenizer files)
   reference/         the reference model, only when beta > 0 and it has been re-synced
-  optimizer.pt       optimizer and LR-scheduler state dicts
+  optimizer.pt       optimizer and LR-scheduler state dicts (optimizer None when dcp/ holds it)
+  dcp/               FSDP2 runs: model and optimizer shards (``torch.distributed.checkpoint``, one file
+                     per rank; loads on any number of ranks, ``load_sharded``)
   rng.pt             torch, python and numpy RNG states
   trainer_state.json step, data cursor (epoch, position), guard counters
   config.yaml        the resolved run config
@@ -43,8 +45,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, policy, tokenizer, optimizer, scheduler, trainer_state: dict,
-                    config_yaml: str, reference=None, keep: int = 2) -> Path:
+                    config_yaml: str, reference=None, keep: int = 2, policy_state_dict: dict | None = None,
+                    sharded: Path | None = None) -> Path:
     """Write ``run_dir/checkpoint-<step>`` atomically and prune all but the newest ``keep``.
+    FSDP2: ``policy_state_dict`` is the gathered full state dict for ``policy/`` and ``sharded`` the
+    finished ``dcp.save`` directory (model and optimizer), moved in as ``dcp/`` before the rename.
 
     Returns the checkpoint path.
     """
@@ -52,11 +57,14 @@ def save_checkpoint(run_dir: Path, step: int, *, policy, tokenizer, optimizer, s
     final = run_dir / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp", dir=run_dir))
     try:
-        policy.save_pretrained(tmp / "policy", safe_serialization=True)
+        policy.save_pretrained(tmp / "policy", safe_serialization=True, state_dict=policy_state_dict)
         tokenizer.save_pretrained(tmp / "policy")
         if reference is not None:
             reference.save_pretrained(tmp / "reference", safe_serialization=True)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save({"optimizer": optimizer.state_dict() if sharded is None else None,
+                    "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        if sharded is not None:
+            os.replace(sharded, tmp / "dcp")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         (tmp / "config.yaml").write_text(config_yaml)
@@ -88,8 +96,9 @@ def checkpoint_step(ckpt: Path) -> int:
     return json.loads((ckpt / "trainer_state.json").read_text())["step"]
 
 
-def load_training_state(ckpt: Path, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and RNG states from ``ckpt``; return its trainer_state dict.
+def load_training_state(ckpt: Path, optimizer, scheduler, model=None) -> dict:
+    """Restore optimizer, scheduler and RNG states from ``ckpt``; return its trainer_state dict. A
+    sharded (FSDP2) checkpoint's optimizer comes from ``dcp/`` and needs ``model`` (parameter names).
 
     Raises:
         R1kitError: the checkpoint is incomplete (names the missing file).
@@ -98,7 +107,10 @@ def load_training_state(ckpt: Path, optimizer, scheduler) -> dict:
         if not (ckpt / name).is_file():
             raise R1kitError(f"checkpoint {ckpt} is incomplete: {name} is missing")
     opt = torch.load(ckpt / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(opt["optimizer"])
+    if opt["optimizer"] is None:
+        load_sharded(ckpt / "dcp", model, optimizer, with_model=False)
+    else:
+        optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
     return json.loads((ckpt / "trainer_state.json").read_text())
@@ -123,3 +135,44 @@ def load_policy_weights(policy, policy_dir: Path) -> None:
         set_peft_model_state_dict(policy, load_file(adapter))
         return
     policy.load_state_dict(read_tensors(policy_dir), strict=False)
+
+
+def load_sharded(dcp_dir: Path, model, optimizer, with_model: bool) -> None:
+    """Load a ``dcp/`` directory's optimizer state (and the model's, with ``with_model``) into this
+    process's ``model``/``optimizer``, sharded (FSDP2) or not: ``torch.distributed.checkpoint``
+    reshards at load time, so a checkpoint of N ranks loads on M (keys are the parameter names).
+
+    Raises:
+        R1kitError: a rank's shard or the metadata is missing or does not match (names the directory).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import CheckpointException
+    from torch.distributed.checkpoint import state_dict as sd
+
+    if not (dcp_dir / ".metadata").is_file():
+        raise R1kitError(f"checkpoint {dcp_dir.parent} is incomplete: {dcp_dir}/.metadata is missing")
+    grads = [(p, p.grad) for group in optimizer.param_groups for p in group["params"]]
+    for p, _ in grads:                  # an optimizer that never stepped has no state keys to load into:
+        p.grad = None                   # _init_optim_state steps it once at lr 0, but only when no grad is set
+    sd._init_optim_state(optimizer)
+    for p, g in grads:                  # the trainers keep zero tensors as grads (never None)
+        p.grad = g
+    state = {"optimizer": sd.get_optimizer_state_dict(model, optimizer)}
+    if with_model:
+        state["model"] = sd.get_model_state_dict(model)
+    try:
+        dcp.load(state, checkpoint_id=str(dcp_dir))
+    except (Exception, CheckpointException) as err:        # CheckpointException is a BaseException
+        raise R1kitError(f"cannot load the sharded checkpoint {dcp_dir}: {_first_error(err)}; "
+                         "every rank's file (__N_0.distcp) must be there, written by this model and config") from None
+    if with_model:
+        sd.set_model_state_dict(model, state["model"])
+    sd.set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def _first_error(err: BaseException) -> str:
+    """The root cause of a DCP failure in one line (a CheckpointException wraps each rank's error)."""
+    failures = getattr(err, "failures", None)
+    if failures:
+        err = next(iter(failures.values()))
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:300]}" if str(err) else type(err).__name__

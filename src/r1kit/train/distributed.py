@@ -218,7 +218,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def shard_model(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
     """FSDP2 (``fully_shard``) on each decoder layer, then on the root (embeddings, final norm, head),
-    in place. Gradients are reduce-scattered with divide factor 1 (a SUM: our losses already carry the
+    in place. Gradients are reduce-scattered with divide factor 1 and ReduceOp.SUM (our losses already carry the
     global normalizer; torchtitan's guard against the gloo averaging bug, pytorch #162338) in at least
     float32 (``reduce_dtype``; bf16 collectives over gloo are unsupported in older torch).
 
@@ -241,7 +241,22 @@ def shard_model(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)   # a plain SUM: gloo has no PREMUL_SUM (fp32 grads)
     return model
+
+
+def full_state_dict(model: torch.nn.Module, env: DistEnv) -> dict[str, torch.Tensor] | None:
+    """The whole (unsharded) state dict of an FSDP2 model on rank 0, on the CPU, a tied weight under its
+    first name only; None on the other ranks. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):    # tied weights (lm_head = embeddings)
+        if id(p) in seen:                                              # are written once, as save_pretrained does
+            full.pop(name, None)
+        seen.add(id(p))
+    return full if env.is_main else None
 
 
 def clip_grad_norm(params: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:

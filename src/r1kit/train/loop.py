@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from r1kit.config import config_yaml, save_config
+from r1kit.errors import R1kitError
 from r1kit.train import checkpoint as ckpt
 from r1kit.train import distributed
 from r1kit.train.logging import MetricsLogger
@@ -155,22 +156,56 @@ class TrainLoop:
                 f"--max-grad-norm, or check the reward functions, then resume with --resume")
 
     def save(self) -> Path:
-        """Write ``checkpoint-<step>`` (rank 0; ddp replicas hold identical weights, optimizer and global
-        RNG, so one copy resumes on any number of ranks); every rank returns after it is complete."""
+        """Write ``checkpoint-<step>``: ddp replicas hold identical weights, optimizer and global RNG, so
+        rank 0 writes one copy that resumes on any number of ranks; FSDP2 ranks write their model and
+        optimizer shards with ``torch.distributed.checkpoint`` into ``dcp/`` (resharded on load) and rank 0
+        the rest, ``policy/`` gathered whole. Every rank returns after the checkpoint is complete."""
         path = self.run_dir / f"checkpoint-{self.step}"
+        full, sharded = None, None
+        if self.dist.enabled and self.dist.strategy == "fsdp2":
+            full, sharded = self._save_shards()
         if self.dist.is_main:
             path = ckpt.save_checkpoint(self.run_dir, self.step, policy=self.policy, tokenizer=self.tokenizer,
                                         optimizer=self.optimizer, scheduler=self.scheduler,
                                         trainer_state=self.state(), config_yaml=config_yaml(self.cfg),
-                                        reference=self.checkpoint_reference(), keep=self.cfg.save_total_limit)
+                                        reference=self.checkpoint_reference(), keep=self.cfg.save_total_limit,
+                                        policy_state_dict=full, sharded=sharded)
         distributed.barrier(self.dist)
         return path
 
+    def _save_shards(self) -> tuple[dict | None, Path]:
+        """FSDP2: every rank's shards into a temporary ``dcp`` directory; the full policy state dict on
+        rank 0 (None elsewhere). Both are collectives."""
+        import shutil
+
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import state_dict as sd
+
+        tmp = self.run_dir / f".dcp-{self.step}.tmp"
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        distributed.barrier(self.dist)
+        dcp.save({"model": sd.get_model_state_dict(self.policy),
+                  "optimizer": sd.get_optimizer_state_dict(self.policy, self.optimizer)}, checkpoint_id=str(tmp))
+        full = distributed.full_state_dict(self.policy, self.dist)
+        return full, tmp
+
     def resume_from(self, path: Path) -> None:
-        """Restore weights, optimizer, scheduler, RNG and the trainer state from a checkpoint directory."""
-        ckpt.load_policy_weights(self.policy, path / "policy")
+        """Restore weights, optimizer, scheduler, RNG and the trainer state from a checkpoint directory
+        (an FSDP2 checkpoint on any number of ranks and strategy; a ddp one under ddp).
+
+        Raises:
+            R1kitError: a ddp checkpoint resumed with data_parallel=fsdp2 on several ranks.
+        """
+        fsdp = self.dist.enabled and self.dist.strategy == "fsdp2"
+        if fsdp and not (path / "dcp").is_dir():
+            raise R1kitError(f"{path} is a ddp checkpoint (no dcp/): resume it with --data-parallel ddp")
+        if fsdp:
+            ckpt.load_sharded(path / "dcp", self.policy, self.optimizer, with_model=True)
+        else:
+            ckpt.load_policy_weights(self.policy, path / "policy")
         self.after_resume(path)
-        self.load_state(ckpt.load_training_state(path, self.optimizer, self.scheduler))
+        self.load_state(ckpt.load_training_state(path, self.optimizer, self.scheduler, model=self.policy))
         if self.dist.is_main:
             self.logger.truncate_after(self.step)
 

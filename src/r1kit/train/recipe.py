@@ -56,10 +56,14 @@ def check_completion_budget(cfg: GRPOConfig, template, tokenizer) -> None:
                           "raise --max-completion-length")
 
 
-def save_final(policy, tokenizer, run_dir: Path) -> Path:
+def save_final(policy, tokenizer, run_dir: Path, env: distributed.DistEnv = distributed.DistEnv()) -> bool:
     """Save the trained policy as an HF directory at ``run_dir/final`` atomically (a LoRA policy merged,
-    so that ``load_policy`` and the sampling engines load it without PEFT)."""
-    return save_pretrained_atomic(merged_for_save(policy), tokenizer, run_dir / "final")
+    so that ``load_policy`` and the sampling engines load it without PEFT). Under torchrun rank 0
+    writes it (an FSDP2 policy gathered whole first, with every rank); returns whether this rank wrote."""
+    full = distributed.full_state_dict(policy, env) if env.enabled and env.strategy == "fsdp2" else None
+    if env.is_main:
+        save_pretrained_atomic(merged_for_save(policy), tokenizer, run_dir / "final", state_dict=full)
+    return env.is_main
 
 
 def run_complete(run_dir: Path, total_steps: int, eval_after: bool) -> bool:
@@ -142,6 +146,9 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
 
     cfg.validate()
     env = distributed.init_distributed(cfg.dist_timeout_minutes, cfg.data_parallel)
+    if env.enabled and env.strategy == "fsdp2":
+        raise ConfigError("data_parallel=fsdp2 is not yet wired to the GRPO rollout engine (it samples from whole "
+                          "weights); use --data-parallel ddp for GRPO runs")
     run_dir = Path(cfg.output)
     check_run_dir(run_dir, resume)
     if resume and run_complete(run_dir, cfg.max_steps, cfg.eval_after):
@@ -186,9 +193,8 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
               if cfg.eval_before and env.is_main else None)
     trainer.train(progress=progress)
     trainer.logger.close()
-    if not env.is_main:
+    if not save_final(policy, tokenizer, run_dir, env):
         return run_dir
-    save_final(policy, tokenizer, run_dir)
     if cfg.plot and (run_dir / "metrics.jsonl").is_file():
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     if cfg.eval_after:

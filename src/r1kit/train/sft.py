@@ -352,9 +352,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> Path
     print(f"training on {len(examples)} examples, {trainer.total_steps} steps of {cfg.examples_per_step}", flush=True)
     trainer.train(progress=progress)
     trainer.logger.close()
-    if not env.is_main:
+    if not save_final(policy, tokenizer, run_dir, env):
         return run_dir
-    save_final(policy, tokenizer, run_dir)
     if cfg.plot and (run_dir / "metrics.jsonl").is_file():
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", panels=SFT_PANELS)
     if cfg.eval_after:
