@@ -95,14 +95,15 @@ def test_loss_equals_trl_sft_trainer_on_the_same_batch(tiny_model_dir, tmp_path)
     assert tr.total_steps == 4
 
 
-@pytest.mark.parametrize("micro", [1, 2])
-def test_step_gradient_independent_of_micro_batches(tiny64, tmp_path, micro):
+@pytest.mark.parametrize("micro, packing", [(1, False), (2, False), (2, True)])
+def test_step_gradient_independent_of_micro_batches(tiny64, tmp_path, micro, packing):
+    """One optimizer step over 4 examples: 1 micro-batch of 4 vs k = 4/micro micro-batches (packed or not)."""
     model, tok = tiny64
     examples = _examples(tok, 4)
     grads = []
-    for size, accumulate in ((4, 1), (micro, 4 // micro)):
-        tr = SFTTrainer(_cfg(tmp_path, per_device_train_batch_size=size, gradient_accumulation_steps=accumulate),
-                        model, tok, examples, tmp_path / "run")
+    for size, accumulate, pack in ((4, 1, False), (micro, 4 // micro, packing)):
+        tr = SFTTrainer(_cfg(tmp_path, per_device_train_batch_size=size, gradient_accumulation_steps=accumulate,
+                             packing=pack), model, tok, examples, tmp_path / "run")
         tr.optimizer.zero_grad(set_to_none=False)
         tr.accumulate(examples)
         grads.append(_grads(model))
