@@ -193,6 +193,9 @@ def test_run_sft_end_to_end_with_lora_saves_a_merged_final(tiny_model_dir, tmp_p
         merged, adapted, plain = (m(input_ids=ids).logits for m in (final, peft_model, base))
     torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-4)
     assert (merged - plain).abs().max() > 1e-3
+    capsys.readouterr()
+    assert main(["train", "sft", "--output", str(out), "--resume", "--no-progress"]) == 0   # config.yaml reused
+    assert f"{out} is complete (max_steps=6 reached, final/ written): nothing to resume" in capsys.readouterr().out
 
 
 def test_lora_grpo_reference_is_the_policy_with_adapters_disabled(tiny_model_dir, tmp_path):
