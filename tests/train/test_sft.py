@@ -269,3 +269,20 @@ def test_cpu_budget_stops_after_the_crossing_step_and_checkpoints(tiny_model_dir
     monkeypatch.setattr(time, "process_time", lambda: float(next(ticks)))
     tr.train(progress=False)
     assert tr.step == 1 and (tmp_path / "run" / "checkpoint-1").is_dir()
+
+
+def test_deepseek_v3_student_loss_equals_per_example_forwards():
+    """r1kit's DeepSeek-V3 model (a possible student) trains through the same padded batch: its NLL
+    equals one unpadded forward per example."""
+    from tests.models.v3_helpers import tiny_model
+
+    model = tiny_model().double()
+    examples = [TokenizedExample("a", [1, 5, 9], [4, 4, 2]), TokenizedExample("b", [3, 7, 8, 11, 12], [6, 2])]
+    nll, _, _ = sft_token_terms(model, padded_batch(examples, pad_id=0))
+    hand = []
+    for e in examples:
+        logits = model(torch.tensor([e.prompt_ids + e.completion_ids]), run_mtp=False).logits[0]
+        logp = torch.log_softmax(logits.double(), -1)
+        p = len(e.prompt_ids)
+        hand += [-logp[p + j - 1, t] for j, t in enumerate(e.completion_ids)]
+    torch.testing.assert_close(nll.detach(), torch.stack(hand).detach(), rtol=0, atol=1e-10)
