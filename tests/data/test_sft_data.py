@@ -110,9 +110,11 @@ def test_r1_style_template_that_strips_think_still_trains_on_the_reasoning(embed
                                      {"role": "assistant", "content": f"<think>\n{REASONING}\n</think>\n\n{ANSWER}"}],
                                     tokenize=False)
     assert REASONING not in stock                       # the trap: the stock template drops the reasoning
-    prompt_ids, completion_ids = render_sft_example(PROMPT, REASONING, ANSWER, tok, "chat_boxed")
-    assert tok.decode(prompt_ids).endswith("<|Assistant|><think>\n")
-    assert tok.decode(completion_ids) == f"{REASONING}\n</think>\n\n{ANSWER}<|im_end|>"   # no second <think>
+    for template in ("chat_boxed", "chat_think"):               # chat_think's prefill is not written twice
+        prompt_ids, completion_ids = render_sft_example(PROMPT, REASONING, ANSWER, tok, template)
+        assert tok.decode(prompt_ids).endswith("<|Assistant|><think>\n")
+        assert tok.decode(prompt_ids).count("<think>\n") == 1
+        assert tok.decode(completion_ids) == f"{REASONING}\n</think>\n\n{ANSWER}<|im_end|>"   # no second <think>
     assert end_of_turn_id(tok, get_template("chat_boxed")) == tok.eos_token_id
 
 

@@ -95,14 +95,15 @@ def test_loss_equals_trl_sft_trainer_on_the_same_batch(tiny_model_dir, tmp_path)
     assert tr.total_steps == 4
 
 
-@pytest.mark.parametrize("micro", [1, 2])
-def test_step_gradient_independent_of_micro_batches(tiny64, tmp_path, micro):
+@pytest.mark.parametrize("micro, packing", [(1, False), (2, False), (2, True)])
+def test_step_gradient_independent_of_micro_batches(tiny64, tmp_path, micro, packing):
+    """One optimizer step over 4 examples: 1 micro-batch of 4 vs k = 4/micro micro-batches (packed or not)."""
     model, tok = tiny64
     examples = _examples(tok, 4)
     grads = []
-    for size, accumulate in ((4, 1), (micro, 4 // micro)):
-        tr = SFTTrainer(_cfg(tmp_path, per_device_train_batch_size=size, gradient_accumulation_steps=accumulate),
-                        model, tok, examples, tmp_path / "run")
+    for size, accumulate, pack in ((4, 1, False), (micro, 4 // micro, packing)):
+        tr = SFTTrainer(_cfg(tmp_path, per_device_train_batch_size=size, gradient_accumulation_steps=accumulate,
+                             packing=pack), model, tok, examples, tmp_path / "run")
         tr.optimizer.zero_grad(set_to_none=False)
         tr.accumulate(examples)
         grads.append(_grads(model))
@@ -192,6 +193,9 @@ def test_run_sft_end_to_end_with_lora_saves_a_merged_final(tiny_model_dir, tmp_p
         merged, adapted, plain = (m(input_ids=ids).logits for m in (final, peft_model, base))
     torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-4)
     assert (merged - plain).abs().max() > 1e-3
+    capsys.readouterr()
+    assert main(["train", "sft", "--output", str(out), "--resume", "--no-progress"]) == 0   # config.yaml reused
+    assert f"{out} is complete (max_steps=6 reached, final/ written): nothing to resume" in capsys.readouterr().out
 
 
 def test_lora_grpo_reference_is_the_policy_with_adapters_disabled(tiny_model_dir, tmp_path):
@@ -265,3 +269,23 @@ def test_cpu_budget_stops_after_the_crossing_step_and_checkpoints(tiny_model_dir
     monkeypatch.setattr(time, "process_time", lambda: float(next(ticks)))
     tr.train(progress=False)
     assert tr.step == 1 and (tmp_path / "run" / "checkpoint-1").is_dir()
+
+
+def test_deepseek_v3_student_loss_equals_per_example_forwards():
+    """r1kit's DeepSeek-V3 model (a possible student) trains through the same padded batch: its NLL
+    equals one unpadded forward per example."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("v3_helpers", Path(__file__).parents[1] / "models" / "v3_helpers.py")
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    model = helpers.tiny_model().double()
+    examples = [TokenizedExample("a", [1, 5, 9], [4, 4, 2]), TokenizedExample("b", [3, 7, 8, 11, 12], [6, 2])]
+    nll, _, _ = sft_token_terms(model, padded_batch(examples, pad_id=0))
+    hand = []
+    for e in examples:
+        logits = model(torch.tensor([e.prompt_ids + e.completion_ids]), run_mtp=False).logits[0]
+        logp = torch.log_softmax(logits.double(), -1)
+        p = len(e.prompt_ids)
+        hand += [-logp[p + j - 1, t] for j, t in enumerate(e.completion_ids)]
+    torch.testing.assert_close(nll.detach(), torch.stack(hand).detach(), rtol=0, atol=1e-10)

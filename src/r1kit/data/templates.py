@@ -143,6 +143,8 @@ def render_prompt(example: Example, tokenizer, template: PromptTemplate) -> str:
     if template.system_prompt is not None:
         messages.insert(0, {"role": "system", "content": template.system_prompt})
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if template.assistant_prefix.strip() and text.rstrip().endswith(template.assistant_prefix.strip()):
+        return text  # the chat template opens the turn with it already (DeepSeek-R1's writes "<think>\n")
     return text + template.assistant_prefix
 
 
