@@ -19,9 +19,9 @@ r1kit defines them here (DISTILL_SPEC §3):
   ``detect_language_of`` over the detector's language set, and all its words get that language;
   a segment lingua cannot decide counts as not in the target language. A segment of fewer than
   ``MIN_SEGMENT_WORDS`` (3) words is too short to identify (lingua calls "minutes minutes" French, "Thus"
-  Tswana): it takes the majority language of the longer segments of its script in the same CoT, and is
-  identified alone only when there is none (a two-character Chinese phrase in English text is still
-  Chinese: its script differs).
+  Tswana): it takes the majority language of the longer segments of its script in the same CoT; when
+  there is none, the short segments of that script are identified together, joined into one text (a
+  two-character Chinese phrase in English text is still Chinese: its script differs).
 - **Empty CoT.** A CoT with no words (none at all, or only math and code) scores **1.0**: it holds
   no word in another language. Whether a reasoning exists at all is the format reward's business.
 - **Target.** An explicit code, else the example's ``meta["language"]``, else the question's
@@ -57,7 +57,7 @@ _LATEX = re.compile(
 _COMMAND = re.compile(r"\\[A-Za-z]+")
 _TAG = re.compile(r"</?[A-Za-z_][\w-]*>")
 _SENTENCE = re.compile(r"[.!?;:。！？；：\n]+")
-_MATH_TOKEN = re.compile(r"[\d=+*/^<>_{}|~\\]")
+_MATH_TOKEN = re.compile(r"\S*[\d=+*/^<>_{}|~\\]\S*")  # a white-space token holding a digit or math symbol
 _WORD = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")
 _CJK_SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA")
 MIN_SEGMENT_WORDS = 3
@@ -105,7 +105,8 @@ def _script(char: str) -> str:
 
 
 def strip_non_words(text: str) -> str:
-    """``text`` without code, LaTeX, commands and tags (replaced by a space; see the module docstring)."""
+    """``text`` without code, LaTeX, commands and tags (replaced by a space; see the module docstring).
+    Math tokens are removed next, before sentences are split, so ``3.5`` ends no sentence."""
     for pattern in (_CODE, _LATEX, _COMMAND, _TAG):
         text = pattern.sub(" ", text)
     return text
@@ -115,12 +116,10 @@ def segments(text: str) -> list[tuple[str, int, str]]:
     """The CoT cut into (segment text, word count, script) triples by the rules of the module docstring;
     empty when ``text`` holds no word."""
     out: list[tuple[str, int, str]] = []
-    for sentence in _SENTENCE.split(strip_non_words(text)):
+    for sentence in _SENTENCE.split(_MATH_TOKEN.sub(" ", strip_non_words(text))):
         run: list[str] = []
         run_script = ""
         for token in sentence.split():
-            if _MATH_TOKEN.search(token):
-                continue
             for word in _WORD.findall(token):
                 pieces = list(word) if _script(word[0]) == "CJK" else [word]
                 for piece in pieces:
@@ -148,18 +147,27 @@ def word_languages(text: str, languages: Sequence[str] = DEFAULT_LANGUAGES,
     if not segs:
         return found
     det = detector(languages, low_accuracy)
-    detected = []
-    context: dict[str, Counter] = {}  # script → words per language in the long segments
+
+    def detect(text: str) -> str | None:
+        lang = det.detect_language_of(text)
+        return None if lang is None else lang.iso_code_639_1.name.lower()
+
+    context: dict[str, Counter] = {}  # script → words per language in its long segments
+    short: dict[str, list[tuple[str, int]]] = {}  # script → its short segments
     for seg, count, script in segs:
-        lang = det.detect_language_of(seg)
-        code = None if lang is None else lang.iso_code_639_1.name.lower()
-        detected.append((code, count, script))
-        if count >= MIN_SEGMENT_WORDS and code is not None:
-            context.setdefault(script, Counter())[code] += count
-    for code, count, script in detected:
-        if count < MIN_SEGMENT_WORDS and script in context:
+        if count >= MIN_SEGMENT_WORDS:
+            code = detect(seg)
+            found[code] += count
+            if code is not None:
+                context.setdefault(script, Counter())[code] += count
+        else:
+            short.setdefault(script, []).append((seg, count))
+    for script, pieces in short.items():
+        if script in context:
             code = min(context[script], key=lambda k: (-context[script][k], k))
-        found[code] += count
+        else:
+            code = detect((" " if script != "CJK" else "").join(seg for seg, _ in pieces))
+        found[code] += sum(count for _, count in pieces)
     return found
 
 
