@@ -112,7 +112,7 @@ def test_endpoint_teacher_every_check(endpoint, gsm8k_test, tmp_path):
     out = run_sample(cfg, progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
     counts = manifest["counts"]
-    assert counts == {"sampled": 12, "kept": 3, **dict.fromkeys(CHECKS, 1)}
+    assert counts == {"sampled": 12, "kept": 3, **dict.fromkeys(CHECKS, 1), "max_per_prompt": 0}
     assert manifest["prompts_decontaminated"] == 2 and manifest["prompts_sampled"] == 3
     kept = [json.loads(line) for line in (out / "shards" / "shard-00000.jsonl").read_text().splitlines()]
     dropped = [json.loads(line) for line in (out / "dropped" / "shard-00000.jsonl").read_text().splitlines()]
@@ -135,6 +135,10 @@ def test_endpoint_teacher_every_check(endpoint, gsm8k_test, tmp_path):
     asked = {r["messages"][-1]["content"].split("\n\n")[0] for r in requests if r["model"] == "teacher"}
     assert gsm8k_test[5].prompt not in asked and len(asked) == 3  # contaminated prompts are never sampled
     assert all(r["temperature"] == 1.0 and r["max_tokens"] == 64 and r["n"] == 1 for r in requests)
+    capped = run_sample(sample_config(**{**cfg.to_dict(), "max_per_prompt": 1, "output": str(tmp_path / "capped")}),
+                        progress=False)
+    counts = json.loads((capped / "manifest.json").read_text())["counts"]
+    assert counts["kept"] == 2 and counts["max_per_prompt"] == 2 and counts["duplicate"] == 0  # words/0#1, #2
 
 
 def test_endpoint_that_times_out_is_one_clear_error(endpoint, tmp_path):

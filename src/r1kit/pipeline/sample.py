@@ -25,7 +25,8 @@ in ``manifest.json``, the sample in ``dropped/``):
   ``duplicate``           same normalized text as a sample kept before it for the same prompt;
   ``near_duplicate``      Jaccard similarity of word ``shingle_size``-gram sets at or above
                           ``near_duplicate_threshold`` with a sample kept before it for the same prompt
-                          (exact Jaccard: a prompt has only N samples, so no MinHash is needed).
+                          (exact Jaccard: a prompt has only N samples, so no MinHash is needed);
+  ``max_per_prompt``      ``max_per_prompt`` samples of the prompt are kept already.
 
 The CoT is the reasoning, or the whole completion when it has no reasoning tags
 (``rewards.language.reasoning_text``). The default thresholds sit above every one of the 7,973
@@ -74,7 +75,7 @@ from r1kit.rewards.language import (DEFAULT_LANGUAGES, LanguageReward, language_
 from r1kit.rollout.base import SamplingParams
 
 CHECKS = ("verifier", "unclosed_reasoning", "language", "repetition", "long_paragraph", "code_block", "decontam",
-          "duplicate", "near_duplicate")
+          "duplicate", "near_duplicate", "max_per_prompt")
 # Fields that do not change what a run writes: a resumed run may change them.
 _RUNTIME_FIELDS = ("output", "request_timeout", "max_retries", "max_concurrency", "api_key_env", "num_threads")
 _FENCE = re.compile(r"^\s*```", re.MULTILINE)
@@ -378,7 +379,7 @@ class Judge:
             if failed is None and self.cfg.dedup:
                 failed = self._duplicate(d.text, kept)
             if failed is None and self.cfg.max_per_prompt is not None and len(kept) >= self.cfg.max_per_prompt:
-                failed = ("duplicate", f"max_per_prompt={self.cfg.max_per_prompt} already kept")
+                failed = ("max_per_prompt", f"{self.cfg.max_per_prompt} samples of this prompt already kept")
             if failed is None:
                 kept.append((tuple(normalized_words(d.text)), shingles(d.text, self.cfg.shingle_size)))
             out.append((quality, *(failed or (None, None))))
