@@ -267,9 +267,10 @@ class EndpointTeacher:
     """A teacher behind an OpenAI-compatible endpoint: one chat-completions request per sample
     (``n=1``, so servers without ``n`` work), the template's messages (``templates.chat_messages``).
 
-    A ``reasoning_content`` field in the answer (DeepSeek API, vLLM/SGLang reasoning parsers) is put
-    back as ``<think>\\n…\\n</think>\\n\\n`` before the content, so ``split_reasoning`` treats both layouts
-    alike. Raises R1kitError when the endpoint refuses, times out or answers an HTTP error."""
+    A ``reasoning_content`` (DeepSeek API, SGLang, r1kit's server) or ``reasoning`` (vLLM) field in the
+    answer is put back as ``<think>\\n…\\n</think>\\n\\n`` before the content (no closing tag when the
+    content is null: the reasoning never ended), so ``split_reasoning`` treats both layouts alike.
+    Raises R1kitError when the endpoint refuses, times out or answers an HTTP error."""
 
     def __init__(self, cfg: SampleConfig):
         import openai
@@ -309,12 +310,12 @@ class EndpointTeacher:
         if not reply.choices:
             raise R1kitError(f"teacher endpoint {self.url} answered with no choices for {example.id}")
         choice = reply.choices[0]
-        message = choice.message
-        reasoning = getattr(message, "reasoning_content", None) or (message.model_extra or {}).get("reasoning_content")
-        text = message.content or ""
-        if reasoning:
-            text = f"<think>\n{reasoning}\n</think>\n\n{text}"
-        return Drawn(text, choice.finish_reason or "stop", seed)
+        reasoning = next((v for v in (_message_field(choice.message, k) for k in ("reasoning_content", "reasoning"))
+                          if v is not None), None)
+        text = choice.message.content
+        if reasoning is not None:  # no content after a reasoning: it never closed
+            text = f"<think>\n{reasoning}" + ("" if text is None else f"\n</think>\n\n{text}")
+        return Drawn(text or "", choice.finish_reason or "stop", seed)
 
     def sample(self, examples: Sequence[Example], cfg: SampleConfig, seed: int) -> list[list[Drawn]]:
         """``cfg.num_samples`` completions per example; request j of the shard uses ``seed + j``."""
@@ -325,6 +326,12 @@ class EndpointTeacher:
         with ThreadPoolExecutor(max_workers=cfg.max_concurrency) as pool:
             drawn = list(pool.map(lambda job: self._request(job[0], cfg, job[1]), jobs))
         return [drawn[i * n:(i + 1) * n] for i in range(len(examples))]
+
+
+def _message_field(message, key: str):
+    """``message.<key>``, declared by the openai client or not (then it is in ``model_extra``)."""
+    value = getattr(message, key, None)
+    return (message.model_extra or {}).get(key) if value is None else value
 
 
 def make_teacher(cfg: SampleConfig):
