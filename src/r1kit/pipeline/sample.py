@@ -584,6 +584,8 @@ def run_sample(cfg: SampleConfig, resume: bool = True, progress: bool = True) ->
     cfg.validate()
     out = Path(cfg.output)
     plan, by_id = _plan(cfg, out, resume)
+    for stale in out.rglob(".*.tmp"):  # left by a run killed while writing; never read
+        stale.unlink()
     todo = [k for k in range(len(plan["shards"])) if not _shard_done(out, k)]
     if not todo:
         manifest = _summarize(cfg, out, plan, cfg.teacher)
