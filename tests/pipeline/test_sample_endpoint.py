@@ -138,6 +138,8 @@ def test_endpoint_teacher_every_check(endpoint, gsm8k_test, tmp_path):
         "words/3#3": "verifier"}
     by_id = {r["id"]: r for r in dropped}
     assert by_id["words/2#2"]["detail"]["eval_id"] == gsm8k_test[0].id
+    assert by_id["words/0#2"]["detail"] == "same normalized text as kept sample 1 of this prompt"
+    assert by_id["words/2#1"]["detail"].endswith("with kept sample 0 of this prompt")
     assert by_id["words/1#0"]["quality"]["language"] == pytest.approx(10 / 19)  # 10 English words, 9 Han characters
     prompts = [json.loads(line) for line in (out / "dropped" / "decontaminated_prompts.jsonl").read_text().splitlines()]
     assert [(p["prompt_id"], p["detail"]["rule"]) for p in prompts] == [("words/4", "question"), ("words/5", "question")]

@@ -366,29 +366,30 @@ class Judge:
 
     Args:
         cfg: the run config (switches and thresholds).
-        verifier: the task's verifier.
         decontaminator: a ``data.decontam.Decontaminator``, or None when decontamination is off.
         think_in_prompt: the teacher's prompt opens ``<think>``.
     """
 
-    def __init__(self, cfg: SampleConfig, verifier, decontaminator, think_in_prompt: bool):
-        self.cfg, self.verifier, self.decontaminator = cfg, verifier, decontaminator
+    def __init__(self, cfg: SampleConfig, decontaminator, think_in_prompt: bool):
+        self.cfg, self.decontaminator = cfg, decontaminator
         self.think_in_prompt = think_in_prompt
         self.language = LanguageReward(think_in_prompt, languages=cfg.languages) if cfg.filter_language else None
 
     def judge_prompt(self, example: Example, drawn: Sequence[Drawn], verdicts) -> list[tuple[dict, str | None, Any]]:
-        """(quality record, the failed check or None, its detail) per sample, in order."""
+        """(quality record, the failed check or None, its detail) per sample of one prompt, in order;
+        ``verdicts`` are the verifier's, one per sample."""
         out = []
-        kept: list[tuple[tuple, frozenset]] = []
-        for d, verdict in zip(drawn, verdicts):
+        kept: list[tuple[int, tuple, frozenset]] = []  # (sample index, normalized words, shingles) kept
+        for j, (d, verdict) in enumerate(zip(drawn, verdicts)):
             quality: dict[str, Any] = {}
             failed = self._first_failure(example, d, verdict, quality)
+            words, sh = tuple(normalized_words(d.text)), shingles(d.text, self.cfg.shingle_size)
             if failed is None and self.cfg.dedup:
-                failed = self._duplicate(d.text, kept)
+                failed = self._duplicate(words, sh, kept)
             if failed is None and self.cfg.max_per_prompt is not None and len(kept) >= self.cfg.max_per_prompt:
                 failed = ("max_per_prompt", f"{self.cfg.max_per_prompt} samples of this prompt already kept")
             if failed is None:
-                kept.append((tuple(normalized_words(d.text)), shingles(d.text, self.cfg.shingle_size)))
+                kept.append((j, words, sh))
             out.append((quality, *(failed or (None, None))))
         return out
 
@@ -422,10 +423,9 @@ class Judge:
                 return "decontam", match.to_dict()
         return None
 
-    def _duplicate(self, text: str, kept: list[tuple[tuple, frozenset]]) -> tuple[str, str] | None:
-        words = tuple(normalized_words(text))
-        sh = shingles(text, self.cfg.shingle_size)
-        for index, (other_words, other_sh) in enumerate(kept):
+    def _duplicate(self, words: tuple, sh: frozenset, kept: list[tuple[int, tuple, frozenset]]
+                   ) -> tuple[str, str] | None:
+        for index, other_words, other_sh in kept:
             if words == other_words:
                 return "duplicate", f"same normalized text as kept sample {index} of this prompt"
             similarity = jaccard(sh, other_sh)
@@ -610,7 +610,7 @@ def run_sample(cfg: SampleConfig, resume: bool = True, progress: bool = True) ->
     verifier = make_verifier(cfg.task, extraction)
     decon = shipped_decontaminator(cfg.decontam_question_ngram, cfg.decontam_solution_ngram) \
         if cfg.decontaminate else None
-    judge = Judge(cfg, verifier, decon, teacher.think_in_prompt)
+    judge = Judge(cfg, decon, teacher.think_in_prompt)
     started = time.time()
     for done, k in enumerate(todo, start=1):
         counts = _run_shard(cfg, out, k, [by_id[i] for i in plan["shards"][k]], teacher, verifier, judge)
