@@ -10,9 +10,9 @@ r1kit defines them here (DISTILL_SPEC §3):
   (``= + * / ^ < > _ { } | ~ \\``), so numbers, equations and ``3x`` are not words.
 - **Words.** In the rest, a word is a maximal run of letters (with inner ``'`` or ``-``) in a
   space-separated script (Latin, Cyrillic, Greek, Arabic, Hangul, Devanagari, ...); every Han,
-  Hiragana or Katakana character is one word by itself (CJK text has no spaces; one character per word
-  keeps a Chinese phrase from weighing less than its English translation, which has more letters per
-  word but a similar count of words).
+  Hiragana or Katakana character is one word by itself (CJK text has no spaces, and a count of
+  characters is the usual word count for Chinese and Japanese; no segmenter is needed). Han and kana
+  form one script here, so a Japanese sentence mixing them stays one segment.
 - **Language of a word.** The text is cut into segments: sentences (split at ``. ! ? ; :`` and their
   CJK forms and at line breaks), and within a sentence at every change of script (CJK vs
   space-separated, and between space-separated scripts). Each segment is given to lingua's
