@@ -80,6 +80,14 @@ def endpoint(gsm8k_test):
                              "message": {"role": "assistant", **reply}}],
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
+    @app.post("/v1/completions")
+    async def complete(body: dict):
+        requests.append(body)
+        text = ["Three and four make seven.\n</think>\n\n\\boxed{7}",
+                "Three and four make seven, so \\boxed{7}"][(body["seed"] - shard_seed(0, 0)) % 2]
+        return {"id": "cmpl-2", "object": "text_completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}]}
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -151,6 +159,31 @@ def test_endpoint_teacher_every_check(endpoint, gsm8k_test, tmp_path):
                         progress=False)
     counts = json.loads((capped / "manifest.json").read_text())["counts"]
     assert counts["kept"] == 3 and counts["max_per_prompt"] == 3 and counts["duplicate"] == 0  # words/0#1, 0#2, 3#2
+
+
+def test_completions_api_renders_the_prompt_like_a_local_teacher(endpoint, tiny_model_dir, tmp_path):
+    """teacher_api=completions: the server receives r1kit's own rendering (chat_think's <think> prefill),
+    and the completion is split as one that starts inside the reasoning."""
+    from transformers import AutoTokenizer
+
+    from r1kit.data.templates import get_template, render_prompt
+
+    url, requests = endpoint
+    question = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+    task = tmp_path / "one.jsonl"
+    task.write_text(json.dumps({"question": question, "answer": "7"}) + "\n")
+    cfg = sample_config(teacher="teacher", teacher_url=url, teacher_api="completions",
+                        teacher_tokenizer=str(tiny_model_dir), task=str(task), template="chat_think", num_samples=2,
+                        output=str(tmp_path / "out"), decontaminate=False)
+    out = run_sample(cfg, progress=False)
+    prompts = [r["prompt"] for r in requests if "prompt" in r]
+    expected = render_prompt(load_task(str(task))[0], AutoTokenizer.from_pretrained(tiny_model_dir),
+                             get_template("chat_think"))
+    assert prompts == [expected] * 2 and expected.endswith("<think>\n")
+    (row,) = [json.loads(line) for line in (out / "shards" / "shard-00000.jsonl").read_text().splitlines()]
+    assert (row["reasoning"], row["answer"], row["think_in_prompt"]) == ("Three and four make seven.", "\\boxed{7}", True)
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["kept"] == 1 and counts["unclosed_reasoning"] == 1
 
 
 def test_endpoint_that_times_out_is_one_clear_error(endpoint, tmp_path):

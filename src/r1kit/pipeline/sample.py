@@ -89,6 +89,8 @@ class SampleConfig:
     # --- teacher ---
     teacher: str = "smollm2-135m-instruct"  # load_policy name/path; with teacher_url: the model name sent to the endpoint
     teacher_url: str | None = None  # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (None = sample locally)
+    teacher_api: str = "chat"  # endpoint API: chat (the server's chat template) | completions (r1kit renders the prompt)
+    teacher_tokenizer: str | None = None  # completions API: load_policy name/path whose tokenizer renders the template
     api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoint's key (unset: "EMPTY")
     request_timeout: float = 120.0  # seconds an endpoint request may take before it is an error
     max_retries: int = 2  # endpoint retries (openai client, with backoff) before an error
@@ -159,6 +161,11 @@ class SampleConfig:
         if self.teacher_url is not None and not re.match(r"^https?://", self.teacher_url):
             raise ConfigError(f"teacher_url must be an http(s) URL such as http://127.0.0.1:8000/v1, "
                               f"got {self.teacher_url!r}")
+        if self.teacher_api not in ("chat", "completions"):
+            raise ConfigError(f"teacher_api must be chat or completions, got {self.teacher_api!r}")
+        if self.teacher_api == "completions" and self.teacher_url and not self.teacher_tokenizer:
+            raise ConfigError("teacher_api completions renders prompts locally: give teacher_tokenizer (a model "
+                              "name or directory whose tokenizer has the teacher's chat template)")
         self.sampling_params(0).validate()
         for code in self.languages:
             language_code(code)
@@ -264,8 +271,11 @@ class EngineTeacher:
 
 
 class EndpointTeacher:
-    """A teacher behind an OpenAI-compatible endpoint: one chat-completions request per sample
-    (``n=1``, so servers without ``n`` work), the template's messages (``templates.chat_messages``).
+    """A teacher behind an OpenAI-compatible endpoint, one request per sample (``n=1``, so servers
+    without ``n`` work). ``teacher_api="chat"``: the template's messages (``templates.chat_messages``),
+    rendered by the server (no assistant prefill). ``"completions"``: the prompt rendered here by
+    ``runtime.make_render`` with ``teacher_tokenizer``'s chat template, exactly as for a local teacher
+    (``chat_think``'s ``<think>\\n`` prefill included).
 
     A ``reasoning_content`` (DeepSeek API, SGLang, r1kit's server) or ``reasoning`` (vLLM) field in the
     answer is put back as ``<think>\\n…\\n</think>\\n\\n`` before the content (no closing tag when the
@@ -286,18 +296,30 @@ class EndpointTeacher:
         self.name = cfg.teacher
         self.weights_sha256 = None
         self.think_in_prompt = False
+        self.render = None
+        if cfg.teacher_api == "completions":
+            from transformers import AutoTokenizer
+
+            from r1kit.models.loading import resolve_model_dir
+            from r1kit.runtime import make_render
+
+            source = resolve_model_dir(cfg.teacher_tokenizer)
+            self.render, _ = make_render(cfg.template, AutoTokenizer.from_pretrained(source))
+            self.think_in_prompt = self.template.think_in_prompt
 
     def _request(self, example: Example, cfg: SampleConfig, seed: int) -> Drawn:
         import openai
 
         from r1kit.data.templates import chat_messages
 
-        extra = {"top_k": cfg.top_k} if cfg.top_k else None
+        settings = dict(model=cfg.teacher, n=1, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                        top_p=cfg.top_p, seed=seed, stop=list(cfg.stop) or None,
+                        extra_body={"top_k": cfg.top_k} if cfg.top_k else None)
         try:
-            reply = self.client.chat.completions.create(
-                model=cfg.teacher, messages=chat_messages(example, self.template), n=1, max_tokens=cfg.max_tokens,
-                temperature=cfg.temperature, top_p=cfg.top_p, seed=seed, stop=list(cfg.stop) or None,
-                extra_body=extra)
+            if self.render is not None:
+                reply = self.client.completions.create(prompt=self.render(example), **settings)
+            else:
+                reply = self.client.chat.completions.create(messages=chat_messages(example, self.template), **settings)
         except openai.APITimeoutError:
             raise R1kitError(f"teacher endpoint {self.url} did not answer within {self.timeout:g} s "
                              f"({self.retries} retries); raise --request-timeout or check the server") from None
@@ -310,6 +332,8 @@ class EndpointTeacher:
         if not reply.choices:
             raise R1kitError(f"teacher endpoint {self.url} answered with no choices for {example.id}")
         choice = reply.choices[0]
+        if self.render is not None:
+            return Drawn(choice.text or "", choice.finish_reason or "stop", seed)
         reasoning = next((v for v in (_message_field(choice.message, k) for k in ("reasoning_content", "reasoning"))
                           if v is not None), None)
         text = choice.message.content
