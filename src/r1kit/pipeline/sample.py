@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from r1kit.data.base import Example
-from r1kit.data.decontam import QUESTION_NGRAM, SOLUTION_NGRAM, normalized_words, ngrams
+from r1kit.data.decontam import MAX_EXAMPLES, QUESTION_NGRAM, SOLUTION_NGRAM, normalized_words, ngrams
 from r1kit.data.reasoning import split_reasoning
 from r1kit.errors import ConfigError, R1kitError
 from r1kit.rewards.language import (DEFAULT_LANGUAGES, LanguageReward, language_code, language_consistency,
@@ -134,6 +134,7 @@ class SampleConfig:
     decontaminate: bool = True  # n-gram decontamination against every shipped evaluation split
     decontam_question_ngram: int = QUESTION_NGRAM  # question rule (open-r1: 8)
     decontam_solution_ngram: int = SOLUTION_NGRAM  # question + solution rule (DeepSeek: 10)
+    decontam_max_examples: int = MAX_EXAMPLES  # n-grams in more eval examples than this are boilerplate, not matched
     max_per_prompt: int | None = None  # keep at most this many samples per prompt (None = every survivor)
 
     # --- output ---
@@ -142,7 +143,8 @@ class SampleConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the field for an invalid value."""
         for name in ("num_samples", "max_tokens", "prompts_per_shard", "repetition_ngram", "max_paragraph_words",
-                     "shingle_size", "decontam_question_ngram", "decontam_solution_ngram", "max_concurrency"):
+                     "shingle_size", "decontam_question_ngram", "decontam_solution_ngram", "decontam_max_examples",
+                     "max_concurrency"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("limit", "max_per_prompt", "num_threads"):
@@ -518,9 +520,7 @@ def _plan(cfg: SampleConfig, out: Path, resume: bool):
         raise R1kitError(f"task {cfg.task!r} split {cfg.split!r} has no problems to sample")
     clean, contaminated = list(examples), []
     if cfg.decontaminate:
-        from r1kit.data.decontam import shipped_decontaminator
-
-        decon = shipped_decontaminator(cfg.decontam_question_ngram, cfg.decontam_solution_ngram)
+        decon = _decontaminator(cfg)
         matches = [(e, decon.check_question(e.prompt)) for e in examples]
         clean = [e for e, m in matches if m is None]
         contaminated = [{"prompt_id": e.id, "prompt": e.prompt, "dropped_by": "decontam", "detail": m.to_dict()}
@@ -568,14 +568,19 @@ def _summarize(cfg: SampleConfig, out: Path, plan: dict, teacher_name: str) -> d
     return manifest
 
 
+def _decontaminator(cfg: SampleConfig):
+    """The shipped-splits Decontaminator with the run's settings (built once per process)."""
+    from r1kit.data.decontam import shipped_decontaminator
+
+    return shipped_decontaminator(cfg.decontam_question_ngram, cfg.decontam_solution_ngram, cfg.decontam_max_examples)
+
+
 def _decontam_record(cfg: SampleConfig) -> dict[str, Any]:
     if not cfg.decontaminate:
         return {"enabled": False}
-    from r1kit.data.decontam import shipped_decontaminator
-
-    decon = shipped_decontaminator(cfg.decontam_question_ngram, cfg.decontam_solution_ngram)
+    decon = _decontaminator(cfg)
     return {"enabled": True, "splits": decon.splits, "question_ngram": decon.question_n,
-            "solution_ngram": decon.solution_n}
+            "solution_ngram": decon.solution_n, "max_examples": decon.max_examples}
 
 
 def _check_survivors(manifest: dict[str, Any], out: Path) -> None:
@@ -626,14 +631,12 @@ def run_sample(cfg: SampleConfig, resume: bool = True, progress: bool = True) ->
     elif plan["teacher_weights_sha256"] != teacher.weights_sha256:
         raise ConfigError(f"the weights of teacher {cfg.teacher!r} changed since this run started in {out} "
                           "(sha256 differs); resume with the same teacher or choose another --output")
-    from r1kit.data.decontam import shipped_decontaminator
     from r1kit.data.templates import get_template
     from r1kit.runtime import make_verifier
 
     extraction = cfg.answer_extraction or get_template(cfg.template).extraction
     verifier = make_verifier(cfg.task, extraction)
-    decon = shipped_decontaminator(cfg.decontam_question_ngram, cfg.decontam_solution_ngram) \
-        if cfg.decontaminate else None
+    decon = _decontaminator(cfg) if cfg.decontaminate else None
     judge = Judge(cfg, decon, teacher.think_in_prompt)
     started = time.time()
     for done, k in enumerate(todo, start=1):
