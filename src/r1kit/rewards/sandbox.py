@@ -36,7 +36,8 @@ are files, so this caps output), open files, and no core dumps. The parent waits
 SIGKILLs the process group; under bwrap the namespace's init dies with it (``--die-with-parent``),
 and the kernel kills every process in the namespace (within milliseconds, asynchronously); in
 the fallback, when running as root, every process left with the run's uid is killed before ``run``
-returns. Outputs are read back capped at ``output_bytes``.
+returns. Outputs are read back capped at ``output_bytes``; a cut stream is named in
+``ExecResult.truncated``, never passed on silently.
 
 *Fallback (``backend="rlimit"``).* Where bwrap is missing or fails to start, programs run with the
 resource limits, clean environment, process-group kill and (as root) a private uid, but without
@@ -114,7 +115,8 @@ class Limits:
         fsize_mb: largest file the program may write, in MiB (RLIMIT_FSIZE); stdout and stderr
             are files, so this is also the output cap; reaching it gives status ``"output_limit"``.
         nofile: open file descriptors (RLIMIT_NOFILE).
-        output_bytes: bytes of stdout, stderr and the side channel kept in ``ExecResult``.
+        output_bytes: bytes of stdout, stderr and the side channel kept in ``ExecResult``; a stream
+            longer than that is cut and named in ``ExecResult.truncated``.
     """
 
     wall_s: float = 10.0
@@ -145,6 +147,9 @@ class ExecResult:
         channel: the same for what the program wrote to file descriptor 3.
         wall_s: seconds from start to the end of clean-up.
         backend: ``"bwrap"`` or ``"rlimit"``.
+        truncated: the streams, of ``("stdout", "stderr", "channel")``, that held more than
+            ``output_bytes`` and were cut to it; empty when all came back whole. A consumer of a cut
+            stream must not grade it as if it were complete (``status`` stays the exit status).
     """
 
     status: str
@@ -154,6 +159,7 @@ class ExecResult:
     channel: str
     wall_s: float
     backend: str
+    truncated: tuple[str, ...] = ()
 
 
 class Sandbox:
@@ -200,16 +206,18 @@ class Sandbox:
         root = tempfile.mkdtemp(prefix="r1kit-sbx-", dir=self.tmp_root)
         start = time.monotonic()
         try:
-            status, rc, outs = self._execute(root, source, stdin, uid)
+            status, rc, outs, truncated = self._execute(root, source, stdin, uid)
         finally:
             if uid is not None:
                 if self.backend == "rlimit":  # under bwrap the pid namespace died with its init
                     _kill_uid(uid)
                 self._uids.release(uid)
             _remove_tree(root)
-        return ExecResult(status, rc, *outs, wall_s=time.monotonic() - start, backend=self.backend)
+        return ExecResult(status, rc, *outs, wall_s=time.monotonic() - start, backend=self.backend,
+                          truncated=truncated)
 
-    def _execute(self, root: str, source: str, stdin: str, uid: int | None) -> tuple[str, int | None, list[str]]:
+    def _execute(self, root: str, source: str, stdin: str,
+                 uid: int | None) -> tuple[str, int | None, list[str], tuple[str, ...]]:
         work = os.path.join(root, "work")
         os.mkdir(work, 0o700)
         os.chmod(root, 0o711)  # the run's uid may pass through to work/, not list its siblings
@@ -226,12 +234,13 @@ class Sandbox:
         try:
             raw_rc, timed_out = self._spawn_and_wait(work, uid, *files)
             rc = self._exit_code(raw_rc)
-            sizes = [os.fstat(f.fileno()).st_size for f in files[1:3]]
+            sizes = [os.fstat(f.fileno()).st_size for f in files[1:]]
             outs = [_read_capped(f, self.limits.output_bytes) for f in files[1:]]
         finally:
             for f in files:
                 f.close()
-        return self._status(rc, timed_out, sizes, outs[1]), (None if timed_out else rc), outs
+        truncated = tuple(n for n, size in zip(names[1:], sizes) if size > self.limits.output_bytes)
+        return self._status(rc, timed_out, sizes[:2], outs[1]), (None if timed_out else rc), outs, truncated
 
     def _spawn_and_wait(self, work: str, uid: int | None, fin, fout, ferr, fchan) -> tuple[int, bool]:
         lim = self.limits
