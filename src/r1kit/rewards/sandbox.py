@@ -231,6 +231,7 @@ class Sandbox:
             os.chown(os.path.join(work, "main.py"), uid, uid)
         names = ("stdin", "stdout", "stderr", "channel")
         files = [open(os.path.join(root, n), "rb" if n == "stdin" else "w+b") for n in names]
+        os.unlink(os.path.join(root, "stdin"))  # reachable through fd 0 only, never by a path
         try:
             raw_rc, timed_out = self._spawn_and_wait(work, uid, *files)
             rc = self._exit_code(raw_rc)
