@@ -45,11 +45,12 @@ from __future__ import annotations
 
 import ast
 import logging
+import math
 import re
 import secrets
 import sys
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
 from r1kit.data.base import Example
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 
 # Reasons a completion fails before anything runs, then reasons from the run.
 REASONS = ("empty", "no_code", "syntax_error", "wrong_entry_point", "timeout", "output_limit", "crashed",
-           "runtime_error", "untrusted_result", "tests_failed", "sandbox_error", "ok")
+           "runtime_error", "untrusted_result", "tests_failed", "wrong_answer", "sandbox_error", "ok")
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _PYTHON_TAGS = ("python", "py", "python3", "")
@@ -216,12 +217,12 @@ _r1kit_harness(%r, %r, %r, %r, %r, %r, %r)
 """
 
 
-def extract_program(completion: str, entry_point: str | None = None) -> str | None:
+def extract_program(completion: str, entry_point: str | None = None, scripts: bool = False) -> str | None:
     """The Python code in a chat completion, after the final ``</think>``: the last fenced
     ```python (or untagged) block that defines ``entry_point``, else the last such block (an
     unclosed last fence runs to the end), so a trailing usage example does not replace the
-    solution; with no fence, the text itself if it parses as Python and defines a function or class.
-    None if there is no code."""
+    solution; with no fence, the text itself if it parses as Python and defines a function or class
+    (``scripts``: any statement, for stdin/stdout programs). None if there is no code."""
     text = completion.rsplit("</think>", 1)[-1]
     blocks = [(tag.lower(), body) for tag, body in _FENCE.findall(text)]
     code = [body for tag, body in blocks if tag in _PYTHON_TAGS and body.strip()]
@@ -231,7 +232,8 @@ def extract_program(completion: str, entry_point: str | None = None) -> str | No
     if blocks:
         return None
     tree = _parse(text)
-    if tree is not None and any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in tree.body):
+    if tree is not None and (scripts and tree.body or any(isinstance(n, (ast.FunctionDef, ast.ClassDef))
+                                                          for n in tree.body)):
         return text
     return None
 
@@ -458,27 +460,48 @@ class CodeVerifier:
 
     def verify_batch(self, completions: Sequence[str], examples: Sequence[Example],
                      truncated: Sequence[bool] | None = None) -> list[Verdict]:
-        """Verify ``completions[i]`` against ``examples[i]``, running the programs in parallel.
-        ``truncated`` is accepted for the Verifier interface and not needed: a program cut off by the
-        token limit is run as written (an unclosed code block fails on its own).
+        """Verify ``completions[i]`` against ``examples[i]``, running the programs in parallel:
+        function tests (meta ``entry_point``/``tests``) through the harness, one run per program;
+        stdin/stdout tests (meta ``io_tests``, see ``check_io_meta``) one run per test case, each
+        under its own time limit, the output compared here in the parent. ``truncated`` is accepted
+        for the Verifier interface and not needed: a program cut off by the token limit is run as
+        written (an unclosed code block fails on its own).
 
         Never raises for a bad completion: failures come back as ``Verdict(correct=False, reason=r)``
         with ``r`` in ``REASONS``. Raises ConfigError if the lengths differ or an example has no
-        code tests (a task whose verifier is not ``"code"``)."""
+        code tests (a task whose verifier is not ``"code"``) or malformed ``io_tests``."""
         if len(completions) != len(examples):
             raise ConfigError(f"verify_batch got {len(completions)} completions for {len(examples)} examples")
         for example in examples:
-            if not {"entry_point", "tests"} <= example.meta.keys():
-                raise ConfigError(f"example {example.id!r} has no meta 'entry_point'/'tests'; the code "
-                                  "verifier only checks code tasks (humaneval, mbpp)")
-        assembled = [assemble_program(c, e) for c, e in zip(completions, examples)]
-        to_run = [i for i, (program, _) in enumerate(assembled) if program is not None]
-        nonces = [secrets.token_hex(16) for _ in to_run]
-        sources = (harness_source(assembled[i][0], examples[i]) for i in to_run)
-        results = self.pool.map(sources, (n + "\n" for n in nonces))
+            if "io_tests" in example.meta:
+                check_io_meta(example)
+            elif not {"entry_point", "tests"} <= example.meta.keys():
+                raise ConfigError(f"example {example.id!r} has no meta 'entry_point'/'tests' nor 'io_tests'; "
+                                  "the code verifier only checks code tasks (humaneval, mbpp, stdin/stdout)")
+        assembled = [assemble_script(c) if "io_tests" in e.meta else assemble_program(c, e)
+                     for c, e in zip(completions, examples)]
+        runs: list[tuple[int, str, str, Limits | None, str | None]] = []  # (example, source, stdin, limits, nonce)
+        for i, ((program, _), example) in enumerate(zip(assembled, examples)):
+            if program is None:
+                continue
+            if "io_tests" in example.meta:
+                limits = self._io_limits(example)
+                runs += [(i, program, t["input"], limits, None) for t in example.meta["io_tests"]]
+            else:
+                nonce = secrets.token_hex(16)
+                runs.append((i, harness_source(program, example), nonce + "\n", None, nonce))
+        results = self.pool.map((r[1] for r in runs), (r[2] for r in runs), (r[3] for r in runs))
+        by_example: dict[int, list[tuple[ExecResult, str | None]]] = {}
+        for (i, *_, nonce), result in zip(runs, results):
+            by_example.setdefault(i, []).append((result, nonce))
         verdicts = [Verdict(False, 0.0, reason) for _, reason in assembled]
-        for i, nonce, result in zip(to_run, nonces, results):
-            verdicts[i] = self._judge(result, nonce, len(examples[i].meta["tests"]), assembled[i][0])
+        for i, got in by_example.items():
+            program, example = assembled[i][0], examples[i]
+            if "io_tests" in example.meta:
+                verdicts[i] = self._judge_io([r for r, _ in got], example, program)
+            else:
+                (result, nonce), = got
+                verdicts[i] = self._judge(result, nonce, len(example.meta["tests"]), program)
         return verdicts
 
     def _judge(self, result: ExecResult, nonce: str, n_tests: int, program: str) -> Verdict:
@@ -487,6 +510,85 @@ class CodeVerifier:
         correct = report.done and n_passed == n_tests
         score = 1.0 if correct else (n_passed / n_tests if self.partial_credit else 0.0)
         return Verdict(correct, score, "ok" if correct else _failure_reason(result, report), program)
+
+    def _io_limits(self, example: Example) -> Limits:
+        """The sandbox limits with the example's per-test time limit (meta ``time_limit_s``): wall
+        seconds, and CPU seconds rounded up."""
+        seconds = example.meta.get("time_limit_s")
+        if seconds is None:
+            return self.sandbox.limits
+        return replace(self.sandbox.limits, wall_s=float(seconds), cpu_s=max(1, math.ceil(seconds)))
+
+    def _judge_io(self, results: list[ExecResult], example: Example, program: str) -> Verdict:
+        mode = example.meta.get("compare", "whitespace")
+        reasons = [_io_reason(r, t["output"], mode) for r, t in zip(results, example.meta["io_tests"])]
+        n_passed = reasons.count("ok")
+        correct = n_passed == len(reasons)
+        score = 1.0 if correct else (n_passed / len(reasons) if self.partial_credit else 0.0)
+        return Verdict(correct, score, next((r for r in reasons if r != "ok"), "ok"), program)
+
+
+COMPARE_MODES = ("exact", "whitespace")
+
+
+def check_io_meta(example: Example) -> None:
+    """Validate a stdin/stdout code example's meta: ``io_tests``, a non-empty list of
+    ``{"input": str, "output": str}``; optional ``compare`` in ``COMPARE_MODES`` (default
+    ``"whitespace"``) and ``time_limit_s`` > 0 (per test case, seconds; default: the verifier's
+    ``limits.wall_s``). Raises ConfigError naming the example and field."""
+    tests = example.meta["io_tests"]
+    if not isinstance(tests, list) or not tests:
+        raise ConfigError(f"example {example.id!r}: meta 'io_tests' must be a non-empty list of "
+                          "{'input': str, 'output': str}")
+    for j, test in enumerate(tests):
+        if not (isinstance(test, dict) and isinstance(test.get("input"), str) and isinstance(test.get("output"), str)):
+            raise ConfigError(f"example {example.id!r}: io_tests[{j}] must be {{'input': str, 'output': str}}, "
+                              f"got {test!r:.80}")
+    if example.meta.get("compare", "whitespace") not in COMPARE_MODES:
+        raise ConfigError(f"example {example.id!r}: compare={example.meta['compare']!r}; use one of "
+                          f"{', '.join(COMPARE_MODES)}")
+    seconds = example.meta.get("time_limit_s")
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0):
+        raise ConfigError(f"example {example.id!r}: time_limit_s={seconds!r} must be a number of seconds > 0")
+
+
+def outputs_match(got: str, expected: str, mode: str) -> bool:
+    """Whether a program's standard output answers a test case.
+
+    ``"exact"``: the same text, once line ends are ``\\n`` (``\\r\\n`` from Windows-made tests) and
+    one final newline is optional. ``"whitespace"``: the same sequence of whitespace-separated
+    tokens (the default checker of Codeforces, ``wcmp``): blanks, line breaks and trailing spaces
+    do not matter, every character of every token does (no numeric tolerance)."""
+    if mode == "exact":
+        def norm(text: str) -> str:
+            text = text.replace("\r\n", "\n")
+            return text[:-1] if text.endswith("\n") else text
+        return norm(got) == norm(expected)
+    return got.split() == expected.split()
+
+
+def _io_reason(result: ExecResult, expected: str, mode: str) -> str:
+    """``"ok"`` or why one stdin/stdout test case failed; a cut output is ``"output_limit"``, never
+    compared as if whole."""
+    if result.status in ("timeout", "output_limit", "crashed", "sandbox_error"):
+        return result.status
+    if "stdout" in result.truncated:
+        return "output_limit"
+    if result.status != "ok":
+        return "runtime_error"
+    return "ok" if outputs_match(result.stdout, expected, mode) else "wrong_answer"
+
+
+def assemble_script(completion: str) -> tuple[str | None, str | None]:
+    """``(program, failure_reason)`` for a stdin/stdout task: the code of the completion (see
+    ``extract_program``; unfenced text counts when it parses as Python), run as ``__main__``.
+    Failure reasons: ``"empty"``, ``"no_code"``, ``"syntax_error"``."""
+    if not completion.strip():
+        return None, "empty"
+    code = extract_program(completion, scripts=True)
+    if code is None:
+        return None, "no_code"
+    return (code, None) if _parse(code) is not None else (None, "syntax_error")
 
 
 def _failure_reason(result: ExecResult, report: HarnessReport) -> str:

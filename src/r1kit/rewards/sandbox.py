@@ -67,6 +67,7 @@ import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
+from itertools import repeat
 from typing import Iterable, Iterator
 
 from r1kit.errors import ConfigError
@@ -198,15 +199,17 @@ class Sandbox:
         self._bwrap = bwrap or shutil.which("bwrap")
         self.backend = self._choose_backend(backend)
 
-    def run(self, source: str, stdin: str = "") -> ExecResult:
-        """Run ``source`` as ``/work/main.py`` with ``stdin`` on standard input; never raises for
-        anything the program does. Returns its ``ExecResult`` once the run's process group is
-        killed and its directory deleted. Thread-safe."""
+    def run(self, source: str, stdin: str = "", limits: Limits | None = None) -> ExecResult:
+        """Run ``source`` as ``/work/main.py`` with ``stdin`` on standard input, under ``limits``
+        (default: the sandbox's; e.g. a per-test time limit); never raises for anything the program
+        does. Returns its ``ExecResult`` once the run's process group is killed and its directory
+        deleted. Thread-safe."""
+        limits = limits or self.limits
         uid = self._uids.acquire() if self._uids else None
         root = tempfile.mkdtemp(prefix="r1kit-sbx-", dir=self.tmp_root)
         start = time.monotonic()
         try:
-            status, rc, outs, truncated = self._execute(root, source, stdin, uid)
+            status, rc, outs, truncated = self._execute(root, source, stdin, uid, limits)
         finally:
             if uid is not None:
                 if self.backend == "rlimit":  # under bwrap the pid namespace died with its init
@@ -216,8 +219,8 @@ class Sandbox:
         return ExecResult(status, rc, *outs, wall_s=time.monotonic() - start, backend=self.backend,
                           truncated=truncated)
 
-    def _execute(self, root: str, source: str, stdin: str,
-                 uid: int | None) -> tuple[str, int | None, list[str], tuple[str, ...]]:
+    def _execute(self, root: str, source: str, stdin: str, uid: int | None,
+                 limits: Limits) -> tuple[str, int | None, list[str], tuple[str, ...]]:
         work = os.path.join(root, "work")
         os.mkdir(work, 0o700)
         os.chmod(root, 0o711)  # the run's uid may pass through to work/, not list its siblings
@@ -233,18 +236,18 @@ class Sandbox:
         files = [open(os.path.join(root, n), "rb" if n == "stdin" else "w+b") for n in names]
         os.unlink(os.path.join(root, "stdin"))  # reachable through fd 0 only, never by a path
         try:
-            raw_rc, timed_out = self._spawn_and_wait(work, uid, *files)
+            raw_rc, timed_out = self._spawn_and_wait(work, uid, limits, *files)
             rc = self._exit_code(raw_rc)
             sizes = [os.fstat(f.fileno()).st_size for f in files[1:]]
-            outs = [_read_capped(f, self.limits.output_bytes) for f in files[1:]]
+            outs = [_read_capped(f, limits.output_bytes) for f in files[1:]]
         finally:
             for f in files:
                 f.close()
-        truncated = tuple(n for n, size in zip(names[1:], sizes) if size > self.limits.output_bytes)
-        return self._status(rc, timed_out, sizes[:2], outs[1]), (None if timed_out else rc), outs, truncated
+        truncated = tuple(n for n, size in zip(names[1:], sizes) if size > limits.output_bytes)
+        status = self._status(rc, timed_out, sizes[:2], outs[1], limits)
+        return status, (None if timed_out else rc), outs, truncated
 
-    def _spawn_and_wait(self, work: str, uid: int | None, fin, fout, ferr, fchan) -> tuple[int, bool]:
-        lim = self.limits
+    def _spawn_and_wait(self, work: str, uid: int | None, lim: Limits, fin, fout, ferr, fchan) -> tuple[int, bool]:
         sandboxed = self.backend == "bwrap"
         home = "/work" if sandboxed else work
         runner = [self.python, "-S", "-s", "-c", _RUNNER, str(lim.cpu_s), str(lim.memory_mb << 20),
@@ -282,11 +285,11 @@ class Sandbox:
         """The program's exit status, negative for a signal; bwrap reports a signal as 128 + n."""
         return 128 - raw if self.backend == "bwrap" and raw > 128 else raw
 
-    def _status(self, rc: int, timed_out: bool, sizes: list[int], stderr: str) -> str:
+    def _status(self, rc: int, timed_out: bool, sizes: list[int], stderr: str, limits: Limits) -> str:
         sig = max(-rc, 0)
         if timed_out or sig in (signal.SIGXCPU, signal.SIGKILL):
             return "timeout"
-        if sig == signal.SIGXFSZ or max(sizes) >= self.limits.fsize_mb << 20:
+        if sig == signal.SIGXFSZ or max(sizes) >= limits.fsize_mb << 20:
             return "output_limit"
         if sig:
             return "crashed"
@@ -334,22 +337,20 @@ class SandboxPool:
         if self.max_pending < self.workers:
             raise ConfigError(f"max_pending={self.max_pending} must be >= workers={self.workers}")
 
-    def map(self, sources: Iterable[str], stdins: Iterable[str] | None = None) -> Iterator[ExecResult]:
-        """Yield ``sandbox.run(source, stdin)`` for each pair, in input order (stdin "" if absent)."""
-        stdins = stdins if stdins is not None else _repeat("")
+    def map(self, sources: Iterable[str], stdins: Iterable[str] | None = None,
+            limits: Iterable[Limits | None] | None = None) -> Iterator[ExecResult]:
+        """Yield ``sandbox.run(source, stdin, limit)`` for each triple, in input order (stdin ""
+        and the sandbox's limits if absent)."""
+        stdins = stdins if stdins is not None else repeat("")
+        limits = limits if limits is not None else repeat(None)
         pending: deque[Future[ExecResult]] = deque()
         with ThreadPoolExecutor(self.workers, thread_name_prefix="r1kit-sbx") as pool:
-            for source, stdin in zip(sources, stdins):
+            for source, stdin, limit in zip(sources, stdins, limits):
                 if len(pending) >= self.max_pending:
                     yield pending.popleft().result()
-                pending.append(pool.submit(self.sandbox.run, source, stdin))
+                pending.append(pool.submit(self.sandbox.run, source, stdin, limit))
             while pending:
                 yield pending.popleft().result()
-
-
-def _repeat(value: str) -> Iterator[str]:
-    while True:
-        yield value
 
 
 class _UidSlots:
