@@ -119,6 +119,9 @@ EARN_NOTHING = [
     ("2", boxed("(2"), "parse_error"),
     ("5", "\\boxed{" + HUGE + "}", "answer_too_long"),  # a megabyte answer
     ("5", HUGE, "no_answer"),  # a megabyte completion without a box
+    ("3", "<answer>The answer is 3x+</answer>", "partial_parse"),  # partial parses inside prose
+    ("1", "<answer>The answer is 1 - \\frac{1}{</answer>", "partial_parse"),
+    ("3", "<answer>so it is 10-3 apples</answer>", "mismatch"),  # read as 10 - 3
     ("3", boxed("3 \\cdot \\frac{1}{\\mathrm{e}} +"), "partial_parse"),
 ]
 
@@ -166,6 +169,8 @@ EARN_FULL = [
     ("7", "\\boxed{7}, and again: \\boxed{ 7 }"),  # the same answer twice
     ("7", "\\boxed{\\boxed{7}}"),
     ("72", "<think>8*9</think> <answer>The answer is 72 dollars.</answer>"),
+    ("12", "<answer>So Jack has 12 apples left.</answer>"),
+    ("5", "<answer>The answer is x = 5.</answer>"),
     ("\\frac{2005}{2006!}", boxed("\\frac{1}{2005! \\cdot 2006} \\cdot 2005")),
 ]
 

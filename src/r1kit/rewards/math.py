@@ -119,7 +119,8 @@ def _parse_math(text: str) -> tuple[list, str | None]:
     no math delimiters and must parse as one LaTeX expression (math-verify's LaTeX extraction on its
     first, whole-text match, no fall-back to a number inside it); a plain expression (``2**10``) is
     accepted when math-verify's expression match is the whole text. Prose (``"The answer is 72
-    dollars."``) is read as math-verify reads it (its answer anchors and number fall-back).
+    dollars."``) is read as math-verify reads it (its answer anchors and number fall-back), but the
+    value read must stand alone in the text (``_stands_alone``: not ``"The answer is 3x+"``).
     """
     text = _UPRIGHT_CONSTANT.sub(r"\1", normalize_boxes(text))
     text = _GROUPED.sub(lambda m: re.sub(_GAP, "", m.group()), text)
@@ -128,7 +129,9 @@ def _parse_math(text: str) -> tuple[list, str | None]:
     wrapped = text if (_MATH_DOLLAR.search(text) or "\\boxed" in text) else f"${text}$"
     if _looks_like_words(text):
         parsed = parse(wrapped, parsing_timeout=None)
-        return parsed, (None if _has_math(parsed) else "parse_error")
+        if not _has_math(parsed):
+            return parsed, "parse_error"
+        return parsed, (None if _stands_alone(text, parsed[-1]) else "partial_parse")
     latex = parse(wrapped, _LATEX_ONLY, parsing_timeout=None, extraction_mode="first_match")
     if _has_math(latex):
         return latex, None
@@ -137,6 +140,21 @@ def _parse_math(text: str) -> tuple[list, str | None]:
         return expr, None
     anywhere = parse(wrapped, parsing_timeout=None)
     return latex, ("partial_parse" if _has_math(anywhere) else "parse_error")
+
+
+_OPERATOR_AFTER = frozenset("+-*/^=\\_({[|!")
+_OPERATOR_BEFORE = frozenset("+-*/^\\_({[|")
+
+
+def _stands_alone(text: str, matched: str) -> bool:
+    """False when the math math-verify read out of prose is glued to more math: an operator or a
+    letter right after it, or an operator before it ("is 3x+", "is 1 - \\frac{1}{", "is 10-3")."""
+    at = text.rfind(matched)
+    if at < 0 or not matched:
+        return True
+    rest = text[at + len(matched):]
+    after, before = rest.lstrip()[:1], text[:at].rstrip()[-1:]
+    return not (after in _OPERATOR_AFTER and after or rest[:1].isalnum() or before in _OPERATOR_BEFORE and before)
 
 
 def _has_math(parsed: list) -> bool:
