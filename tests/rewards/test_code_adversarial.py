@@ -94,6 +94,12 @@ EARN_NOTHING = [
     ("thread_repatches", HALF, "import threading, builtins, time\ndef loop():\n    while True:\n"
                                "        builtins.abs = lambda x: 0\nthreading.Thread(target=loop, daemon=True).start()\n"
                                "def half(x): return 99.0", "untrusted_result"),
+    ("finalizer_repatches", HALF, "import gc, builtins, math\ngc.set_threshold(1)\nclass Bomb:\n"
+                                  "    def __del__(self):\n        builtins.abs = lambda x: 0\n"
+                                  "        math.isclose = lambda *a, **k: True\n"
+                                  "def half(x):\n    b = Bomb()\n    b.me = b\n    return 99.0", "tests_failed"),
+    ("import_in_test_patched", task("imp", "f", ["import math\nassert math.isclose(f(), 2.0)"]),
+     "import math\nmath.isclose = lambda *a, **k: True\ndef f(): return 7.0", "tests_failed"),
     ("settrace_hook", ADD, "import sys\ndef tr(frame, event, arg):\n    frame.f_locals.clear()\n    return tr\n"
                            "sys.settrace(tr)\ndef add(a, b): return 0", "tests_failed"),
     ("raise_in_eq_of_expected", ADD, "def add(a, b):\n    raise SystemExit(0)", "tests_failed"),

@@ -225,6 +225,8 @@ def test_choice_find_all(gold, pred, expected):
     ("0.5", "0.5\\%", True),  # consequence of reading both ways, on either side
     ("50\\%", "0.05", False),
     ("50\\%", "5000", False),
+    ("50\\%", "0.5\\%", False),  # two percentages compare by their numbers
+    ("50\\%", "50.0\\%", True),
 ])
 def test_choice_percent_vs_fraction(gold, pred, expected):
     assert grade(gold, boxed(pred)).correct is expected

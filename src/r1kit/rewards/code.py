@@ -32,11 +32,14 @@ Trusted comparison. The tests never call a method of an object the program made:
   with reason ``"untrusted_result"``. Results of the program's functions are cleaned as they return;
   classes may be called (the tests build the program's objects, e.g. MBPP's ``Pair``) but their
   objects are refused as operands.
-- The tests run in their own namespace whose builtins, and the modules they import, were saved
-  before the program ran and are restored after every call into the program (patched
-  ``builtins.abs``, ``math.isclose`` or ``AssertionError`` change nothing), with the prompt's helper
-  functions as the prompt defines them (a program cannot redefine HumanEval's ``poly`` that a test
-  uses). A thread the program leaves running fails the step.
+- The tests run in their own namespace, with a private copy of the builtins and private copies of
+  the modules they use (imported by the prompt, the set-up or the tests, or named in them), taken
+  before the program ran: patched ``builtins.abs``, ``math.isclose``, ``AssertionError`` or
+  ``sys.modules`` change nothing the tests read, even when patched later by a finalizer. The real
+  modules are also restored after every call into the program (for the stdlib's Python functions,
+  whose globals are the real modules). The prompt's helper functions are as the prompt defines them
+  (a program cannot redefine HumanEval's ``poly`` that a test uses). A thread the program leaves
+  running fails the step.
 
 Out of scope, as in the sandbox's threat model: a program that walks the harness's frames or the
 garbage collector to reach its locals."""
@@ -92,6 +95,9 @@ def _r1kit_harness(program, prompt_code, entry_point, setup, tests, imports, tes
     saved = [(m.__dict__, dict(m.__dict__)) for m in list(modules.values()) if kind(m) is types.ModuleType]
     saved_modules = dict(modules)
     saved_builtins = dict(builtins.__dict__)
+    saved_by_module = {ident(m): items for m, (_, items) in zip([m for m in list(modules.values())
+                       if kind(m) is types.ModuleType], saved)}
+    importer, new_module, copies = __import__, types.ModuleType, {}
     trusted = {ident(v) for _, items in saved for v in items.values() if kind(v) is types.FunctionType}
     as_is = (kind(None), bool, kind(...), kind(NotImplemented), range, t_type, types.FunctionType,
              types.BuiltinFunctionType, types.ModuleType)
@@ -171,11 +177,30 @@ def _r1kit_harness(program, prompt_code, entry_point, setup, tests, imports, tes
         t = kind(f)
         checked = not (subclass(t, t_type) or is_one_of(t, c_callables)
                        or (t is types.FunctionType and ident(f) in trusted))
+        result = None
         try:
             result = f(*args, **kwargs)
+            if checked:
+                result = clean(result)  # the program's object dies here, before the restore
         finally:
             restore()
-        return clean(result) if checked else result
+        return result
+
+    def own_copy(m):
+        # A module object only the tests hold, with the attributes m had before the program ran:
+        # the program cannot patch what the tests read (not even from a finalizer, later).
+        items = saved_by_module.get(ident(m))
+        if items is None:
+            return m
+        if ident(m) not in copies:
+            copy = new_module(items.get("__name__", "module"))
+            update(copy.__dict__, items)
+            copies[ident(m)] = copy
+        return copies[ident(m)]
+
+    def import_module(name):
+        importer(name)
+        return own_copy(saved_modules.get(name) or modules[name])
 
     def report(line):
         write(3, f"{nonce} {line}\n".encode())
@@ -195,16 +220,19 @@ def _r1kit_harness(program, prompt_code, entry_point, setup, tests, imports, tes
         ns = {k: v for k, v in pairs(g) if kind(k) is t_str and not k.startswith("__")
               and (k == entry_point or k not in saved_builtins)}
         ns.update({k: saved_modules[k] for k in test_modules if k in saved_modules and k != entry_point})
-        ns.update({"__name__": "solution_tests", "__builtins__": builtins.__dict__})
+        ns.update({"__name__": "solution_tests", "__builtins__": dict(saved_builtins)})  # private builtins
         if prompt_code:  # the prompt's helpers as given, not as the program redefined them
             run(build(prompt_code, "prompt.py", "exec"), ns)
             ns[entry_point] = g.get(entry_point)
         run(build(setup, "test_setup.py", "exec"), ns)
         restore()
+        for k, v in list(pairs(ns)):
+            if kind(v) is types.ModuleType:
+                ns[k] = own_copy(v)
     except Error as err:
         report(f"program_error {error_name(err)}")
         return
-    ns["__r1kit_call__"], ns["__r1kit_clean__"] = call, clean
+    ns["__r1kit_call__"], ns["__r1kit_clean__"], ns["__r1kit_import__"] = call, clean, import_module
     for i, test in enumerate(tests):
         try:
             restore()
@@ -317,8 +345,9 @@ def harness_source(program: str, example: Example) -> str:
 class _Guard(ast.NodeTransformer):
     """Rewrites test code so that values from the program are checked before they are used: each
     call goes through ``__r1kit_call__`` (restores patched modules; results of the program's
-    functions come back as plain builtins or the step fails), and each operand of a comparison,
-    arithmetic, ``not``/``and``/``or`` and each ``assert``/``if`` test through ``__r1kit_clean__``."""
+    functions come back as plain builtins or the step fails), each operand of a comparison,
+    arithmetic, ``not``/``and``/``or`` and each ``assert``/``if`` test through ``__r1kit_clean__``,
+    and each absolute import through ``__r1kit_import__`` (the tests' private module copies)."""
 
     @staticmethod
     def _clean(node: ast.expr) -> ast.expr:
@@ -356,6 +385,21 @@ class _Guard(ast.NodeTransformer):
         return node
 
     visit_Assert = visit_If = visit_IfExp = visit_While = _test
+
+    @staticmethod
+    def _import(name: str) -> ast.expr:
+        return ast.Call(ast.Name("__r1kit_import__", ast.Load()), [ast.Constant(name)], [])
+
+    def visit_Import(self, node: ast.Import) -> list[ast.stmt]:
+        """``import a.b`` binds ``a``; ``import a.b as c`` binds the submodule: the tests' own copies."""
+        return [ast.Assign([ast.Name(a.asname or a.name.split(".")[0], ast.Store())],
+                           self._import(a.name if a.asname else a.name.split(".")[0])) for a in node.names]
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> ast.AST | list[ast.stmt]:
+        if node.level or not node.module or any(a.name == "*" for a in node.names):
+            return node
+        return [ast.Assign([ast.Name(a.asname or a.name, ast.Store())],
+                           ast.Attribute(self._import(node.module), a.name, ast.Load())) for a in node.names]
 
 
 def guard_test(test: str) -> str:

@@ -19,7 +19,8 @@ process keep its own behaviour):
 
 Percentages (``X%``, math-verify's ``X * UnevaluatedExpr(1/100)``) are compared by both readings,
 the fraction and the bare number, as math-verify does (``50%`` = ``0.5`` = ``50``): the documented
-"percent vs fraction" choice of ``r1kit.rewards.math``.
+"percent vs fraction" choice of ``r1kit.rewards.math``. Two percentages compare by their numbers
+(``50%`` ≠ ``0.5%``).
 """
 
 from __future__ import annotations
@@ -69,14 +70,20 @@ def numbers_equal(gold: Basic | MatrixBase, pred: Basic | MatrixBase) -> bool:
             return False
         return all(numbers_equal(g, p) for g, p in zip(gold, pred))
     try:
+        if _is_percent(gold) and _is_percent(pred):  # 50% vs 0.5%: the numbers, not the readings
+            return _value_equal(gold.args[0], pred.args[0])
         return any(_value_equal(g, p) for g in _readings(gold) for p in _readings(pred))
     except (TypeError, ValueError, ArithmeticError, RecursionError):
         return False
 
 
+def _is_percent(x: Basic) -> bool:
+    return isinstance(x, Mul) and len(x.args) == 2 and x.args[1] == _PCT
+
+
 def _readings(x: Basic) -> list[Basic]:
     """A percentage's fraction and bare number; anything else as itself (evaluated)."""
-    if isinstance(x, Mul) and len(x.args) == 2 and x.args[1] == _PCT:
+    if _is_percent(x):
         return [x.args[0] / 100, x.args[0]]
     return [_grader.safe_sympy_doit(x)]
 
