@@ -67,6 +67,8 @@ def test_partially_parsed_prediction_earns_nothing():
 def test_fbox_is_read_like_boxed():
     assert grade("12", "<think>…</think> so \\fbox{12}").correct
     assert extract_answer("r1_zero says \\fbox{ \\frac{1}{2} }") == "\\frac{1}{2}"
+    assert extract_answer("\\boxed{ \\fbox{3} }") == "3"  # a box around the whole answer is unwrapped
+    assert extract_answer("\\boxed{\\boxed{3}+1}") == "\\boxed{3}+1"
 
 
 def test_numbers_side_by_side_are_not_summed():

@@ -238,7 +238,17 @@ def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{…}`` or ``\\fbox{…}`` in ``text`` (braces balanced), or None
     if there is none or it is unclosed."""
     spans = _boxed_spans(text)
-    return spans[-1] if spans else None
+    return _unwrap_box(spans[-1]) if spans else None
+
+
+def _unwrap_box(content: str | None) -> str | None:
+    """``3`` for the content ``\\boxed{3}`` of ``\\boxed{\\boxed{3}}`` (boxes around the whole answer)."""
+    while content is not None:
+        inner = _boxed_spans(content)
+        if len(inner) != 1 or inner[0] is None or normalize_boxes(content).strip() != f"\\boxed{{{inner[0]}}}":
+            break
+        content = inner[0]
+    return content
 
 
 # Two boxes hold the same answer when they differ only in blanks, braces and inner boxes.
@@ -257,7 +267,7 @@ def _final_boxed(text: str) -> str | None:
         return None
     if len({_BOX_KEY.sub("", b) for b in spans if b is not None}) > 1:
         raise _SeveralAnswers
-    return spans[-1]
+    return _unwrap_box(spans[-1])
 
 
 def _tagged_answer(text: str) -> str | None:
