@@ -193,3 +193,12 @@ def test_issue_example_rigged_eq_earns_nothing(verdicts):
 def test_guard_rewrites_calls_and_operands():
     assert guard_test("assert f(1) == 3") == "assert __r1kit_clean__(__r1kit_clean__(__r1kit_call__(f, 1)) == __r1kit_clean__(3))"
     assert guard_test("x = not g(a=1)") == "x = not __r1kit_clean__(__r1kit_call__(g, a=1))"
+
+
+def test_bad_input_gets_a_verdict_and_the_verifier_grades_the_next():
+    """A megabyte completion and a deeply nested expression: a verdict with a reason, no crash."""
+    verifier = CodeVerifier(limits=Limits(wall_s=3.0, cpu_s=2, memory_mb=512), workers=1)
+    megabyte = fence("def add(a, b):\n    return a + b\n" + "# filler\n" * 110_000)
+    nested = fence("def add(a, b):\n    return " + "(" * 100_000 + "a + b" + ")" * 100_000)
+    verdicts = verifier.verify_batch([megabyte, nested, fence("def add(a, b): return a + b")], [ADD] * 3)
+    assert [(v.correct, v.reason) for v in verdicts] == [(True, "ok"), (False, "syntax_error"), (True, "ok")]
