@@ -92,12 +92,11 @@ def _r1kit_harness(program, prompt_code, entry_point, setup, tests, imports, tes
             __import__(name)
         except Exception:
             pass
-    saved = [(m.__dict__, dict(m.__dict__)) for m in list(modules.values()) if kind(m) is types.ModuleType]
-    saved_modules = dict(modules)
-    saved_builtins = dict(builtins.__dict__)
-    saved_by_module = {ident(m): items for m, (_, items) in zip([m for m in list(modules.values())
-                       if kind(m) is types.ModuleType], saved)}
-    importer, new_module, copies = __import__, types.ModuleType, {}
+    loaded = [m for m in list(modules.values()) if kind(m) is types.ModuleType]
+    saved = [(m.__dict__, dict(m.__dict__)) for m in loaded]
+    saved_modules, saved_builtins = dict(modules), dict(builtins.__dict__)
+    saved_by_module = {ident(m): items for m, (_, items) in zip(loaded, saved)}
+    importer, new_module, copies, mk_iter, every = __import__, types.ModuleType, {}, iter, all
     trusted = {ident(v) for _, items in saved for v in items.values() if kind(v) is types.FunctionType}
     as_is = (kind(None), bool, kind(...), kind(NotImplemented), range, t_type, types.FunctionType,
              types.BuiltinFunctionType, types.ModuleType)
@@ -119,7 +118,7 @@ def _r1kit_harness(program, prompt_code, entry_point, setup, tests, imports, tes
                 clear(d)
                 update(d, items)
             update(modules, saved_modules)
-            if all(size(d) == size(items) for d, items in saved):  # no finalizer re-patched one
+            if every(size(d) == size(items) for d, items in saved):  # no finalizer re-patched one
                 break
         else:
             raise UntrustedResult
@@ -160,17 +159,18 @@ def _r1kit_harness(program, prompt_code, entry_point, setup, tests, imports, tes
             return mk_set([clean(v, depth + 1) for v in set_iter(x)])
         if subclass(t, t_fset):
             return mk_fset([clean(v, depth + 1) for v in fset_iter(x)])
-        if is_one_of(t, views):
-            if t is views[2]:
-                return {clean(k, depth + 1): clean(v, depth + 1) for k, v in x}.items()
-            keys = {clean(k, depth + 1): None for k in x} if t is views[0] else None
-            return keys.keys() if keys is not None else [clean(v, depth + 1) for v in x]
+        if t is views[0]:
+            return {clean(k, depth + 1): None for k in x}.keys()
+        if t is views[1]:
+            return [clean(v, depth + 1) for v in x]
+        if t is views[2]:
+            return {clean(k, depth + 1): clean(v, depth + 1) for k, v in x}.items()
         if is_one_of(t, iterators):
             try:
                 items = [clean(v, depth + 1) for v in x]  # runs the generator: program code
             finally:
                 restore()
-            return iter(items)
+            return mk_iter(items)
         raise UntrustedResult
 
     def call(f, *args, **kwargs):
