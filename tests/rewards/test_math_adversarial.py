@@ -310,3 +310,16 @@ def test_equal_surds_powers_and_factorials_in_different_forms_are_equal(k, m, n)
     assert grade(f"{k}\\sqrt{{{m}}}", boxed(f"\\sqrt{{{k * k * m}}}")).correct
     assert grade(f"{k}^{{{n}}}", boxed(str(k ** n))).correct
     assert grade(f"\\frac{{1}}{{{n + 1}!}}", boxed(f"\\frac{{1}}{{{n + 1} \\cdot {n}!}}")).correct
+
+
+def test_other_math_verify_callers_keep_its_own_comparison():
+    """r1kit's number comparison applies inside MathVerifier only (``numeric.hardened``); a bare
+    math-verify call in the same process (TRL's reward, bench/verifier.py's anchor) is unchanged."""
+    from math_verify import parse, verify
+
+    from r1kit.rewards.numeric import hardened
+
+    gold, pred = parse("$\\frac{1}{2004!}$", parsing_timeout=None), parse("$\\frac{1}{2006!}$", parsing_timeout=None)
+    assert verify(gold, pred, timeout_seconds=None)  # math-verify's chopped difference
+    with hardened():
+        assert not verify(gold, pred, timeout_seconds=None)
