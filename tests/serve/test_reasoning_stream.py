@@ -32,14 +32,15 @@ OUTPUTS = [
 ]
 
 
-def run(pieces: list[str], think_in_prompt: bool, stop=()) -> tuple[ReasoningSplit, str, str]:
+def run(pieces: list[str], think_in_prompt: bool, stop=()) -> tuple[ReasoningStream, str, str]:
+    """Feed ``pieces``, finish; returns the stream and the concatenated reasoning and content deltas."""
     stream = ReasoningStream(think_in_prompt, stop)
     reasoning = content = ""
     for p in pieces:
         r, c = stream.feed(p)
         reasoning, content = reasoning + r, content + c
     r, c = stream.finish()
-    return stream.result, reasoning + r, content + c
+    return stream, reasoning + r, content + c
 
 
 def cuts_around_tags(text: str) -> list[int]:
@@ -60,8 +61,8 @@ def test_stream_equals_the_whole_split_at_every_cut(text, think_in_prompt):
     near = cuts_around_tags(text)
     splits += [[text[:i], text[i:j], text[j:]] for i in near for j in near if i < j]
     for pieces in splits:
-        result, reasoning, content = run(pieces, think_in_prompt)
-        assert result == whole, pieces
+        stream, reasoning, content = run(pieces, think_in_prompt)
+        assert stream.result == whole, pieces
         assert reasoning == (whole.reasoning or "") and content == (whole.content or ""), pieces
 
 
@@ -80,14 +81,9 @@ STOP_CASES = [
 @pytest.mark.parametrize("text,think_in_prompt,stop,reasoning,content,stopped", STOP_CASES)
 def test_stop_strings_apply_to_the_content_only(text, think_in_prompt, stop, reasoning, content, stopped):
     for pieces in [[text], list(text)] + [[text[:i], text[i:]] for i in range(len(text) + 1)]:
-        stream = ReasoningStream(think_in_prompt, stop)
-        got_r = got_c = ""
-        for p in pieces:
-            r, c = stream.feed(p)
-            got_r, got_c = got_r + r, got_c + c
-        r, c = stream.finish()
+        stream, got_r, got_c = run(pieces, think_in_prompt, stop)
         assert stream.result == ReasoningSplit(reasoning, content) and stream.stopped == stopped, pieces
-        assert (got_r + r, got_c + c) == (reasoning or "", content or ""), pieces
+        assert (got_r, got_c) == (reasoning or "", content or ""), pieces
 
 
 def test_choices_do_not_share_state():
