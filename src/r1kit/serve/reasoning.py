@@ -48,10 +48,11 @@ class ReasoningStream:
         think_in_prompt: the rendered prompt ends inside an open ``<think>`` (R1's prefill).
         stop: client stop strings, applied to the content: the content ends before the first one
             found, and the choice is then finished (``stopped``).
+        split: False = no reasoning split: the raw text is the content, unstripped (``/v1/completions``).
     """
 
-    def __init__(self, think_in_prompt: bool, stop: Sequence[str] = ()) -> None:
-        self.think_in_prompt = think_in_prompt
+    def __init__(self, think_in_prompt: bool, stop: Sequence[str] = (), split: bool = True) -> None:
+        self.think_in_prompt, self.split = think_in_prompt, split
         self.stop = [s for s in stop if s]
         self.text = ""  # every delta fed so far
         self.sent_reasoning = ""
@@ -62,14 +63,15 @@ class ReasoningStream:
     def _view(self, text: str, final: bool) -> tuple[str | None, str | None, bool]:
         """(reasoning, content, stopped) of ``text``: its split, the content cut at a stop string and,
         unless ``final``, without a trailing beginning of one."""
-        split = split_reasoning(text, self.think_in_prompt)
+        split = split_reasoning(text, self.think_in_prompt) if self.split else ReasoningSplit(None, text)
         content = split.content
+        strip = str.rstrip if self.split else str
         if content is not None and self.stop:
             hits = [i for i in (content.find(s) for s in self.stop) if i >= 0]
             if hits:
-                return split.reasoning, content[: min(hits)].rstrip(), True
+                return split.reasoning, strip(content[: min(hits)]), True
             if not final:
-                content = content[: len(content) - stop_prefix_length(content, self.stop)].rstrip()
+                content = strip(content[: len(content) - stop_prefix_length(content, self.stop)])
         return split.reasoning, content, False
 
     def _emit(self, reasoning: str | None, content: str | None) -> tuple[str, str]:
@@ -86,7 +88,7 @@ class ReasoningStream:
         if self.stopped:
             return "", ""
         self.text += delta
-        safe = self.text[: len(self.text) - partial_tag_length(self.text)]
+        safe = self.text[: len(self.text) - partial_tag_length(self.text)] if self.split else self.text
         reasoning, content, stopped = self._view(safe, final=False)
         if stopped:
             self.stopped, self.final = True, ReasoningSplit(reasoning, content)
