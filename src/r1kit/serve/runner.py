@@ -124,8 +124,11 @@ class RequestHandle:
     unfinished: set[int] = field(default_factory=set)
 
     def push(self, item) -> None:
-        """Thread-safe put onto ``events``."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        """Thread-safe put onto ``events``; dropped when the handler's event loop is gone."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the loop was closed: nobody is listening
+            pass
 
 
 class EngineLoop:
@@ -244,25 +247,27 @@ class EngineLoop:
         self._retire(handle, indices)
 
     def _run(self) -> None:
-        while True:
-            with self.cond:
-                while not self.ops and not self.engine.has_unfinished() and not self.stopping:
-                    self.cond.wait()
-                if self.stopping:
-                    for handle in list(self.handles.values()):
-                        handle.push(RuntimeError("the server stopped"))
-                    return
-                for op in self.ops:
-                    self._apply(op)
-                self.ops.clear()
-            if not self.engine.has_unfinished():
-                continue
+        while not self.stopping:
             try:
-                deltas = self.engine.step()
-            except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
+                self._iterate()
+            except Exception as e:  # noqa: BLE001 - never let the loop die: fail what is in flight
                 self._fail_all(e)
-                continue
-            self._dispatch(deltas)
+        with self.cond:
+            for handle in list(self.handles.values()):
+                handle.push(RuntimeError("the server stopped"))
+
+    def _iterate(self) -> None:
+        """Wait for work, apply queued submissions and aborts, then one engine step."""
+        with self.cond:
+            while not self.ops and not self.engine.has_unfinished() and not self.stopping:
+                self.cond.wait()
+            if self.stopping:
+                return
+            ops, self.ops = list(self.ops), deque()
+            for op in ops:
+                self._apply(op)
+        if self.engine.has_unfinished():
+            self._dispatch(self.engine.step())
 
     def _dispatch(self, deltas: list[SequenceDelta]) -> None:
         by_request: dict[int, list[SequenceDelta]] = {}
