@@ -4,6 +4,7 @@
   r1kit train grpo --preset cpu_demo [--<field> value ...] --print-config
   r1kit eval --model M --task T [--k K] [--limit N] [--output DIR]
   r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 100]
+  r1kit export MODEL --format gguf|hf [--dtype f16|bf16|q8_0 | fp32|bf16|fp16] --output PATH
   r1kit serve MODEL [--host 127.0.0.1] [--port 8000] [--think] [--max-num-seqs 32] [--max-model-len 2048]
   r1kit tasks
 
@@ -157,6 +158,15 @@ def _add_serve_parser(sub) -> None:
     sv.set_defaults(func=_serve)
 
 
+
+def _export(args: argparse.Namespace) -> int:
+    from r1kit.models.export import export_model
+
+    out = export_model(args.model, args.format, args.output, args.dtype)
+    print(f"wrote {out}")
+    return 0
+
+
 def _tasks(args: argparse.Namespace) -> int:
     from r1kit.data.base import task_names, task_verifier
 
@@ -237,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     zero.set_defaults(func=_pretrain_v3_zero)
 
     _add_serve_parser(sub)
+
+    ex = sub.add_parser("export", help="write a model as GGUF (llama.cpp, Ollama) or an HF directory (transformers, vLLM)")
+    ex.add_argument("model", help="HF dir, .gguf, r1kit run dir, or smollm2-135m-instruct")
+    ex.add_argument("--format", required=True, help="gguf (Llama-family models) or hf (safetensors, every model)")
+    ex.add_argument("--dtype", default=None,
+                    help="gguf: f16 (default), bf16 or q8_0 for the 2-D weights; hf: fp32 (default), bf16 or fp16")
+    ex.add_argument("--output", required=True, help="the .gguf file or HF directory to write (replaced atomically)")
+    ex.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    ex.set_defaults(func=_export)
 
     tasks = sub.add_parser("tasks", help="list registered tasks")
     tasks.set_defaults(func=_tasks)
