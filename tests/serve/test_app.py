@@ -125,3 +125,33 @@ def test_detokenizer_holds_back_a_split_utf8_character(tokenizer):
     detok = Detokenizer(tokenizer)
     pieces = [detok.push(i) for i in ids] + [detok.flush()]
     assert "".join(pieces) == "né 🙂 ok" and all("\ufffd" not in p for p in pieces)
+
+
+def test_deepseek_v3_is_served_through_its_own_engine(tmp_path):
+    from r1kit.models.deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
+    from r1kit.models.loading import load_policy, save_pretrained_atomic
+    from r1kit.models.v3_pretrain import char_tokenizer
+    from r1kit.rollout.base import SamplingParams
+
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(vocab_size=22, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                           num_hidden_layers=2, num_attention_heads=2, n_routed_experts=4, num_experts_per_tok=2,
+                           n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16,
+                           qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=64,
+                           num_nextn_predict_layers=0, bos_token_id=0, eos_token_id=1)
+    path = save_pretrained_atomic(DeepseekV3ForCausalLM(cfg).eval(), char_tokenizer(), tmp_path / "v3")
+    model, tok = load_policy(str(path))
+    engine, label = make_serving_engine(model, tok, "auto", "fp32", max_num_seqs=4, max_model_len=64)
+    assert "V3SamplingEngine" in label
+    expected = engine.engine.generate([tok("7+8=").input_ids], SamplingParams(max_tokens=6, temperature=0))[0]
+    loop = EngineLoop(engine, max_waiting=4, label=label)
+    loop.start()
+    try:
+        app = create_app(Server(loop, tok, ServeConfig(model="v3", max_model_len=64)))
+        r = call(app, "/v1/completions", {"model": "v3", "prompt": "7+8=", "max_tokens": 6, "temperature": 0})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["text"] == tok.decode(expected.token_ids, skip_special_tokens=True)
+        assert choice["finish_reason"] == expected.finish_reason and r.json()["usage"]["completion_tokens"] == len(expected.token_ids)
+    finally:
+        loop.stop()
