@@ -1,6 +1,6 @@
-"""End to end: ``r1kit serve`` as a real uvicorn process on a free loopback port (one per module), the
-scripted tiny Llama (tests/serve/conftest.py) behind it, driven by the official ``openai`` client and,
-where exact status codes and bodies matter, by httpx."""
+"""End to end: ``r1kit serve RUN_DIR`` as a real uvicorn process on a free loopback port (one per module),
+the scripted tiny Llama (tests/serve/serve_helpers.py) in the run's final/ behind it, driven by the
+official ``openai`` client and, where exact status codes and bodies matter, by httpx."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ REASONING_TOKENS = 11  # "<think>Two and two make four</think>"
 
 
 @pytest.fixture(scope="module")
-def server(scripted_model_dir):
-    proc = ServerProcess(scripted_model_dir, "--max-num-seqs", "4", "--max-queue", "2", "--max-n", "4")
+def server(scripted_run_dir):
+    proc = ServerProcess(scripted_run_dir, "--max-num-seqs", "4", "--max-queue", "2", "--max-n", "4")
     yield proc
     proc.stop()
 
@@ -255,6 +255,16 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     assert time.monotonic() - closed < 3.0
     assert after["aborted_total"] == before["aborted_total"] + 1
     assert after["steps"] - before["steps"] < 1900  # it did not run to max_tokens
+
+
+def test_disconnect_before_a_json_reply_frees_the_slot_too(server):
+    before = wait_idle(server)
+    body = {"model": "tiny", "prompt": LOOP_PROMPT, "max_tokens": 1900, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
+    after = wait_idle(server)
+    assert after["aborted_total"] == before["aborted_total"] + 1
+    assert after["steps"] - before["steps"] < 1900
 
 
 def test_full_queue_answers_503_and_the_server_recovers(server, client):

@@ -23,6 +23,7 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/mo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -341,7 +342,7 @@ def create_app(server: Server) -> FastAPI:
         server.check_model(req.model)
         req.check(server.cfg.max_n)
         prep = server.prepare(req, server.render_chat(req), "messages")
-        return await run(server, prep, chat=True, include_reasoning=req.include_reasoning)
+        return await run(server, prep, request, chat=True, include_reasoning=req.include_reasoning)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -352,19 +353,27 @@ def create_app(server: Server) -> FastAPI:
         if len(preps) > 1 and req.stream:
             raise RequestError("streaming takes one prompt; send the prompts as separate requests", "prompt")
         if len(preps) > 1:
-            outs = [json.loads((await run(server, p, chat=False)).body) for p in preps]
+            outs = [json.loads((await run(server, p, request, chat=False)).body) for p in preps]
             merged = outs[0]
             merged["choices"] = [dict(c, index=i) for i, c in enumerate(c for o in outs for c in o["choices"])]
             for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
                 merged["usage"][key] = sum(o["usage"][key] for o in outs)
             return JSONResponse(merged)
-        return await run(server, preps[0], chat=False)
+        return await run(server, preps[0], request, chat=False)
 
     return app
 
 
-async def run(server: Server, prep: Prepared, chat: bool, include_reasoning: bool = True):
-    """Submit ``prep`` and answer it: a JSON response, or an SSE stream."""
+async def until_disconnected(request: Request) -> None:
+    """Return when the client closes the connection (the body has been read: only the disconnect
+    message is left to receive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def run(server: Server, prep: Prepared, request: Request, chat: bool, include_reasoning: bool = True):
+    """Submit ``prep`` and answer it: a JSON response, or an SSE stream. A client that disconnects
+    before a JSON response is ready aborts the request, like a stream's."""
     handle = server.loop.submit(prep.prompt_ids, prep.params, prep.logprobs or 0)
     choices = [ChoiceState(j, server.tokenizer, prep.think_in_prompt, prep.stop, chat, prep.logprobs)
                for j in range(prep.params.n)]
@@ -373,12 +382,24 @@ async def run(server: Server, prep: Prepared, chat: bool, include_reasoning: boo
     if prep.stream:
         return StreamingResponse(stream(server, handle, choices, prep, rid, created, chat, include_reasoning),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    try:
+    async def collect() -> None:
         async for _ in events(server, handle, choices):
             pass
+
+    work, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():  # the client went away: nobody will read the answer
+            work.cancel()
+            return JSONResponse(error_body("the client disconnected", "invalid_request_error", None, 499),
+                                status_code=499)
+        work.result()
+    except RequestError:
+        raise
     except Exception as e:  # noqa: BLE001 - the engine failed this request
         raise RequestError(f"the engine failed: {type(e).__name__}: {e}", status=503) from None
     finally:
+        gone.cancel()
         if any(c.finish_reason is None for c in choices):
             server.loop.abort(handle)
     usage = usage_of(len(prep.prompt_ids), choices, chat)
