@@ -32,9 +32,9 @@ OUTPUTS = [
 ]
 
 
-def run(pieces: list[str], think_in_prompt: bool, stop=()) -> tuple[ReasoningStream, str, str]:
+def run(pieces: list[str], think_in_prompt: bool, stop=(), **kw) -> tuple[ReasoningStream, str, str]:
     """Feed ``pieces``, finish; returns the stream and the concatenated reasoning and content deltas."""
-    stream = ReasoningStream(think_in_prompt, stop)
+    stream = ReasoningStream(think_in_prompt, stop, **kw)
     reasoning = content = ""
     for p in pieces:
         r, c = stream.feed(p)
@@ -84,6 +84,17 @@ def test_stop_strings_apply_to_the_content_only(text, think_in_prompt, stop, rea
         stream, got_r, got_c = run(pieces, think_in_prompt, stop)
         assert stream.result == ReasoningSplit(reasoning, content) and stream.stopped == stopped, pieces
         assert (got_r, got_c) == (reasoning or "", content or ""), pieces
+
+
+@pytest.mark.parametrize("text,think_in_prompt", OUTPUTS)
+@pytest.mark.parametrize("stop", [["two"], ["</"], ["nk>"], ["4", "is"]])
+def test_stop_in_reasoning_equals_the_split_of_the_text_before_the_stop(text, think_in_prompt, stop):
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    whole = split_reasoning(text[: min(hits)] if hits else text, think_in_prompt)
+    for pieces in [[text], list(text)] + [[text[:i], text[i:]] for i in range(len(text) + 1)]:
+        stream, reasoning, content = run(pieces, think_in_prompt, stop, stop_in_reasoning=True)
+        assert stream.result == whole and stream.stopped == bool(hits), pieces
+        assert (reasoning, content) == (whole.reasoning or "", whole.content or ""), pieces
 
 
 def test_choices_do_not_share_state():

@@ -105,17 +105,18 @@ def test_n2_streams_one_choice_per_chunk_with_its_index(client):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_strings_end_the_answer_not_the_reasoning(client, stream):
-    def ask(stop):
-        kw = dict(model="tiny", messages=MESSAGES, temperature=0, stop=stop)
+    def ask(stop, **extra):
+        kw = dict(model="tiny", messages=MESSAGES, temperature=0, stop=stop, extra_body=extra)
         if not stream:
             c = client.chat.completions.create(**kw).choices[0]
             return c.message.model_extra["reasoning_content"], c.message.content, c.finish_reason
         got = collect_chat_stream(client.chat.completions.create(**kw, stream=True))["choices"][0]
-        return got["reasoning_content"], got["content"], got["finish_reason"]
+        return got["reasoning_content"], got["content"] or None, got["finish_reason"]  # no content chunk = null
 
     assert ask([" make"]) == (REASONING, CONTENT, "stop")  # only inside the reasoning: ignored, EOS ends it
     assert ask(" an") == (REASONING, "The", "stop")  # in the reasoning (" and") and after it (" answer")
     assert ask(["4", " is"]) == (REASONING, "The answer", "stop")
+    assert ask([" make"], stop_in_reasoning=True) == ("Two and two", None, "stop")  # the opt-in
 
 
 def test_stop_string_counts_tokens_up_to_the_stop(client):

@@ -1,10 +1,13 @@
 """r1kit's sampling engine: batched, KV-cached, continuously batched sampling from a causal LM.
 
-The engine owns the loop (admission, sampling, stops, slot reuse); a small per-model *adapter* owns
-the forward: ``prefill`` a batch of prompts into cache slots and ``decode`` one token for every
-slot. ``LlamaAdapter`` runs HF Llama-family models with its own forward over the HF module's
-weights (fused QKV and gate/up projections, a preallocated per-slot KV cache, no per-token HF
-``forward`` call), so per-token Python work is a few hundred tensor ops. Another model (the r1kit
+The engine owns the loop (``Scheduler``: admission, sampling, stops, slot reuse), driven either by
+the batch call ``Engine.generate`` (RL, evaluation, distillation) or request by request
+(``add_request`` / ``step`` / ``abort``: the server's continuous batching across requests, each with
+its own sampling settings and seed); a small per-model *adapter* owns the forward: ``prefill`` a
+batch of prompts into cache slots and ``decode`` one token for every slot. ``LlamaAdapter`` runs HF
+Llama-family models with its own forward over the HF module's weights (fused QKV and gate/up
+projections, a preallocated per-slot KV cache, no per-token HF ``forward`` call), so per-token
+Python work is a few hundred tensor ops. Another model (the r1kit
 DeepSeek-V3 with its absorbed MLA cache) plugs in with ``register_adapter``.
 
 Notation: S cache slots, T cache positions, w slots in one decode step (the slots in use), u prompts

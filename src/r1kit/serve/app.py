@@ -8,6 +8,7 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/mo
   turn (R1's usage notes: no system prompt). The reasoning split of every choice is
   ``split_reasoning`` (``reasoning_content`` and ``reasoning`` both), streamed by ``ReasoningStream``;
   client ``stop`` strings end the content only; ``/v1/completions`` returns raw text (no split).
+  ``stop_in_reasoning: true`` (an r1kit extension) makes them end the reasoning too.
 - ``max_tokens`` counts reasoning tokens; unset, it is the rest of ``max_model_len`` (vLLM); a prompt
   that leaves no room, or prompt + max_tokens over ``max_model_len``, is a 400 naming both counts.
 - Logprobs are the engine's sampling logprobs, ``log_softmax(logits / T)`` (T = 1 when greedy), for
@@ -115,14 +116,15 @@ class ChoiceState:
         stop: client stop strings (content only).
         split: split reasoning from content (chat); False = raw text (completions).
         logprobs: None = no logprobs, else how many top alternatives per token.
+        stop_in_reasoning: the stop strings also end the reasoning.
     """
 
     def __init__(self, index: int, tokenizer, think_in_prompt: bool, stop: list[str], split: bool,
-                 logprobs: int | None) -> None:
+                 logprobs: int | None, stop_in_reasoning: bool = False) -> None:
         self.index, self.tokenizer, self.split = index, tokenizer, split
         self.think_in_prompt = think_in_prompt
         self.detok = Detokenizer(tokenizer)
-        self.stream = ReasoningStream(think_in_prompt, stop, split)
+        self.stream = ReasoningStream(think_in_prompt, stop, split, stop_in_reasoning)
         self.want_logprobs = logprobs
         self.pending_logprobs: list[tuple[int, float, list | None]] = []
         self.offsets: list[tuple[int, int]] = []  # char range of each counted token's text
@@ -209,6 +211,7 @@ class Prepared:
     logprobs: int | None  # None = off, else top alternatives per token
     stream: bool
     include_usage: bool
+    stop_in_reasoning: bool = False
 
 
 class Server:
@@ -262,10 +265,11 @@ class Server:
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
         else:
             logprobs = req.logprobs
-        self.loop.check(ids, params, logprobs or 0)
+        self.loop.check(ids, params, logprobs or 0, prompt_field)
         think_in_prompt = chat and prompt_text.rfind("<think>") > prompt_text.rfind("</think>")
         return Prepared(ids, params, think_in_prompt, req.stop_list(), logprobs, req.stream,
-                        bool(req.stream_options and req.stream_options.include_usage))
+                        bool(req.stream_options and req.stream_options.include_usage),
+                        chat and req.stop_in_reasoning)
 
 
 def sse(obj) -> str:
@@ -375,8 +379,8 @@ async def run(server: Server, prep: Prepared, request: Request, chat: bool, incl
     """Submit ``prep`` and answer it: a JSON response, or an SSE stream. A client that disconnects
     before a JSON response is ready aborts the request, like a stream's."""
     handle = server.loop.submit(prep.prompt_ids, prep.params, prep.logprobs or 0)
-    choices = [ChoiceState(j, server.tokenizer, prep.think_in_prompt, prep.stop, chat, prep.logprobs)
-               for j in range(prep.params.n)]
+    choices = [ChoiceState(j, server.tokenizer, prep.think_in_prompt, prep.stop, chat, prep.logprobs,
+                           prep.stop_in_reasoning) for j in range(prep.params.n)]
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     if prep.stream:

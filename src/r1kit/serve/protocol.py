@@ -107,6 +107,7 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_MAX)
     include_reasoning: bool = True
+    stop_in_reasoning: bool = False  # r1kit extension: stop strings end the reasoning too
 
     def check(self, max_n: int) -> None:
         super().check(max_n)

@@ -49,10 +49,13 @@ class ReasoningStream:
         stop: client stop strings, applied to the content: the content ends before the first one
             found, and the choice is then finished (``stopped``).
         split: False = no reasoning split: the raw text is the content, unstripped (``/v1/completions``).
+        stop_in_reasoning: the stop strings end the output wherever they occur, reasoning included
+            (the split is then that of the text before the stop string).
     """
 
-    def __init__(self, think_in_prompt: bool, stop: Sequence[str] = (), split: bool = True) -> None:
-        self.think_in_prompt, self.split = think_in_prompt, split
+    def __init__(self, think_in_prompt: bool, stop: Sequence[str] = (), split: bool = True,
+                 stop_in_reasoning: bool = False) -> None:
+        self.think_in_prompt, self.split, self.stop_in_reasoning = think_in_prompt, split, stop_in_reasoning
         self.stop = [s for s in stop if s]
         self.text = ""  # every delta fed so far
         self.sent_reasoning = ""
@@ -63,6 +66,8 @@ class ReasoningStream:
     def _view(self, text: str, final: bool) -> tuple[str | None, str | None, bool]:
         """(reasoning, content, stopped) of ``text``: its split, the content cut at a stop string and,
         unless ``final``, without a trailing beginning of one."""
+        if self.stop_in_reasoning and self.split and self.stop:
+            return self._view_stop_anywhere(text, final)
         split = split_reasoning(text, self.think_in_prompt) if self.split else ReasoningSplit(None, text)
         content = split.content
         strip = str.rstrip if self.split else str
@@ -73,6 +78,19 @@ class ReasoningStream:
             if not final:
                 content = strip(content[: len(content) - stop_prefix_length(content, self.stop)])
         return split.reasoning, content, False
+
+    def _view_stop_anywhere(self, text: str, final: bool) -> tuple[str | None, str | None, bool]:
+        """``_view`` when the stop strings apply to the whole output: the split of the text before the
+        first stop string (unless ``final``: before a trailing beginning of one or of a tag)."""
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            split = split_reasoning(text[: min(hits)], self.think_in_prompt)
+            return split.reasoning, split.content, True
+        if not final:
+            text = text[: len(text) - stop_prefix_length(text, self.stop)]
+            text = text[: len(text) - partial_tag_length(text)]
+        split = split_reasoning(text, self.think_in_prompt)
+        return split.reasoning, split.content, False
 
     def _emit(self, reasoning: str | None, content: str | None) -> tuple[str, str]:
         reasoning, content = reasoning or "", content or ""

@@ -163,15 +163,17 @@ class EngineLoop:
             self.cond.notify()
         self.thread.join(timeout=10)
 
-    def check(self, prompt_ids: Sequence[int], params: SamplingParams, top_logprobs: int = 0) -> None:
-        """The engine's own validation, as a 400 RequestError naming the field."""
+    def check(self, prompt_ids: Sequence[int], params: SamplingParams, top_logprobs: int = 0,
+              prompt_field: str = "prompt") -> None:
+        """The engine's own validation, as a 400 RequestError naming the field (``prompt_field`` for
+        the prompt: "messages" for chat)."""
         try:
             self.engine.check_request(prompt_ids, params, top_logprobs)
         except ConfigError as e:
             message = str(e)
             field_name = message.split()[0]
             raise RequestError(message, field_name if field_name in (
-                "max_tokens", "temperature", "top_p", "top_k", "n", "top_logprobs") else "prompt") from None
+                "max_tokens", "temperature", "top_p", "top_k", "n", "top_logprobs") else prompt_field) from None
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, top_logprobs: int = 0) -> RequestHandle:
         """Queue a request (called on the event loop). Raises RequestError 503 when the queue is full
