@@ -155,3 +155,12 @@ def test_deepseek_v3_is_served_through_its_own_engine(tmp_path):
         assert choice["finish_reason"] == expected.finish_reason and r.json()["usage"]["completion_tokens"] == len(expected.token_ids)
     finally:
         loop.stop()
+
+
+def test_earlier_reasoning_is_not_fed_back_into_the_prompt(tokenizer):
+    req = ChatCompletionRequest(model="m", messages=[
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "SECRET-THOUGHT", "reasoning": "SECRET-THOUGHT"},
+        {"role": "user", "content": [{"type": "text", "text": "and 3+3?"}]}])
+    text = Server(None, tokenizer, ServeConfig(model="m")).render_chat(req)
+    assert "SECRET-THOUGHT" not in text and "<|im_start|>assistant\n4<|im_end|>" in text and "and 3+3?" in text
