@@ -48,20 +48,22 @@ def error_body(message: str, type_: str, param: str | None = None, code: int | s
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-class Strict(BaseModel):
+class Fields(BaseModel):
+    """Request objects: fields this server does not use are ignored (vLLM's behaviour)."""
+
     model_config = ConfigDict(extra="ignore")
 
 
-class StreamOptions(Strict):
+class StreamOptions(Fields):
     include_usage: bool = False
 
 
-class TextPart(Strict):
+class TextPart(Fields):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(Strict):
+class ChatMessage(Fields):
     """One message. ``reasoning_content``/``reasoning`` of earlier assistant turns are accepted and not
     fed back into the prompt (the DeepSeek API rule)."""
 
@@ -76,7 +78,7 @@ class ChatMessage(Strict):
         return self.content or ""
 
 
-class SamplingRequest(Strict):
+class SamplingRequest(Fields):
     """Fields shared by both endpoints."""
 
     model: str
