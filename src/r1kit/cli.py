@@ -5,6 +5,7 @@
   r1kit eval --model M --task T [--k K] [--limit N] [--output DIR]
   r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 100]
   r1kit export MODEL --format gguf|hf [--dtype f16|bf16|q8_0 | fp32|bf16|fp16] --output PATH
+  r1kit sample --teacher M --task T --num-samples N --output DIR [--teacher-url URL] [--<field> value ...]
   r1kit serve MODEL [--host 127.0.0.1] [--port 8000] [--think] [--max-num-seqs 32] [--max-model-len 2048]
   r1kit tasks
 
@@ -167,6 +168,17 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    import json
+
+    from r1kit.pipeline.sample import config_from_args, run_sample
+
+    out = run_sample(config_from_args(args), resume=not args.no_resume, progress=not args.no_progress)
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    print(f"kept {counts['kept']} of {counts['sampled']} samples; output: {out} (shards/, manifest.json, dropped/)")
+    return 0
+
+
 def _tasks(args: argparse.Namespace) -> int:
     from r1kit.data.base import task_names, task_verifier
 
@@ -256,6 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--output", required=True, help="the .gguf file or HF directory to write (replaced atomically)")
     ex.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     ex.set_defaults(func=_export)
+
+    from r1kit.pipeline.sample import PRESETS as SAMPLE_PRESETS, add_sample_arguments
+
+    smp = sub.add_parser(
+        "sample", help="rejection sampling: a teacher's verified, filtered, decontaminated completions",
+        description="Rejection sampling (R1 §2.3.3): N completions per prompt from a teacher (a model r1kit loads, "
+                    "or --teacher-url, an OpenAI-compatible endpoint), kept when the task's verifier accepts them and "
+                    "the readability, dedup and decontamination checks pass. Every SampleConfig field is a --flag "
+                    "(r1kit/pipeline/sample.py). A rerun with the same --output resumes.",
+        epilog=f"presets: {', '.join(sorted(SAMPLE_PRESETS))}")
+    smp.add_argument("--preset", default=None, help=f"named preset applied before the flags: {', '.join(sorted(SAMPLE_PRESETS))}")
+    smp.add_argument("--no-resume", action="store_true", help="refuse an --output that already holds a run")
+    smp.add_argument("--no-progress", action="store_true", help="no per-shard progress lines")
+    smp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    add_sample_arguments(smp)
+    smp.set_defaults(func=_sample)
 
     tasks = sub.add_parser("tasks", help="list registered tasks")
     tasks.set_defaults(func=_tasks)
