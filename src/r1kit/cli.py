@@ -7,6 +7,7 @@
   r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 100]
   r1kit export MODEL --format gguf|hf [--dtype f16|bf16|q8_0 | fp32|bf16|fp16] --output PATH
   r1kit sample --teacher M --task T --num-samples N --output DIR [--teacher-url URL] [--<field> value ...]
+  r1kit serve MODEL [--host 127.0.0.1] [--port 8000] [--think] [--max-num-seqs 32] [--max-model-len 2048]
   r1kit tasks
 
 Bad input (R1kitError) prints one ``error:`` line and exits with status 2; a guard stop exits with 3;
@@ -131,6 +132,51 @@ def _pretrain_v3_zero(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from r1kit.serve.app import ServeConfig, serve
+
+    serve(ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)}))
+    return 0
+
+
+def _add_serve_parser(sub) -> None:
+    from dataclasses import fields
+
+    from r1kit.serve.app import ServeConfig
+
+    sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                        description="OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, "
+                                    "/health) with the reasoning in reasoning_content; see r1kit/serve/app.py.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sv.add_argument("model", help="HF dir, .gguf, r1kit run dir, or smollm2-135m-instruct")
+    helps = {
+        "served_model_name": "the model name clients send (default: MODEL as given)",
+        "host": "interface to bind", "port": "TCP port (0 = a free one)",
+        "max_num_seqs": "engine slots: sequences decoded together",
+        "max_model_len": "prompt + completion tokens per sequence (sizes the KV cache)",
+        "max_queue": "sequences that may wait for a slot; beyond that, 503",
+        "max_n": "the largest n a request may ask for",
+        "think": "the R1 setting: prefill '<think>\\n' and fold system messages into the user turn",
+        "shutdown_timeout": "seconds requests in flight get to finish after SIGTERM",
+        "dtype": "engine weights: auto (bf16 where the CPU has native bf16), bf16, fp32",
+        "backend": "auto (r1kit's engine when the model has an adapter, else hf), engine, hf",
+    }
+    for f in fields(ServeConfig):
+        if f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            sv.add_argument(flag, action="store_true", help=helps[f.name])
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            sv.add_argument(flag, type=kind, default=f.default, help=helps[f.name])
+    sv.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    sv.set_defaults(func=_serve)
+
+
+
 def _export(args: argparse.Namespace) -> int:
     from r1kit.models.export import export_model
 
@@ -238,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     zero.add_argument("--no-progress", action="store_true", help="no progress bar")
     zero.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     zero.set_defaults(func=_pretrain_v3_zero)
+
+    _add_serve_parser(sub)
 
     ex = sub.add_parser("export", help="write a model as GGUF (llama.cpp, Ollama) or an HF directory (transformers, vLLM)")
     ex.add_argument("model", help="HF dir, .gguf, r1kit run dir, or smollm2-135m-instruct")
