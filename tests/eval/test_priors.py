@@ -12,25 +12,13 @@ from r1kit.eval.evaluate import (answer_histogram, answer_key, common_answers, e
                                  paired_difference, prior_analysis, save_report, verdict, wilson_interval)
 from r1kit.rewards.math import MathVerifier
 from r1kit.rollout.base import Completion
+from test_evaluate import _Tok  # tests/eval is on sys.path (pytest's rootdir-relative imports)
 
 # Synthetic split, golds seeded: '2' and '1' are the common answers (as in SVAMP), the rest spread out.
 _RNG = random.Random(0)
 TRAIN_GOLDS = ["2"] * 60 + ["1"] * 50 + ["3"] * 30 + [str(_RNG.randrange(10, 500)) for _ in range(360)]
 EVAL_GOLDS = ["2"] * 24 + ["1"] * 18 + [str(v) for v in range(10, 168)]  # 200 problems; 42 common golds
 EXAMPLES = [Example(f"s/{i}", f"q{i}", g) for i, g in enumerate(EVAL_GOLDS)]
-
-
-class _Tok:
-    def encode(self, text):
-        return [ord(c) for c in text]
-
-    def batch_decode(self, ids, skip_special_tokens=True):
-        return ["".join(map(chr, x)) for x in ids]
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": self.encode(text)}
-
-    bos_token = None
 
 
 class _Policy:
