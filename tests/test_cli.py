@@ -182,3 +182,18 @@ def test_eval_on_an_empty_task_file_names_it(capsys, tmp_path, tiny_model_dir):
     empty.write_text("\n")
     rc = main(["eval", "--model", str(tiny_model_dir), "--task", str(empty)])
     assert rc == 2 and _err(capsys) == f"error: task {str(empty)!r} split 'test' has no problems to evaluate"
+
+
+def test_eval_takes_the_answer_prior_from_the_run_else_the_tasks_train_split(toy_task):
+    import argparse
+
+    from r1kit.cli import prior_golds
+
+    args = argparse.Namespace(task="svamp", prompt_field=None, answer_field=None)
+    golds, source = prior_golds(args, {})
+    assert len(golds) == 700 and source == "700 training problems of svamp/train"
+    golds, source = prior_golds(argparse.Namespace(task=str(toy_task), prompt_field=None, answer_field=None),
+                                {"task": "svamp", "train_split": "train", "max_train_examples": 10})
+    assert len(golds) == 10 and source == "10 training problems of svamp/train"  # the run's own training data
+    golds, source = prior_golds(argparse.Namespace(task=str(toy_task), prompt_field=None, answer_field=None), {})
+    assert golds is None and source == f"{toy_task} is a local file, which has no training split to take the answer prior from"
