@@ -82,7 +82,13 @@ def test_eval_writes_reports(capsys, tmp_path, toy_task, tiny_model_dir):
     data = json.loads((out / f"{name}.json").read_text())
     assert data["n_problems"] == 3 and data["k"] == 2 and len(data["per_problem"]) == 3
     assert all(len(p["correct"]) == 2 for p in data["per_problem"])
-    assert "| pass@1 |" in (out / f"{name}.md").read_text()
+    md = (out / f"{name}.md").read_text()
+    assert "| pass@1 |" in md and "| prior-free pass@1 |" in md
+    # a local file has no training split: that baseline is named as not computed, the rest is reported
+    assert f"not computed: {toy_task} is a local file, which has no training split" in md
+    priors = json.loads((out / f"{name}.priors.json").read_text())
+    assert priors["results"][str(tiny_model_dir)]["answers"]["n"] == 6
+    assert priors["baselines"]["eval_mode"]["accuracy"] == pytest.approx(1 / 3)  # golds 1, 3, 5: each 1/3
 
 
 def test_invalid_yaml_is_one_line(capsys, tmp_path):
@@ -176,3 +182,18 @@ def test_eval_on_an_empty_task_file_names_it(capsys, tmp_path, tiny_model_dir):
     empty.write_text("\n")
     rc = main(["eval", "--model", str(tiny_model_dir), "--task", str(empty)])
     assert rc == 2 and _err(capsys) == f"error: task {str(empty)!r} split 'test' has no problems to evaluate"
+
+
+def test_eval_takes_the_answer_prior_from_the_run_else_the_tasks_train_split(toy_task):
+    import argparse
+
+    from r1kit.cli import prior_golds
+
+    args = argparse.Namespace(task="svamp", prompt_field=None, answer_field=None)
+    golds, source = prior_golds(args, {})
+    assert len(golds) == 700 and source == "700 training problems of svamp/train"
+    golds, source = prior_golds(argparse.Namespace(task=str(toy_task), prompt_field=None, answer_field=None),
+                                {"task": "svamp", "train_split": "train", "max_train_examples": 10})
+    assert len(golds) == 10 and source == "10 training problems of svamp/train"  # the run's own training data
+    golds, source = prior_golds(argparse.Namespace(task=str(toy_task), prompt_field=None, answer_field=None), {})
+    assert golds is None and source == f"{toy_task} is a local file, which has no training split to take the answer prior from"

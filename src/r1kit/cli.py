@@ -4,9 +4,11 @@
   r1kit train grpo --preset cpu_demo [--<field> value ...] --print-config
   r1kit train sft --preset cpu_sft_demo --output runs/sft [--data FILE|DIR|gsm8k] [--<field> value ...] [--resume]
   r1kit train grpo|sft ... --nproc N [--master-port P]   (execs torchrun --nproc-per-node N -m r1kit train ...)
-  r1kit eval --model M --task T [--k K] [--limit N] [--output DIR]
+  r1kit eval --model M --task T [--k K] [--limit N] [--output DIR]   (pass@1 against answer priors)
   r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 100]
   r1kit export MODEL --format gguf|hf [--dtype f16|bf16|q8_0 | fp32|bf16|fp16] --output PATH
+  r1kit sample --teacher M --task T --num-samples N --output DIR [--teacher-url URL] [--<field> value ...]
+  r1kit serve MODEL [--host 127.0.0.1] [--port 8000] [--think] [--max-num-seqs 32] [--max-model-len 2048]
   r1kit tasks
 
 Bad input (R1kitError) prints one ``error:`` line and exits with status 2; a guard stop exits with 3;
@@ -97,13 +99,37 @@ def report_name(task: str, split: str, k: int) -> str:
     return f"{task.replace('/', '_')}_{split}_k{k}"
 
 
+def prior_golds(args: argparse.Namespace, run_cfg: dict) -> tuple[list[str] | None, str]:
+    """The gold answers the answer prior is taken from, and where from (or why there are none): the
+    training problems of the r1kit run being evaluated (its config.yaml), else the ``train`` split of
+    the evaluated task. A local file is one split, so it has none; neither has an unreachable hub."""
+    from r1kit.data.loading import load_task
+    from r1kit.data.rows import FILE_SUFFIXES
+    from r1kit.errors import DataError
+
+    if run_cfg.get("task"):
+        task, split = run_cfg["task"], run_cfg.get("train_split", "train")
+        kw = {"prompt_field": run_cfg.get("prompt_field"), "answer_field": run_cfg.get("answer_field")}
+    elif args.task.endswith(FILE_SUFFIXES):
+        return None, f"{args.task} is a local file, which has no training split to take the answer prior from"
+    else:
+        task, split, kw = args.task, "train", {"prompt_field": args.prompt_field, "answer_field": args.answer_field}
+    try:
+        train = load_task(task, split, **kw)
+    except DataError as err:
+        return None, f"the training split could not be read ({err})"
+    if run_cfg.get("max_train_examples"):
+        train = train[:run_cfg["max_train_examples"]]
+    return [e.gold for e in train], f"{len(train)} training problems of {task}/{split}"
+
+
 def _eval(args: argparse.Namespace) -> int:
     import torch
     import yaml
 
     from r1kit.config import load_config
     from r1kit.data.loading import load_task
-    from r1kit.eval.evaluate import evaluate, markdown_table, save_result
+    from r1kit.eval.evaluate import eval_report, evaluate, save_report, save_result
     from r1kit.models.loading import load_policy, resolve_bf16, resolve_dtype
     from r1kit.runtime import make_engine, make_render, make_verifier
 
@@ -132,13 +158,16 @@ def _eval(args: argparse.Namespace) -> int:
                    top_p=args.top_p, max_tokens=max_tokens, seed=args.seed, task=f"{args.task}/{args.split}",
                    stop=(load_config(overrides={"stop": args.stop}).stop if args.stop is not None
                          else run_cfg.get("stop") or []))
-    table = markdown_table([(str(args.model), res)])
+    golds, source = prior_golds(args, run_cfg)
+    table, analysis = eval_report({str(args.model): res}, golds, train_missing=source)
+    if golds is not None:
+        table += f"\nanswer prior from the {source}.\n"
     print(table)
     out = Path(args.output) if args.output else (Path(args.model) / "eval" if Path(args.model).is_dir() else Path("runs/eval"))
     name = report_name(args.task, args.split, args.k)
     save_result(res, out / f"{name}.json")
-    (out / f"{name}.md").write_text(table)
-    print(f"wrote {out / (name + '.json')} and {name}.md")
+    save_report(out / f"{name}.md", table, analysis)
+    print(f"wrote {out / (name + '.json')}, {name}.md and {name}.priors.json")
     return 0
 
 
@@ -153,11 +182,67 @@ def _pretrain_v3_zero(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from r1kit.serve.app import ServeConfig, serve
+
+    serve(ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)}))
+    return 0
+
+
+def _add_serve_parser(sub) -> None:
+    from dataclasses import fields
+
+    from r1kit.serve.app import ServeConfig
+
+    sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                        description="OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, "
+                                    "/health) with the reasoning in reasoning_content; see r1kit/serve/app.py.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sv.add_argument("model", help="HF dir, .gguf, r1kit run dir, or smollm2-135m-instruct")
+    helps = {
+        "served_model_name": "the model name clients send (default: MODEL as given)",
+        "host": "interface to bind", "port": "TCP port (0 = a free one)",
+        "max_num_seqs": "engine slots: sequences decoded together",
+        "max_model_len": "prompt + completion tokens per sequence (sizes the KV cache)",
+        "max_queue": "sequences that may wait for a slot; beyond that, 503",
+        "max_n": "the largest n a request may ask for",
+        "think": "the R1 setting: prefill '<think>\\n' and fold system messages into the user turn",
+        "shutdown_timeout": "seconds requests in flight get to finish after SIGTERM",
+        "dtype": "engine weights: auto (bf16 where the CPU has native bf16), bf16, fp32",
+        "backend": "auto (r1kit's engine when the model has an adapter, else hf), engine, hf",
+    }
+    for f in fields(ServeConfig):
+        if f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            sv.add_argument(flag, action="store_true", help=helps[f.name])
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            sv.add_argument(flag, type=kind, default=f.default, help=helps[f.name])
+    sv.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    sv.set_defaults(func=_serve)
+
+
+
 def _export(args: argparse.Namespace) -> int:
     from r1kit.models.export import export_model
 
     out = export_model(args.model, args.format, args.output, args.dtype)
     print(f"wrote {out}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import json
+
+    from r1kit.pipeline.sample import config_from_args, run_sample
+
+    out = run_sample(config_from_args(args), resume=not args.no_resume, progress=not args.no_progress)
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    print(f"kept {counts['kept']} of {counts['sampled']} samples; output: {out} (shards/, manifest.json, dropped/)")
     return 0
 
 
@@ -254,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     zero.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     zero.set_defaults(func=_pretrain_v3_zero)
 
+    _add_serve_parser(sub)
+
     ex = sub.add_parser("export", help="write a model as GGUF (llama.cpp, Ollama) or an HF directory (transformers, vLLM)")
     ex.add_argument("model", help="HF dir, .gguf, r1kit run dir, or smollm2-135m-instruct")
     ex.add_argument("--format", required=True, help="gguf (Llama-family models) or hf (safetensors, every model)")
@@ -262,6 +349,22 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--output", required=True, help="the .gguf file or HF directory to write (replaced atomically)")
     ex.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     ex.set_defaults(func=_export)
+
+    from r1kit.pipeline.sample import PRESETS as SAMPLE_PRESETS, add_sample_arguments
+
+    smp = sub.add_parser(
+        "sample", help="rejection sampling: a teacher's verified, filtered, decontaminated completions",
+        description="Rejection sampling (R1 §2.3.3): N completions per prompt from a teacher (a model r1kit loads, "
+                    "or --teacher-url, an OpenAI-compatible endpoint), kept when the task's verifier accepts them and "
+                    "the readability, dedup and decontamination checks pass. Every SampleConfig field is a --flag "
+                    "(r1kit/pipeline/sample.py). A rerun with the same --output resumes.",
+        epilog=f"presets: {', '.join(sorted(SAMPLE_PRESETS))}")
+    smp.add_argument("--preset", default=None, help=f"named preset applied before the flags: {', '.join(sorted(SAMPLE_PRESETS))}")
+    smp.add_argument("--no-resume", action="store_true", help="refuse an --output that already holds a run")
+    smp.add_argument("--no-progress", action="store_true", help="no per-shard progress lines")
+    smp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    add_sample_arguments(smp)
+    smp.set_defaults(func=_sample)
 
     tasks = sub.add_parser("tasks", help="list registered tasks")
     tasks.set_defaults(func=_tasks)

@@ -73,13 +73,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 GRPO_PANELS = [("reward", "reward"), ("accuracy", "accuracy"), ("completions/mean_length", "completion length (tokens)"),
-               ("frac_reward_zero_std", "groups with zero reward std")]
+               ("frac_reward_zero_std", "groups with zero reward std"),
+               ("answers/top_share", "share of the most common answer")]
 
 
 def plot_curves(metrics_path: Path, out_png: Path, window: int = 5,
                 panels: list[tuple[str, str]] | None = None) -> Path:
     """Plot one panel per (metric key, title) of ``panels`` (default: GRPO's reward, accuracy,
-    completion length, zero-std groups) per step, raw and a moving average, to a PNG; steps where a
+    completion length, zero-std groups, answer collapse) per step, raw and a moving average, to a PNG; steps where a
     value is null or NaN are left out of its panel."""
     import matplotlib
 

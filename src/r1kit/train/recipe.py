@@ -3,7 +3,8 @@
 1. seed; load the policy, the training problems and the held-out problems (checked disjoint);
 2. build template, verifier, reward functions, rollout engine, trainer (or resume from a checkpoint);
 3. evaluate the initial policy (``eval_before``), train, save ``final/``, evaluate again (``eval_after``);
-4. write ``eval/report.md`` (before/after with 95% intervals) and ``curves.png``.
+4. write ``eval/report.md`` (``eval_report``: before/after with 95% intervals, read against the
+   training split's answer prior; figures in ``eval/report.priors.json``) and ``curves.png``.
 
 Run directory: config.yaml, metrics.jsonl, samples.jsonl, checkpoint-N/, final/, eval/, curves.png.
 Under torchrun (``r1kit.train.distributed``) every rank trains; rank 0 alone evaluates and writes them.
@@ -20,7 +21,7 @@ import torch
 
 from r1kit.config import GRPOConfig
 from r1kit.errors import ConfigError, DataError, R1kitError
-from r1kit.eval.evaluate import EvalResult, comparison_markdown, evaluate, load_result, markdown_table, save_result
+from r1kit.eval.evaluate import EvalResult, eval_report, evaluate, load_result, markdown_table, save_report, save_result
 from r1kit.models.loading import load_policy, resolve_bf16, resolve_dtype, save_pretrained_atomic
 from r1kit.runtime import make_engine, make_render, make_verifier
 from r1kit.train import checkpoint as ckpt
@@ -110,25 +111,18 @@ def evaluate_before(run_eval: Callable[[], EvalResult], n: int, k: int, eval_dir
     return before
 
 
-def no_answer_rate(result: EvalResult) -> float:
-    """Share of the sampled completions from which the verifier extracted no answer."""
-    extracted = [e for p in result.per_problem for e in p["extracted"]]
-    return sum(e is None for e in extracted) / max(len(extracted), 1)
-
-
 def evaluate_after(run_eval: Callable[[], EvalResult], n: int, k: int, eval_dir: Path,
-                   before: EvalResult | None, header: str) -> EvalResult:
+                   before: EvalResult | None, header: str, train_golds: list | None,
+                   train_missing: str = "no training split was given") -> EvalResult:
     """Evaluate the trained policy; write ``eval/after.json`` and ``eval/report.md`` (``header``, then
-    the before/after comparison with its paired interval, or the trained policy's table)."""
+    ``eval_report``: the before/after comparison with its paired interval, or the trained policy's
+    table, read against the training golds' answer prior; its figures in ``eval/report.priors.json``)."""
     print(f"evaluating the trained policy on {n} held-out problems × k={k}...", flush=True)
     after = run_eval()
     save_result(after, eval_dir / "after.json")
-    report = (comparison_markdown(before, after) if before is not None
-              else markdown_table([("trained policy", after)]))
-    rates = [("before", before), ("after", after)] if before is not None else [("trained", after)]
-    report += ("\ncompletions with no extractable answer: "
-               + ", ".join(f"{name} {100 * no_answer_rate(r):.1f}%" for name, r in rates) + "\n")
-    (eval_dir / "report.md").write_text(header + report)
+    report, analysis = eval_report({"before": before, "after": after} if before is not None
+                                   else {"trained policy": after}, train_golds, train_missing=train_missing)
+    save_report(eval_dir / "report.md", header + report, analysis)
     print(header + report)
     return after
 
@@ -200,6 +194,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
     if cfg.eval_after:
         header = (f"# {cfg.task} GRPO run: held-out evaluation\n\nmodel {cfg.model}, {trainer.step} steps, "
                   f"template {cfg.template}, eval on {eval_task}/{cfg.eval_split} (never trained on), "
-                  f"k={cfg.eval_k}, T={cfg.eval_temperature}, top-p={cfg.eval_top_p}\n\n")
-        evaluate_after(run_eval, len(held_out), cfg.eval_k, eval_dir, before, header)
+                  f"k={cfg.eval_k}, T={cfg.eval_temperature}, top-p={cfg.eval_top_p}; answer prior from the "
+                  f"{len(train)} training problems of {cfg.task}/{cfg.train_split}\n\n")
+        evaluate_after(run_eval, len(held_out), cfg.eval_k, eval_dir, before, header, [e.gold for e in train])
     return run_dir
