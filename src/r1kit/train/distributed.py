@@ -23,7 +23,7 @@ micro-batch (shared-prefix KV cache) and calls its decoder directly (padding-fre
 one-forward-one-backward reducer does not follow; one SUM all-reduce of the accumulated gradient per
 update is what DDP with ``no_sync`` over the micro-batches does, minus the bucket overlap.
 
-Backend: gloo on CPU, NCCL when CUDA is available (``backend_for``).
+Backend: gloo on CPU; with CUDA, NCCL for CUDA tensors and gloo for CPU ones (``backend_for``).
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ class DistEnv:
 
 
 def backend_for(cuda: bool | None = None) -> str:
-    """``nccl`` when CUDA is available (or ``cuda`` is True), else ``gloo``."""
-    return "nccl" if (torch.cuda.is_available() if cuda is None else cuda) else "gloo"
+    """``gloo`` on a CPU machine; with CUDA (or ``cuda`` True) ``cpu:gloo,cuda:nccl``: NCCL for CUDA
+    tensors, gloo for the CPU tensors and objects (r1kit's trainers keep the model where it was loaded)."""
+    return "cpu:gloo,cuda:nccl" if (torch.cuda.is_available() if cuda is None else cuda) else "gloo"
 
 
 def current(strategy: str = "ddp") -> DistEnv:
@@ -93,7 +94,7 @@ def init_distributed(timeout_minutes: float, strategy: str = "ddp") -> DistEnv:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return current(strategy)
     backend = backend_for()
-    if backend == "nccl":
+    if "nccl" in backend:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
@@ -168,7 +169,8 @@ def max_int(value: int, env: DistEnv) -> int:
 
 
 def comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if backend_for() == "nccl" else torch.device("cpu")
+    """Where the small scalar collectives run: the CPU (gloo is in every group r1kit creates)."""
+    return torch.device("cpu")
 
 
 def all_reduce_sum_(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
