@@ -100,7 +100,7 @@ def save_pretrained_atomic(model, tokenizer, out_dir: Path, state_dict: dict | N
     """Save ``model`` (safetensors) and ``tokenizer`` as an HF directory at ``out_dir`` atomically
     (``state_dict``: the tensors to write instead of the model's own, e.g. an FSDP2 model gathered whole)."""
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        model.save_pretrained(tmp, safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict}))
         tokenizer.save_pretrained(tmp)
 
     return write_dir_atomic(out_dir, write)

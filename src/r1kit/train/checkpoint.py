@@ -57,7 +57,8 @@ def save_checkpoint(run_dir: Path, step: int, *, policy, tokenizer, optimizer, s
     final = run_dir / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp", dir=run_dir))
     try:
-        policy.save_pretrained(tmp / "policy", safe_serialization=True, state_dict=policy_state_dict)
+        policy.save_pretrained(tmp / "policy", safe_serialization=True,      # r1kit's V3 takes no state_dict
+                               **({} if policy_state_dict is None else {"state_dict": policy_state_dict}))
         tokenizer.save_pretrained(tmp / "policy")
         if reference is not None:
             reference.save_pretrained(tmp / "reference", safe_serialization=True)
