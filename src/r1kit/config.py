@@ -543,12 +543,15 @@ def _field_comments(cls: type) -> dict[str, str]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type = GRPOConfig) -> None:
-    """Add one ``--field-name`` option per field of ``cls`` (default: unset, so presets apply)."""
+    """Add one ``--field-name`` option per field of ``cls`` (default: unset, so presets apply); a bool
+    field's flag alone means true (``--ray`` = ``--ray true``)."""
     comments = _field_comments(cls)
     defaults = cls()
+    types = _field_types(cls)
     for f in fields(cls):
+        flag = dict(nargs="?", const="true") if types[f.name] is bool else {}
         parser.add_argument(
-            "--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=None, metavar="V",
+            "--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=None, metavar="V", **flag,
             help=(comments.get(f.name, "") if "default" in comments.get(f.name, "")
                   else f"{comments.get(f.name, '')} (default: {getattr(defaults, f.name)!r})".strip()),
         )
