@@ -166,3 +166,15 @@ def test_unreachable_address_fails_fast():
     with pytest.raises(ConfigError, match=rf"ray_address '127.0.0.1:{port}' is unreachable"):
         ray_grpo.connect(f"127.0.0.1:{port}", None)
     assert time.perf_counter() - t0 < 15
+
+
+def test_cli_refuses_zero_workers_with_one_error_line(tiny_model_dir, toy_task, tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "r1kit.cli", "train", "grpo", "--model", str(tiny_model_dir),
+                        "--task", str(toy_task), "--ray", "--rollout-workers", "0", "--output", str(tmp_path / "x")],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(HERE.parents[1] / "src")))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == "error: rollout_workers must be >= 1 under ray, got 0"

@@ -316,6 +316,9 @@ class RayCluster:
                     _, pids, params = pending["groups"][gid]
                     gen_calls[handle.generate_group.remote(gid, pids, params)] = (gid, slot, handle, attempt + 1)
                     continue
+                except ray.exceptions.RayTaskError as err:
+                    raise RayWorkerError(f"rollout worker {self.rollout.names[slot]} failed on prompt "
+                                         f"{examples[gid].id!r} (group {gid}): {err.cause if err.cause else err}") from None
                 if gid in samples:                         # never count a group twice
                     continue
                 out["attempts"] = attempt
