@@ -132,7 +132,10 @@ def test_overlap_trains_one_step_stale_with_the_importance_correction(tiny_model
                rollout_importance_sampling_correction=True, max_steps=2)
     tr = _trainer(cfg, tmp_path)
     try:
-        m = [tr.train_step(), tr.train_step()]
+        m = [tr.train_step()]
+        # step 2's problems are already drawn; a checkpoint now stores the cursor from before them
+        assert tr.data.cursor == 8 and tr.state()["cursor"] == 4
+        m.append(tr.train_step())
     finally:
         tr.close()
     assert [x["ray/staleness_max"] for x in m] == [0.0, 1.0]    # step 1 draws with version 0, so does step 2
@@ -141,6 +144,7 @@ def test_overlap_trains_one_step_stale_with_the_importance_correction(tiny_model
     assert abs(m[1][f"{key}/mean"] - 1) > 1e-6 and m[1][f"{key}/min"] <= m[1][f"{key}/max"]
     rows = [json.loads(x) for x in (tmp_path / "ray_groups.jsonl").read_text().splitlines()]
     assert [(r["step"], r["version"]) for r in rows] == [(1, 0)] * 4 + [(2, 0)] * 4
+    assert tr.prefetched is None and tr.state()["cursor"] == 8      # nothing drawn beyond max_steps
 
 
 @pytest.mark.parametrize("over, match", [

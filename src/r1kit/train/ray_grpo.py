@@ -25,8 +25,8 @@ directory logs (step, round, group, prompt id, worker, version, attempts) of eve
 Overlap (``ray_overlap``): the round of step t+1 is sampled (with the weights of version t) while step
 t trains, so every sample is one step stale; the rollout importance-sampling correction
 (``rollout_importance_sampling_correction``, π_old/π_rollout from the engine's sampling logprobs)
-reweights it. A checkpoint taken in overlap mode has already drawn the next step's problems from the
-data cursor; a resumed run continues after them.
+reweights it. A checkpoint taken in overlap mode stores the data cursor from before the next step's
+prefetched round, so a resumed run draws that step's problems again (with the same group seeds).
 """
 
 from __future__ import annotations
@@ -418,6 +418,7 @@ class RayGRPOTrainer(GRPOTrainer):
         return exs, pids, self._collect(pending, exs, round_index, step)
 
     def _prefetch(self, step: int) -> tuple:
+        self.cursor_before_prefetch = (self.data.epoch, self.data.cursor)
         exs = self.next_examples(self.cfg.prompts_per_step)
         pids = [self.prompt_ids(e) for e in exs]
         return exs, pids, self._dispatch(exs, pids, 0, step), step
@@ -426,6 +427,14 @@ class RayGRPOTrainer(GRPOTrainer):
         ro = super().generate_and_score()
         self.last_versions = ro.policy_versions or []
         return ro
+
+    def state(self) -> dict:
+        """``GRPOTrainer.state`` with, in overlap mode, the data cursor from before the round already
+        drawn for the next step, so a resumed run samples that step's problems again (same seeds)."""
+        st = super().state()
+        if self.prefetched is not None:
+            st["epoch"], st["cursor"] = self.cursor_before_prefetch
+        return st
 
     def refresh_engine(self) -> None:
         """Publish the updated weights to the rollout workers as version ``step`` (the local engine, kept
