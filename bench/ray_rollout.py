@@ -11,7 +11,7 @@ expected here; the point is the overhead. On a GPU cluster on paper: rollout wor
 update and the one-object weight sync (SCALE_SPEC §5: ~0.16 s put/get per 300 MB) stay on the trainer's
 GPUs; with overlap the step costs max(generation, update) + sync instead of their sum.
 
-Run: PYTHONPATH=src python bench/ray_rollout.py [--steps 3] [--model DIR]
+Run: PYTHONPATH=src python bench/ray_rollout.py [--steps 3] [--model DIR] [--sync-model smollm2-135m-instruct]
 (last line: step_s_1w=... step_s_2w=... step_s_overlap=... weight_sync_s=...)
 """
 
@@ -78,10 +78,30 @@ def run(setting: dict, model: str, task: Path, steps: int, tmp: Path) -> dict:
             "staleness": rows[-1]["ray/staleness_max"], **tps}
 
 
+def sync_only(model: str, workers: int, repeats: int = 3) -> float:
+    """Median seconds of ``RayCluster.publish`` (one ``ray.put`` of the state dict + every worker's
+    load, awaited) of ``model`` to ``workers`` rollout workers, with no training."""
+    from r1kit.config import load_config
+    from r1kit.models.loading import load_policy
+    from r1kit.runtime import make_verifier
+    from r1kit.train.grpo import RewardScorer
+    from r1kit.train.ray_grpo import RayCluster
+
+    cfg = load_config(overrides=dict(model=model, task="gsm8k", ray=True, rollout_workers=workers, reward_workers=1,
+                                     ray_worker_cpus=0.5, rollout_backend="engine", bf16="false"))
+    policy, tok = load_policy(model, dtype=torch.float32)
+    cluster = RayCluster(cfg, policy, tok, RewardScorer(cfg, make_verifier("gsm8k"), []), torch.float32)
+    try:
+        return statistics.median(cluster.publish(policy, v) for v in range(repeats))
+    finally:
+        cluster.shutdown()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--model", default=None)
+    p.add_argument("--sync-model", default=None, help="also time the weight sync alone for this model (1 and 2 workers)")
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     from serve import cpu_line   # the CPU line shared by the benches
@@ -102,6 +122,10 @@ def main() -> None:
             results[name] = r
             print(f"{name}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items()) +
                   f" driver_cpu_s={time.process_time() - t0:.1f}", flush=True)
+        if args.sync_model:
+            for w in (1, 2):
+                results[f"sync{w}"] = sync_only(args.sync_model, w)
+                print(f"{args.sync_model}: weight_sync_s={results[f'sync{w}']:.3f} with {w} rollout worker(s)", flush=True)
     print(f"step_s_1w={results['1w']['step_s']:.3f} step_s_2w={results['2w']['step_s']:.3f} "
           f"step_s_overlap={results['overlap']['step_s']:.3f} weight_sync_s={results['1w']['sync_s']:.4f}")
 
