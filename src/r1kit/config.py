@@ -114,6 +114,20 @@ class GRPOConfig:
     data_parallel: str = "ddp"  # under torchrun: ddp (replicas, gradients all-reduced) | fsdp2 (fully_shard per layer)
     dist_timeout_minutes: float = 10.0  # every collective of a torchrun run fails after this long (min), no hang
 
+    # --- Ray (train/ray_grpo.py; SCALE_SPEC §5) ---
+    ray: bool = False  # rollouts and rewards on Ray actors, the trainer in the driver (r1kit[ray])
+    ray_address: str | None = None  # existing cluster (host:6379, ray://host:10001, auto); None = start a local one
+    ray_num_cpus: int | None = None  # logical CPUs of a local cluster (None = os.cpu_count())
+    rollout_workers: int = 1  # rollout actors, each with its own sampling engine (make_engine)
+    reward_workers: int = 1  # reward actors running the verifier and reward functions
+    ray_worker_cpus: float = 1.0  # logical CPUs each worker actor reserves
+    ray_worker_threads: int = 1  # torch intra-op threads inside each worker actor
+    ray_overlap: bool = False  # sample step t+1 while step t trains (one step stale; needs the rollout IS correction)
+    ray_sync_timeout: float = 300.0  # s to wait for a worker start, a weight sync or a group's result before an error
+    ray_reward_retries: int = 0  # re-score a group whose reward computation raised on another worker this many times, then stop
+    ray_max_restarts: int = 8  # dead workers replaced per run at most, then stop
+    rollout_group_seeds: bool = False  # seed each group's sampling from (seed, step, round, group): independent of batching and workers (always on with ray)
+
     # --- run directory, logging, checkpoints ---
     output: str = "runs/grpo"
     logging_steps: int = 1
@@ -178,8 +192,30 @@ class GRPOConfig:
         if self.overlong_buffer >= self.max_completion_length:
             raise ConfigError("overlong_buffer must be smaller than max_completion_length")
         self._validate_importance_sampling()
+        self._validate_ray()
         validate_lora(self)
         validate_distributed(self)
+
+    def _validate_ray(self) -> None:
+        """Worker counts >= 1; overlap only under --ray, with the rollout importance-sampling correction
+        (the one-step-stale samples need it) and without dynamic sampling (which resamples inside a step)."""
+        if not self.ray:
+            if self.ray_overlap:
+                raise ConfigError("ray_overlap needs ray true (--ray true)")
+            return
+        for name in ("rollout_workers", "reward_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 under ray, got {getattr(self, name)}")
+        if self.ray_worker_cpus <= 0 or self.ray_sync_timeout <= 0 or self.ray_worker_threads < 1:
+            raise ConfigError("ray_worker_cpus and ray_sync_timeout must be > 0 and ray_worker_threads >= 1")
+        if self.ray_reward_retries < 0 or self.ray_max_restarts < 0:
+            raise ConfigError("ray_reward_retries and ray_max_restarts must be >= 0")
+        if self.ray_overlap and not self.rollout_importance_sampling_correction:
+            raise ConfigError("ray_overlap trains on samples one step stale: set "
+                              "--rollout-importance-sampling-correction true (or ray_overlap false)")
+        if self.ray_overlap and self.dynamic_sampling:
+            raise ConfigError("ray_overlap cannot honour dynamic_sampling (it resamples inside the step): "
+                              "set one of them false")
 
     def _validate_importance_sampling(self) -> None:
         """Bounds must keep an on-policy token's weight at 1 (C_min <= 1 <= C_max); truncation needs one."""
@@ -525,12 +561,15 @@ def _field_comments(cls: type) -> dict[str, str]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type = GRPOConfig) -> None:
-    """Add one ``--field-name`` option per field of ``cls`` (default: unset, so presets apply)."""
+    """Add one ``--field-name`` option per field of ``cls`` (default: unset, so presets apply); a bool
+    field's flag alone means true (``--ray`` = ``--ray true``)."""
     comments = _field_comments(cls)
     defaults = cls()
+    types = _field_types(cls)
     for f in fields(cls):
+        flag = dict(nargs="?", const="true") if types[f.name] is bool else {}
         parser.add_argument(
-            "--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=None, metavar="V",
+            "--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=None, metavar="V", **flag,
             help=(comments.get(f.name, "") if "default" in comments.get(f.name, "")
                   else f"{comments.get(f.name, '')} (default: {getattr(defaults, f.name)!r})".strip()),
         )

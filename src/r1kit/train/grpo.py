@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
 import time
 import warnings
@@ -40,7 +41,7 @@ from r1kit.eval.evaluate import answer_histogram
 from r1kit.models.deepseek_v3 import DeepseekV3ForCausalLM, KVCache, expert_load_keys, update_router_bias
 from r1kit.models.loading import resolve_bf16
 from r1kit.rewards.base import Verdict
-from r1kit.rollout.base import SamplingEngine, SamplingParams
+from r1kit.rollout.base import Completion, SamplingEngine, SamplingParams
 from r1kit.train import distributed
 from r1kit.train.loop import DataCursor, TrainLoop, is_peft, lr_lambda, make_optimizer, merged_for_save
 from r1kit.train.losses import (ImportanceWeights, LossNormalizer, aggregate_loss, entropy_from_logits,
@@ -58,6 +59,8 @@ class Rollout:
         rewards: (N,) weighted sum.  advantages: (N,).  group_std: (N,).
         verdicts: verifier verdicts (N), for accuracy metrics and samples.
         old_logps / ref_logps: per completion (C_i,) float tensors, when computed.
+        policy_versions: per completion (N), the policy version (optimizer steps taken) it was sampled
+            with; the trainer's step minus it is the sample's staleness.
     """
 
     examples: list[Example]
@@ -74,6 +77,7 @@ class Rollout:
     old_logps: list[torch.Tensor] | None = None
     ref_logps: list[torch.Tensor] | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    policy_versions: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -81,6 +85,30 @@ class Rollout:
     def loss_mask_len(self, i: int, mask_truncated: bool) -> int:
         """Tokens of completion i that enter the loss (0 when truncated and masked: DAPO)."""
         return 0 if (mask_truncated and self.truncated[i]) else len(self.completion_ids[i])
+
+
+@dataclass
+class SampledRound:
+    """One sampled and scored round, flattened prompt-major (completion i of group i // G).
+
+    Attributes:
+        completions: (N) ``Completion``s.  texts: (N) decoded completions.
+        rewards_per_func: (N, F).  verdicts: (N).
+        versions: (N) policy version each completion was drawn with (None: the trainer's current one).
+    """
+
+    completions: list[Completion]
+    texts: list[str]
+    rewards_per_func: torch.Tensor
+    verdicts: list[Verdict]
+    versions: list[int] | None = None
+
+
+def group_seed(seed: int, step: int, round_index: int, group: int) -> int:
+    """The sampling seed of one group: a 63-bit hash of (run seed, step, sampling round, group index),
+    so a group's completions do not depend on which worker draws it or what else shares its batch."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{round_index}/{group}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 @dataclass
@@ -468,16 +496,16 @@ class GRPOTrainer(TrainLoop):
         rounds = 0
         stats = {"dynamic_sampling/rounds": 0.0}
         while True:
-            exs = self.next_examples(c.prompts_per_step)
-            pids = [self.prompt_ids(e) for e in exs]
-            comps, texts, rpf, verdicts = self.sample_round(exs, pids, rounds)
+            exs, pids, sr = self.next_round(rounds)
+            comps, texts, rpf, verdicts = sr.completions, sr.texts, sr.rewards_per_func, sr.verdicts
+            versions = sr.versions if sr.versions is not None else [self.step] * len(comps)
             for g in range(len(exs)):
                 sl = slice(g * G, (g + 1) * G)
                 acc = [verdicts[i].score for i in range(sl.start, sl.stop)]
                 mixed = max(acc) != min(acc)
                 if c.dynamic_sampling and not mixed:
                     continue
-                kept.append((exs[g], pids[g], comps[sl], texts[sl], rpf[sl], verdicts[sl]))
+                kept.append((exs[g], pids[g], comps[sl], texts[sl], rpf[sl], verdicts[sl], versions[sl]))
             rounds += 1
             if not c.dynamic_sampling or len(kept) >= c.prompts_per_step or rounds > c.max_resample_rounds:
                 break
@@ -487,7 +515,8 @@ class GRPOTrainer(TrainLoop):
             kept = kept[:c.prompts_per_step]
             if not kept:  # every group was dead in every round: fall back to the last round's groups
                 kept = [(exs[g], pids[g], comps[g * G:(g + 1) * G], texts[g * G:(g + 1) * G],
-                         rpf[g * G:(g + 1) * G], verdicts[g * G:(g + 1) * G]) for g in range(len(exs))]
+                         rpf[g * G:(g + 1) * G], verdicts[g * G:(g + 1) * G], versions[g * G:(g + 1) * G])
+                        for g in range(len(exs))]
         rewards_per_func = torch.cat([k[4] for k in kept])                                   # (N, F)
         rewards = torch.nansum(rewards_per_func * self.scorer.weights, dim=1)                # (N,)
         advantages, group_std = group_advantages(rewards, G, c.scale_rewards)
@@ -501,22 +530,46 @@ class GRPOTrainer(TrainLoop):
             texts=[t for k in kept for t in k[3]],
             rewards_per_func=rewards_per_func, rewards=rewards, advantages=advantages, group_std=group_std,
             verdicts=[v for k in kept for v in k[5]], stats=stats,
+            policy_versions=[v for k in kept for v in k[6]],
         )
 
-    def sample_round(self, exs: list[Example], pids: list[list[int]], round_index: int = 0):
-        """Sample G completions of each prompt and score them: (completions, texts, rewards_per_func (N, F),
-        verdicts), prompt-major. Under torchrun each rank samples and scores its contiguous slice of the
-        N completions (a group may straddle ranks) with its own seed, and the slices are gathered, so
-        every rank returns the whole round."""
+    def next_round(self, round_index: int) -> tuple[list[Example], list[list[int]], "SampledRound"]:
+        """The next ``prompts_per_step`` problems, their prompt ids and their sampled, scored round
+        (``sample_round``). The Ray trainer's overlap mode overrides this to hand out a round sampled
+        during the previous step."""
+        exs = self.next_examples(self.cfg.prompts_per_step)
+        pids = [self.prompt_ids(e) for e in exs]
+        return exs, pids, self.sample_round(exs, pids, round_index)
+
+    def group_params(self, round_index: int, group: int, step: int | None = None) -> SamplingParams:
+        """Sampling params of one group of ``step`` (default: the current one), seeded from
+        (seed, step, round, group) (``group_seed``)."""
+        step = self.step if step is None else step
+        return replace(self.sampling_params(), seed=group_seed(self.cfg.seed, step, round_index, group))
+
+    def sample_round(self, exs: list[Example], pids: list[list[int]], round_index: int = 0) -> "SampledRound":
+        """Sample G completions per prompt and score them, prompt-major: the seam a distributed trainer
+        replaces (``ray_grpo.RayGRPOTrainer`` runs it on rollout and reward actors).
+
+        Under torchrun each rank samples and scores its contiguous slice of the N completions (a group
+        may straddle ranks) with its own seed, and the slices are gathered, so every rank returns the
+        whole round. In one process with ``rollout_group_seeds`` each group is one ``generate`` call
+        seeded by ``group_params``, so the round depends on the weights, prompts and seeds only, not on
+        how groups are batched or which worker draws them; otherwise one batched call on the global RNG."""
         G, env = self.cfg.num_generations, self.dist
-        if not env.enabled:
-            comps = self.engine.generate(pids, self.sampling_params())
-            owners = [o.prompt_index for o in comps]
-        else:
+        if env.enabled:
             lo, hi = distributed.shard_bounds(len(exs) * G, env)
             owners = [j // G for j in range(lo, hi)]
             seed = ((self.cfg.seed * 1000003 + self.step) * 1009 + round_index) * env.world_size + env.rank
             comps = self.engine.generate([pids[g] for g in owners], replace(self.sampling_params(), n=1, seed=seed))
+        elif self.cfg.rollout_group_seeds:
+            comps = []
+            for g, p in enumerate(pids):
+                comps += [replace(o, prompt_index=g) for o in self.engine.generate([p], self.group_params(round_index, g))]
+            owners = [o.prompt_index for o in comps]
+        else:
+            comps = self.engine.generate(pids, self.sampling_params())
+            owners = [o.prompt_index for o in comps]
         texts = self.tokenizer.batch_decode([o.token_ids for o in comps], skip_special_tokens=True)
         rpf, verdicts = self.scorer(texts, [exs[g] for g in owners], [len(o.token_ids) for o in comps],
                                     [o.truncated for o in comps])
@@ -524,7 +577,7 @@ class GRPOTrainer(TrainLoop):
             parts = distributed.all_gather_objects((comps, texts, rpf, verdicts), env)
             comps, texts = [o for p in parts for o in p[0]], [t for p in parts for t in p[1]]
             rpf, verdicts = torch.cat([p[2] for p in parts]), [v for p in parts for v in p[3]]
-        return comps, texts, rpf, verdicts
+        return SampledRound(comps, texts, rpf, verdicts)
 
     def my_slice(self, n: int) -> range:
         """The rollout indices this rank forwards and backwards (all of them in one process)."""

@@ -127,6 +127,35 @@ def evaluate_after(run_eval: Callable[[], EvalResult], n: int, k: int, eval_dir:
     return after
 
 
+def make_grpo_trainer(cfg: GRPOConfig, train: list, run_dir: Path) -> GRPOTrainer:
+    """The policy (LoRA-wrapped when asked), template, verifier, reward functions, rollout engine and the
+    trainer of a GRPO run: ``RayGRPOTrainer`` (train/ray_grpo.py) with ``ray``, else ``GRPOTrainer``.
+    Every prompt is checked against max_prompt_length before any work (ConfigError names the row)."""
+    from r1kit.rewards.functions import build_reward_functions
+
+    verifier = make_verifier(cfg.task, cfg.answer_extraction)
+    policy, tokenizer = load_policy(cfg.model, dtype=torch.float32)
+    if cfg.use_lora:
+        policy = apply_lora(policy, cfg)
+    render, template = make_render(cfg.template, tokenizer)
+    check_completion_budget(cfg, template, tokenizer)
+    reward_fns = build_reward_functions(cfg.reward_funcs, cfg.reward_weights, verifier,
+                                        think_in_prompt=template.think_in_prompt)
+    rollout_dtype = ((torch.bfloat16 if resolve_bf16(cfg.bf16) else torch.float32) if cfg.rollout_dtype == "auto"
+                     else resolve_dtype(cfg.rollout_dtype))
+    engine = make_engine(merged_for_save(policy), tokenizer, cfg.rollout_backend, rollout_dtype)
+    scorer = RewardScorer(cfg, verifier, reward_fns)
+    if cfg.ray:
+        from r1kit.train.ray_grpo import RayGRPOTrainer
+
+        trainer = RayGRPOTrainer(cfg, policy, tokenizer, train, render, scorer, engine, run_dir, rollout_dtype)
+    else:
+        trainer = GRPOTrainer(cfg, policy, tokenizer, train, render, scorer, engine, run_dir)
+    for ex in train:
+        trainer.prompt_ids(ex)
+    return trainer
+
+
 def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Path:
     """Run the GRPO recipe described in the module docstring; returns the run directory. With
     ``resume`` on a finished run (``run_complete``) it says so and returns at once: nothing is
@@ -136,10 +165,12 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
         R1kitError (and subclasses): bad config, data or model; TrainingStopped from a guard.
     """
     from r1kit.data.loading import load_task
-    from r1kit.rewards.functions import build_reward_functions
 
     cfg.validate()
     env = distributed.init_distributed(cfg.dist_timeout_minutes, cfg.data_parallel)
+    if env.enabled and cfg.ray:
+        raise ConfigError("--ray and torchrun are two ways to scale one run: launch with one of them (Ray places "
+                          "the rollout and reward workers itself)")
     if env.enabled and env.strategy == "fsdp2":
         raise ConfigError("data_parallel=fsdp2 is not yet wired to the GRPO rollout engine (it samples from whole "
                           "weights); use --data-parallel ddp for GRPO runs")
@@ -160,20 +191,9 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
         held_out = load_task(eval_task, cfg.eval_split, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
                              limit=cfg.eval_limit)
         check_disjoint(train, held_out)
-    verifier = make_verifier(cfg.task, cfg.answer_extraction)
-    policy, tokenizer = load_policy(cfg.model, dtype=torch.float32)
-    if cfg.use_lora:
-        policy = apply_lora(policy, cfg)
-    render, template = make_render(cfg.template, tokenizer)
-    check_completion_budget(cfg, template, tokenizer)
-    reward_fns = build_reward_functions(cfg.reward_funcs, cfg.reward_weights, verifier,
-                                        think_in_prompt=template.think_in_prompt)
-    rollout_dtype = ((torch.bfloat16 if resolve_bf16(cfg.bf16) else torch.float32) if cfg.rollout_dtype == "auto"
-                     else resolve_dtype(cfg.rollout_dtype))
-    engine = make_engine(merged_for_save(policy), tokenizer, cfg.rollout_backend, rollout_dtype)
-    trainer = GRPOTrainer(cfg, policy, tokenizer, train, render, RewardScorer(cfg, verifier, reward_fns), engine, run_dir)
-    for ex in train:  # every prompt fits max_prompt_length, checked before any work (ConfigError names the row)
-        trainer.prompt_ids(ex)
+    trainer = make_grpo_trainer(cfg, train, run_dir)
+    engine, tokenizer, verifier, render, policy = (trainer.engine, trainer.tokenizer, trainer.scorer.verifier,
+                                                   trainer.render, trainer.policy)
     if resume:
         resume_latest(trainer, run_dir)
     eval_dir = run_dir / "eval"
@@ -185,8 +205,14 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
 
     before = (evaluate_before(run_eval, len(held_out), cfg.eval_k, eval_dir)
               if cfg.eval_before and env.is_main else None)
-    trainer.train(progress=progress)
+    try:
+        trainer.train(progress=progress)
+    finally:
+        if cfg.ray:
+            trainer.close()
     trainer.logger.close()
+    if cfg.ray:
+        trainer.refresh_local_engine()                  # the driver's engine evaluates the trained policy
     if not save_final(policy, tokenizer, run_dir, env):
         return run_dir
     if cfg.plot and (run_dir / "metrics.jsonl").is_file():
