@@ -4,6 +4,8 @@
   r1kit train grpo --preset cpu_demo [--<field> value ...] --print-config
   r1kit eval --model M --task T [--k K] [--limit N] [--output DIR]
   r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 100]
+  r1kit pipeline r1 --preset cpu_r1 | --config FILE [--from STAGE] [--until STAGE] [--output DIR] [--<field> V]
+  r1kit distill --teacher T --student S --task X [--output DIR] [...]
   r1kit tasks
 
 Bad input (R1kitError) prints one ``error:`` line and exits with status 2; a guard stop exits with 3;
@@ -112,6 +114,21 @@ def _pretrain_v3_zero(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline_r1(args: argparse.Namespace) -> int:
+    from r1kit.pipeline.r1 import load_r1_config, pipeline_overrides_from_args, run_r1_pipeline
+
+    cfg = load_r1_config(args.preset, args.config, pipeline_overrides_from_args(args))
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    out = run_r1_pipeline(cfg, from_stage=args.from_stage, until_stage=args.until_stage,
+                          progress=not args.no_progress)
+    print(f"pipeline directory: {out} (report.md, report.png, one manifest.json per stage)")
+    return 0
+
+
 def _tasks(args: argparse.Namespace) -> int:
     from r1kit.data.base import task_names, task_verifier
 
@@ -190,6 +207,28 @@ def build_parser() -> argparse.ArgumentParser:
     zero.add_argument("--no-progress", action="store_true", help="no progress bar")
     zero.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     zero.set_defaults(func=_pretrain_v3_zero)
+
+    pipe = sub.add_parser("pipeline", help="multi-stage pipelines")
+    pipesub = pipe.add_subparsers(dest="pipeline", required=True)
+    from r1kit.pipeline.r1 import add_pipeline_arguments
+    from r1kit.pipeline.r1 import preset_names as r1_presets
+
+    r1 = pipesub.add_parser(
+        "r1", help="the four-stage DeepSeek-R1 pipeline: cold-start SFT, reasoning RL, rejection sampling + "
+                   "SFT from the base, final RL; one report",
+        description="The R1 pipeline (r1kit/pipeline/r1.py). Each stage is a directory with manifest.json; a "
+                    "rerun skips finished stages and resumes an interrupted one. Stages: base, cold_start, "
+                    "reasoning_rl, rejection_sampling, rejection_sft, final_rl (or the paper's numbers 0-4).")
+    r1.add_argument("--preset", help=f"named pipeline preset: {', '.join(r1_presets())}")
+    r1.add_argument("--config", help="YAML file of pipeline fields and stage sections")
+    r1.add_argument("--from", dest="from_stage", metavar="STAGE", help="start at this stage (earlier stages "
+                    "must be complete)")
+    r1.add_argument("--until", dest="until_stage", metavar="STAGE", help="stop after this stage")
+    r1.add_argument("--print-config", action="store_true", help="print the resolved pipeline config and exit")
+    r1.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r1.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    add_pipeline_arguments(r1)
+    r1.set_defaults(func=_pipeline_r1)
 
     tasks = sub.add_parser("tasks", help="list registered tasks")
     tasks.set_defaults(func=_tasks)
