@@ -82,7 +82,13 @@ def test_eval_writes_reports(capsys, tmp_path, toy_task, tiny_model_dir):
     data = json.loads((out / f"{name}.json").read_text())
     assert data["n_problems"] == 3 and data["k"] == 2 and len(data["per_problem"]) == 3
     assert all(len(p["correct"]) == 2 for p in data["per_problem"])
-    assert "| pass@1 |" in (out / f"{name}.md").read_text()
+    md = (out / f"{name}.md").read_text()
+    assert "| pass@1 |" in md and "| prior-free pass@1 |" in md
+    # a local file has no training split: that baseline is named as not computed, the rest is reported
+    assert f"not computed: {toy_task} is a local file, which has no training split" in md
+    priors = json.loads((out / f"{name}.priors.json").read_text())
+    assert priors["results"][str(tiny_model_dir)]["answers"]["n"] == 6
+    assert priors["baselines"]["eval_mode"]["accuracy"] == pytest.approx(1 / 3)  # golds 1, 3, 5: each 1/3
 
 
 def test_invalid_yaml_is_one_line(capsys, tmp_path):

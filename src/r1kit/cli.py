@@ -2,7 +2,7 @@
 
   r1kit train grpo --preset cpu_demo --output runs/demo [--config c.yaml] [--<field> value ...] [--resume]
   r1kit train grpo --preset cpu_demo [--<field> value ...] --print-config
-  r1kit eval --model M --task T [--k K] [--limit N] [--output DIR]
+  r1kit eval --model M --task T [--k K] [--limit N] [--output DIR]   (pass@1 against answer priors)
   r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 100]
   r1kit pipeline r1 --preset cpu_r1 | --config FILE [--from STAGE] [--until STAGE] [--output DIR] [--<field> V]
   r1kit distill --teacher T --student S --task X [--output DIR] [...]
@@ -59,13 +59,37 @@ def report_name(task: str, split: str, k: int) -> str:
     return f"{task.replace('/', '_')}_{split}_k{k}"
 
 
+def prior_golds(args: argparse.Namespace, run_cfg: dict) -> tuple[list[str] | None, str]:
+    """The gold answers the answer prior is taken from, and where from (or why there are none): the
+    training problems of the r1kit run being evaluated (its config.yaml), else the ``train`` split of
+    the evaluated task. A local file is one split, so it has none; neither has an unreachable hub."""
+    from r1kit.data.loading import load_task
+    from r1kit.data.rows import FILE_SUFFIXES
+    from r1kit.errors import DataError
+
+    if run_cfg.get("task"):
+        task, split = run_cfg["task"], run_cfg.get("train_split", "train")
+        kw = {"prompt_field": run_cfg.get("prompt_field"), "answer_field": run_cfg.get("answer_field")}
+    elif args.task.endswith(FILE_SUFFIXES):
+        return None, f"{args.task} is a local file, which has no training split to take the answer prior from"
+    else:
+        task, split, kw = args.task, "train", {"prompt_field": args.prompt_field, "answer_field": args.answer_field}
+    try:
+        train = load_task(task, split, **kw)
+    except DataError as err:
+        return None, f"the training split could not be read ({err})"
+    if run_cfg.get("max_train_examples"):
+        train = train[:run_cfg["max_train_examples"]]
+    return [e.gold for e in train], f"{len(train)} training problems of {task}/{split}"
+
+
 def _eval(args: argparse.Namespace) -> int:
     import torch
     import yaml
 
     from r1kit.config import load_config
     from r1kit.data.loading import load_task
-    from r1kit.eval.evaluate import evaluate, markdown_table, save_result
+    from r1kit.eval.evaluate import eval_report, evaluate, save_report, save_result
     from r1kit.models.loading import load_policy, resolve_bf16, resolve_dtype
     from r1kit.runtime import make_engine, make_render, make_verifier
 
@@ -93,13 +117,16 @@ def _eval(args: argparse.Namespace) -> int:
                    top_p=args.top_p, max_tokens=max_tokens, seed=args.seed, task=f"{args.task}/{args.split}",
                    stop=(load_config(overrides={"stop": args.stop}).stop if args.stop is not None
                          else run_cfg.get("stop") or []))
-    table = markdown_table([(str(args.model), res)])
+    golds, source = prior_golds(args, run_cfg)
+    table, analysis = eval_report({str(args.model): res}, golds, train_missing=source)
+    if golds is not None:
+        table += f"\nanswer prior from the {source}.\n"
     print(table)
     out = Path(args.output) if args.output else (Path(args.model) / "eval" if Path(args.model).is_dir() else Path("runs/eval"))
     name = report_name(args.task, args.split, args.k)
     save_result(res, out / f"{name}.json")
-    (out / f"{name}.md").write_text(table)
-    print(f"wrote {out / (name + '.json')} and {name}.md")
+    save_report(out / f"{name}.md", table, analysis)
+    print(f"wrote {out / (name + '.json')}, {name}.md and {name}.priors.json")
     return 0
 
 

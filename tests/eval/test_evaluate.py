@@ -3,7 +3,7 @@
 import pytest
 
 from r1kit.data.base import Example
-from r1kit.eval.evaluate import (EvalResult, bootstrap_ci, comparison_markdown, evaluate, majority_correct,
+from r1kit.eval.evaluate import (EvalResult, bootstrap_ci, eval_report, evaluate, majority_correct,
                                  paired_difference, pass1_interval, wilson_interval)
 from r1kit.rewards.base import Verdict
 from r1kit.rollout.base import Completion
@@ -44,7 +44,7 @@ def test_pass1_interval_is_wilson_for_k1_and_for_equal_scores_else_bootstrap():
 
 
 def _result(scores, k=1):
-    rows = [{"id": f"p{i}", "gold": "1", "correct": [s] * k, "extracted": ["1"] * k} for i, s in enumerate(scores)]
+    rows = [{"id": f"p{i}", "gold": str(i), "correct": [s] * k, "extracted": [str(i)] * k} for i, s in enumerate(scores)]
     return EvalResult("t", len(rows), k, sum(scores) / len(scores), (0, 0), None, {}, rows)
 
 
@@ -54,10 +54,11 @@ def test_paired_difference_detects_a_real_gain_and_not_noise():
     d = paired_difference(before, after)
     assert d["diff"] == pytest.approx(0.2)
     assert d["ci"][0] > 0.1 and d["p_le_zero"] == 0.0
-    assert "significant gain" in comparison_markdown(before, after)
+    # a training prior none of these golds is in: every problem is prior-free
+    assert "significant gain on the prior-free subset" in eval_report({"b": before, "a": after}, ["x"])[0]
     same = paired_difference(before, before)
     assert same["diff"] == 0 and same["ci"] == (0.0, 0.0)
-    assert "no significant change" in comparison_markdown(before, before)
+    assert "no significant change" in eval_report({"b": before, "a": before}, ["x"])[0]
     with pytest.raises(ValueError):
         paired_difference(before, _result([True] * 99))
 

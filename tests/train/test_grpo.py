@@ -450,3 +450,38 @@ def test_stop_strings_reach_the_rollout_sampler(tiny_model_dir, tmp_path):
     model, tok = load_policy(str(tiny_model_dir))
     params = _trainer(model, tok, tmp_path, stop=["\n"], top_k=5).sampling_params()
     assert (params.stop, params.top_k, params.n, params.max_tokens) == (["\n"], 5, 4, 8)
+
+
+def _answering(ro: Rollout, answers: list) -> Rollout:
+    ro.verdicts = [Verdict(False, 0.0, "mismatch" if a else "no_answer", a) for a in answers]
+    return ro
+
+
+def test_collapse_onto_one_answer_is_logged_and_warned(tiny_model_dir, tmp_path):
+    """A policy answering '7' in 6 of its 10 completions (60% >= warn_answer_share 0.3) for warn_patience
+    steps warns; the top-answer share and the answer entropy are logged every step, null when no
+    completion has an answer."""
+    import json
+    import math
+    import warnings
+
+    model, tok = load_policy(str(tiny_model_dir), dtype=torch.float64)
+    tr = _trainer(model, tok, tmp_path, num_generations=5, prompts_per_step=2, warn_patience=2)
+    collapsed = ["7"] * 6 + ["3", "3.0", None, None]
+    rollouts = iter([_answering(_rollout(G=5, groups=2, seed=s), a)
+                     for s, a in enumerate([[None] * 10, collapsed, collapsed, ["1", "2", "3", "4", "5"] * 2])])
+    tr.generate_and_score = lambda: next(rollouts)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        steps = [tr.train_step() for _ in range(4)]
+    said = [str(w.message) for w in caught if "collapsing onto a common answer" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("step 3: one answer is 60% of the completions (answer entropy 0.81 bits)")
+    assert math.isnan(steps[0]["answers/top_share"]) and math.isnan(steps[0]["answers/entropy"])
+    assert steps[1]["answers/top_share"] == 0.6
+    assert steps[1]["answers/entropy"] == pytest.approx(-(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)))
+    assert steps[3]["answers/top_share"] == 0.2 and steps[3]["answers/entropy"] == pytest.approx(math.log2(5))
+    assert tr.warn_counts["collapse"] == 0  # reset by the spread-out step
+    for i, m in enumerate(steps):
+        tr.logger.log(i + 1, m)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(list(r) == list(rows[0]) for r in rows) and rows[0]["answers/top_share"] is None

@@ -89,17 +89,22 @@ def pass1_interval(scores: Sequence[float], k: int, seed: int = 0) -> tuple[floa
     return bootstrap_ci(scores, seed=seed)
 
 
-def paired_difference(before: EvalResult, after: EvalResult, n_boot: int = 2000, seed: int = 0) -> dict:
+def paired_difference(before: EvalResult, after: EvalResult, n_boot: int = 2000, seed: int = 0,
+                      ids: set[str] | None = None) -> dict:
     """after − before on the same problems: mean difference, 95% paired-bootstrap interval, and the
-    share of bootstrap resamples with difference <= 0 (a one-sided p-value estimate).
+    share of bootstrap resamples with difference <= 0 (a one-sided p-value estimate). ``ids``: only
+    the problems with these ids (the prior-free subset); None = all.
 
     Raises:
-        ValueError: the two results are not over the same problems in the same order.
+        ValueError: the two results are not over the same problems in the same order, or ``ids``
+            selects none of them.
     """
     ids_b = [p["id"] for p in before.per_problem]
     if ids_b != [p["id"] for p in after.per_problem]:
         raise ValueError("before and after evaluations cover different problems")
-    d = [a - b for a, b in zip(after.problem_scores(), before.problem_scores())]
+    d = [a - b for i, a, b in zip(ids_b, after.problem_scores(), before.problem_scores()) if ids is None or i in ids]
+    if not d:
+        raise ValueError("the id subset selects none of the evaluated problems")
     rng = random.Random(seed)
     n = len(d)
     means = sorted(sum(d[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
@@ -159,11 +164,28 @@ def evaluate(engine: SamplingEngine, tokenizer, examples: list[Example], verifie
                       per_problem=per_problem)
 
 
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so that a reader never sees a
+    partial file and a crash keeps the previous one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
 def save_result(result: EvalResult, path: Path) -> Path:
     """Write the full result (settings, summary, per-problem rows) as JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(result), indent=1))
-    return path
+    return write_atomic(path, json.dumps(asdict(result), indent=1))
+
+
+def save_report(path: Path, markdown: str, analysis: dict) -> Path:
+    """Write an ``eval_report``: the markdown at ``path`` (``.md``) and its analysis beside it as
+    ``<stem>.priors.json``; returns the markdown's path."""
+    path = Path(path)
+    write_atomic(path.with_name(path.stem + ".priors.json"), json.dumps(analysis, indent=1))
+    return write_atomic(path, markdown)
 
 
 def load_result(path: Path) -> EvalResult:
@@ -172,8 +194,283 @@ def load_result(path: Path) -> EvalResult:
     return EvalResult(**data)
 
 
+# ----- answer priors: what a policy that learned only which answers are common would score -----
+
+PRIOR_MASS = 0.2  # the common answers: the most frequent training golds that together cover 20% of the training golds
+COLLAPSE_SHARE = 0.3  # collapse to a prior: one answer is more than 30% of a policy's samples
+TOP_ANSWERS = 5  # answers listed in a report's answer distribution
+
+
+def answer_key(text: str | None) -> str | None:
+    """The form in which answers are counted: a number as its value (``"2.0"``, ``" 2"``, ``"$2"``,
+    ``"1,000"`` → ``"2"``, ``"2"``, ``"2"``, ``"1000"``), anything else stripped with whitespace runs
+    collapsed; None for no answer. The verifier decides correctness; this only groups equal answers."""
+    if text is None or not text.strip():
+        return None
+    t = " ".join(text.split())
+    num = t.replace(",", "").removeprefix("$").removesuffix("%").strip()
+    try:
+        value = float(num)
+    except ValueError:
+        return t
+    if not math.isfinite(value):
+        return t
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+def answer_histogram(extracted: Sequence[str | None], top: int = TOP_ANSWERS) -> dict:
+    """The distribution of extracted answers over samples.
+
+    Returns: ``n`` (samples), ``no_answer`` (samples with none), ``top`` ([answer, count] for the
+    ``top`` most frequent, ties by answer text), ``top_share`` (count of the most frequent answer / n)
+    and ``entropy_bits`` (Shannon entropy, bits, of the distribution over samples that have an
+    answer); ``top_share`` and ``entropy_bits`` are None when no sample has an answer.
+    """
+    keys = [answer_key(e) for e in extracted]
+    counts = Counter(k for k in keys if k is not None)
+    answered = sum(counts.values())
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    entropy = (-sum(c / answered * math.log2(c / answered) for c in counts.values()) + 0.0) if answered else None
+    return {"n": len(keys), "no_answer": len(keys) - answered, "top": [list(kv) for kv in ranked[:top]],
+            "top_share": ranked[0][1] / len(keys) if answered else None, "entropy_bits": entropy}
+
+
+def common_answers(golds: Sequence[str | None], mass: float = PRIOR_MASS) -> list[str]:
+    """The common answers of a split: its most frequent golds (as ``answer_key``s; ties by answer text),
+    taken in order until they cover at least ``mass`` of the golds (at least one). [] when there are none."""
+    counts = Counter(k for k in map(answer_key, golds) if k is not None)
+    total, out, covered = sum(counts.values()), [], 0
+    for key, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if out and covered >= mass * total:
+            break
+        out.append(key)
+        covered += c
+    return out
+
+
+def _share(result: EvalResult, per_sample: Callable[[dict, int], bool]) -> dict:
+    """Mean over problems of the share of samples j of problem p with ``per_sample(p, j)``, with the
+    ``pass1_interval`` over problems."""
+    scores = [sum(per_sample(p, j) for j in range(len(p["correct"]))) / len(p["correct"]) for p in result.per_problem]
+    return {"share": sum(scores) / max(len(scores), 1), "ci": pass1_interval(scores, result.k, seed=result.settings.get("seed", 0))}
+
+
+def constant_baselines(eval_golds: Sequence[str | None], train_golds: Sequence[str | None] | None,
+                       train_missing: str = "no training split was given") -> dict:
+    """Accuracy of answering one constant on every evaluation problem, with its Wilson 95% interval.
+
+    ``train``: the most frequent training gold (the best constant a policy can learn from its training
+    data) applied to the evaluation split. ``eval_mode``: the evaluation split's own most frequent gold,
+    an upper bound on any constant answer. A baseline that cannot be computed is ``{"missing": why}``:
+    no training golds (``train_missing`` says why), or an evaluation split with fewer than two distinct
+    golds (every constant is then right on all problems or on none).
+    """
+    keys = [answer_key(g) for g in eval_golds]
+    n, distinct = len(keys), len({k for k in keys if k is not None})
+
+    def score(answer: str) -> dict:
+        acc = sum(k == answer for k in keys) / n
+        return {"answer": answer, "accuracy": acc, "ci": wilson_interval(acc, n)}
+
+    out = {}
+    if distinct < 2:
+        out["eval_mode"] = {"missing": f"the evaluation split has {distinct} distinct gold answer(s); a constant "
+                                       "answer is then right on all problems or on none"}
+    else:
+        out["eval_mode"] = score(common_answers(eval_golds, 0.0)[0])
+    train_top = common_answers(train_golds, 0.0) if train_golds is not None else []
+    if train_golds is None or not train_top:
+        out["train"] = {"missing": train_missing if train_golds is None else "the training split has no gold answers"}
+    elif distinct < 2:
+        out["train"] = {"missing": out["eval_mode"]["missing"]}
+    else:
+        out["train"] = score(train_top[0])
+    return out
+
+
+def prior_analysis(results: dict[str, EvalResult], train_golds: Sequence[str | None] | None, *,
+                   train_missing: str = "no training split was given", mass: float = PRIOR_MASS,
+                   collapse_share: float = COLLAPSE_SHARE) -> dict:
+    """The figures that tell a learned skill from a learned answer prior, for named results over the
+    same problems (e.g. ``{"before": b, "after": a}``).
+
+    Args:
+        results: name → EvalResult; all over the same problems (a before/after pair, or one result).
+        train_golds: the gold answers of the training examples (``[e.gold for e in train]``), or None
+            when there is no training split (``train_missing`` says why).
+        mass: the prior cut: the common answers are the most frequent training golds covering
+            ``mass`` of them (``common_answers``); the prior-free subset is the evaluation problems
+            whose gold is not one of them. Without training golds the cut is taken from the
+            evaluation split's own golds, and the report says so.
+        collapse_share: a result collapsed to a prior when one answer is more than this share of
+            its samples.
+
+    Returns: a JSON-able dict: ``baselines`` (``constant_baselines``), ``cut`` (common answers, their
+    source and share of training golds, the prior-free problem count or why there is none), per result
+    ``pass1``/``prior_free_pass1``/``no_answer``/``truncated`` ({share, ci}; ``truncated`` missing for
+    results saved before truncation flags were kept), ``answers`` (``answer_histogram``) and
+    ``collapsed``; with exactly two results, the paired after − before tests ``paired`` and
+    ``paired_prior_free`` (``paired_difference``; the second result minus the first).
+
+    Raises:
+        ValueError: the results cover different problems.
+    """
+    named = list(results.items())
+    first = named[0][1]
+    golds = [p["gold"] for p in first.per_problem]
+    baselines = constant_baselines(golds, train_golds, train_missing)
+    source = "training split" if train_golds is not None else "evaluation split (no training split)"
+    common = common_answers(train_golds if train_golds is not None else golds, mass)
+    prior_free = {p["id"] for p in first.per_problem if answer_key(p["gold"]) not in common}
+    cut = {"mass": mass, "source": source, "common_answers": common, "n_prior_free": len(prior_free)}
+    if train_golds is not None:
+        keys = [answer_key(g) for g in train_golds]
+        cut["common_share_of_train"] = sum(k in common for k in keys) / max(len(keys), 1)
+    if not prior_free:
+        cut["missing"] = (f"every evaluation gold is one of the common answers {common}" if common
+                          else "no gold answers to take the common answers from")
+    out = {"baselines": baselines, "cut": cut, "results": {}}
+    for name, r in named:
+        if [p["id"] for p in r.per_problem] != [p["id"] for p in first.per_problem]:
+            raise ValueError(f"result {name!r} covers different problems from {named[0][0]!r}")
+        sub = [p for p in r.per_problem if p["id"] in prior_free]
+        sub_scores = [sum(p["correct"]) / len(p["correct"]) for p in sub]
+        hist = answer_histogram([e for p in r.per_problem for e in p["extracted"]])
+        row = {"pass1": {"share": r.pass1, "ci": tuple(r.pass1_ci)},
+               "prior_free_pass1": ({"share": sum(sub_scores) / len(sub_scores),
+                                     "ci": pass1_interval(sub_scores, r.k, seed=r.settings.get("seed", 0)),
+                                     "n_problems": len(sub)} if sub else {"missing": cut["missing"]}),
+               "no_answer": _share(r, lambda p, j: answer_key(p["extracted"][j]) is None),
+               "answers": hist,
+               "collapsed": hist["top_share"] is not None and hist["top_share"] > collapse_share}
+        if hist["top"]:
+            top = hist["top"][0][0]
+            row["top_answer"] = _share(r, lambda p, j: answer_key(p["extracted"][j]) == top)
+        row["truncated"] = (_share(r, lambda p, j: bool(p["truncated"][j]))
+                            if all("truncated" in p for p in r.per_problem)
+                            else {"missing": "this result was saved without truncation flags"})
+        out["results"][name] = row
+    if len(named) == 2:
+        (_, before), (_, after) = named
+        out["paired"] = paired_difference(before, after)
+        out["paired_prior_free"] = (paired_difference(before, after, ids=prior_free) if prior_free
+                                    else {"missing": cut["missing"]})
+    return out
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f}%"
+
+
+def _share_cell(s: dict) -> str:
+    if "missing" in s:
+        return "not computed"
+    return f"{_pct(s['share'])} [{_pct(s['ci'][0])}, {_pct(s['ci'][1])}]"
+
+
+def _diff_text(d: dict) -> str:
+    lo, hi = d["ci"]
+    return (f"{100 * d['diff']:+.2f} points, paired-bootstrap 95% CI [{100 * lo:+.2f}, {100 * hi:+.2f}] over "
+            f"{d['n_problems']} problems, P(change <= 0) ≈ {d['p_le_zero']:.3f}")
+
+
+def verdict(analysis: dict, collapse_share: float = COLLAPSE_SHARE) -> str:
+    """The plain-words reading of a ``prior_analysis``, one line. "significant gain" only when the
+    paired interval on the prior-free subset lies above 0; it says when the last result scores at or
+    below the best constant answer and when it collapsed onto one answer."""
+    names = list(analysis["results"])
+    last = analysis["results"][names[-1]]
+    parts = []
+    if "paired" in analysis:
+        lo_all, hi_all = analysis["paired"]["ci"]
+        pf = analysis["paired_prior_free"]
+        if "missing" in pf:
+            parts.append(("the change over all problems has a 95% interval above 0, but it is not called significant: "
+                          if lo_all > 0 else "no significant change over all problems; ") +
+                         f"no prior-free subset ({pf['missing']})")
+        elif pf["ci"][0] > 0:
+            parts.append("significant gain on the prior-free subset (95% interval above 0)")
+        elif lo_all > 0:
+            parts.append("not a real gain: the interval over all problems is above 0 but on the prior-free subset it "
+                         "contains 0; the gain is explained by common answers")
+        elif hi_all < 0 or pf["ci"][1] < 0:
+            parts.append("significant loss (95% interval below 0" + (")" if hi_all < 0 else " on the prior-free subset)"))
+        else:
+            parts.append("no significant change (both intervals contain 0)")
+    base = analysis["baselines"]
+    p1 = last["pass1"]["share"]
+    if "accuracy" in base["train"] and p1 <= base["train"]["accuracy"]:
+        parts.append(f"{names[-1]} scores at or below the best constant answer (always {base['train']['answer']!r}, "
+                     f"the most frequent training gold: {_pct(base['train']['accuracy'])})")
+    elif "accuracy" in base["eval_mode"] and p1 <= base["eval_mode"]["accuracy"]:
+        parts.append(f"{names[-1]} scores at or below the evaluation split's most frequent gold "
+                     f"({base['eval_mode']['answer']!r}: {_pct(base['eval_mode']['accuracy'])})")
+    elif "accuracy" in base["eval_mode"]:
+        parts.append(f"{names[-1]} scores above every constant answer")
+    if last["collapsed"]:
+        top, count = last["answers"]["top"][0]
+        parts.append(f"collapse to a prior: {names[-1]} answers {top!r} in {count} of its "
+                     f"{last['answers']['n']} samples ({_pct(last['answers']['top_share'])} > {collapse_share:.0%})")
+    if not parts:
+        parts.append("no constant-answer baseline could be computed")
+    return "; ".join(parts) + "."
+
+
+def prior_markdown(analysis: dict) -> str:
+    """The markdown section of a ``prior_analysis``: baselines, the cut, a table per result, the paired
+    tests and the verdict line."""
+    base, cut = analysis["baselines"], analysis["cut"]
+    lines = ["## Against answer priors", ""]
+    for key, label in (("train", "best constant answer (most frequent training gold)"),
+                       ("eval_mode", "upper bound: the evaluation split's own most frequent gold")):
+        b = base[key]
+        lines.append(f"- {label}: " + (f"not computed: {b['missing']}" if "missing" in b else
+                                       f"always {b['answer']!r} scores {_pct(b['accuracy'])} "
+                                       f"[{_pct(b['ci'][0])}, {_pct(b['ci'][1])}] (Wilson 95%)"))
+    covered = (f": {_pct(cut['common_share_of_train'])}" if "common_share_of_train" in cut else "")
+    lines.append(f"- prior-free subset: the {cut['n_prior_free']} problems whose gold is not one of the common answers "
+                 f"{cut['common_answers']} (the most frequent golds of the {cut['source']}, taken until they cover "
+                 f"at least {cut['mass']:.0%} of its golds{covered})" + (f"; none: {cut['missing']}" if "missing" in cut else ""))
+    lines += ["", "| policy | pass@1 | prior-free pass@1 | no answer | truncated | top answers (share of samples) | "
+              "answer entropy |", "|---|---|---|---|---|---|---|"]
+    for name, r in analysis["results"].items():
+        h = r["answers"]
+        tops = ", ".join([f"{h['top'][0][0]!r} {_share_cell(r['top_answer'])}"] +
+                         [f"{a!r} {_pct(c / h['n'])}" for a, c in h["top"][1:]]) if h["top"] else "none"
+        ent = "–" if h["entropy_bits"] is None else f"{h['entropy_bits']:.2f} bits"
+        lines.append(f"| {name} | {_share_cell(r['pass1'])} | {_share_cell(r['prior_free_pass1'])} | "
+                     f"{_share_cell(r['no_answer'])} | {_share_cell(r['truncated'])} | {tops} | {ent} |")
+    lines.append("")
+    if "paired" in analysis:
+        lines.append(f"pass@1 change, all problems: {_diff_text(analysis['paired'])}.  ")
+        pf = analysis["paired_prior_free"]
+        lines.append("pass@1 change, prior-free subset: " +
+                     (f"not computed: {pf['missing']}" if "missing" in pf else _diff_text(pf)) + ".")
+        lines.append("")
+    lines.append(f"**Verdict: {verdict(analysis)}**")
+    return "\n".join(lines) + "\n"
+
+
+def eval_report(results: EvalResult | dict[str, EvalResult], train_golds: Sequence[str | None] | None, *,
+                train_missing: str = "no training split was given") -> tuple[str, dict]:
+    """The one evaluation report of r1kit (``r1kit eval``, GRPO/SFT/pipeline runs): pass@1 with maj@k,
+    then the answer-prior section (``prior_analysis``, ``prior_markdown``).
+
+    Args:
+        results: one EvalResult (named "policy"), or name → EvalResult over the same problems; with two,
+            the second is compared against the first (before → after).
+        train_golds: gold answers of the training examples the policy learned from
+            (``[e.gold for e in train]``); None when there is no training split, with ``train_missing``
+            saying why (the report names the baseline it could not compute and still reports the rest).
+
+    Returns: (markdown, analysis dict to save as JSON).
+
+    Raises:
+        ValueError: the results cover different problems.
+    """
+    named = {"policy": results} if isinstance(results, EvalResult) else dict(results)
+    analysis = prior_analysis(named, train_golds, train_missing=train_missing)
+    return markdown_table(list(named.items())) + "\n" + prior_markdown(analysis), analysis
 
 
 def markdown_table(rows: list[tuple[str, EvalResult]]) -> str:
@@ -183,15 +480,3 @@ def markdown_table(rows: list[tuple[str, EvalResult]]) -> str:
         lines.append(f"| {name} | {r.task} | {r.n_problems} | {r.k} | {_pct(r.pass1)} | "
                      f"[{_pct(r.pass1_ci[0])}, {_pct(r.pass1_ci[1])}] | {_pct(r.majk)} |")
     return "\n".join(lines) + "\n"
-
-
-def comparison_markdown(before: EvalResult, after: EvalResult) -> str:
-    """Before/after table plus the paired difference with its interval and a plain-words verdict."""
-    d = paired_difference(before, after)
-    lo, hi = d["ci"]
-    verdict = ("significant gain (95% interval above 0)" if lo > 0 else
-               "significant loss (95% interval below 0)" if hi < 0 else "no significant change (interval contains 0)")
-    return (markdown_table([("before", before), ("after", after)]) +
-            f"\npass@1 change: {100 * d['diff']:+.2f} points, paired-bootstrap 95% CI "
-            f"[{100 * lo:+.2f}, {100 * hi:+.2f}] over {d['n_problems']} problems; "
-            f"P(change <= 0) ≈ {d['p_le_zero']:.3f}: **{verdict}**.\n")

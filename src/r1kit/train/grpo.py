@@ -32,6 +32,7 @@ from r1kit.config import GRPOConfig, config_yaml, save_config
 from r1kit.data.base import Example
 from r1kit.data.templates import encode_prompt
 from r1kit.errors import ConfigError, TrainingStopped
+from r1kit.eval.evaluate import answer_histogram
 from r1kit.models.deepseek_v3 import DeepseekV3ForCausalLM, KVCache, expert_load_keys, update_router_bias
 from r1kit.models.loading import resolve_bf16
 from r1kit.models.v3_io import read_tensors
@@ -404,7 +405,7 @@ class GRPOTrainer:
         self.step = 0
         self.epoch = 0
         self.cursor = 0
-        self.warn_counts = {"truncated": 0, "zero_std": 0}
+        self.warn_counts = {"truncated": 0, "zero_std": 0, "collapse": 0}
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard)
 
     # ----- data -----
@@ -748,6 +749,9 @@ class GRPOTrainer:
             col = ro.rewards_per_func[:, j]
             m[f"rewards/{name}/mean"] = torch.nanmean(col).item()
             m[f"rewards/{name}/std"] = col[~col.isnan()].std().item() if (~col.isnan()).sum() > 1 else 0.0
+        answers = answer_histogram([v.extracted for v in ro.verdicts], top=1)
+        m["answers/top_share"] = math.nan if answers["top_share"] is None else answers["top_share"]
+        m["answers/entropy"] = math.nan if answers["entropy_bits"] is None else answers["entropy_bits"]
         if "format" in self.scorer.names:
             m["format_rate"] = (ro.rewards_per_func[:, self.scorer.names.index("format")] > 0).float().mean().item()
         return m
@@ -760,7 +764,12 @@ class GRPOTrainer:
                                 "--max-completion-length or shorten the template"),
                   "zero_std": (m["frac_reward_zero_std"] >= c.warn_zero_std_ratio,
                                f"{m['frac_reward_zero_std']:.0%} of groups have zero reward std: almost no learning "
-                               "signal; try an easier task, more generations, or --dynamic-sampling true")}
+                               "signal; try an easier task, more generations, or --dynamic-sampling true"),
+                  "collapse": (m["answers/top_share"] >= c.warn_answer_share,
+                               f"one answer is {m['answers/top_share']:.0%} of the completions (answer entropy "
+                               f"{m['answers/entropy']:.2f} bits): the policy is collapsing onto a common answer, "
+                               "a prior rather than a skill; lower --learning-rate or check the data's answer "
+                               "distribution")}
         for key, (bad, msg) in checks.items():
             self.warn_counts[key] = self.warn_counts[key] + 1 if bad else 0
             if self.warn_counts[key] == c.warn_patience:
@@ -794,7 +803,7 @@ class GRPOTrainer:
             self.reference.load_state_dict(read_tensors(path / "reference"), strict=False)
         st = ckpt.load_training_state(path, self.optimizer, self.scheduler)
         self.step, self.epoch, self.cursor = st["step"], st["epoch"], st["cursor"]
-        self.warn_counts = st["warn_counts"]
+        self.warn_counts = {**self.warn_counts, **st["warn_counts"]}  # checkpoints from before a guard was added
         self.engine.update_weights(self.policy)
         self.logger.truncate_after(self.step)
 

@@ -73,7 +73,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_curves(metrics_path: Path, out_png: Path, window: int = 5) -> Path:
-    """Plot reward, accuracy and completion length per step (raw and a moving average) to a PNG; steps
+    """Plot reward, accuracy, completion length, dead groups and answer collapse per step (raw and a moving average) to a PNG; steps
     where a value is null or NaN are left out of its panel."""
     import matplotlib
 
@@ -82,7 +82,8 @@ def plot_curves(metrics_path: Path, out_png: Path, window: int = 5) -> Path:
 
     rows = read_metrics(metrics_path)
     panels = [("reward", "reward"), ("accuracy", "accuracy"), ("completions/mean_length", "completion length (tokens)"),
-              ("frac_reward_zero_std", "groups with zero reward std")]
+              ("frac_reward_zero_std", "groups with zero reward std"),
+              ("answers/top_share", "share of the most common answer")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (key, label) in zip(axes, panels):
         pts = [(r["step"], r[key]) for r in rows if _finite_or_none(r.get(key)) is not None]

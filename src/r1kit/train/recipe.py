@@ -3,7 +3,8 @@
 1. seed; load the policy, the training problems and the held-out problems (checked disjoint);
 2. build template, verifier, reward functions, rollout engine, trainer (or resume from a checkpoint);
 3. evaluate the initial policy (``eval_before``), train, save ``final/``, evaluate again (``eval_after``);
-4. write ``eval/report.md`` (before/after with 95% intervals) and ``curves.png``.
+4. write ``eval/report.md`` (``eval_report``: before/after with 95% intervals, read against the
+   training split's answer prior; figures in ``eval/report.priors.json``) and ``curves.png``.
 
 Run directory: config.yaml, metrics.jsonl, samples.jsonl, checkpoint-N/, final/, eval/, curves.png.
 """
@@ -18,7 +19,7 @@ import torch
 
 from r1kit.config import GRPOConfig
 from r1kit.errors import ConfigError, DataError, R1kitError
-from r1kit.eval.evaluate import comparison_markdown, evaluate, load_result, markdown_table, save_result
+from r1kit.eval.evaluate import eval_report, evaluate, load_result, markdown_table, save_report, save_result
 from r1kit.models.loading import load_policy, resolve_bf16, resolve_dtype, save_pretrained_atomic
 from r1kit.runtime import make_engine, make_render, make_verifier
 from r1kit.train import checkpoint as ckpt
@@ -139,11 +140,12 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
         print(f"evaluating the trained policy on {len(held_out)} held-out problems × k={cfg.eval_k}...", flush=True)
         after = evaluate(engine, tokenizer, held_out, verifier, render, **eval_kw)
         save_result(after, eval_dir / "after.json")
-        report = (comparison_markdown(before, after) if before is not None
-                  else markdown_table([("trained policy", after)]))
+        report, analysis = eval_report({"before": before, "after": after} if before is not None
+                                       else {"trained policy": after}, [e.gold for e in train])
         header = (f"# {cfg.task} GRPO run: held-out evaluation\n\nmodel {cfg.model}, {trainer.step} steps, "
                   f"template {cfg.template}, eval on {eval_task}/{cfg.eval_split} (never trained on), "
-                  f"k={cfg.eval_k}, T={cfg.eval_temperature}, top-p={cfg.eval_top_p}\n\n")
-        (eval_dir / "report.md").write_text(header + report)
+                  f"k={cfg.eval_k}, T={cfg.eval_temperature}, top-p={cfg.eval_top_p}; answer prior from the "
+                  f"{len(train)} training problems of {cfg.task}/{cfg.train_split}\n\n")
+        save_report(eval_dir / "report.md", header + report, analysis)
         print(header + report)
     return run_dir
