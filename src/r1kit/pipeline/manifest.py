@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -66,23 +64,6 @@ def canonical_sha256(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
-def write_json_atomic(path: Path, obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` through a temporary sibling and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def read_manifest(stage_dir: Path) -> dict | None:
     """The stage's manifest, or None when it has none.
 
@@ -101,7 +82,9 @@ def read_manifest(stage_dir: Path) -> dict | None:
 
 def write_manifest(stage_dir: Path, manifest: dict) -> Path:
     """Write ``stage_dir/manifest.json`` atomically."""
-    return write_json_atomic(Path(stage_dir) / MANIFEST, manifest)
+    from r1kit.eval.evaluate import write_atomic
+
+    return write_atomic(Path(stage_dir) / MANIFEST, json.dumps(manifest, indent=1, default=str))
 
 
 def changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -218,7 +218,10 @@ def run_r1_pipeline(cfg: R1PipelineConfig, from_stage: str | None = None, until_
     (out / "pipeline.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     run_stages(stages, ctx, resolve_stage_flag(from_stage, STAGE_NUMBERS_FROM),
                resolve_stage_flag(until_stage, STAGE_NUMBERS_UNTIL))
-    write_report(stages, ctx, title=f"R1 pipeline: {cfg.model} on {cfg.task}")
+    from r1kit.data.loading import load_task
+
+    write_report(stages, ctx, title=f"R1 pipeline: {cfg.model} on {cfg.task}",
+                 train_golds=[e.gold for e in load_task(cfg.task, "train")])
     return out
 
 

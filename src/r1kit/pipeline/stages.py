@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from r1kit.errors import ConfigError, R1kitError
-from r1kit.pipeline.manifest import (canonical_sha256, changed_fields, read_manifest, sha256_path,
-                                     write_json_atomic, write_manifest)
+from r1kit.pipeline.manifest import canonical_sha256, changed_fields, read_manifest, sha256_path, write_manifest
 
 STAGE_KINDS = ("eval", "sft", "grpo", "sample")
 # Config fields the pipeline sets from its graph: a stage section naming one is refused.
@@ -214,7 +213,7 @@ def evaluate_model(model_path: str, settings: EvalSettings, out: Path):
     import torch
 
     from r1kit.data.loading import load_task
-    from r1kit.eval.evaluate import evaluate
+    from r1kit.eval.evaluate import evaluate, save_result
     from r1kit.models.loading import load_policy, resolve_bf16
     from r1kit.runtime import make_engine, make_render, make_verifier
 
@@ -227,7 +226,7 @@ def evaluate_model(model_path: str, settings: EvalSettings, out: Path):
     res = evaluate(engine, tok, problems, verifier, render, k=settings.k, temperature=settings.temperature,
                    top_p=settings.top_p, max_tokens=settings.max_tokens, seed=settings.seed,
                    task=f"{settings.task}/{settings.split}", stop=settings.stop)
-    write_json_atomic(out, dataclasses.asdict(res))
+    save_result(res, out)
     return res
 
 
