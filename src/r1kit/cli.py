@@ -2,6 +2,7 @@
 
   r1kit train grpo --preset cpu_demo --output runs/demo [--config c.yaml] [--<field> value ...] [--resume]
   r1kit train grpo --preset cpu_demo [--<field> value ...] --print-config
+  r1kit train sft --preset cpu_sft_demo --output runs/sft [--data FILE|DIR|gsm8k] [--<field> value ...] [--resume]
   r1kit eval --model M --task T [--k K] [--limit N] [--output DIR]   (pass@1 against answer priors)
   r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 100]
   r1kit pipeline r1 --preset cpu_r1 | --config FILE [--from STAGE] [--until STAGE] [--output DIR] [--<field> V]
@@ -21,22 +22,37 @@ from pathlib import Path
 from r1kit.errors import R1kitError, TrainingStopped
 
 
-def _train_grpo(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, cls: type, run, default_output: str) -> int:
+    """``r1kit train grpo|sft``: resolve the config (a --resume without --preset/--config reuses the run's
+    config.yaml), print it or run ``run(cfg, resume, progress)``."""
     from r1kit.config import config_yaml, load_config, overrides_from_args
-    from r1kit.train.recipe import run_grpo
 
     overrides = overrides_from_args(args)
     if args.resume and not args.config and not args.preset:
-        saved = Path(overrides.get("output", "runs/grpo")) / "config.yaml"
+        saved = Path(overrides.get("output", default_output)) / "config.yaml"
         if saved.is_file():
             args.config = str(saved)
-    cfg = load_config(args.preset, args.config, overrides)
+    cfg = load_config(args.preset, args.config, overrides, cls=cls)
     if args.print_config:
         print(config_yaml(cfg), end="")
         return 0
-    run_dir = run_grpo(cfg, resume=args.resume, progress=not args.no_progress)
+    run_dir = run(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"run directory: {run_dir}")
     return 0
+
+
+def _train_grpo(args: argparse.Namespace) -> int:
+    from r1kit.config import GRPOConfig
+    from r1kit.train.recipe import run_grpo
+
+    return _train(args, GRPOConfig, run_grpo, "runs/grpo")
+
+
+def _train_sft(args: argparse.Namespace) -> int:
+    from r1kit.config import SFTConfig
+    from r1kit.train.sft import run_sft
+
+    return _train(args, SFTConfig, run_sft, "runs/sft")
 
 
 def _check_eval_args(args: argparse.Namespace) -> None:
@@ -165,7 +181,7 @@ def _tasks(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from r1kit.config import add_config_arguments, preset_names
+    from r1kit.config import GRPOConfig, SFTConfig, add_config_arguments, preset_names
     from r1kit.train.v3_zero import V3ZeroConfig as V3ZeroDefaults
 
     p = argparse.ArgumentParser(prog="r1kit", description="Reproduce DeepSeek-R1: GRPO on verified rewards, evaluation.")
@@ -181,16 +197,26 @@ def build_parser() -> argparse.ArgumentParser:
                     "--flags override both.",
         epilog=f"presets: {', '.join(preset_names())}. `r1kit train grpo --preset P [--flags] --print-config` "
                "prints the resolved config.")
-    grpo.add_argument("--preset", help=f"named preset applied before --config and flags: {', '.join(preset_names())}")
-    grpo.add_argument("--config", help="YAML file of config fields")
-    grpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
-    grpo.add_argument("--print-config", action="store_true",
-                      help="print the resolved config (defaults, preset, --config, flags) as YAML and exit; "
-                           "loads no model")
-    grpo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    grpo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
-    add_config_arguments(grpo)
-    grpo.set_defaults(func=_train_grpo)
+    sft = tsub.add_parser(
+        "sft", help="supervised fine-tuning on reasoning traces (completion-only loss)",
+        description="SFT on (prompt, reasoning, answer) rows: chat/prompt-completion files, sampler output, "
+                    "gsm8k worked solutions, HF datasets. Every config field is a --flag; see SFTConfig in "
+                    "r1kit/config.py. The defaults shown are the base SFTConfig values: --preset overrides them, "
+                    "--config overrides the preset, and --flags override both.",
+        epilog=f"presets: {', '.join(preset_names(SFTConfig))}. `r1kit train sft --preset P [--flags] "
+               "--print-config` prints the resolved config.")
+    for parser, cls, func in ((grpo, GRPOConfig, _train_grpo), (sft, SFTConfig, _train_sft)):
+        parser.add_argument("--preset",
+                            help=f"named preset applied before --config and flags: {', '.join(preset_names(cls))}")
+        parser.add_argument("--config", help="YAML file of config fields")
+        parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+        parser.add_argument("--print-config", action="store_true",
+                            help="print the resolved config (defaults, preset, --config, flags) as YAML and exit; "
+                                 "loads no model")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+        add_config_arguments(parser, cls)
+        parser.set_defaults(func=func)
 
     ev = sub.add_parser("eval", help="evaluate a model (R1 protocol: pass@1 over k samples, maj@k)")
     ev.add_argument("--model", required=True, help="HF dir, .gguf, r1kit run dir, or smollm2-135m-instruct")

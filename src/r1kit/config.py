@@ -1,4 +1,4 @@
-"""GRPO run configuration: one dataclass, named presets, YAML files and command-line overrides.
+"""Run configurations (GRPO, SFT): one dataclass each, named presets, YAML files and command-line overrides.
 
 Resolution order (later wins): dataclass defaults → ``--preset`` → ``--config file.yaml`` →
 individual ``--field value`` flags. The resolved config is written to every run and checkpoint
@@ -12,6 +12,8 @@ Presets (GRPO_SPEC.md §3-4):
   dr_grpo   Dr. GRPO: constant-normalizer loss, no std scaling of advantages, β 0.
   cpu_demo  sized for a 2-core CPU and the 135M embedded model on one-step word problems (SVAMP).
   cpu_demo_gsm8k  the same loop on GSM8K (``make demo``), capped to fit 30 minutes on 2 cores.
+
+SFT presets (DISTILL_SPEC §6) are in ``SFT_PRESETS``; ``SFTConfig``'s docstring lists them.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ class GRPOConfig:
     template: str = "chat_boxed"  # prompt template (r1kit.data.templates)
     answer_extraction: str = "tagged"  # "tagged" (<answer>/\boxed) or "any" (last number as fallback)
     max_train_examples: int | None = None  # use only the first N training problems (after shuffling)
+    use_lora: bool = False  # train LoRA adapters through PEFT instead of all weights (β > 0: reference = adapters off)
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.0  # dropout on the LoRA input
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # PEFT target_modules
 
     # --- rewards ---
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])  # names or "pkg.mod:fn"
@@ -163,6 +170,7 @@ class GRPOConfig:
         if self.overlong_buffer >= self.max_completion_length:
             raise ConfigError("overlong_buffer must be smaller than max_completion_length")
         self._validate_importance_sampling()
+        validate_lora(self)
 
     def _validate_importance_sampling(self) -> None:
         """Bounds must keep an on-policy token's weight at 1 (C_min <= 1 <= C_max); truncation needs one."""
@@ -229,6 +237,162 @@ PRESETS["cpu_demo_gsm8k"] = dict(
 )
 
 
+def validate_lora(cfg: Any) -> None:
+    """LoRA fields (GRPOConfig, SFTConfig): a positive rank and alpha, a dropout in [0, 1), targets named."""
+    if not cfg.use_lora:
+        return
+    if cfg.lora_r < 1 or cfg.lora_alpha <= 0:
+        raise ConfigError(f"lora_r must be >= 1 and lora_alpha > 0, got lora_r={cfg.lora_r}, lora_alpha={cfg.lora_alpha}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if not cfg.lora_target_modules:
+        raise ConfigError("lora_target_modules is empty: name the modules to adapt (e.g. all-linear or q_proj,v_proj)")
+
+
+#: R1-Distill initial learning rates per student (DeepSeek-R1 v2 App. B.4.3 / DISTILL_SPEC §6); the
+#: ``r1_distill`` preset uses the 1.5B value: pass ``--learning-rate`` from this table for other sizes.
+R1_DISTILL_LEARNING_RATES = {
+    "Qwen2.5-Math-1.5B": 1e-4, "Qwen2.5-Math-7B": 8e-5, "Qwen2.5-14B": 7e-5, "Qwen2.5-32B": 6e-5,
+    "Llama-3.1-8B": 5e-5, "Llama-3.3-70B-Instruct": 2e-5,
+}
+
+
+@dataclass
+class SFTConfig:
+    """Every knob of a supervised fine-tuning run on (prompt, reasoning, answer) rows (DISTILL_SPEC §5).
+
+    Presets (``SFT_PRESETS``, DISTILL_SPEC §6):
+      r1_distill      R1-Distill students: 2 epochs, cosine to 0.1×, 32,768 tokens, batch 64, lr 1e-4
+                      (Qwen-Math-1.5B; other sizes in ``R1_DISTILL_LEARNING_RATES``).
+      cold_start      R1 cold start / stage-3 SFT on the base: 2 epochs, cosine 5e-5 → 5e-6, 32,768, batch 128.
+      openr1_distill  OpenR1-Distill-7B: lr 4e-5, cosine min 0.1×, warmup 3%, 5 epochs, 32,768, no packing,
+                      grad-norm 0.2, batch 128.
+      s1              s1 (arXiv 2501.19393): 1K samples, lr 1e-5, warmup 5%, cosine, 5 epochs, batch 16, wd 1e-4.
+      cpu_sft_demo    the embedded 135M model on GSM8K worked solutions (cold-start data), sized for 2 CPU cores.
+    """
+
+    # --- model and data ---
+    model: str = "smollm2-135m-instruct"  # HF dir, GGUF file, run dir, or the embedded alias
+    data: str = "gsm8k"  # .jsonl/.parquet file, sampler output dir, task with worked solutions (gsm8k), or HF name
+    data_split: str = "train"  # split of a registered task or hub dataset
+    template: str = "chat_think"  # prompt template (r1kit.data.templates); the completion is rendered to match
+    max_train_examples: int | None = None  # use only the first N rows (in file order)
+    max_length: int = 1024  # tokens of prompt + completion at most; longer examples are dropped or an error
+    overlong: str = "drop"  # drop (counted in examples_dropped) | error: what an over-long example does
+    packing: bool = False  # pack examples into rows with a block-diagonal mask and per-document positions
+    use_lora: bool = False  # train LoRA adapters through PEFT; final/ is saved merged
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.0  # dropout on the LoRA input
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # PEFT target_modules
+
+    # --- optimisation ---
+    learning_rate: float = 2e-5
+    lr_scheduler: str = "cosine"  # constant | cosine | linear (after warmup)
+    min_lr_ratio: float = 0.0  # cosine/linear decay ends at this fraction of learning_rate (R1: 0.1)
+    warmup_ratio: float = 0.0  # share of the optimizer steps spent in linear warmup
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    num_train_epochs: float = 1.0  # passes over the data (sets the step count when max_steps is none)
+    max_steps: int | None = None  # optimizer steps (None = num_train_epochs over the data)
+    per_device_train_batch_size: int = 4  # examples per forward/backward (micro-batch)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_train_minutes: float | None = None  # also stop after this much wall time in one call (min; checkpointed)
+    bf16: str = "auto"  # bf16 autocast: auto (only where the CPU has AVX512-BF16/AMX), true, false
+    seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads (None = torch default)
+
+    # --- evaluation (the same protocol and report as GRPO) ---
+    eval_task: str | None = None  # held-out task (default: data, when it is a registered task)
+    eval_split: str = "test"
+    eval_limit: int | None = 200  # held-out problems evaluated before/after (None = all)
+    eval_k: int = 1  # samples per held-out problem
+    eval_temperature: float = 0.6  # R1 evaluation protocol
+    eval_top_p: float = 0.95
+    eval_max_tokens: int = 512  # completion tokens sampled per held-out problem at most
+    answer_extraction: str = "tagged"  # "tagged" (<answer>/\boxed) or "any" (last number as fallback)
+    stop: list[str] = field(default_factory=list)  # strings that end an evaluation completion
+    eval_before: bool = False  # evaluate the initial model on the held-out set (eval/before.json)
+    eval_after: bool = False  # evaluate the trained model and write eval/report.md
+
+    # --- run directory, logging, checkpoints ---
+    output: str = "runs/sft"
+    logging_steps: int = 1
+    save_steps: int = 50  # checkpoint every N steps (and at the end; 0 = only at the end)
+    save_total_limit: int = 2  # keep the last N checkpoints
+    tensorboard: bool = False
+    plot: bool = True  # PNG of loss/accuracy/entropy curves at the end
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the field and the fix for any invalid or inconsistent value."""
+        for name in ("max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "eval_k",
+                     "eval_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1 (or none to use num_train_epochs), got {self.max_steps}")
+        if self.max_steps is None and self.num_train_epochs <= 0:
+            raise ConfigError(f"num_train_epochs must be > 0, got {self.num_train_epochs}")
+        if self.overlong not in ("drop", "error"):
+            raise ConfigError(f"overlong must be drop or error, got {self.overlong!r}")
+        if self.lr_scheduler not in ("constant", "cosine", "linear"):
+            raise ConfigError(f"lr_scheduler must be constant, cosine or linear, got {self.lr_scheduler!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_train_minutes is not None and self.max_train_minutes <= 0:
+            raise ConfigError(f"max_train_minutes must be > 0 (or none), got {self.max_train_minutes}")
+        if str(self.bf16).lower() not in ("auto", "true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ConfigError(f"bf16 must be auto, true or false, got {self.bf16!r}")
+        validate_lora(self)
+
+    @property
+    def examples_per_step(self) -> int:
+        """Examples per optimizer step: per_device_train_batch_size × gradient_accumulation_steps."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SFT_PRESETS: dict[str, dict[str, Any]] = {
+    "r1_distill": dict(
+        learning_rate=R1_DISTILL_LEARNING_RATES["Qwen2.5-Math-1.5B"], lr_scheduler="cosine", min_lr_ratio=0.1,
+        num_train_epochs=2.0, max_length=32768, per_device_train_batch_size=1, gradient_accumulation_steps=64,
+        template="chat_think", bf16="true", save_steps=500,
+    ),
+    "cold_start": dict(
+        learning_rate=5e-5, lr_scheduler="cosine", min_lr_ratio=0.1, num_train_epochs=2.0, max_length=32768,
+        per_device_train_batch_size=1, gradient_accumulation_steps=128, template="chat_think", bf16="true",
+        save_steps=500,
+    ),
+    "openr1_distill": dict(
+        learning_rate=4e-5, lr_scheduler="cosine", min_lr_ratio=0.1, warmup_ratio=0.03, num_train_epochs=5.0,
+        max_length=32768, packing=False, max_grad_norm=0.2, per_device_train_batch_size=1,
+        gradient_accumulation_steps=128, template="chat_think", bf16="true", save_steps=500,
+    ),
+    "s1": dict(
+        learning_rate=1e-5, lr_scheduler="cosine", warmup_ratio=0.05, num_train_epochs=5.0, weight_decay=1e-4,
+        adam_beta2=0.95, max_length=32768, per_device_train_batch_size=1, gradient_accumulation_steps=16,
+        max_train_examples=1000, template="chat_think", bf16="true",
+    ),
+    # The embedded 135M model on GSM8K worked solutions (the cold-start data of the GSM8K target),
+    # sized for 2 CPU cores: ~8 s per 8-example step here; README "SFT" has the measured effect.
+    "cpu_sft_demo": dict(
+        data="gsm8k", template="chat_think", learning_rate=3e-5, lr_scheduler="cosine", min_lr_ratio=0.1,
+        warmup_ratio=0.05, max_length=512, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        max_steps=60, max_train_minutes=10.0, eval_task="gsm8k", eval_limit=50, eval_max_tokens=256,
+        bf16="auto", save_steps=20,
+    ),
+}
+
+#: The presets of each config class (``load_config``, ``add_config_arguments`` and ``preset_names`` take the class).
+PRESETS_OF: dict[type, dict[str, dict[str, Any]]] = {GRPOConfig: PRESETS, SFTConfig: SFT_PRESETS}
+
+
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Convert a YAML/command-line value to the field's annotated type; ConfigError names the field."""
     origin = typing.get_origin(tp)
@@ -265,40 +429,48 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         raise ConfigError(f"{name}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
 
 
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(GRPOConfig)
-    return {f.name: hints[f.name] for f in fields(GRPOConfig)}
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
 
 
-def apply_overrides(cfg: GRPOConfig, values: dict[str, Any], source: str) -> GRPOConfig:
-    """Return ``cfg`` with ``values`` applied. Unknown keys raise ConfigError naming ``source``."""
-    types = _field_types()
+def _kind(cls: type) -> str:
+    """"GRPO" for GRPOConfig, "SFT" for SFTConfig (used in messages)."""
+    return cls.__name__.removesuffix("Config")
+
+
+def apply_overrides(cfg: Any, values: dict[str, Any], source: str) -> Any:
+    """Return ``cfg`` (a GRPOConfig or SFTConfig) with ``values`` applied. Unknown keys raise
+    ConfigError naming ``source``."""
+    types = _field_types(type(cfg))
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in types:
-            raise ConfigError(f"{source}: unknown GRPO config field {key!r}")
+            raise ConfigError(f"{source}: unknown {_kind(type(cfg))} config field {key!r}")
         if name == "stop" and isinstance(value, str):  # command line: "\\n" means a newline; not stripped
             value = [v.encode("latin-1", "backslashreplace").decode("unicode_escape") for v in value.split(",") if v]
         setattr(cfg, name, _coerce(value, types[name], name))
     return cfg
 
 
-def preset_names() -> list[str]:
-    return sorted(PRESETS)
+def preset_names(cls: type = GRPOConfig) -> list[str]:
+    return sorted(PRESETS_OF[cls])
 
 
 def load_config(preset: str | None = None, yaml_path: str | None = None,
-                overrides: dict[str, Any] | None = None) -> GRPOConfig:
-    """Resolve a config: defaults → preset → YAML file → overrides; validated.
+                overrides: dict[str, Any] | None = None, cls: type = GRPOConfig) -> Any:
+    """Resolve a config of class ``cls`` (GRPOConfig or SFTConfig): defaults → preset → YAML file →
+    overrides; validated.
 
     Raises:
         ConfigError: unknown preset, unreadable YAML, unknown field or invalid value.
     """
-    cfg = GRPOConfig()
+    cfg = cls()
+    presets = PRESETS_OF[cls]
     if preset:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; known presets: {', '.join(preset_names())}")
-        apply_overrides(cfg, PRESETS[preset], f"preset {preset}")
+        if preset not in presets:
+            raise ConfigError(f"unknown preset {preset!r}; known presets: {', '.join(preset_names(cls))}")
+        apply_overrides(cfg, presets[preset], f"preset {preset}")
     if yaml_path:
         path = Path(yaml_path)
         if not path.is_file():
@@ -319,20 +491,20 @@ def load_config(preset: str | None = None, yaml_path: str | None = None,
     return cfg
 
 
-def _field_comments() -> dict[str, str]:
-    """The one-line comment after each field in GRPOConfig's source, used as ``--help`` text."""
+def _field_comments(cls: type) -> dict[str, str]:
+    """The one-line comment after each field in the config class's source, used as ``--help`` text."""
     import inspect
     import re
 
     pattern = re.compile(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$")
-    return {m.group(1): m.group(2) for m in map(pattern.match, inspect.getsource(GRPOConfig).splitlines()) if m}
+    return {m.group(1): m.group(2) for m in map(pattern.match, inspect.getsource(cls).splitlines()) if m}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one ``--field-name`` option per GRPOConfig field (default: unset, so presets apply)."""
-    comments = _field_comments()
-    defaults = GRPOConfig()
-    for f in fields(GRPOConfig):
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type = GRPOConfig) -> None:
+    """Add one ``--field-name`` option per field of ``cls`` (default: unset, so presets apply)."""
+    comments = _field_comments(cls)
+    defaults = cls()
+    for f in fields(cls):
         parser.add_argument(
             "--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=None, metavar="V",
             help=(comments.get(f.name, "") if "default" in comments.get(f.name, "")
@@ -345,11 +517,11 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
 
 
-def config_yaml(cfg: GRPOConfig) -> str:
+def config_yaml(cfg: Any) -> str:
     """The resolved config as YAML, fields in declaration order (the format of every ``config.yaml``)."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def save_config(cfg: GRPOConfig, path: Path) -> None:
+def save_config(cfg: Any, path: Path) -> None:
     """Write the resolved config as YAML."""
     path.write_text(config_yaml(cfg))

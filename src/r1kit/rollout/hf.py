@@ -70,8 +70,9 @@ class HFGenerateEngine:
         self.max_context = getattr(model.config, "max_position_embeddings", None)
 
     def update_weights(self, model: torch.nn.Module) -> None:
-        """Copy ``model``'s parameters into the sampling copy (no-op when sharing the module)."""
-        if not self.owns_copy:
+        """Copy ``model``'s parameters into the sampling copy (no-op when ``model`` is the shared module;
+        a different module with the same parameters, such as a LoRA policy's merged copy, is copied)."""
+        if model is self.model:
             return
         with torch.no_grad():
             for dst, src in zip(self.model.parameters(), model.parameters()):

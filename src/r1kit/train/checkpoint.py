@@ -102,3 +102,24 @@ def load_training_state(ckpt: Path, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(opt["scheduler"])
     set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
     return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def load_policy_weights(policy, policy_dir: Path) -> None:
+    """Load a checkpoint's ``policy/`` weights into ``policy`` in place: the LoRA adapter weights of a
+    PEFT policy (``adapter_model.safetensors``), else every tensor of the HF directory.
+
+    Raises:
+        R1kitError: the directory holds no weights of the kind the policy needs.
+    """
+    from r1kit.models.v3_io import read_tensors
+
+    adapter = policy_dir / "adapter_model.safetensors"
+    if hasattr(policy, "peft_config"):
+        if not adapter.is_file():
+            raise R1kitError(f"{policy_dir} holds no LoRA adapter (adapter_model.safetensors) for this LoRA run")
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(policy, load_file(adapter))
+        return
+    policy.load_state_dict(read_tensors(policy_dir), strict=False)

@@ -28,18 +28,16 @@ from typing import Callable, Sequence
 
 import torch
 
-from r1kit.config import GRPOConfig, config_yaml, save_config
+from r1kit.config import GRPOConfig
 from r1kit.data.base import Example
 from r1kit.data.templates import encode_prompt
 from r1kit.errors import ConfigError, TrainingStopped
 from r1kit.eval.evaluate import answer_histogram
 from r1kit.models.deepseek_v3 import DeepseekV3ForCausalLM, KVCache, expert_load_keys, update_router_bias
 from r1kit.models.loading import resolve_bf16
-from r1kit.models.v3_io import read_tensors
 from r1kit.rewards.base import Verdict
 from r1kit.rollout.base import SamplingEngine, SamplingParams
-from r1kit.train import checkpoint as ckpt
-from r1kit.train.logging import MetricsLogger
+from r1kit.train.loop import DataCursor, TrainLoop, is_peft, lr_lambda, make_optimizer, merged_for_save
 from r1kit.train.losses import (ImportanceWeights, LossNormalizer, aggregate_loss, entropy_from_logits,
                                 group_advantages, policy_loss_terms, rollout_importance_weights,
                                 selective_log_softmax)
@@ -250,9 +248,8 @@ def packed_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: float,
     """``completion_logprobs`` on packed rows: decoder over (r, L), lm_head over the n scored positions
     only. Returns (logps (m, C) float32 with 0 past each completion's end, entropy (m, C) or None)."""
     packed = pack_rows(mb, pad_id=0)                       # pad positions are never scored; any id will do
-    hidden = model.get_decoder()(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                                 attention_mask=packed.allowed, use_cache=False).last_hidden_state  # (r, L, D)
-    logits = model.get_output_embeddings()(hidden[packed.src_row, packed.src_pos])    # (n, V)
+    logits = decoder_logits(model, packed.input_ids, packed.position_ids, packed.allowed,
+                            packed.src_row, packed.src_pos)                            # (n, V)
     flat = selective_log_softmax(logits[None], packed.target[None], temperature)[0]   # (n,) float32/64
 
     def unpack(values: torch.Tensor) -> torch.Tensor:                                  # (n,) → (m, C)
@@ -261,6 +258,16 @@ def packed_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: float,
 
     entropy = unpack(entropy_from_logits(logits[None], temperature)[0]) if with_entropy else None
     return unpack(flat), entropy
+
+
+def decoder_logits(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, src_row: torch.Tensor, src_pos: torch.Tensor) -> torch.Tensor:
+    """The decoder over (r, L) rows, then the lm_head on the n positions (``src_row``, ``src_pos``) only:
+    (n, V) logits. ``attention_mask``: (r, L) 1/0 or an (r, 1, L, L) bool mask (True = may attend),
+    which SDPA takes as is (``can_pack`` says for which models this equals ``model(...).logits``)."""
+    hidden = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                 use_cache=False).last_hidden_state                     # (r, L, D)
+    return model.get_output_embeddings()(hidden[src_row, src_pos])                      # (n, V)
 
 
 def hf_prefix_logits(model: torch.nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,23 +309,6 @@ def balance_experts(policy: torch.nn.Module, gamma: float) -> dict[str, float]:
 def autocast(bf16: bool):
     """bf16 autocast on CPU when asked (fp32 master weights and optimizer state are kept)."""
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
-def build_lr_lambda(cfg: GRPOConfig, total_updates: int) -> Callable[[int], float]:
-    """Linear warmup over ``warmup_steps`` updates, then constant / cosine / linear decay to 0."""
-
-    def f(update: int) -> float:
-        if update < cfg.warmup_steps:
-            return (update + 1) / (cfg.warmup_steps + 1)
-        if cfg.lr_scheduler == "constant":
-            return 1.0
-        progress = (update - cfg.warmup_steps) / max(1, total_updates - cfg.warmup_steps)
-        progress = min(max(progress, 0.0), 1.0)
-        if cfg.lr_scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - progress
-
-    return f
 
 
 class RewardScorer:
@@ -367,12 +357,13 @@ def overlong_penalty(length: int, max_len: int, buffer: int, penalty: float = 1.
     return -penalty * min(1.0, (length - start) / buffer)
 
 
-class GRPOTrainer:
-    """GRPO on rule-verified rewards (DeepSeekMath §4.1; DeepSeek-R1 §2.2).
+class GRPOTrainer(TrainLoop):
+    """GRPO on rule-verified rewards (DeepSeekMath §4.1; DeepSeek-R1 §2.2), on the shared ``TrainLoop``.
 
     Args:
         cfg: the resolved GRPOConfig.
-        policy: causal LM to train (fp32 parameters).
+        policy: causal LM to train (fp32 parameters); a PEFT model with LoRA adapters when
+            ``use_lora`` (with β > 0 the reference is then the policy with its adapters disabled).
         tokenizer: its tokenizer.
         train_examples: the training problems.
         render: ``Example -> prompt text`` (the template).
@@ -381,49 +372,39 @@ class GRPOTrainer:
         run_dir: output directory.
     """
 
+    desc = "grpo"
+
     def __init__(self, cfg: GRPOConfig, policy, tokenizer, train_examples: list[Example],
                  render: Callable[[Example], str], scorer: RewardScorer, engine: SamplingEngine, run_dir: Path):
         cfg.validate()
         if not train_examples:
             raise ConfigError(f"task {cfg.task!r} split {cfg.train_split!r} has no training examples")
         self.cfg, self.policy, self.tokenizer, self.scorer, self.engine = cfg, policy, tokenizer, scorer, engine
+        if cfg.use_lora and cfg.beta != 0.0 and cfg.ref_model_sync_steps:
+            raise ConfigError("use_lora with beta > 0 takes the reference as the policy with its adapters disabled, "
+                              "which cannot be re-synced: set ref_model_sync_steps 0 or use_lora false")
         self.bf16 = resolve_bf16(cfg.bf16)
-        self.run_dir = Path(run_dir)
         self.examples = train_examples
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.prompt_cache: dict[str, list[int]] = {}
         self.render = render
-        self.reference = self._make_reference() if cfg.beta != 0.0 else None
+        self.reference = self._make_reference() if cfg.beta != 0.0 and not is_peft(policy) else None
         params = [p for p in policy.parameters() if p.requires_grad]
         for p in params:
             p.grad = torch.zeros_like(p)
         self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = make_optimizer(params, cfg)
         total_updates = cfg.max_steps * cfg.steps_per_generation * cfg.num_iterations
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, build_lr_lambda(cfg, total_updates))
-        self.step = 0
-        self.epoch = 0
-        self.cursor = 0
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_updates))
+        self.data = DataCursor(len(train_examples), cfg.seed)
         self.warn_counts = {"truncated": 0, "zero_std": 0, "collapse": 0}
-        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard)
+        self.init_loop(cfg, run_dir, cfg.max_steps)
 
     # ----- data -----
-    def _order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
-        return torch.randperm(len(self.examples), generator=g).tolist()
-
     def next_examples(self, n: int) -> list[Example]:
         """The next ``n`` training problems in a seeded per-epoch shuffle (the data cursor)."""
-        out = []
-        order = self._order(self.epoch)
-        while len(out) < n:
-            if self.cursor >= len(order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                order = self._order(self.epoch)
-            out.append(self.examples[order[self.cursor]])
-            self.cursor += 1
-        return out
+        return [self.examples[i] for i in self.data.take(n)]
 
     def prompt_ids(self, ex: Example) -> list[int]:
         """Token ids of the rendered prompt. Raises ConfigError when longer than max_prompt_length."""
@@ -534,6 +515,9 @@ class GRPOTrainer:
         c = self.cfg
         if self.reference is not None:
             ro.ref_logps = self._logps_for(self.reference, ro, index)
+        elif c.beta != 0.0:                                   # LoRA: the reference is the adapter-free policy
+            with self.policy.disable_adapter():
+                ro.ref_logps = self._logps_for(self.policy, ro, index)
         if c.steps_per_generation > 1:
             ro.old_logps = self._logps_for(self.policy, ro, index)
 
@@ -566,7 +550,7 @@ class GRPOTrainer:
                 acc.add("loss", step_loss, 1.0)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
                 if not torch.isfinite(grad_norm):
-                    raise TrainingStopped(self._stop_message(f"non-finite grad norm ({grad_norm.item()})"))
+                    raise TrainingStopped(self.stop_message(f"non-finite grad norm ({grad_norm.item()})"))
                 self.optimizer.step()
                 self.scheduler.step()
                 acc.add("grad_norm", grad_norm.item(), 1.0)
@@ -600,7 +584,7 @@ class GRPOTrainer:
                                   None if isw is None else isw.weights)
         loss = aggregate_loss(terms.per_token_loss, mb.mask, c.loss_type, norm)
         if not torch.isfinite(loss):
-            raise TrainingStopped(self._stop_message(f"non-finite loss ({loss.item()})"))
+            raise TrainingStopped(self.stop_message(f"non-finite loss ({loss.item()})"))
         loss.backward()
         m = mb.mask
         n_tok = m.sum().item()
@@ -665,12 +649,6 @@ class GRPOTrainer:
                 acc.add("logprob_mismatch/mean", d.mean().item(), s.numel())
                 acc.add_max("logprob_mismatch/max", d.max().item())
 
-    def _stop_message(self, what: str) -> str:
-        last = ckpt.latest_checkpoint(self.run_dir)
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
-        return (f"training stopped at step {self.step + 1}: {what}; {where}. Lower --learning-rate, set "
-                f"--max-grad-norm, or check the reward functions, then resume with --resume")
-
     # ----- one step -----
     def train_step(self) -> dict[str, float]:
         """One generation round and its updates; returns the step's metrics."""
@@ -689,7 +667,7 @@ class GRPOTrainer:
         else:
             mismatch = {}
         loss_stats = self.update(ro, index)
-        self.engine.update_weights(self.policy)
+        self.refresh_engine()
         t3 = time.perf_counter()
         self.step += 1
         if self.reference is not None and c.ref_model_sync_steps and self.step % c.ref_model_sync_steps == 0:
@@ -785,65 +763,31 @@ class GRPOTrainer:
                                           "truncated": ro.truncated[j]} for j in range(i, i + G)]})
         return rows
 
-    # ----- checkpoints -----
+    def refresh_engine(self) -> None:
+        """Give the rollout engine the current weights (a LoRA policy: merged, see ``merged_for_save``)."""
+        self.engine.update_weights(merged_for_save(self.policy))
+
+    # ----- TrainLoop hooks -----
+    def progress_postfix(self, m: dict[str, float]) -> dict[str, str]:
+        return dict(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.3f}",
+                    len=f"{m['completions/mean_length']:.0f}", s=f"{m['time/step']:.1f}")
+
     def state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "cursor": self.cursor, "warn_counts": self.warn_counts}
+        return {"step": self.step, "epoch": self.data.epoch, "cursor": self.data.cursor, "warn_counts": self.warn_counts}
 
-    def save(self) -> Path:
-        ref = self.reference if (self.reference is not None and self.cfg.ref_model_sync_steps) else None
-        return ckpt.save_checkpoint(self.run_dir, self.step, policy=self.policy, tokenizer=self.tokenizer,
-                                    optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=self.state(),
-                                    config_yaml=config_yaml(self.cfg),
-                                    reference=ref, keep=self.cfg.save_total_limit)
-
-    def resume_from(self, path: Path) -> None:
-        """Restore weights, optimizer, scheduler, RNG and data cursor from a checkpoint directory."""
-        self.policy.load_state_dict(read_tensors(path / "policy"), strict=False)
-        if self.reference is not None and (path / "reference").is_dir():
-            self.reference.load_state_dict(read_tensors(path / "reference"), strict=False)
-        st = ckpt.load_training_state(path, self.optimizer, self.scheduler)
-        self.step, self.epoch, self.cursor = st["step"], st["epoch"], st["cursor"]
+    def load_state(self, st: dict) -> None:
+        self.step, self.data.epoch, self.data.cursor = st["step"], st["epoch"], st["cursor"]
         self.warn_counts = {**self.warn_counts, **st["warn_counts"]}  # checkpoints from before a guard was added
-        self.engine.update_weights(self.policy)
-        self.logger.truncate_after(self.step)
+        self.refresh_engine()
 
-    def train(self, progress: bool = True, stop_after: int | None = None) -> list[dict[str, float]]:
-        """Run until ``max_steps`` (or ``stop_after`` steps in this call, used to simulate a kill), or
-        until ``max_train_minutes`` of wall time have passed in this call: the step that crosses the
-        budget is finished and checkpointed, so ``--resume`` continues from it.
+    def checkpoint_reference(self):
+        return self.reference if (self.reference is not None and self.cfg.ref_model_sync_steps) else None
 
-        Raises:
-            TrainingStopped: a guard fired (non-finite loss / grad norm); nothing was saved for that step.
-        """
-        from tqdm.auto import tqdm
+    def after_resume(self, path: Path) -> None:
+        if self.reference is not None and (path / "reference").is_dir():
+            from r1kit.models.v3_io import read_tensors
 
-        c = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(c, self.run_dir / "config.yaml")
-        history = []
-        bar = tqdm(total=c.max_steps, initial=self.step, disable=not progress, desc="grpo", dynamic_ncols=True)
-        done = 0
-        start = time.perf_counter()
-        try:
-            while self.step < c.max_steps and (stop_after is None or done < stop_after):
-                if c.max_train_minutes is not None and time.perf_counter() - start >= 60 * c.max_train_minutes:
-                    print(f"time budget of {c.max_train_minutes:g} min reached after step {self.step}", flush=True)
-                    if not (self.run_dir / f"checkpoint-{self.step}").exists() and self.step > 0:
-                        self.save()
-                    break
-                m = self.train_step()
-                done += 1
-                history.append(m)
-                if self.step % c.logging_steps == 0:
-                    self.logger.log(self.step, m)
-                if (c.save_steps and self.step % c.save_steps == 0) or self.step == c.max_steps:
-                    self.save()
-                bar.update(1)
-                bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.3f}",
-                                len=f"{m['completions/mean_length']:.0f}", s=f"{m['time/step']:.1f}")
-        finally:
-            bar.close()
-        return history
+            self.reference.load_state_dict(read_tensors(path / "reference"), strict=False)
 
 
 class _Accumulator:

@@ -72,18 +72,23 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
-def plot_curves(metrics_path: Path, out_png: Path, window: int = 5) -> Path:
-    """Plot reward, accuracy, completion length, dead groups and answer collapse per step (raw and a moving average) to a PNG; steps
-    where a value is null or NaN are left out of its panel."""
+GRPO_PANELS = [("reward", "reward"), ("accuracy", "accuracy"), ("completions/mean_length", "completion length (tokens)"),
+               ("frac_reward_zero_std", "groups with zero reward std"),
+               ("answers/top_share", "share of the most common answer")]
+
+
+def plot_curves(metrics_path: Path, out_png: Path, window: int = 5,
+                panels: list[tuple[str, str]] | None = None) -> Path:
+    """Plot one panel per (metric key, title) of ``panels`` (default: GRPO's reward, accuracy,
+    completion length, zero-std groups, answer collapse) per step, raw and a moving average, to a PNG; steps where a
+    value is null or NaN are left out of its panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
-    panels = [("reward", "reward"), ("accuracy", "accuracy"), ("completions/mean_length", "completion length (tokens)"),
-              ("frac_reward_zero_std", "groups with zero reward std"),
-              ("answers/top_share", "share of the most common answer")]
+    panels = panels or GRPO_PANELS
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (key, label) in zip(axes, panels):
         pts = [(r["step"], r[key]) for r in rows if _finite_or_none(r.get(key)) is not None]

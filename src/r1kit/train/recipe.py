@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from r1kit.config import GRPOConfig
 from r1kit.errors import ConfigError, DataError, R1kitError
-from r1kit.eval.evaluate import eval_report, evaluate, load_result, markdown_table, save_report, save_result
+from r1kit.eval.evaluate import EvalResult, eval_report, evaluate, load_result, markdown_table, save_report, save_result
 from r1kit.models.loading import load_policy, resolve_bf16, resolve_dtype, save_pretrained_atomic
 from r1kit.runtime import make_engine, make_render, make_verifier
 from r1kit.train import checkpoint as ckpt
 from r1kit.train.grpo import GRPOTrainer, RewardScorer
 from r1kit.train.logging import plot_curves
+from r1kit.train.loop import apply_lora, merged_for_save
 
 
 def seed_everything(seed: int) -> None:
@@ -54,17 +56,69 @@ def check_completion_budget(cfg: GRPOConfig, template, tokenizer) -> None:
 
 
 def save_final(policy, tokenizer, run_dir: Path) -> Path:
-    """Save the trained policy as an HF directory at ``run_dir/final`` atomically."""
-    return save_pretrained_atomic(policy, tokenizer, run_dir / "final")
+    """Save the trained policy as an HF directory at ``run_dir/final`` atomically (a LoRA policy merged,
+    so that ``load_policy`` and the sampling engines load it without PEFT)."""
+    return save_pretrained_atomic(merged_for_save(policy), tokenizer, run_dir / "final")
 
 
-def run_complete(cfg: GRPOConfig, run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a finished run of ``cfg``: ``final/``, a checkpoint at or past
-    ``max_steps`` and, when ``eval_after`` asks for one, ``eval/report.md``. A run stopped by
-    ``max_train_minutes`` is not finished: ``--resume`` continues it for another budget."""
+def run_complete(run_dir: Path, total_steps: int, eval_after: bool) -> bool:
+    """Whether ``run_dir`` holds a finished run: ``final/``, a checkpoint at or past ``total_steps``
+    and, when ``eval_after`` asks for one, ``eval/report.md``. A run stopped by ``max_train_minutes``
+    is not finished: ``--resume`` continues it for another budget."""
     last = ckpt.latest_checkpoint(run_dir)
-    return ((run_dir / "final").is_dir() and last is not None and ckpt.checkpoint_step(last) >= cfg.max_steps
-            and (not cfg.eval_after or (run_dir / "eval" / "report.md").is_file()))
+    return ((run_dir / "final").is_dir() and last is not None and ckpt.checkpoint_step(last) >= total_steps
+            and (not eval_after or (run_dir / "eval" / "report.md").is_file()))
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to start a fresh run over one that holds checkpoints (R1kitError names --resume)."""
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume and ckpt.list_checkpoints(run_dir):
+        raise R1kitError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose another --output")
+
+
+def say_complete(run_dir: Path, total_steps: int) -> None:
+    print(f"{run_dir} is complete (max_steps={total_steps} reached, final/ written): nothing to resume; "
+          "raise --max-steps to train further", flush=True)
+
+
+def resume_latest(trainer, run_dir: Path) -> None:
+    """Restore ``trainer`` (a ``TrainLoop``) from the newest complete checkpoint of ``run_dir``."""
+    last = ckpt.latest_checkpoint(run_dir)
+    if last is None:
+        raise R1kitError(f"--resume: no complete checkpoint in {run_dir}")
+    trainer.resume_from(last)
+    print(f"resumed from {last} (step {trainer.step})")
+
+
+def evaluate_before(run_eval: Callable[[], EvalResult], n: int, k: int, eval_dir: Path) -> EvalResult:
+    """The initial policy's held-out result: ``eval/before.json`` when a previous call wrote it, else
+    ``run_eval()`` (RNG states restored after, so evaluation does not change what training draws)."""
+    if (eval_dir / "before.json").is_file():
+        before = load_result(eval_dir / "before.json")
+    else:
+        print(f"evaluating the initial policy on {n} held-out problems × k={k}...", flush=True)
+        rng = ckpt.rng_state()
+        before = run_eval()
+        ckpt.set_rng_state(rng)
+        save_result(before, eval_dir / "before.json")
+    print("before training:\n" + markdown_table([("initial policy", before)]))
+    return before
+
+
+def evaluate_after(run_eval: Callable[[], EvalResult], n: int, k: int, eval_dir: Path,
+                   before: EvalResult | None, header: str, train_golds: list | None,
+                   train_missing: str = "no training split was given") -> EvalResult:
+    """Evaluate the trained policy; write ``eval/after.json`` and ``eval/report.md`` (``header``, then
+    ``eval_report``: the before/after comparison with its paired interval, or the trained policy's
+    table, read against the training golds' answer prior; its figures in ``eval/report.priors.json``)."""
+    print(f"evaluating the trained policy on {n} held-out problems × k={k}...", flush=True)
+    after = run_eval()
+    save_result(after, eval_dir / "after.json")
+    report, analysis = eval_report({"before": before, "after": after} if before is not None
+                                   else {"trained policy": after}, train_golds, train_missing=train_missing)
+    save_report(eval_dir / "report.md", header + report, analysis)
+    print(header + report)
+    return after
 
 
 def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Path:
@@ -80,11 +134,9 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
 
     cfg.validate()
     run_dir = Path(cfg.output)
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume and ckpt.list_checkpoints(run_dir):
-        raise R1kitError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose another --output")
-    if resume and run_complete(cfg, run_dir):
-        print(f"{run_dir} is complete (max_steps={cfg.max_steps} reached, final/ written): nothing to resume; "
-              "raise --max-steps to train further", flush=True)
+    check_run_dir(run_dir, resume)
+    if resume and run_complete(run_dir, cfg.max_steps, cfg.eval_after):
+        say_complete(run_dir, cfg.max_steps)
         return run_dir
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -100,52 +152,37 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
         check_disjoint(train, held_out)
     verifier = make_verifier(cfg.task, cfg.answer_extraction)
     policy, tokenizer = load_policy(cfg.model, dtype=torch.float32)
+    if cfg.use_lora:
+        policy = apply_lora(policy, cfg)
     render, template = make_render(cfg.template, tokenizer)
     check_completion_budget(cfg, template, tokenizer)
     reward_fns = build_reward_functions(cfg.reward_funcs, cfg.reward_weights, verifier,
                                         think_in_prompt=template.think_in_prompt)
     rollout_dtype = ((torch.bfloat16 if resolve_bf16(cfg.bf16) else torch.float32) if cfg.rollout_dtype == "auto"
                      else resolve_dtype(cfg.rollout_dtype))
-    engine = make_engine(policy, tokenizer, cfg.rollout_backend, rollout_dtype)
+    engine = make_engine(merged_for_save(policy), tokenizer, cfg.rollout_backend, rollout_dtype)
     trainer = GRPOTrainer(cfg, policy, tokenizer, train, render, RewardScorer(cfg, verifier, reward_fns), engine, run_dir)
     for ex in train:  # every prompt fits max_prompt_length, checked before any work (ConfigError names the row)
         trainer.prompt_ids(ex)
     if resume:
-        last = ckpt.latest_checkpoint(run_dir)
-        if last is None:
-            raise R1kitError(f"--resume: no complete checkpoint in {run_dir}")
-        trainer.resume_from(last)
-        print(f"resumed from {last} (step {trainer.step})")
+        resume_latest(trainer, run_dir)
     eval_dir = run_dir / "eval"
-    eval_kw = dict(k=cfg.eval_k, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                   max_tokens=cfg.max_completion_length, seed=cfg.seed, task=f"{eval_task}/{cfg.eval_split}",
-                   stop=cfg.stop)
-    before = None
-    if cfg.eval_before:
-        if (eval_dir / "before.json").is_file():
-            before = load_result(eval_dir / "before.json")
-        else:
-            print(f"evaluating the initial policy on {len(held_out)} held-out problems × k={cfg.eval_k}...", flush=True)
-            rng = ckpt.rng_state()  # evaluation must not change the samples training draws
-            before = evaluate(engine, tokenizer, held_out, verifier, render, **eval_kw)
-            ckpt.set_rng_state(rng)
-            save_result(before, eval_dir / "before.json")
-        print("before training:\n" + markdown_table([("initial policy", before)]))
+
+    def run_eval() -> EvalResult:
+        return evaluate(engine, tokenizer, held_out, verifier, render, k=cfg.eval_k, temperature=cfg.eval_temperature,
+                        top_p=cfg.eval_top_p, max_tokens=cfg.max_completion_length, seed=cfg.seed,
+                        task=f"{eval_task}/{cfg.eval_split}", stop=cfg.stop)
+
+    before = evaluate_before(run_eval, len(held_out), cfg.eval_k, eval_dir) if cfg.eval_before else None
     trainer.train(progress=progress)
     trainer.logger.close()
     save_final(policy, tokenizer, run_dir)
     if cfg.plot and (run_dir / "metrics.jsonl").is_file():
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     if cfg.eval_after:
-        print(f"evaluating the trained policy on {len(held_out)} held-out problems × k={cfg.eval_k}...", flush=True)
-        after = evaluate(engine, tokenizer, held_out, verifier, render, **eval_kw)
-        save_result(after, eval_dir / "after.json")
-        report, analysis = eval_report({"before": before, "after": after} if before is not None
-                                       else {"trained policy": after}, [e.gold for e in train])
         header = (f"# {cfg.task} GRPO run: held-out evaluation\n\nmodel {cfg.model}, {trainer.step} steps, "
                   f"template {cfg.template}, eval on {eval_task}/{cfg.eval_split} (never trained on), "
                   f"k={cfg.eval_k}, T={cfg.eval_temperature}, top-p={cfg.eval_top_p}; answer prior from the "
                   f"{len(train)} training problems of {cfg.task}/{cfg.train_split}\n\n")
-        save_report(eval_dir / "report.md", header + report, analysis)
-        print(header + report)
+        evaluate_after(run_eval, len(held_out), cfg.eval_k, eval_dir, before, header, [e.gold for e in train])
     return run_dir

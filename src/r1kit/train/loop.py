@@ -1,0 +1,201 @@
+"""The training-loop skeleton GRPO and SFT share: steps, time budget, logging, checkpoints, resume.
+
+A trainer subclasses ``TrainLoop`` and provides ``train_step()`` (one optimizer step's work, returning
+its metrics) and ``progress_postfix``; the skeleton owns everything around it:
+
+  * the run directory and its ``config.yaml``;
+  * the step loop up to ``total_steps``, with ``max_train_minutes`` of wall time per call (the step
+    that crosses the budget is finished and checkpointed, so ``--resume`` continues from it);
+  * ``metrics.jsonl`` every ``logging_steps`` (``MetricsLogger``), checkpoints every ``save_steps``
+    and at the end (``checkpoint.save_checkpoint``: policy, optimizer, scheduler, RNG, trainer state);
+  * resume: weights, optimizer, scheduler, RNG, the data cursor and the trainer's own state;
+  * the guard message (``stop_message``) naming the last good checkpoint;
+  * the seeded per-epoch shuffle (``DataCursor``) and the learning-rate schedule (``lr_lambda``).
+
+LoRA (``apply_lora``): the policy becomes a PEFT model whose adapters alone train; checkpoints hold
+the adapter weights, ``final/`` the merged model (``merged_for_save``), which ``load_policy`` and the
+sampling engines load like any HF directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from r1kit.config import config_yaml, save_config
+from r1kit.train import checkpoint as ckpt
+from r1kit.train.logging import MetricsLogger
+
+
+def lr_lambda(kind: str, warmup_steps: int, total_updates: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier per update: linear warmup over ``warmup_steps`` updates, then constant, or cosine /
+    linear decay from 1 to ``min_ratio`` at ``total_updates`` (R1 distillation: cosine to 0.1×)."""
+
+    def f(update: int) -> float:
+        if update < warmup_steps:
+            return (update + 1) / (warmup_steps + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (update - warmup_steps) / max(1, total_updates - warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+        return min_ratio + (1.0 - min_ratio) * decay
+
+    return f
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: Any) -> torch.optim.AdamW:
+    """AdamW over ``params`` with the config's learning_rate, adam_beta1/2 and weight_decay."""
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             weight_decay=cfg.weight_decay)
+
+
+class DataCursor:
+    """A seeded shuffle of ``n`` items per epoch, read in order across epochs; (epoch, cursor) is the
+    resumable state. The order of epoch e is ``randperm(n)`` under seed ``seed·1000003 + e``."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.cursor = n, seed, 0, 0
+
+    def order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, k: int) -> list[int]:
+        """The next ``k`` item indices (wrapping into the next epoch's order)."""
+        out = []
+        order = self.order(self.epoch)
+        while len(out) < k:
+            if self.cursor >= len(order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                order = self.order(self.epoch)
+            out.append(order[self.cursor])
+            self.cursor += 1
+        return out
+
+
+def apply_lora(policy: torch.nn.Module, cfg: Any) -> torch.nn.Module:
+    """The policy with LoRA adapters (PEFT ``get_peft_model``; Hu et al. 2021) on
+    ``cfg.lora_target_modules``, rank ``lora_r``, scale ``lora_alpha / lora_r``; only the adapters train.
+
+    Raises ConfigError when PEFT finds none of the target modules."""
+    from peft import LoraConfig, get_peft_model
+
+    from r1kit.errors import ConfigError
+
+    targets = cfg.lora_target_modules
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+                      target_modules=targets[0] if targets == ["all-linear"] else list(targets))
+    try:
+        return get_peft_model(policy, lora)
+    except ValueError as err:
+        raise ConfigError(f"lora_target_modules={targets}: {err}") from None
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def merged_for_save(policy: torch.nn.Module) -> torch.nn.Module:
+    """What ``final/`` holds: the policy itself, or for a PEFT model a merged copy (W + scale·BA) that
+    loads without PEFT. The training policy keeps its adapters."""
+    if not is_peft(policy):
+        return policy
+    return copy.deepcopy(policy).merge_and_unload()
+
+
+class TrainLoop:
+    """The shared skeleton (module docstring). A subclass sets, in ``__init__``: ``cfg``, ``policy``,
+    ``tokenizer``, ``optimizer``, ``scheduler``, ``run_dir``, ``logger`` (``MetricsLogger``), ``step``,
+    ``total_steps``; and implements ``train_step``, ``progress_postfix``, and ``state``/``load_state``
+    for what it keeps beyond the step. ``checkpoint_reference`` and ``after_resume`` are hooks."""
+
+    desc = "train"
+
+    def init_loop(self, cfg: Any, run_dir: Path, total_steps: int) -> None:
+        self.cfg, self.run_dir, self.total_steps, self.step = cfg, Path(run_dir), total_steps, 0
+        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard)
+
+    # ----- hooks -----
+    def train_step(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {}
+
+    def state(self) -> dict:
+        return {"step": self.step}
+
+    def load_state(self, state: dict) -> None:
+        self.step = state["step"]
+
+    def checkpoint_reference(self) -> torch.nn.Module | None:
+        """A reference model to store in checkpoints (GRPO with a synced reference), else None."""
+        return None
+
+    def after_resume(self, path: Path) -> None:
+        """Called after a checkpoint is restored (GRPO: reference weights, rollout engine)."""
+
+    # ----- checkpoints -----
+    def stop_message(self, what: str) -> str:
+        """A guard's message: what happened, the last good checkpoint and the fix."""
+        last = ckpt.latest_checkpoint(self.run_dir)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        return (f"training stopped at step {self.step + 1}: {what}; {where}. Lower --learning-rate, set "
+                f"--max-grad-norm, or check the reward functions, then resume with --resume")
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.run_dir, self.step, policy=self.policy, tokenizer=self.tokenizer,
+                                    optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=self.state(),
+                                    config_yaml=config_yaml(self.cfg), reference=self.checkpoint_reference(),
+                                    keep=self.cfg.save_total_limit)
+
+    def resume_from(self, path: Path) -> None:
+        """Restore weights, optimizer, scheduler, RNG and the trainer state from a checkpoint directory."""
+        ckpt.load_policy_weights(self.policy, path / "policy")
+        self.after_resume(path)
+        self.load_state(ckpt.load_training_state(path, self.optimizer, self.scheduler))
+        self.logger.truncate_after(self.step)
+
+    # ----- the loop -----
+    def train(self, progress: bool = True, stop_after: int | None = None) -> list[dict[str, float]]:
+        """Run until ``total_steps`` (or ``stop_after`` steps in this call, used to simulate a kill), or
+        until ``max_train_minutes`` of wall time have passed in this call: the step that crosses the
+        budget is finished and checkpointed, so ``--resume`` continues from it.
+
+        Raises:
+            TrainingStopped: a guard fired (non-finite loss / grad norm); nothing was saved for that step.
+        """
+        from tqdm.auto import tqdm
+
+        c = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(c, self.run_dir / "config.yaml")
+        history = []
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not progress, desc=self.desc, dynamic_ncols=True)
+        done = 0
+        start = time.perf_counter()
+        try:
+            while self.step < self.total_steps and (stop_after is None or done < stop_after):
+                if c.max_train_minutes is not None and time.perf_counter() - start >= 60 * c.max_train_minutes:
+                    print(f"time budget of {c.max_train_minutes:g} min reached after step {self.step}", flush=True)
+                    if not (self.run_dir / f"checkpoint-{self.step}").exists() and self.step > 0:
+                        self.save()
+                    break
+                m = self.train_step()
+                done += 1
+                history.append(m)
+                if self.step % c.logging_steps == 0:
+                    self.logger.log(self.step, m)
+                if (c.save_steps and self.step % c.save_steps == 0) or self.step == self.total_steps:
+                    self.save()
+                bar.update(1)
+                bar.set_postfix(**self.progress_postfix(m))
+        finally:
+            bar.close()
+        return history
