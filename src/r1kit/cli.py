@@ -158,7 +158,8 @@ def _pretrain_v3_zero(args: argparse.Namespace) -> int:
 
 
 def _pipeline_r1(args: argparse.Namespace) -> int:
-    from r1kit.pipeline.r1 import load_r1_config, pipeline_overrides_from_args, run_r1_pipeline
+    from r1kit.pipeline.config import pipeline_overrides_from_args
+    from r1kit.pipeline.r1 import load_r1_config, run_r1_pipeline
 
     cfg = load_r1_config(args.preset, args.config, pipeline_overrides_from_args(args))
     if args.print_config:
@@ -170,6 +171,36 @@ def _pipeline_r1(args: argparse.Namespace) -> int:
                           progress=not args.no_progress)
     print(f"pipeline directory: {out} (report.md, report.png, one manifest.json per stage)")
     return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from r1kit.pipeline.config import pipeline_overrides_from_args
+    from r1kit.pipeline.distill import load_distill_config, run_distill
+
+    cfg = load_distill_config(args.preset, args.config, pipeline_overrides_from_args(args))
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    out = run_distill(cfg, from_stage=args.from_stage, until_stage=args.until_stage, progress=not args.no_progress)
+    print(f"distillation directory: {out} (report.md, report.png, one manifest.json per stage)")
+    return 0
+
+
+def _pipeline_flags(p: argparse.ArgumentParser, presets: list[str], cls: type) -> None:
+    """The flags ``r1kit pipeline r1`` and ``r1kit distill`` share, and one per plain config field."""
+    from r1kit.pipeline.config import add_pipeline_arguments
+
+    p.add_argument("--preset", help=f"named pipeline preset: {', '.join(presets)}")
+    p.add_argument("--config", help="YAML file of pipeline fields and stage sections")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", help="start at this stage (earlier stages "
+                   "must be complete)")
+    p.add_argument("--until", dest="until_stage", metavar="STAGE", help="stop after this stage")
+    p.add_argument("--print-config", action="store_true", help="print the resolved pipeline config and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    add_pipeline_arguments(p, cls)
 
 
 def _tasks(args: argparse.Namespace) -> int:
@@ -263,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipe = sub.add_parser("pipeline", help="multi-stage pipelines")
     pipesub = pipe.add_subparsers(dest="pipeline", required=True)
-    from r1kit.pipeline.r1 import add_pipeline_arguments
+    from r1kit.pipeline.distill import PRESETS as DISTILL_PRESETS
+    from r1kit.pipeline.distill import DistillConfig
+    from r1kit.pipeline.r1 import R1PipelineConfig
     from r1kit.pipeline.r1 import preset_names as r1_presets
 
     r1 = pipesub.add_parser(
@@ -272,16 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="The R1 pipeline (r1kit/pipeline/r1.py). Each stage is a directory with manifest.json; a "
                     "rerun skips finished stages and resumes an interrupted one. Stages: base, cold_start, "
                     "reasoning_rl, rejection_sampling, rejection_sft, final_rl (or the paper's numbers 0-4).")
-    r1.add_argument("--preset", help=f"named pipeline preset: {', '.join(r1_presets())}")
-    r1.add_argument("--config", help="YAML file of pipeline fields and stage sections")
-    r1.add_argument("--from", dest="from_stage", metavar="STAGE", help="start at this stage (earlier stages "
-                    "must be complete)")
-    r1.add_argument("--until", dest="until_stage", metavar="STAGE", help="stop after this stage")
-    r1.add_argument("--print-config", action="store_true", help="print the resolved pipeline config and exit")
-    r1.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r1.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
-    add_pipeline_arguments(r1)
+    _pipeline_flags(r1, r1_presets(), R1PipelineConfig)
     r1.set_defaults(func=_pipeline_r1)
+
+    dist = sub.add_parser(
+        "distill", help="sample a teacher, keep its verified samples, fine-tune a student on them, evaluate",
+        description="Distillation (r1kit/pipeline/distill.py): stages student (eval), teacher (eval), samples, "
+                    "distill (SFT); each a directory with manifest.json, reruns skip and resume. Stage "
+                    "sections samples: (SampleConfig) and distill: (SFTConfig) go in --config.")
+    _pipeline_flags(dist, sorted(DISTILL_PRESETS), DistillConfig)
+    dist.set_defaults(func=_distill)
 
     tasks = sub.add_parser("tasks", help="list registered tasks")
     tasks.set_defaults(func=_tasks)

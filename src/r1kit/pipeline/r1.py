@@ -14,10 +14,9 @@ resumes and ``--from``/``--until`` follow ``r1kit.pipeline.stages.run_stages``. 
 also take the paper's stage numbers 0-4 (3 = rejection_sampling as --from, rejection_sft as --until).
 At the end ``report.md`` and ``report.png`` put every stage's held-out evaluation side by side.
 
-Resolution order (later wins): dataclass defaults → ``--preset`` → ``--config file.yaml`` →
-``--field value`` flags. A stage section (``cold_start: {preset: cold_start, learning_rate: 5e-5}``)
-holds the stage's own config fields (SFTConfig, GRPOConfig, SampleConfig) and optionally ``preset``;
-a YAML section updates the preset's section field by field.
+Config resolution and stage sections: ``r1kit.pipeline.config`` (a section such as
+``cold_start: {preset: cold_start, learning_rate: 5e-5}`` holds that stage's SFTConfig, GRPOConfig
+or SampleConfig fields).
 
 Presets:
   r1      the paper's recipe at full scale (cold start 2 epochs at 5e-5 → 5e-6; GRPO with ε 10,
@@ -29,61 +28,32 @@ Presets:
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from r1kit.errors import ConfigError
+from r1kit.pipeline.config import PipelineFields, load_pipeline_config
 
-STAGE_SECTIONS = ("cold_start", "reasoning_rl", "rejection_sampling", "rejection_sft", "final_rl")
 STAGE_NUMBERS_FROM = {"0": "base", "1": "cold_start", "2": "reasoning_rl", "3": "rejection_sampling", "4": "final_rl"}
 STAGE_NUMBERS_UNTIL = {**STAGE_NUMBERS_FROM, "3": "rejection_sft"}
 
 
 @dataclass
-class R1PipelineConfig:
-    """The R1 pipeline: shared fields, the held-out evaluation, and one section per stage."""
+class R1PipelineConfig(PipelineFields):
+    """The R1 pipeline: the base, the data, the shared fields and evaluation, one section per stage."""
 
     model: str = "smollm2-135m-instruct"  # the base model (stages cold_start and rejection_sft start from it)
     task: str = "gsm8k"  # RL and rejection-sampling prompts: registered task or local .jsonl/.parquet (train split)
     cold_start_data: str = "gsm8k"  # cold-start SFT data: task with worked solutions, local file, or sampler directory
-    template: str = "chat_boxed"  # prompt template of every stage and of the evaluation (r1kit.data.templates)
-    answer_extraction: str = "tagged"  # MathVerifier extraction for rewards, sampling and evaluation
-    seed: int = 0  # seed of every stage
-    num_threads: int | None = None  # torch intra-op threads (None = torch default)
+    cold_start_limit: int | None = None  # use the first N cold-start rows only (stages 1 and 3); None = all
     output: str = "runs/r1"  # pipeline directory: one subdirectory per stage, report.md, report.png
     evaluate_base: bool = True  # evaluate the base model too (the report's first row)
-    eval_task: str | None = None  # held-out task (default: task), never trained on
-    eval_split: str = "test"  # its split
-    eval_limit: int | None = 200  # the first N problems of eval_split: a fixed subset (None = all)
-    eval_k: int = 1  # samples per held-out problem (pass@1 = their mean)
-    eval_temperature: float = 0.6  # R1 evaluation protocol
-    eval_top_p: float = 0.95  # R1 evaluation protocol
-    eval_max_tokens: int = 256  # completion tokens at most in evaluation
     cold_start: dict = field(default_factory=dict)  # stage 1 SFTConfig section (may hold preset)
     reasoning_rl: dict = field(default_factory=dict)  # stage 2 GRPOConfig section
     rejection_sampling: dict = field(default_factory=dict)  # stage 3 SampleConfig section
     rejection_sft: dict = field(default_factory=dict)  # stage 3 SFTConfig section
     final_rl: dict = field(default_factory=dict)  # stage 4 GRPOConfig section
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the field for an invalid value."""
-        for name in ("eval_k", "eval_max_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_limit is not None and self.eval_limit < 1:
-            raise ConfigError(f"eval_limit must be >= 1 (or none), got {self.eval_limit}")
-        for name in STAGE_SECTIONS:
-            if not isinstance(getattr(self, name), dict):
-                raise ConfigError(f"stage section {name} must be a mapping of config fields, "
-                                  f"got {getattr(self, name)!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -96,65 +66,44 @@ PRESETS: dict[str, dict[str, Any]] = {
         final_rl=dict(preset="r1", temperature=0.7, max_steps=1700),
     ),
 }
+# The embedded SmolLM2-135M-Instruct on GSM8K (README "The R1 pipeline on a CPU"). Evaluation: the
+# first 200 GSM8K test problems (never trained on), k=1, T=0.6, top-p 0.95, 256 tokens. Budgets are
+# step counts, sized from measured CPU seconds per step so that training fits about 30 minutes of an
+# idle 2-core machine (about 3,300 CPU s: SFT ~2.5 CPU s per example, GRPO ~70 CPU s per step of 32
+# completions, sampling ~1 CPU s per completion); no wall-clock caps, so a run is the same on a busy
+# machine. RL and rejection sampling use GSM8K-train problems of at most two calculator steps
+# (gsm8k_easy: a 135M model solves some, so groups carry reward variance and samples verify); both
+# SFT stages see the same first 480 GSM8K-train worked solutions. Learning rates: SFT 1e-4, the
+# spec's R1-Distill rate for its smallest student (DISTILL_SPEC §6), cosine to 0.1×; GRPO 2e-5 with
+# the DAPO loss, as the CPU GRPO demos. Nothing here was tuned on test problems.
+_CPU_SFT = dict(preset="cold_start", learning_rate=1e-4, min_lr_ratio=0.1, warmup_ratio=0.05, max_length=512,
+                per_device_train_batch_size=8, gradient_accumulation_steps=1, bf16="auto", save_steps=5,
+                save_total_limit=1, num_train_epochs=1.0)
+_CPU_GRPO = dict(task="gsm8k_easy", num_generations=8, prompts_per_step=4, max_completion_length=256,
+                 max_prompt_length=512, temperature=1.0, learning_rate=2e-5, loss_type="dapo", epsilon_high=0.28,
+                 beta=0.0, micro_batch_size=16, bf16="auto", save_steps=2, save_total_limit=1, log_completions_steps=2)
+PRESETS["cpu_r1"] = dict(
+    model="smollm2-135m-instruct", task="gsm8k_easy", cold_start_data="gsm8k", cold_start_limit=480,
+    template="chat_think", answer_extraction="tagged", eval_task="gsm8k", eval_split="test", eval_limit=200,
+    eval_k=1, eval_temperature=0.6, eval_top_p=0.95, eval_max_tokens=256, output="runs/r1-cpu",
+    cold_start=dict(_CPU_SFT, max_steps=30),
+    reasoning_rl=dict(_CPU_GRPO, reward_funcs=["accuracy", "format", "language"], max_steps=8),
+    rejection_sampling=dict(preset="r1_rejection", task="gsm8k_easy", split="train", limit=96, num_samples=4,
+                            max_tokens=256, prompts_per_shard=8),
+    rejection_sft=dict(_CPU_SFT, max_steps=60),
+    final_rl=dict(_CPU_GRPO, reward_funcs=["accuracy", "format"], temperature=0.7, max_steps=8),
+)
 
 
 def preset_names() -> list[str]:
     return sorted(PRESETS)
 
 
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(R1PipelineConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(R1PipelineConfig)}
-
-
-def apply_pipeline_overrides(cfg: R1PipelineConfig, values: dict[str, Any], source: str) -> R1PipelineConfig:
-    """Apply ``values``; a stage section updates the current section key by key.
-
-    Raises:
-        ConfigError: an unknown field or stage section (names ``source``, the stages and the fields).
-    """
-    from r1kit.config import _coerce
-
-    types = _field_types()
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name in STAGE_SECTIONS:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: stage section {name} must be a mapping of config fields, got {value!r}")
-            setattr(cfg, name, {**getattr(cfg, name), **value})
-        elif name in types:
-            setattr(cfg, name, _coerce(value, types[name], name))
-        else:
-            plain = [n for n in types if n not in STAGE_SECTIONS]
-            raise ConfigError(f"{source}: {key!r} is neither a pipeline stage ({', '.join(STAGE_SECTIONS)}) "
-                              f"nor a pipeline field ({', '.join(plain)})")
-    return cfg
-
-
 def load_r1_config(preset: str | None = None, yaml_path: str | None = None,
                    overrides: dict[str, Any] | None = None) -> R1PipelineConfig:
-    """defaults → preset → YAML → overrides, validated. Raises ConfigError (unknown preset, file,
-    stage or field; bad YAML)."""
-    cfg = R1PipelineConfig()
-    if preset:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown pipeline preset {preset!r}; presets: {', '.join(preset_names())}")
-        apply_pipeline_overrides(cfg, PRESETS[preset], f"preset {preset}")
-    if yaml_path:
-        path = Path(yaml_path)
-        if not path.is_file():
-            raise ConfigError(f"pipeline config file {yaml_path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"pipeline config file {yaml_path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"pipeline config file {yaml_path} must hold a mapping of field: value")
-        apply_pipeline_overrides(cfg, data, yaml_path)
-    if overrides:
-        apply_pipeline_overrides(cfg, overrides, "command line")
-    cfg.validate()
-    return cfg
+    """defaults → preset → YAML → overrides, validated (``load_pipeline_config``). Raises ConfigError
+    (unknown preset, file, stage or field; bad YAML; invalid value)."""
+    return load_pipeline_config(R1PipelineConfig, PRESETS, preset, yaml_path, overrides)
 
 
 def r1_stages(cfg: R1PipelineConfig):
@@ -165,14 +114,15 @@ def r1_stages(cfg: R1PipelineConfig):
         Stage("base", "0_base", "eval", model="base", evaluate=cfg.evaluate_base,
               description="the base model, evaluated"),
         Stage("cold_start", "1_cold_start", "sft", model="base", data=[cfg.cold_start_data],
-              overrides=cfg.cold_start, description="stage 1: cold-start SFT of the base on worked solutions"),
+              data_limits=[cfg.cold_start_limit], overrides=cfg.cold_start, description="stage 1: cold-start SFT of the base on worked solutions"),
         Stage("reasoning_rl", "2_reasoning_rl", "grpo", model="cold_start", overrides=cfg.reasoning_rl,
               description="stage 2: reasoning GRPO from stage 1"),
         Stage("rejection_sampling", "3a_rejection_sampling", "sample", model="reasoning_rl",
               overrides=cfg.rejection_sampling, evaluate=False,
               description="stage 3a: rejection sampling from stage 2 on training prompts"),
         Stage("rejection_sft", "3b_rejection_sft", "sft", model="base",
-              data=[cfg.cold_start_data, "rejection_sampling"], overrides=cfg.rejection_sft,
+              data=[cfg.cold_start_data, "rejection_sampling"], data_limits=[cfg.cold_start_limit, None],
+              overrides=cfg.rejection_sft,
               description="stage 3b: SFT of the base (again) on cold-start data + verified samples"),
         Stage("final_rl", "4_final_rl", "grpo", model="rejection_sft", overrides=cfg.final_rl,
               description="stage 4: final GRPO from stage 3"),
@@ -181,16 +131,13 @@ def r1_stages(cfg: R1PipelineConfig):
 
 def r1_context(cfg: R1PipelineConfig, progress: bool = True):
     """The PipelineContext of an R1 pipeline config: fields every stage kind gets, the evaluation."""
-    from r1kit.pipeline.stages import EvalSettings, PipelineContext
+    from r1kit.pipeline.stages import PipelineContext
 
     shared = dict(template=cfg.template, seed=cfg.seed)
     common = {"grpo": {**shared, "task": cfg.task, "answer_extraction": cfg.answer_extraction},
               "sft": dict(shared),
               "sample": {**shared, "task": cfg.task, "answer_extraction": cfg.answer_extraction}}
-    ev = EvalSettings(task=cfg.eval_task or cfg.task, split=cfg.eval_split, limit=cfg.eval_limit, k=cfg.eval_k,
-                      temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, max_tokens=cfg.eval_max_tokens,
-                      template=cfg.template, answer_extraction=cfg.answer_extraction, seed=cfg.seed)
-    return PipelineContext(output=Path(cfg.output), base_model=cfg.model, common=common, eval=ev,
+    return PipelineContext(output=Path(cfg.output), base_model=cfg.model, common=common, eval=cfg.eval_settings(cfg.task),
                            num_threads=cfg.num_threads, progress=progress)
 
 
@@ -214,30 +161,11 @@ def run_r1_pipeline(cfg: R1PipelineConfig, from_stage: str | None = None, until_
     stages = r1_stages(cfg)
     ctx = r1_context(cfg, progress)
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     run_stages(stages, ctx, resolve_stage_flag(from_stage, STAGE_NUMBERS_FROM),
-               resolve_stage_flag(until_stage, STAGE_NUMBERS_UNTIL))
+               resolve_stage_flag(until_stage, STAGE_NUMBERS_UNTIL), record=cfg.to_dict())
     from r1kit.data.loading import load_task
 
     write_report(stages, ctx, title=f"R1 pipeline: {cfg.model} on {cfg.task}",
                  train_golds=[e.gold for e in load_task(cfg.task, "train")])
     return out
 
-
-def add_pipeline_arguments(parser) -> None:
-    """One ``--field-name`` option per plain R1PipelineConfig field (stage sections: --config only)."""
-    import inspect
-    import re
-
-    pattern = re.compile(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$")
-    comments = {m.group(1): m.group(2) for m in map(pattern.match, inspect.getsource(R1PipelineConfig).splitlines())
-                if m}
-    for f in dataclasses.fields(R1PipelineConfig):
-        if f.name not in STAGE_SECTIONS:
-            parser.add_argument("--" + f.name.replace("_", "-"), dest="pl_" + f.name, default=None, metavar="V",
-                                help=comments.get(f.name, ""))
-
-
-def pipeline_overrides_from_args(args) -> dict[str, Any]:
-    return {k[3:]: v for k, v in vars(args).items() if k.startswith("pl_") and v is not None}

@@ -31,8 +31,12 @@ from r1kit.errors import ConfigError, R1kitError
 from r1kit.pipeline.manifest import canonical_sha256, changed_fields, read_manifest, sha256_path, write_manifest
 
 STAGE_KINDS = ("eval", "sft", "grpo", "sample")
+# Config fields that do not change what a stage makes (threads, logging, checkpoint cadence): left out
+# of the stage key, so a rerun may change them.
+RUNTIME_FIELDS = ("num_threads", "logging_steps", "log_completions_steps", "tensorboard", "plot", "save_steps",
+                  "save_total_limit", "request_timeout", "max_retries", "max_concurrency", "api_key_env")
 # Config fields the pipeline sets from its graph: a stage section naming one is refused.
-GRAPH_FIELDS = {"eval": (), "sft": ("model", "output"), "grpo": ("model", "output"),
+GRAPH_FIELDS = {"eval": (), "sft": ("model", "output", "data"), "grpo": ("model", "output"),
                 "sample": ("teacher", "output")}
 
 
@@ -46,6 +50,7 @@ class Stage:
         kind: "eval" (evaluate ``model`` only), "sft", "grpo" or "sample".
         model: "base", the name of an earlier stage (its artifact), or a literal model spec.
         data: data specs: names of earlier stages (their artifacts) or literal task names/files.
+        data_limits: per data spec, its first N rows only (None = all); SFT stages.
         overrides: the stage's config section (may hold ``preset``), applied over the stage's
             defaults and under the fields the pipeline sets (template, seed, ...).
         evaluate: evaluate the stage's model on the held-out set after it is made.
@@ -57,6 +62,7 @@ class Stage:
     kind: str
     model: str = "base"
     data: list[str] = field(default_factory=list)
+    data_limits: list[int | None] = field(default_factory=list)
     overrides: dict[str, Any] = field(default_factory=dict)
     evaluate: bool = True
     description: str = ""
@@ -137,9 +143,9 @@ def _load_kind_config(kind: str, preset: str | None, values: dict[str, Any]):
 
         return load_config(preset, None, values, cls=SFTConfig)
     if kind == "sample":
-        from r1kit.pipeline.sample import load_sample_config
+        from r1kit.pipeline.sample import sample_config
 
-        return load_sample_config(preset, values)
+        return sample_config(preset, **values)
     raise ConfigError(f"unknown stage kind {kind!r}; kinds: {', '.join(STAGE_KINDS)}")
 
 
@@ -255,8 +261,10 @@ def check_stage_names(stages: list[Stage], names: dict[str, str | None], source:
 
 
 def run_stages(stages: list[Stage], ctx: PipelineContext, from_stage: str | None = None,
-               until_stage: str | None = None) -> list[dict]:
+               until_stage: str | None = None, record: dict | None = None) -> list[dict]:
     """Run (or skip, or resume) ``stages`` in order; return their manifests (those that exist).
+    ``record``: the pipeline's resolved config, written to ``<output>/pipeline.yaml`` once every
+    check has passed.
 
     Raises:
         ConfigError: an unknown stage name, a bad stage config (all checked before any work).
@@ -270,10 +278,11 @@ def run_stages(stages: list[Stage], ctx: PipelineContext, from_stage: str | None
     if lo > hi:
         raise ConfigError(f"--from {from_stage} comes after --until {until_stage}; stages in order: {', '.join(order)}")
     by_name = {s.name: s for s in stages}
-    configs = {s.name: build_stage_config(s, ctx) for s in stages}  # every config error before any work
+    # every config error of the stages to run before any work (later stages are checked when they run)
+    configs = {s.name: build_stage_config(s, ctx) for s in stages[lo:hi + 1]}
     from r1kit.models.loading import resolve_model_dir
 
-    for s in stages:
+    for s in stages[lo:hi + 1]:
         for ref in [s.model, *s.data] if s.model != "base" else s.data:
             if ref in by_name and order.index(ref) >= order.index(s.name):
                 raise ConfigError(f"stage {s.name} reads stage {ref}, which does not come before it")
@@ -287,6 +296,12 @@ def run_stages(stages: list[Stage], ctx: PipelineContext, from_stage: str | None
 
         torch.set_num_threads(ctx.num_threads)
     ctx.output.mkdir(parents=True, exist_ok=True)
+    if record is not None:
+        import yaml
+
+        from r1kit.eval.evaluate import write_atomic
+
+        write_atomic(ctx.output / "pipeline.yaml", yaml.safe_dump(record, sort_keys=False))
     manifests = []
     for i, stage in enumerate(stages):
         if i > hi:
@@ -321,8 +336,8 @@ def _run_one(stage: Stage, cfg, by_name: dict[str, Stage], ctx: PipelineContext)
     sdir = ctx.stage_dir(stage)
     inputs, paths = _resolve_inputs(stage, by_name, ctx)
     cfg_d = config_dict(cfg)
-    keyed = {k: v for k, v in cfg_d.items() if k not in GRAPH_FIELDS.get(stage.kind, ()) and k != "data"}
-    key = canonical_sha256({"kind": stage.kind, "config": keyed,
+    keyed = {k: v for k, v in cfg_d.items() if k not in GRAPH_FIELDS.get(stage.kind, ()) and k not in RUNTIME_FIELDS}
+    key = canonical_sha256({"kind": stage.kind, "config": keyed, "data_limits": stage.data_limits,
                             "inputs": {r: f["sha256"] for r, f in sorted(inputs.items())}})
     old = read_manifest(sdir)
     eval_d = ctx.eval.to_dict() if (ctx.eval and stage.evaluate) else None
@@ -389,27 +404,106 @@ def _run_eval_stage(stage: Stage, cfg, paths: dict, run_dir: Path, ctx: Pipeline
     return Path(paths["model"]), {}, {}
 
 
+def _last_metrics(run_dir: Path, keys: tuple[str, ...], n: int = 5) -> dict[str, Any]:
+    """``steps`` and the mean of each of ``keys`` over the last ``n`` rows of ``run_dir/metrics.jsonl``."""
+    from r1kit.train.logging import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    out: dict[str, Any] = {"steps": rows[-1]["step"] if rows else 0}
+    for key in keys:
+        vals = [r[key] for r in rows[-n:] if r.get(key) is not None]
+        if vals:
+            out[f"train_{key.replace('/', '_')}_last{n}"] = sum(vals) / len(vals)
+    return out
+
+
+def _fresh_or_resume(run_dir: Path) -> bool:
+    """Resume when ``run_dir`` holds a complete checkpoint; a run killed before its first checkpoint has
+    nothing to resume and is started over (its partial logs removed)."""
+    from r1kit.train import checkpoint as ckpt
+
+    if ckpt.list_checkpoints(run_dir):
+        return True
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    return False
+
+
 def _run_grpo_stage(stage: Stage, cfg, paths: dict, run_dir: Path, ctx: PipelineContext):
     """GRPO from the stage's model (``run_grpo``); resumed from the run's latest checkpoint."""
-    from r1kit.train import checkpoint as ckpt
-    from r1kit.train.logging import read_metrics
     from r1kit.train.recipe import run_grpo
 
     cfg = dataclasses.replace(cfg, model=paths["model"], output=str(run_dir), eval_before=False, eval_after=False)
     if stage.data:
         cfg.task = paths["data0"]
-    resume = bool(ckpt.list_checkpoints(run_dir))
-    if not resume and run_dir.exists():  # killed before its first checkpoint: nothing in it to resume
-        shutil.rmtree(run_dir)
-    run_grpo(cfg, resume=resume, progress=ctx.progress)
-    rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
-    last = rows[-5:]
-    metrics = {"steps": rows[-1]["step"] if rows else 0}
-    for key in ("reward", "accuracy"):
-        vals = [r[key] for r in last if r.get(key) is not None]
-        if vals:
-            metrics[f"train_{key}_last5"] = sum(vals) / len(vals)
+    run_grpo(cfg, resume=_fresh_or_resume(run_dir), progress=ctx.progress)
+    metrics = _last_metrics(run_dir, ("reward", "accuracy", "completions/mean_length"))
     return run_dir / "final", {"steps": metrics["steps"]}, metrics
 
 
-RUNNERS: dict[str, Callable] = {"eval": _run_eval_stage, "grpo": _run_grpo_stage}
+def combine_sft_data(specs: list[str], out: Path, limits: list[int | None] | None = None) -> tuple[Path, list[int]]:
+    """Write the SFT rows of every spec (``load_sft_rows``, the first ``limits[j]`` rows of spec j
+    when given) into one JSONL file of r1kit's prompt/reasoning/answer layout (ids prefixed with the
+    source's index so they stay unique, gold kept); returns (the file, rows per spec). Written
+    atomically.
+
+    Raises:
+        DataError: from ``load_sft_rows``, or a spec that yields no rows (names it).
+    """
+    import json
+
+    from r1kit.data.sft_data import load_sft_rows
+    from r1kit.errors import DataError
+    from r1kit.eval.evaluate import write_atomic
+
+    lines, counts = [], []
+    for j, spec in enumerate(specs):
+        rows = load_sft_rows(spec, limit=(limits or [None] * len(specs))[j])
+        if not rows:
+            raise DataError(f"SFT data {spec!r} has no rows: nothing to add to the stage's training data")
+        counts.append(len(rows))
+        lines += [json.dumps({"id": f"{j}:{r.id}", "prompt": r.prompt, "reasoning": r.reasoning, "answer": r.answer,
+                              "gold": r.meta.get("gold")}) for r in rows]
+    write_atomic(out, "".join(line + "\n" for line in lines))
+    return out, counts
+
+
+def _run_sft_stage(stage: Stage, cfg, paths: dict, run_dir: Path, ctx: PipelineContext):
+    """SFT of the stage's model on its data (``run_sft``); several data specs are combined into one
+    file first (``combine_sft_data``); resumed from the run's latest checkpoint."""
+    from r1kit.data.sft_data import load_sft_rows
+    from r1kit.train.sft import run_sft
+
+    specs = [paths[f"data{j}"] for j in range(len(stage.data))]
+    limits = stage.data_limits or [None] * len(specs)
+    if len(specs) == 1:
+        data, counts = specs[0], [len(load_sft_rows(specs[0], limit=limits[0]))]
+        cfg = dataclasses.replace(cfg, max_train_examples=limits[0] or cfg.max_train_examples)
+    else:
+        data, counts = combine_sft_data(specs, run_dir.parent / "data.jsonl", limits)
+    cfg = dataclasses.replace(cfg, model=paths["model"], data=str(data), output=str(run_dir), eval_before=False,
+                              eval_after=False)
+    run_sft(cfg, resume=_fresh_or_resume(run_dir), progress=ctx.progress)
+    metrics = _last_metrics(run_dir, ("loss", "mean_token_accuracy", "examples_dropped"))
+    rows = {f"rows from {name}": n for name, n in zip(stage.data, counts)}
+    return run_dir / "final", {"steps": metrics["steps"], **rows}, metrics
+
+
+def _run_sample_stage(stage: Stage, cfg, paths: dict, run_dir: Path, ctx: PipelineContext):
+    """Rejection sampling with the stage's model as the teacher (``run_sample``, always with resume: its
+    shards are the unit of resume, so a killed stage loses and repeats no sample)."""
+    import json
+
+    from r1kit.pipeline.sample import run_sample
+
+    cfg = dataclasses.replace(cfg, teacher=paths["model"], output=str(run_dir))
+    if stage.data:
+        cfg.task = paths["data0"]
+    run_sample(cfg, resume=True, progress=ctx.progress)
+    summary = json.loads((run_dir / "manifest.json").read_text())
+    counts = {k: v for k, v in summary.items() if isinstance(v, int) and not isinstance(v, bool)}
+    return run_dir, counts, {k: v for k, v in summary.items() if isinstance(v, dict) and k != "config"}
+
+
+RUNNERS: dict[str, Callable] = {"eval": _run_eval_stage, "grpo": _run_grpo_stage, "sft": _run_sft_stage,
+                                "sample": _run_sample_stage}
