@@ -7,6 +7,7 @@
   r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 100]
   r1kit pipeline r1 --preset cpu_r1 | --config FILE [--from STAGE] [--until STAGE] [--output DIR] [--<field> V]
   r1kit distill --teacher T --student S --task X [--output DIR] [...]
+  r1kit sample --teacher M --task T --num-samples N --output DIR [--teacher-url URL] [--<field> value ...]
   r1kit tasks
 
 Bad input (R1kitError) prints one ``error:`` line and exits with status 2; a guard stop exits with 3;
@@ -203,6 +204,17 @@ def _pipeline_flags(p: argparse.ArgumentParser, presets: list[str], cls: type) -
     add_pipeline_arguments(p, cls)
 
 
+def _sample(args: argparse.Namespace) -> int:
+    import json
+
+    from r1kit.pipeline.sample import config_from_args, run_sample
+
+    out = run_sample(config_from_args(args), resume=not args.no_resume, progress=not args.no_progress)
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    print(f"kept {counts['kept']} of {counts['sampled']} samples; output: {out} (shards/, manifest.json, dropped/)")
+    return 0
+
+
 def _tasks(args: argparse.Namespace) -> int:
     from r1kit.data.base import task_names, task_verifier
 
@@ -315,6 +327,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "sections samples: (SampleConfig) and distill: (SFTConfig) go in --config.")
     _pipeline_flags(dist, sorted(DISTILL_PRESETS), DistillConfig)
     dist.set_defaults(func=_distill)
+    from r1kit.pipeline.sample import PRESETS as SAMPLE_PRESETS, add_sample_arguments
+
+    smp = sub.add_parser(
+        "sample", help="rejection sampling: a teacher's verified, filtered, decontaminated completions",
+        description="Rejection sampling (R1 §2.3.3): N completions per prompt from a teacher (a model r1kit loads, "
+                    "or --teacher-url, an OpenAI-compatible endpoint), kept when the task's verifier accepts them and "
+                    "the readability, dedup and decontamination checks pass. Every SampleConfig field is a --flag "
+                    "(r1kit/pipeline/sample.py). A rerun with the same --output resumes.",
+        epilog=f"presets: {', '.join(sorted(SAMPLE_PRESETS))}")
+    smp.add_argument("--preset", default=None, help=f"named preset applied before the flags: {', '.join(sorted(SAMPLE_PRESETS))}")
+    smp.add_argument("--no-resume", action="store_true", help="refuse an --output that already holds a run")
+    smp.add_argument("--no-progress", action="store_true", help="no per-shard progress lines")
+    smp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    add_sample_arguments(smp)
+    smp.set_defaults(func=_sample)
 
     tasks = sub.add_parser("tasks", help="list registered tasks")
     tasks.set_defaults(func=_tasks)

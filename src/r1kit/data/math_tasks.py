@@ -83,16 +83,17 @@ def gsm8k_easy(split: str = "train", max_calc_steps: int = GSM8K_EASY_MAX_CALC_S
 @register_task("math500", verifier="math")
 def math500(split: str = "test") -> list[Example]:
     """MATH-500 (Lightman et al. 2023, the PRM800K split of MATH): 500 competition problems;
-    ``meta`` holds subject, level and unique_id."""
+    ``meta`` holds subject, level, unique_id and the reference ``solution``."""
     path = _split_file("math500", split, {"test": "test.jsonl"})
-    return _read_task("math500", split, path, "problem", "answer", ("subject", "level", "unique_id"))
+    return _read_task("math500", split, path, "problem", "answer", ("subject", "level", "unique_id", "solution"))
 
 
 @register_task("aime24", verifier="math")
 def aime24(split: str = "test") -> list[Example]:
-    """AIME 2024: 30 problems with integer answers 0-999 (given as written, e.g. ``"025"``)."""
+    """AIME 2024: 30 problems with integer answers 0-999 (given as written, e.g. ``"025"``); ``meta``
+    holds id, url and the reference ``solution``."""
     path = _split_file("aime24", split, {"test": "test.jsonl"})
-    return _read_task("aime24", split, path, "problem", "answer", ("id", "url"))
+    return _read_task("aime24", split, path, "problem", "answer", ("id", "url", "solution"))
 
 
 @register_task("amc23", verifier="math")

@@ -129,21 +129,34 @@ def render_prompt(example: Example, tokenizer, template: PromptTemplate) -> str:
     problem = example.prompt.strip()
     if template.bare:
         return problem
-    user = f"{problem}\n\n{template.instruction}" if template.instruction else problem
     if not template.use_chat_template:
         system = f"{template.system_prompt} " if template.system_prompt else ""
         prefix = f" {template.assistant_prefix}" if template.assistant_prefix else ""
-        return f"{system}User: {user}. Assistant:{prefix}"
+        return f"{system}User: {user_text(example, template)}. Assistant:{prefix}"
     if getattr(tokenizer, "chat_template", None) is None:
         raise ConfigError(
             f"template {template.name!r} needs a chat template, but the tokenizer has none; "
             "use template r1_zero"
         )
-    messages = [{"role": "user", "content": user}]
+    text = tokenizer.apply_chat_template(chat_messages(example, template), tokenize=False,
+                                         add_generation_prompt=True)
+    return text + template.assistant_prefix
+
+
+def user_text(example: Example, template: PromptTemplate) -> str:
+    """The user turn: the problem, then the template's instruction after a blank line."""
+    problem = example.prompt.strip()
+    return f"{problem}\n\n{template.instruction}" if template.instruction else problem
+
+
+def chat_messages(example: Example, template: PromptTemplate) -> list[dict[str, str]]:
+    """The OpenAI-style messages of ``example`` (the system prompt when the template sets one, then the
+    user turn): what ``render_prompt`` passes to the chat template, and what an OpenAI-compatible
+    endpoint receives. The ``assistant_prefix`` is not a message (a chat endpoint cannot prefill it)."""
+    messages = [{"role": "user", "content": user_text(example, template)}]
     if template.system_prompt is not None:
         messages.insert(0, {"role": "system", "content": template.system_prompt})
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text + template.assistant_prefix
+    return messages
 
 
 def encode_prompt(text: str, tokenizer) -> list[int]:

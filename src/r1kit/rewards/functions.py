@@ -1,6 +1,7 @@
 """Build the weighted list of reward functions a GRPO run sums.
 
-Names are the built-ins ``"accuracy"`` (the verifier's score) and ``"format"``, or an import path
+Names are the built-ins ``"accuracy"`` (the verifier's score), ``"format"`` and ``"language"`` (R1's
+language-consistency reward, ``r1kit.rewards.language``), or an import path
 ``"package.module:attribute"`` to a user reward. The attribute is either the reward itself, a
 callable ``(completions, examples) -> list[float]``, or a class / zero-argument factory returning
 one. The trainer sums ``weight * reward`` and logs each function under ``rewards/<name>``.
@@ -17,9 +18,10 @@ from r1kit.data.base import Example
 from r1kit.errors import ConfigError
 from r1kit.rewards.base import RewardFunction, Verifier
 from r1kit.rewards.format import FormatReward
+from r1kit.rewards.language import LanguageReward
 from r1kit.rewards.math import AccuracyReward
 
-BUILTIN_REWARDS = ("accuracy", "format")
+BUILTIN_REWARDS = ("accuracy", "format", "language")
 
 
 class UserReward:
@@ -102,11 +104,12 @@ def build_reward_functions(
     """The reward functions of a run with their weights.
 
     Args:
-        names: ``"accuracy"``, ``"format"`` or import paths (see ``load_reward``).
+        names: ``"accuracy"``, ``"format"``, ``"language"`` or import paths (see ``load_reward``).
         weights: one weight per name; None gives every function weight 1.0 (R1: accuracy and
             format with equal weight, GRPO_SPEC §4).
         verifier: checks answers for ``"accuracy"`` (the same object evaluation uses).
-        think_in_prompt: the prompt ends with ``<think>`` (passed to ``FormatReward``).
+        think_in_prompt: the prompt ends with ``<think>`` (passed to ``FormatReward`` and
+            ``LanguageReward``).
 
     Raises:
         ConfigError: no names, a weight count that differs from the name count, a non-finite
@@ -123,6 +126,8 @@ def build_reward_functions(
             functions.append(AccuracyReward(verifier))
         elif name == "format":
             functions.append(FormatReward(think_in_prompt))
+        elif name == "language":
+            functions.append(LanguageReward(think_in_prompt))
         else:
             functions.append(load_reward(name))
     metric_names = [f.name for f in functions]

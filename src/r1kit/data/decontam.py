@@ -1,0 +1,157 @@
+"""N-gram decontamination against every evaluation split r1kit ships (DISTILL_SPEC §4).
+
+Two rules, both on **word n-grams of normalized text** (NFKC, lower case, every character that is not
+a letter or digit replaced by a space, split on white space; ``"What's 2+2?"`` → ``what s 2 2``):
+
+- ``question``: a training question that shares one word **8-gram** with an evaluation question is
+  contaminated (open-r1 ``scripts/decontaminate.py``, s1): ``question_n``.
+- ``solution``: a text (a training question, or a sampled completion) that shares one word **10-gram**
+  with an evaluation question followed by its reference solution is contaminated (DeepSeek-R1 v2
+  App. B.3.3, "any text segment containing a matching 10-gram sequence with evaluation questions or
+  reference solutions"): ``solution_n``.
+
+An evaluation text shorter than n words has no n-gram; upstream then never matches it. Here such a
+question matches a training question whose normalized words are exactly the same (``"37+48="`` is
+contaminated by ``"37 + 48 ="``, not by every text containing ``37 48``). Paraphrases are not caught
+(as upstream acknowledges).
+
+Evaluation splits: ``EVAL_SPLITS`` (a test checks that it covers the test split of every registered
+task); a reference solution is the example's worked ``solution`` (GSM8K, MATH-500, AIME), its
+``canonical_solution`` (HumanEval, MBPP), its ``equation`` (SVAMP), else its gold answer.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable, Sequence
+
+from r1kit.data.base import Example
+
+EVAL_SPLITS: tuple[tuple[str, str], ...] = (
+    ("gsm8k", "test"), ("svamp", "test"), ("math500", "test"), ("aime24", "test"), ("amc23", "test"),
+    ("humaneval", "test"), ("mbpp", "test"), ("mbpp", "validation"), ("arithmetic", "test"),
+)
+QUESTION_NGRAM = 8  # open-r1 / s1
+SOLUTION_NGRAM = 10  # DeepSeek-R1
+
+_NOT_ALNUM = re.compile(r"[\W_]+")
+
+
+def normalized_words(text: str) -> list[str]:
+    """The words of ``text`` after normalization (module docstring)."""
+    return _NOT_ALNUM.sub(" ", unicodedata.normalize("NFKC", text).lower()).split()
+
+
+def ngrams(words: Sequence[str], n: int) -> Iterable[tuple[str, ...]]:
+    """The word n-grams of ``words``, in order (none when there are fewer than n words)."""
+    return (tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def reference_solution(example: Example) -> str:
+    """The reference solution of an evaluation example (module docstring), or ``""``."""
+    for key in ("solution", "canonical_solution", "equation"):
+        if example.meta.get(key):
+            return str(example.meta[key])
+    return example.gold or ""
+
+
+@dataclass(frozen=True)
+class Match:
+    """Why a text is contaminated.
+
+    Attributes:
+        rule: ``"question"`` (n-gram of an evaluation question) or ``"solution"`` (of question +
+            reference solution).
+        eval_id: the id of the evaluation example it matches (e.g. ``"gsm8k/test/17"``).
+        ngram: the shared n-gram, words joined by spaces (the whole question for a short one).
+    """
+
+    rule: str
+    eval_id: str
+    ngram: str
+
+    def to_dict(self) -> dict:
+        return {"rule": self.rule, "eval_id": self.eval_id, "ngram": self.ngram}
+
+
+class NgramIndex:
+    """Word n-grams of a set of evaluation texts → the first evaluation id holding each.
+
+    Args:
+        texts: (eval id, text) pairs.
+        n: n-gram length in words.
+        rule: the name reported in a ``Match``.
+    """
+
+    def __init__(self, texts: Iterable[tuple[str, str]], n: int, rule: str):
+        if n < 1:
+            from r1kit.errors import ConfigError
+
+            raise ConfigError(f"decontamination n-gram length must be >= 1, got {n}")
+        self.n, self.rule = n, rule
+        self.grams: dict[tuple[str, ...], str] = {}
+        self.short: dict[tuple[str, ...], str] = {}
+        for eval_id, text in texts:
+            words = normalized_words(text)
+            if 0 < len(words) < n:
+                self.short.setdefault(tuple(words), eval_id)
+            for gram in ngrams(words, n):
+                self.grams.setdefault(gram, eval_id)
+
+    def __len__(self) -> int:
+        return len(self.grams) + len(self.short)
+
+    def match(self, text: str, whole: bool = False) -> Match | None:
+        """The first n-gram of ``text`` found in the index; with ``whole``, also a short evaluation
+        text equal to all of ``text``. None when clean."""
+        words = normalized_words(text)
+        if whole and tuple(words) in self.short:
+            return Match(self.rule, self.short[tuple(words)], " ".join(words))
+        for gram in ngrams(words, self.n):
+            if gram in self.grams:
+                return Match(self.rule, self.grams[gram], " ".join(gram))
+        return None
+
+
+class Decontaminator:
+    """Both rules over the evaluation examples ``examples`` (default: every split in ``EVAL_SPLITS``).
+
+    Args:
+        examples: evaluation examples; None loads ``EVAL_SPLITS`` with ``load_task``.
+        question_n: n of the question rule (8).
+        solution_n: n of the question + solution rule (10).
+    """
+
+    def __init__(self, examples: Sequence[Example] | None = None, question_n: int = QUESTION_NGRAM,
+                 solution_n: int = SOLUTION_NGRAM):
+        examples = list(eval_examples() if examples is None else examples)
+        self.splits = sorted({e.id.rsplit("/", 1)[0] for e in examples})
+        self.question_n, self.solution_n = question_n, solution_n
+        self.questions = NgramIndex(((e.id, e.prompt) for e in examples), question_n, "question")
+        self.solutions = NgramIndex(((e.id, f"{e.prompt}\n{reference_solution(e)}") for e in examples),
+                                    solution_n, "solution")
+
+    def check_question(self, question: str) -> Match | None:
+        """A training question against both rules; None when clean."""
+        return self.questions.match(question, whole=True) or self.solutions.match(question)
+
+    def check_text(self, text: str) -> Match | None:
+        """Any other text (a sampled completion) against the question + solution rule; None when clean."""
+        return self.solutions.match(text)
+
+
+@lru_cache(maxsize=1)
+def eval_examples() -> tuple[Example, ...]:
+    """Every example of ``EVAL_SPLITS``, loaded once per process."""
+    from r1kit.data.loading import load_task
+
+    return tuple(e for task, split in EVAL_SPLITS for e in load_task(task, split))
+
+
+@lru_cache(maxsize=4)
+def shipped_decontaminator(question_n: int = QUESTION_NGRAM, solution_n: int = SOLUTION_NGRAM) -> Decontaminator:
+    """The ``Decontaminator`` over every shipped evaluation split, built once per (question_n, solution_n)."""
+    return Decontaminator(None, question_n, solution_n)
