@@ -68,10 +68,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # The embedded SmolLM2-135M-Instruct on GSM8K (README "The R1 pipeline on a CPU"). Evaluation: the
 # first 200 GSM8K test problems (never trained on), k=1, T=0.6, top-p 0.95, 256 tokens. Budgets are
-# step counts, sized from measured CPU seconds per step so that training fits about 30 minutes of an
-# idle 2-core machine (about 3,300 CPU s: SFT ~2.5 CPU s per example, GRPO ~70 CPU s per step of 32
-# completions, sampling ~1 CPU s per completion); no wall-clock caps, so a run is the same on a busy
-# machine. RL and rejection sampling use GSM8K-train problems of at most two calculator steps
+# step counts (no wall-clock caps, so a run is the same on a busy machine), sized from measured CPU
+# seconds (SFT 2.2 CPU s per example, evaluation ~180 CPU s per 200 problems) so that the whole run
+# fits about 30 minutes of an idle 2-core machine, evaluations included: 240 + 320 SFT examples, 4 + 3
+# GRPO steps of 32 completions, 48 prompts × 4 samples. RL and rejection sampling use GSM8K-train problems of at most two calculator steps
 # (gsm8k_easy: a 135M model solves some, so groups carry reward variance and samples verify); both
 # SFT stages see the same first 480 GSM8K-train worked solutions. Learning rates: SFT 1e-4, the
 # spec's R1-Distill rate for its smallest student (DISTILL_SPEC §6), cosine to 0.1×; GRPO 2e-5 with
@@ -87,11 +87,11 @@ PRESETS["cpu_r1"] = dict(
     template="chat_think", answer_extraction="tagged", eval_task="gsm8k", eval_split="test", eval_limit=200,
     eval_k=1, eval_temperature=0.6, eval_top_p=0.95, eval_max_tokens=256, output="runs/r1-cpu",
     cold_start=dict(_CPU_SFT, max_steps=30),
-    reasoning_rl=dict(_CPU_GRPO, reward_funcs=["accuracy", "format", "language"], max_steps=8),
-    rejection_sampling=dict(preset="r1_rejection", task="gsm8k_easy", split="train", limit=96, num_samples=4,
-                            max_tokens=256, prompts_per_shard=8),
-    rejection_sft=dict(_CPU_SFT, max_steps=60),
-    final_rl=dict(_CPU_GRPO, reward_funcs=["accuracy", "format"], temperature=0.7, max_steps=8),
+    reasoning_rl=dict(_CPU_GRPO, reward_funcs=["accuracy", "format", "language"], max_steps=4),
+    rejection_sampling=dict(preset="r1_rejection", task="gsm8k_easy", split="train", limit=48, num_samples=4,
+                            max_tokens=256, prompts_per_shard=4),
+    rejection_sft=dict(_CPU_SFT, max_steps=40),
+    final_rl=dict(_CPU_GRPO, reward_funcs=["accuracy", "format"], temperature=0.7, max_steps=3),
 )
 
 
@@ -164,8 +164,12 @@ def run_r1_pipeline(cfg: R1PipelineConfig, from_stage: str | None = None, until_
     run_stages(stages, ctx, resolve_stage_flag(from_stage, STAGE_NUMBERS_FROM),
                resolve_stage_flag(until_stage, STAGE_NUMBERS_UNTIL), record=cfg.to_dict())
     from r1kit.data.loading import load_task
+    from r1kit.data.sft_data import load_sft_rows
 
-    write_report(stages, ctx, title=f"R1 pipeline: {cfg.model} on {cfg.task}",
-                 train_golds=[e.gold for e in load_task(cfg.task, "train")])
+    # the answer prior of everything the stages train on: cold-start golds and the RL/sampling prompts
+    golds = [r.meta.get("gold") for r in load_sft_rows(cfg.cold_start_data, limit=cfg.cold_start_limit)]
+    golds = [g for g in golds if g is not None] + [e.gold for e in load_task(cfg.task, "train")]
+    write_report(stages, ctx, title=f"R1 pipeline: {cfg.model}, cold start on {cfg.cold_start_data}, RL on {cfg.task}",
+                 train_golds=golds)
     return out
 

@@ -501,8 +501,9 @@ def _run_sample_stage(stage: Stage, cfg, paths: dict, run_dir: Path, ctx: Pipeli
         cfg.task = paths["data0"]
     run_sample(cfg, resume=True, progress=ctx.progress)
     summary = json.loads((run_dir / "manifest.json").read_text())
-    counts = {k: v for k, v in summary.items() if isinstance(v, int) and not isinstance(v, bool)}
-    return run_dir, counts, {k: v for k, v in summary.items() if isinstance(v, dict) and k != "config"}
+    counts = {"prompts_sampled": summary["prompts_sampled"], "prompts_decontaminated": summary["prompts_decontaminated"],
+              **summary["counts"]}
+    return run_dir, counts, {"shards": summary["shards_total"], "decontamination": summary["decontamination"]}
 
 
 RUNNERS: dict[str, Callable] = {"eval": _run_eval_stage, "grpo": _run_grpo_stage, "sft": _run_sft_stage,
