@@ -70,7 +70,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # first 200 GSM8K test problems (never trained on), k=1, T=0.6, top-p 0.95, 256 tokens. Budgets are
 # step counts (no wall-clock caps, so a run is the same on a busy machine), sized from measured CPU
 # seconds (SFT 2.2 CPU s per example, evaluation ~180 CPU s per 200 problems) so that the whole run
-# fits about 30 minutes of an idle 2-core machine, evaluations included: 240 + 320 SFT examples, 4 + 3
+# fits about 30 minutes of an idle 2-core machine, evaluations included: 240 + 192 SFT examples, 4 + 2
 # GRPO steps of 32 completions, 48 prompts × 4 samples. RL and rejection sampling use GSM8K-train problems of at most two calculator steps
 # (gsm8k_easy: a 135M model solves some, so groups carry reward variance and samples verify); both
 # SFT stages see the same first 480 GSM8K-train worked solutions. Learning rates: SFT 1e-4, the
@@ -90,8 +90,8 @@ PRESETS["cpu_r1"] = dict(
     reasoning_rl=dict(_CPU_GRPO, reward_funcs=["accuracy", "format", "language"], max_steps=4),
     rejection_sampling=dict(preset="r1_rejection", task="gsm8k_easy", split="train", limit=48, num_samples=4,
                             max_tokens=256, prompts_per_shard=4),
-    rejection_sft=dict(_CPU_SFT, max_steps=40),
-    final_rl=dict(_CPU_GRPO, reward_funcs=["accuracy", "format"], temperature=0.7, max_steps=3),
+    rejection_sft=dict(_CPU_SFT, max_steps=24),
+    final_rl=dict(_CPU_GRPO, reward_funcs=["accuracy", "format"], temperature=0.7, max_steps=2),
 )
 
 
