@@ -20,8 +20,8 @@ or SampleConfig fields).
 
 Presets:
   r1      the paper's recipe at full scale (cold start 2 epochs at 5e-5 → 5e-6; GRPO with ε 10,
-          accuracy + format + language; 16 samples per prompt; stage-3 SFT 2 epochs; final RL
-          at T 0.7 for 1,700 steps). Needs a GPU cluster.
+          accuracy + format + language; rejection sampling at T 0.6 / top-p 0.95, 4 per prompt;
+          stage-3 SFT 2 epochs; final RL at T 0.7 for 1,700 steps). Needs a GPU cluster.
   cpu_r1  the embedded SmolLM2-135M-Instruct on GSM8K, sized for about 30 minutes of training on
           2 cores (budgets in steps, measured in CPU seconds; README "The R1 pipeline on a CPU").
 """
@@ -61,7 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         template="chat_think", task="gsm8k", cold_start_data="gsm8k", eval_max_tokens=32768,
         cold_start=dict(preset="cold_start"),
         reasoning_rl=dict(preset="r1", reward_funcs=["accuracy", "format", "language"]),
-        rejection_sampling=dict(num_samples=16, temperature=1.0),
+        rejection_sampling=dict(preset="r1_rejection"),
         rejection_sft=dict(preset="cold_start", num_train_epochs=2),
         final_rl=dict(preset="r1", temperature=0.7, max_steps=1700),
     ),
