@@ -113,3 +113,27 @@ def test_bad_stage_config_is_one_error_before_any_work(tiny_model_dir, toy_task,
     bad = [Stage("base", "0_base", "eval"), Stage("rl", "1_rl", "grpo", model="later", overrides=dict(GRPO))]
     with pytest.raises(R1kitError, match=r"stage rl: model 'later' not found"):
         run_stages(bad, ctx)
+
+
+def test_a_config_field_added_later_at_its_default_keeps_the_key():
+    from dataclasses import asdict, dataclass
+
+    from r1kit.pipeline.stages import stage_key
+
+    @dataclass
+    class Old:
+        lr: float = 1.0
+
+    @dataclass
+    class New:
+        lr: float = 1.0
+        cpu_budget: float | None = None  # a field a newer r1kit added
+
+    st = Stage("s", "1_s", "grpo")
+    inputs = {"model": {"sha256": "ab"}}
+    made = stage_key(st, Old(), asdict(Old()), inputs, None)
+    old_manifest = {"config": asdict(Old()), "key": made}
+    assert stage_key(st, New(), asdict(New()), inputs, old_manifest) == made
+    assert stage_key(st, New(cpu_budget=5.0), asdict(New(cpu_budget=5.0)), inputs, old_manifest) != made
+    assert stage_key(st, New(lr=2.0), asdict(New(lr=2.0)), inputs, old_manifest) != made
+    assert stage_key(st, New(), asdict(New()), {"model": {"sha256": "cd"}}, old_manifest) != made

@@ -332,14 +332,24 @@ def _resolve_inputs(stage: Stage, by_name: dict[str, Stage], ctx: PipelineContex
     return inputs, paths
 
 
+def stage_key(stage: Stage, cfg, cfg_d: dict, inputs: dict, old: dict | None) -> str:
+    """sha256 of what makes a stage's artifact: its kind, config (less graph and runtime fields), data
+    limits and input hashes. A config field the old manifest does not know (added by a newer r1kit)
+    is left out when it holds its default, so an upgrade does not invalidate finished stages."""
+    keyed = {k: v for k, v in cfg_d.items() if k not in GRAPH_FIELDS.get(stage.kind, ()) and k not in RUNTIME_FIELDS}
+    if old is not None and cfg is not None:
+        defaults = dataclasses.asdict(type(cfg)())
+        keyed = {k: v for k, v in keyed.items() if k in old.get("config", {}) or v != defaults.get(k)}
+    return canonical_sha256({"kind": stage.kind, "config": keyed, "data_limits": stage.data_limits,
+                             "inputs": {r: f["sha256"] for r, f in sorted(inputs.items())}})
+
+
 def _run_one(stage: Stage, cfg, by_name: dict[str, Stage], ctx: PipelineContext) -> dict:
     sdir = ctx.stage_dir(stage)
     inputs, paths = _resolve_inputs(stage, by_name, ctx)
     cfg_d = config_dict(cfg)
-    keyed = {k: v for k, v in cfg_d.items() if k not in GRAPH_FIELDS.get(stage.kind, ()) and k not in RUNTIME_FIELDS}
-    key = canonical_sha256({"kind": stage.kind, "config": keyed, "data_limits": stage.data_limits,
-                            "inputs": {r: f["sha256"] for r, f in sorted(inputs.items())}})
     old = read_manifest(sdir)
+    key = stage_key(stage, cfg, cfg_d, inputs, old)
     eval_d = ctx.eval.to_dict() if (ctx.eval and stage.evaluate) else None
     if old is not None and old.get("key") != key:
         diff = changed_fields({"config": old.get("config", {}), "inputs": {r: f.get("sha256") for r, f in
