@@ -116,7 +116,8 @@ def _eval(args: argparse.Namespace) -> int:
     if cfg_path.is_file():  # an r1kit run: default to the template, extraction and stops it was trained with
         run_cfg = yaml.safe_load(cfg_path.read_text()) or {}
     template = args.template or run_cfg.get("template", "chat_boxed")
-    max_tokens = args.max_tokens if args.max_tokens is not None else run_cfg.get("max_completion_length", 512)
+    max_tokens = (args.max_tokens if args.max_tokens is not None          # GRPO runs, then SFT runs, then 512
+                  else run_cfg.get("max_completion_length", run_cfg.get("eval_max_tokens", 512)))
     extraction = args.answer_extraction or run_cfg.get("answer_extraction", "tagged")
     torch.manual_seed(args.seed)
     examples = load_task(args.task, args.split, prompt_field=args.prompt_field, answer_field=args.answer_field,
