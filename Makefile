@@ -3,7 +3,7 @@ VENV  := .venv
 STAMP := $(VENV)/.r1kit-setup
 RUN   ?= runs/demo
 
-.PHONY: setup demo demo-svamp test smoke bench clean
+.PHONY: setup demo demo-svamp demo-pipeline test smoke bench clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,12 @@ demo: setup
 # The second real-data demo: SVAMP one-step word problems (700 train / 300 held out).
 demo-svamp: setup
 	bash scripts/demo.sh $(RUN)-svamp cpu_demo
+
+# The four-stage R1 pipeline on the embedded model and GSM8K (`--preset cpu_r1`): cold-start SFT, reasoning
+# GRPO, rejection sampling + SFT from the base, final GRPO; every stage evaluated on 200 GSM8K test
+# problems; rerunning resumes where it stopped. Report: $(RUN)-pipeline/report.md.
+demo-pipeline: setup
+	$(VENV)/bin/r1kit pipeline r1 --preset cpu_r1 --output $(RUN)-pipeline
 
 # One intra-op thread per test process: the suite is many small matmuls plus sandbox subprocesses,
 # and two OpenMP threads per process on 2 cores spin-wait against each other (the suite took 149 s so).

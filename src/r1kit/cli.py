@@ -7,6 +7,8 @@
   r1kit eval --model M --task T [--k K] [--limit N] [--output DIR]   (pass@1 against answer priors)
   r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 100]
   r1kit export MODEL --format gguf|hf [--dtype f16|bf16|q8_0 | fp32|bf16|fp16] --output PATH
+  r1kit pipeline r1 --preset cpu_r1 | --config FILE [--from STAGE] [--until STAGE] [--output DIR] [--<field> V]
+  r1kit distill --teacher T --student S --task X [--output DIR] [...]
   r1kit sample --teacher M --task T --num-samples N --output DIR [--teacher-url URL] [--<field> value ...]
   r1kit serve MODEL [--host 127.0.0.1] [--port 8000] [--think] [--max-num-seqs 32] [--max-model-len 2048]
   r1kit tasks
@@ -235,6 +237,52 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline_r1(args: argparse.Namespace) -> int:
+    from r1kit.pipeline.config import pipeline_overrides_from_args
+    from r1kit.pipeline.r1 import load_r1_config, run_r1_pipeline
+
+    cfg = load_r1_config(args.preset, args.config, pipeline_overrides_from_args(args))
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    out = run_r1_pipeline(cfg, from_stage=args.from_stage, until_stage=args.until_stage,
+                          progress=not args.no_progress)
+    print(f"pipeline directory: {out} (report.md, report.png, one manifest.json per stage)")
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from r1kit.pipeline.config import pipeline_overrides_from_args
+    from r1kit.pipeline.distill import load_distill_config, run_distill
+
+    cfg = load_distill_config(args.preset, args.config, pipeline_overrides_from_args(args))
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    out = run_distill(cfg, from_stage=args.from_stage, until_stage=args.until_stage, progress=not args.no_progress)
+    print(f"distillation directory: {out} (report.md, report.png, one manifest.json per stage)")
+    return 0
+
+
+def _pipeline_flags(p: argparse.ArgumentParser, presets: list[str], cls: type) -> None:
+    """The flags ``r1kit pipeline r1`` and ``r1kit distill`` share, and one per plain config field."""
+    from r1kit.pipeline.config import add_pipeline_arguments
+
+    p.add_argument("--preset", help=f"named pipeline preset: {', '.join(presets)}")
+    p.add_argument("--config", help="YAML file of pipeline fields and stage sections")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", help="start at this stage (earlier stages "
+                   "must be complete)")
+    p.add_argument("--until", dest="until_stage", metavar="STAGE", help="stop after this stage")
+    p.add_argument("--print-config", action="store_true", help="print the resolved pipeline config and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    add_pipeline_arguments(p, cls)
+
+
 def _sample(args: argparse.Namespace) -> int:
     import json
 
@@ -350,6 +398,29 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     ex.set_defaults(func=_export)
 
+    pipe = sub.add_parser("pipeline", help="multi-stage pipelines")
+    pipesub = pipe.add_subparsers(dest="pipeline", required=True)
+    from r1kit.pipeline.distill import PRESETS as DISTILL_PRESETS
+    from r1kit.pipeline.distill import DistillConfig
+    from r1kit.pipeline.r1 import R1PipelineConfig
+    from r1kit.pipeline.r1 import preset_names as r1_presets
+
+    r1 = pipesub.add_parser(
+        "r1", help="the four-stage DeepSeek-R1 pipeline: cold-start SFT, reasoning RL, rejection sampling + "
+                   "SFT from the base, final RL; one report",
+        description="The R1 pipeline (r1kit/pipeline/r1.py). Each stage is a directory with manifest.json; a "
+                    "rerun skips finished stages and resumes an interrupted one. Stages: base, cold_start, "
+                    "reasoning_rl, rejection_sampling, rejection_sft, final_rl (or the paper's numbers 0-4).")
+    _pipeline_flags(r1, r1_presets(), R1PipelineConfig)
+    r1.set_defaults(func=_pipeline_r1)
+
+    dist = sub.add_parser(
+        "distill", help="sample a teacher, keep its verified samples, fine-tune a student on them, evaluate",
+        description="Distillation (r1kit/pipeline/distill.py): stages student (eval), teacher (eval), samples, "
+                    "distill (SFT); each a directory with manifest.json, reruns skip and resume. Stage "
+                    "sections samples: (SampleConfig) and distill: (SFTConfig) go in --config.")
+    _pipeline_flags(dist, sorted(DISTILL_PRESETS), DistillConfig)
+    dist.set_defaults(func=_distill)
     from r1kit.pipeline.sample import PRESETS as SAMPLE_PRESETS, add_sample_arguments
 
     smp = sub.add_parser(

@@ -532,23 +532,32 @@ def load_config(preset: str | None = None, yaml_path: str | None = None,
             raise ConfigError(f"unknown preset {preset!r}; known presets: {', '.join(preset_names(cls))}")
         apply_overrides(cfg, presets[preset], f"preset {preset}")
     if yaml_path:
-        path = Path(yaml_path)
-        if not path.is_file():
-            raise ConfigError(f"config file {yaml_path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            what = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"config file {yaml_path} is not valid YAML{where}: {what}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {yaml_path} must hold a mapping of field: value")
-        apply_overrides(cfg, data, yaml_path)
+        apply_overrides(cfg, read_yaml_mapping(yaml_path), yaml_path)
     if overrides:
         apply_overrides(cfg, overrides, "command line")
     cfg.validate()
     return cfg
+
+
+def read_yaml_mapping(yaml_path: str, what: str = "config file") -> dict[str, Any]:
+    """The mapping a YAML config file holds.
+
+    Raises:
+        ConfigError: the file is missing, not valid YAML (line and column), or not a mapping.
+    """
+    path = Path(yaml_path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {yaml_path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{what} {yaml_path} is not valid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {yaml_path} must hold a mapping of field: value")
+    return data
 
 
 def _field_comments(cls: type) -> dict[str, str]:

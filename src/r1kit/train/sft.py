@@ -361,7 +361,10 @@ def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> Path
                   f"{len(dropped)} dropped as over-long), {trainer.step} steps, template {cfg.template}, eval on "
                   f"{eval_task}/{cfg.eval_split} (never trained on), k={cfg.eval_k}, T={cfg.eval_temperature}, "
                   f"top-p={cfg.eval_top_p}\n\n")
-        evaluate_after(lambda: run_eval(merged_for_save(policy)), len(held_out), cfg.eval_k, eval_dir, before, header)
+        golds = [r.meta.get("gold") for r in rows]
+        evaluate_after(lambda: run_eval(merged_for_save(policy)), len(held_out), cfg.eval_k, eval_dir, before, header,
+                       golds if any(g is not None for g in golds) else None,
+                       train_missing=f"the SFT data {cfg.data!r} carries no gold answers")
     return run_dir
 
 
