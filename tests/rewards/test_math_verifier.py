@@ -187,6 +187,25 @@ def test_timeout_reason():
     assert verdict == Verdict(False, 0.0, "timeout", slow)
 
 
+def test_timeout_whose_exception_is_swallowed_is_still_a_timeout(monkeypatch):
+    """The alarm can fire where its exception is lost (a gc callback runs inside the parse; a library
+    catches everything): the verdict is still a timeout, never the result of an unbounded check."""
+    real_parse = math_module._parse_math
+
+    def swallowing_parse(text):
+        start = time.process_time()
+        try:
+            while time.process_time() - start < 0.2:
+                pass
+        except BaseException:
+            pass
+        return real_parse(text)
+
+    monkeypatch.setattr(math_module, "_parse_math", swallowing_parse)
+    verdict = MathVerifier(timeout_s=0.01).verify("\\boxed{\\frac{1}{2}}", example("\\frac{2}{4}"))
+    assert verdict == Verdict(False, 0.0, "timeout", "\\frac{1}{2}")
+
+
 def test_timeout_counts_cpu_time_not_waiting(monkeypatch):
     """A loaded machine stretches wall time, not CPU time: waiting must not turn a correct answer into
     a timeout."""

@@ -72,7 +72,10 @@ def _time_limit(seconds: float) -> Iterator[None]:
         yield
         return
 
+    fired = []
+
     def on_alarm(signum, frame):
+        fired.append(True)
         raise _Timeout
 
     previous = signal.signal(signal.SIGPROF, on_alarm)
@@ -82,6 +85,8 @@ def _time_limit(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_PROF, 0)
         signal.signal(signal.SIGPROF, previous)
+    if fired:  # the alarm fired but its exception was swallowed (inside a gc callback, a library's bare except)
+        raise _Timeout
 
 
 _LATEX_ONLY = (LatexExtractionConfig(),)
