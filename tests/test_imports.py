@@ -1,9 +1,11 @@
 """Packages and entry modules import on their own in a fresh interpreter (catches import cycles
 that depend on which module a user imports first)."""
 
+import os
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import r1kit
 
@@ -19,5 +21,7 @@ def test_each_module_imports_first():
             "    r = subprocess.run([sys.executable, '-c', 'import ' + n], capture_output=True, text=True)\n"
             "    if r.returncode: bad.append((n, r.stderr.strip().splitlines()[-1]))\n"
             "print(bad)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    src = str(Path(r1kit.__path__[0]).parent)  # the r1kit under test (a worktree's), not the installed one
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

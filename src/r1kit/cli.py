@@ -7,7 +7,9 @@
   r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 100]
   r1kit pipeline r1 --preset cpu_r1 | --config FILE [--from STAGE] [--until STAGE] [--output DIR] [--<field> V]
   r1kit distill --teacher T --student S --task X [--output DIR] [...]
+  r1kit export MODEL --format gguf|hf [--dtype f16|bf16|q8_0 | fp32|bf16|fp16] --output PATH
   r1kit sample --teacher M --task T --num-samples N --output DIR [--teacher-url URL] [--<field> value ...]
+  r1kit serve MODEL [--host 127.0.0.1] [--port 8000] [--think] [--max-num-seqs 32] [--max-model-len 2048]
   r1kit tasks
 
 Bad input (R1kitError) prints one ``error:`` line and exits with status 2; a guard stop exits with 3;
@@ -116,7 +118,8 @@ def _eval(args: argparse.Namespace) -> int:
     if cfg_path.is_file():  # an r1kit run: default to the template, extraction and stops it was trained with
         run_cfg = yaml.safe_load(cfg_path.read_text()) or {}
     template = args.template or run_cfg.get("template", "chat_boxed")
-    max_tokens = args.max_tokens if args.max_tokens is not None else run_cfg.get("max_completion_length", 512)
+    max_tokens = (args.max_tokens if args.max_tokens is not None          # GRPO runs, then SFT runs, then 512
+                  else run_cfg.get("max_completion_length", run_cfg.get("eval_max_tokens", 512)))
     extraction = args.answer_extraction or run_cfg.get("answer_extraction", "tagged")
     torch.manual_seed(args.seed)
     examples = load_task(args.task, args.split, prompt_field=args.prompt_field, answer_field=args.answer_field,
@@ -202,6 +205,59 @@ def _pipeline_flags(p: argparse.ArgumentParser, presets: list[str], cls: type) -
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     add_pipeline_arguments(p, cls)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from r1kit.serve.app import ServeConfig, serve
+
+    serve(ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)}))
+    return 0
+
+
+def _add_serve_parser(sub) -> None:
+    from dataclasses import fields
+
+    from r1kit.serve.app import ServeConfig
+
+    sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                        description="OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, "
+                                    "/health) with the reasoning in reasoning_content; see r1kit/serve/app.py.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sv.add_argument("model", help="HF dir, .gguf, r1kit run dir, or smollm2-135m-instruct")
+    helps = {
+        "served_model_name": "the model name clients send (default: MODEL as given)",
+        "host": "interface to bind", "port": "TCP port (0 = a free one)",
+        "max_num_seqs": "engine slots: sequences decoded together",
+        "max_model_len": "prompt + completion tokens per sequence (sizes the KV cache)",
+        "max_queue": "sequences that may wait for a slot; beyond that, 503",
+        "max_n": "the largest n a request may ask for",
+        "think": "the R1 setting: prefill '<think>\\n' and fold system messages into the user turn",
+        "shutdown_timeout": "seconds requests in flight get to finish after SIGTERM",
+        "dtype": "engine weights: auto (bf16 where the CPU has native bf16), bf16, fp32",
+        "backend": "auto (r1kit's engine when the model has an adapter, else hf), engine, hf",
+    }
+    for f in fields(ServeConfig):
+        if f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            sv.add_argument(flag, action="store_true", help=helps[f.name])
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            sv.add_argument(flag, type=kind, default=f.default, help=helps[f.name])
+    sv.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    sv.set_defaults(func=_serve)
+
+
+
+def _export(args: argparse.Namespace) -> int:
+    from r1kit.models.export import export_model
+
+    out = export_model(args.model, args.format, args.output, args.dtype)
+    print(f"wrote {out}")
+    return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -327,6 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "sections samples: (SampleConfig) and distill: (SFTConfig) go in --config.")
     _pipeline_flags(dist, sorted(DISTILL_PRESETS), DistillConfig)
     dist.set_defaults(func=_distill)
+    _add_serve_parser(sub)
+
+    ex = sub.add_parser("export", help="write a model as GGUF (llama.cpp, Ollama) or an HF directory (transformers, vLLM)")
+    ex.add_argument("model", help="HF dir, .gguf, r1kit run dir, or smollm2-135m-instruct")
+    ex.add_argument("--format", required=True, help="gguf (Llama-family models) or hf (safetensors, every model)")
+    ex.add_argument("--dtype", default=None,
+                    help="gguf: f16 (default), bf16 or q8_0 for the 2-D weights; hf: fp32 (default), bf16 or fp16")
+    ex.add_argument("--output", required=True, help="the .gguf file or HF directory to write (replaced atomically)")
+    ex.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    ex.set_defaults(func=_export)
+
     from r1kit.pipeline.sample import PRESETS as SAMPLE_PRESETS, add_sample_arguments
 
     smp = sub.add_parser(

@@ -106,6 +106,7 @@ class GRPOConfig:
     router_bias_update_speed: float = 0.0  # γ: DeepSeek-V3 router-bias step per update (V3 report §2.1.2); 0 = frozen, as V3 ends pretraining
     max_steps: int = 100
     max_train_minutes: float | None = None  # also stop training after this much wall time (min; checkpointed)
+    max_train_cpu_seconds: float | None = None  # also stop after this much CPU time of the process (s; checkpointed)
     bf16: str = "auto"  # bf16 autocast + bf16 rollouts: auto (only where the CPU has AVX512-BF16/AMX), true, false
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads (None = torch default)
@@ -151,6 +152,8 @@ class GRPOConfig:
             raise ConfigError(f"beta must be >= 0, got {self.beta}")
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:
             raise ConfigError(f"max_train_minutes must be > 0 (or none), got {self.max_train_minutes}")
+        if self.max_train_cpu_seconds is not None and self.max_train_cpu_seconds <= 0:
+            raise ConfigError(f"max_train_cpu_seconds must be > 0 (or none), got {self.max_train_cpu_seconds}")
         if self.router_bias_update_speed < 0:
             raise ConfigError(f"router_bias_update_speed must be >= 0, got {self.router_bias_update_speed}")
         if self.temperature <= 0:
@@ -300,6 +303,7 @@ class SFTConfig:
     per_device_train_batch_size: int = 4  # examples per forward/backward (micro-batch)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     max_train_minutes: float | None = None  # also stop after this much wall time in one call (min; checkpointed)
+    max_train_cpu_seconds: float | None = None  # also stop after this much CPU time of the process in one call (s)
     bf16: str = "auto"  # bf16 autocast: auto (only where the CPU has AVX512-BF16/AMX), true, false
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads (None = torch default)
@@ -345,6 +349,8 @@ class SFTConfig:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:
             raise ConfigError(f"max_train_minutes must be > 0 (or none), got {self.max_train_minutes}")
+        if self.max_train_cpu_seconds is not None and self.max_train_cpu_seconds <= 0:
+            raise ConfigError(f"max_train_cpu_seconds must be > 0 (or none), got {self.max_train_cpu_seconds}")
         if str(self.bf16).lower() not in ("auto", "true", "false", "1", "0", "yes", "no", "on", "off"):
             raise ConfigError(f"bf16 must be auto, true or false, got {self.bf16!r}")
         validate_lora(self)
@@ -380,12 +386,13 @@ SFT_PRESETS: dict[str, dict[str, Any]] = {
         max_train_examples=1000, template="chat_think", bf16="true",
     ),
     # The embedded 135M model on GSM8K worked solutions (the cold-start data of the GSM8K target),
-    # sized for 2 CPU cores: ~8 s per 8-example step here; README "SFT" has the measured effect.
+    # sized for 2 CPU cores: 4-example steps (~900 tokens, ~15-40 CPU s each here), training capped at
+    # 600 CPU seconds; README "SFT" has the measured effect.
     "cpu_sft_demo": dict(
-        data="gsm8k", template="chat_think", learning_rate=3e-5, lr_scheduler="cosine", min_lr_ratio=0.1,
-        warmup_ratio=0.05, max_length=512, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-        max_steps=60, max_train_minutes=10.0, eval_task="gsm8k", eval_limit=50, eval_max_tokens=256,
-        bf16="auto", save_steps=20,
+        data="gsm8k", template="chat_think", learning_rate=5e-5, lr_scheduler="cosine", min_lr_ratio=0.1,
+        warmup_ratio=0.05, max_length=512, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+        max_steps=40, max_train_cpu_seconds=600.0, eval_task="gsm8k", eval_limit=50, eval_max_tokens=256,
+        bf16="auto", save_steps=10,
     ),
 }
 

@@ -31,7 +31,8 @@ def make_verifier(task: str, answer_extraction: str = "tagged"):
 def make_engine(model: torch.nn.Module, tokenizer, backend: str = "auto", dtype: torch.dtype | None = None,
                 max_batch_size: int = 64):
     """A SamplingEngine over ``model``: "engine" (r1kit's), "hf" (transformers generate), "vllm", or
-    "auto" (r1kit's engine when it has an adapter for the model type, else transformers generate).
+    "auto" (r1kit's engine when it has an adapter for the model type: Llama, and Qwen2/Qwen2.5, Qwen3 and
+    Mistral from ``rollout/families.py``; else transformers generate).
 
     r1kit's DeepSeek-V3 model samples with ``V3SamplingEngine`` (absorbed-MLA cache, in the model's own
     dtype) under "auto" and "engine"; "hf" and "vllm" raise ConfigError for it."""

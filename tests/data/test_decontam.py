@@ -44,6 +44,16 @@ def test_eight_words_catch_seven_do_not():
     assert d.check_question("so: quick brown fox jumps over the lazy cat!") is None  # 7 shared words
 
 
+def test_boilerplate_held_by_many_evaluation_examples_is_not_matched(decon):
+    stock = "let m and n be relatively prime positive integers such that"
+    evals = [Example(f"ev/test/{i}", f"{stock} item {i} number {i * 7} holds", "1") for i in range(11)]
+    assert Decontaminator(evals).check_question(f"In a new problem, {stock} m + n = 9.") is None  # 11 > 10 holders
+    assert Decontaminator(evals[:10]).check_question(f"In a new problem, {stock} m + n = 9.").rule == "question"
+    assert Decontaminator(evals).check_question(f"{stock} item 3 number 21 holds").eval_id == "ev/test/3"
+    wrapper = "You are an expert Python programmer, and here is your task:"  # in all 590 MBPP eval prompts
+    assert decon.check_question(f"{wrapper} Compute it.") is None
+
+
 def test_solution_ten_grams_in_a_completion(decon):
     gsm = load_task("gsm8k", "test")[11]
     solution_words = gsm.meta["solution"].split()

@@ -19,6 +19,7 @@ def _err(capsys) -> str:
     (["--num-samples", "0"], "num_samples must be >= 1"),
     (["--min-language-consistency", "1.5"], "min_language_consistency must be in [0, 1]"),
     (["--teacher-url", "localhost:8000"], "teacher_url must be an http(s) URL"),
+    (["--teacher-url", "http://127.0.0.1:9/v1", "--teacher-api", "completions"], "give teacher_tokenizer"),
     (["--temperature", "hot"], "temperature: cannot read 'hot'"),
     (["--preset", "nope"], "unknown sample preset 'nope'"),
     (["--task", "no_such_task"], "unknown task 'no_such_task'"),

@@ -42,6 +42,12 @@ def completions(gsm8k_question: str) -> dict[str, list[dict]]:
             {"content": f"<think>\nThis is like: {gsm8k_question}\n9 - 2 = 7.\n</think>\n\\boxed{{7}}"},  # decontam
             {"content": f"<think>\n{SAM}, so \\boxed{{7}}"},                                # unclosed_reasoning
         ],
+        "Ben has 2 cats and gets 3 more. How many cats does he have?": [
+            {"reasoning_content": "Ben has 2 cats and gets 3 more, so \\boxed{5}", "content": None},  # unclosed_reasoning
+            {"reasoning": "Two cats and three more cats make five cats.", "content": "\\boxed{5}"},  # kept (vLLM's field)
+            {"reasoning_content": "", "content": "\\boxed{5}"},                                  # kept: empty reasoning
+            {"reasoning_content": "Two and three make six.", "content": "\\boxed{6}"},          # verifier
+        ],
     }
 
 
@@ -74,6 +80,14 @@ def endpoint(gsm8k_test):
                              "message": {"role": "assistant", **reply}}],
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
+    @app.post("/v1/completions")
+    async def complete(body: dict):
+        requests.append(body)
+        text = ["Three and four make seven.\n</think>\n\n\\boxed{7}",
+                "Three and four make seven, so \\boxed{7}"][(body["seed"] - shard_seed(0, 0)) % 2]
+        return {"id": "cmpl-2", "object": "text_completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}]}
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -95,6 +109,7 @@ def write_task(path, gsm8k_test):
         ("Tom has 3 apples and buys 4 more. How many apples does he have?", "7"),
         ("Anna reads 5 pages each day for 2 days. How many pages does she read?", "10"),
         ("Sam had 9 marbles and lost 2. How many marbles are left?", "7"),
+        ("Ben has 2 cats and gets 3 more. How many cats does he have?", "5"),
         (gsm8k_test[5].prompt, gsm8k_test[5].gold),                                  # planted verbatim
         ("Here is a puzzle. " + " ".join(svamp[:9]) + " Think about it and answer 3.", "3"),  # 8-gram inside
     )]
@@ -112,11 +127,13 @@ def test_endpoint_teacher_every_check(endpoint, gsm8k_test, tmp_path):
     out = run_sample(cfg, progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
     counts = manifest["counts"]
-    assert counts == {"sampled": 12, "kept": 3, **dict.fromkeys(CHECKS, 1), "max_per_prompt": 0}
-    assert manifest["prompts_decontaminated"] == 2 and manifest["prompts_sampled"] == 3
+    assert counts == {"sampled": 16, "kept": 5, **dict.fromkeys(CHECKS, 1), "max_per_prompt": 0, "verifier": 2,
+                      "unclosed_reasoning": 2}
+    assert manifest["prompts_decontaminated"] == 2 and manifest["prompts_sampled"] == 4
     kept = [json.loads(line) for line in (out / "shards" / "shard-00000.jsonl").read_text().splitlines()]
     dropped = [json.loads(line) for line in (out / "dropped" / "shard-00000.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in kept] == ["words/0#0", "words/0#1", "words/2#0"]
+    assert [r["id"] for r in kept] == ["words/0#0", "words/0#1", "words/2#0", "words/3#1", "words/3#2"]
+    assert kept[3]["reasoning"] == "Two cats and three more cats make five cats." and kept[4]["reasoning"] == ""
     assert kept[0]["reasoning"] == "Tom starts with 3 apples and buys 4 more, so he has 3 + 4 = 7 apples."
     assert kept[0]["answer"] == "\\boxed{7}" and kept[1]["answer"] == "So \\boxed{7}."
     assert kept[0]["teacher"] == "teacher" and kept[0]["teacher_url"] == url and kept[0]["weights_sha256"] is None
@@ -125,20 +142,48 @@ def test_endpoint_teacher_every_check(endpoint, gsm8k_test, tmp_path):
     assert {r["id"]: r["dropped_by"] for r in dropped} == {
         "words/0#2": "duplicate", "words/0#3": "verifier", "words/1#0": "language", "words/1#1": "repetition",
         "words/1#2": "code_block", "words/1#3": "long_paragraph", "words/2#1": "near_duplicate",
-        "words/2#2": "decontam", "words/2#3": "unclosed_reasoning"}
+        "words/2#2": "decontam", "words/2#3": "unclosed_reasoning", "words/3#0": "unclosed_reasoning",
+        "words/3#3": "verifier"}
     by_id = {r["id"]: r for r in dropped}
     assert by_id["words/2#2"]["detail"]["eval_id"] == gsm8k_test[0].id
+    assert by_id["words/0#2"]["detail"] == "same normalized text as kept sample 1 of this prompt"
+    assert by_id["words/2#1"]["detail"].endswith("with kept sample 0 of this prompt")
     assert by_id["words/1#0"]["quality"]["language"] == pytest.approx(10 / 19)  # 10 English words, 9 Han characters
     prompts = [json.loads(line) for line in (out / "dropped" / "decontaminated_prompts.jsonl").read_text().splitlines()]
-    assert [(p["prompt_id"], p["detail"]["rule"]) for p in prompts] == [("words/3", "question"), ("words/4", "question")]
+    assert [(p["prompt_id"], p["detail"]["rule"]) for p in prompts] == [("words/4", "question"), ("words/5", "question")]
     assert prompts[0]["detail"]["eval_id"] == gsm8k_test[5].id and prompts[1]["detail"]["eval_id"].startswith("svamp/test/")
     asked = {r["messages"][-1]["content"].split("\n\n")[0] for r in requests if r["model"] == "teacher"}
-    assert gsm8k_test[5].prompt not in asked and len(asked) == 3  # contaminated prompts are never sampled
+    assert gsm8k_test[5].prompt not in asked and len(asked) == 4  # contaminated prompts are never sampled
     assert all(r["temperature"] == 1.0 and r["max_tokens"] == 64 and r["n"] == 1 for r in requests)
     capped = run_sample(sample_config(**{**cfg.to_dict(), "max_per_prompt": 1, "output": str(tmp_path / "capped")}),
                         progress=False)
     counts = json.loads((capped / "manifest.json").read_text())["counts"]
-    assert counts["kept"] == 2 and counts["max_per_prompt"] == 2 and counts["duplicate"] == 0  # words/0#1, #2
+    assert counts["kept"] == 3 and counts["max_per_prompt"] == 3 and counts["duplicate"] == 0  # words/0#1, 0#2, 3#2
+
+
+def test_completions_api_renders_the_prompt_like_a_local_teacher(endpoint, tiny_model_dir, tmp_path):
+    """teacher_api=completions: the server receives r1kit's own rendering (chat_think's <think> prefill),
+    and the completion is split as one that starts inside the reasoning."""
+    from transformers import AutoTokenizer
+
+    from r1kit.data.templates import get_template, render_prompt
+
+    url, requests = endpoint
+    question = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+    task = tmp_path / "one.jsonl"
+    task.write_text(json.dumps({"question": question, "answer": "7"}) + "\n")
+    cfg = sample_config(teacher="teacher", teacher_url=url, teacher_api="completions",
+                        teacher_tokenizer=str(tiny_model_dir), task=str(task), template="chat_think", num_samples=2,
+                        output=str(tmp_path / "out"), decontaminate=False)
+    out = run_sample(cfg, progress=False)
+    prompts = [r["prompt"] for r in requests if "prompt" in r]
+    expected = render_prompt(load_task(str(task))[0], AutoTokenizer.from_pretrained(tiny_model_dir),
+                             get_template("chat_think"))
+    assert prompts == [expected] * 2 and expected.endswith("<think>\n")
+    (row,) = [json.loads(line) for line in (out / "shards" / "shard-00000.jsonl").read_text().splitlines()]
+    assert (row["reasoning"], row["answer"], row["think_in_prompt"]) == ("Three and four make seven.", "\\boxed{7}", True)
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["kept"] == 1 and counts["unclosed_reasoning"] == 1
 
 
 def test_endpoint_that_times_out_is_one_clear_error(endpoint, tmp_path):

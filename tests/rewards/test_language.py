@@ -35,10 +35,31 @@ def test_numbers_latex_and_code_are_not_words():
     assert segments("$$E = mc^2$$ 3 + 4 = 7 `code` \\begin{align} a &= b \\end{align}") == []
 
 
+def test_a_sentence_in_another_latin_language_counts_against():
+    text = "We add the two numbers. Ich denke also bin ich. Then we check the result again."
+    assert language_consistency(text, "en") == pytest.approx(11 / 16)  # 11 English words, 5 German
+
+
+def test_english_reference_solutions_score_one():
+    """No false mixing on real English worked solutions (numbers, calculator annotations, LaTeX)."""
+    from r1kit.data.loading import load_task
+
+    solutions = [e.meta["solution"] for e in load_task("gsm8k", "train")[:100]]
+    solutions += [e.meta["solution"] for e in load_task("math500", "test")[:50]]
+    assert [language_consistency(s, "en") for s in solutions] == [1.0] * 150
+
+
 def test_short_segments_take_the_language_of_their_script():
     # "4 * 5 minutes = 20 minutes" leaves "minutes minutes", which lingua alone calls French
     assert language_consistency("The machine makes 4 shirts per minute. 4 * 5 minutes = 20 minutes", "en") == 1.0
     assert language_consistency("Compute it: It prints 10.", "en") == 1.0
+    assert language_consistency("If Ariella has $400 + $200 = $600 in cows.", "en") == 1.0
+
+
+def test_dollar_amounts_are_not_latex():
+    text = "Ariella has $200 more in her account than Daniella has, so she has $400 + $200 = $600 and $x$ more."
+    words = [c for _, c, _ in segments(text)]
+    assert words == [14]  # every word between the dollar amounts counts; only $x$ is math
 
 
 def test_empty_reasoning_is_defined_as_one():

@@ -3,8 +3,9 @@
 The equivalence table pins down math-verify 0.9's semantics as r1kit uses it (gold first, answers
 wrapped in ``$…$`` when they carry no math delimiters). Notable, and deliberate in math-verify:
 percentages match both their fraction and their bare number (``50%`` = ``0.5`` = ``50``), units after
-a number are dropped (``5 cm`` = ``5``), a bare ``x = 5`` matches ``5``, numbers compare after
-rounding to 6 decimals, and an escaped dollar sign is dropped (``\\$32`` = ``32``).
+a number are dropped (``5 cm`` = ``5``), a bare ``x = 5`` matches ``5``, an escaped dollar sign is dropped (``\\$32`` = ``32``). Numbers
+compare exactly first, decimals approximating a non-terminating value within a relative 2e-6
+(r1kit's, in place of math-verify's rounding to 6 decimals; ``r1kit.rewards.numeric``).
 """
 
 import threading
@@ -44,7 +45,8 @@ EQUIVALENCE = [
     ("3", "-3", False),
     ("1000", "1,000", True),
     ("1,000", "1000", True),
-    ("1000", "1 000", False),
+    ("1000", "1 000", True),  # SI thousands grouping (math-verify alone reads 1·000 = 0)
+    ("1000", "1\\,000", True),
     ("1234567", "1,234,567", True),
     ("1e3", "1000", False),
     # percentages (math-verify accepts both readings of a percentage)
@@ -117,7 +119,8 @@ def test_table_has_forty_cases_with_true_negatives():
         ("<think>maybe 3</think><answer>7</answer>", "tagged", "7"),
         ("<answer>1</answer> then <answer> 2 </answer>", "tagged", "2"),
         ("<answer>so \\boxed{\\frac{1}{2}} it is</answer>", "tagged", "\\frac{1}{2}"),
-        ("first \\boxed{1} then \\boxed{\\frac{a}{b^{2}}}", "tagged", "\\frac{a}{b^{2}}"),
+        ("first \\boxed{1} then \\boxed{\\frac{a}{b^{2}}}", "tagged", None),  # several answers: a hedge
+        ("first \\boxed{ 1} then \\fbox{1 }", "tagged", "1"),  # the same answer twice
         ("<think>\\boxed{3}</think> final: 4", "tagged", None),
         ("<think>\\boxed{3}</think> \\boxed{4}", "tagged", "4"),
         ("unclosed \\boxed{12", "tagged", None),

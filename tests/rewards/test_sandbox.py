@@ -62,6 +62,18 @@ def test_stdin_stdout_channel_and_exit_code(bwrap_sandbox):
 def test_output_is_truncated_below_the_file_limit(bwrap_sandbox):
     r = bwrap_sandbox.run("print('y' * 10000)")
     assert r.status == "ok" and r.stdout == "y" * LIMITS.output_bytes
+    assert r.truncated == ("stdout",)
+
+
+@needs_bwrap
+def test_cut_output_is_reported_not_silent(runs):
+    """Issue 10: 200,001 characters came back as 65,536 with status ok and nothing saying so."""
+    sandbox = Sandbox(Limits(wall_s=5.0), backend="bwrap", tmp_root=runs)
+    r = sandbox.run("import os, sys\nsys.stdout.write('z' * 200_001)\nos.write(3, b'c' * 70_000)")
+    assert (r.status, len(r.stdout), len(r.channel)) == ("ok", 65_536, 65_536)
+    assert r.truncated == ("stdout", "channel")
+    whole = sandbox.run("print('z' * 65_535)")  # 65,536 bytes with the newline: fits exactly
+    assert (whole.stdout, whole.truncated) == ("z" * 65_535 + "\n", ())
 
 
 @needs_bwrap

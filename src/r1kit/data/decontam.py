@@ -10,6 +10,16 @@ a letter or digit replaced by a space, split on white space; ``"What's 2+2?"`` â
   App. B.3.3, "any text segment containing a matching 10-gram sequence with evaluation questions or
   reference solutions"): ``solution_n``.
 
+An n-gram held by more than ``MAX_EXAMPLES`` (10) evaluation examples is boilerplate, not one
+problem's text, and is not matched: r1kit's MBPP prompt wrapper ("you are an expert python programmer
+and here is your task"), AIME's "m and n are relatively prime positive integers" (83 question 8-grams
+and 47 solution 10-grams of the shipped splits); otherwise every MBPP training prompt and any
+competition problem with the stock phrase would be dropped. A text matching such a phrase plus the
+problem's own words is still caught by those words. Formulaic short prompts still match each other:
+347 of MBPP's 374 training prompts share an 8-gram with an MBPP test/validation prompt ("here is your
+task write a function to find the ..."), as do 446 of SVAMP's 700 (its problems vary shared story
+texts) and 96 of GSM8K's 7,473; a longer ``question_n`` loosens the rule for such tasks.
+
 An evaluation text shorter than n words has no n-gram; upstream then never matches it. Here such a
 question matches a training question whose normalized words are exactly the same (``"37+48="`` is
 contaminated by ``"37 + 48 ="``, not by every text containing ``37 48``). Paraphrases are not caught
@@ -36,6 +46,7 @@ EVAL_SPLITS: tuple[tuple[str, str], ...] = (
 )
 QUESTION_NGRAM = 8  # open-r1 / s1
 SOLUTION_NGRAM = 10  # DeepSeek-R1
+MAX_EXAMPLES = 10  # an n-gram held by more evaluation examples than this is boilerplate, not a problem's text
 
 _NOT_ALNUM = re.compile(r"[\W_]+")
 
@@ -84,22 +95,30 @@ class NgramIndex:
         texts: (eval id, text) pairs.
         n: n-gram length in words.
         rule: the name reported in a ``Match``.
+        max_examples: n-grams held by more evaluation texts than this are dropped (``common``).
+
+    Raises ConfigError for n or max_examples below 1.
     """
 
-    def __init__(self, texts: Iterable[tuple[str, str]], n: int, rule: str):
-        if n < 1:
+    def __init__(self, texts: Iterable[tuple[str, str]], n: int, rule: str, max_examples: int = MAX_EXAMPLES):
+        if n < 1 or max_examples < 1:
             from r1kit.errors import ConfigError
 
-            raise ConfigError(f"decontamination n-gram length must be >= 1, got {n}")
+            raise ConfigError(f"decontamination needs n >= 1 and max_examples >= 1, got {n} and {max_examples}")
         self.n, self.rule = n, rule
         self.grams: dict[tuple[str, ...], str] = {}
         self.short: dict[tuple[str, ...], str] = {}
+        holders: dict[tuple[str, ...], int] = {}
         for eval_id, text in texts:
             words = normalized_words(text)
             if 0 < len(words) < n:
                 self.short.setdefault(tuple(words), eval_id)
-            for gram in ngrams(words, n):
+            for gram in set(ngrams(words, n)):
                 self.grams.setdefault(gram, eval_id)
+                holders[gram] = holders.get(gram, 0) + 1
+        self.common = {gram for gram, count in holders.items() if count > max_examples}
+        for gram in self.common:
+            del self.grams[gram]
 
     def __len__(self) -> int:
         return len(self.grams) + len(self.short)
@@ -123,16 +142,17 @@ class Decontaminator:
         examples: evaluation examples; None loads ``EVAL_SPLITS`` with ``load_task``.
         question_n: n of the question rule (8).
         solution_n: n of the question + solution rule (10).
+        max_examples: n-grams held by more evaluation examples than this are not matched (10).
     """
 
     def __init__(self, examples: Sequence[Example] | None = None, question_n: int = QUESTION_NGRAM,
-                 solution_n: int = SOLUTION_NGRAM):
+                 solution_n: int = SOLUTION_NGRAM, max_examples: int = MAX_EXAMPLES):
         examples = list(eval_examples() if examples is None else examples)
         self.splits = sorted({e.id.rsplit("/", 1)[0] for e in examples})
-        self.question_n, self.solution_n = question_n, solution_n
-        self.questions = NgramIndex(((e.id, e.prompt) for e in examples), question_n, "question")
+        self.question_n, self.solution_n, self.max_examples = question_n, solution_n, max_examples
+        self.questions = NgramIndex(((e.id, e.prompt) for e in examples), question_n, "question", max_examples)
         self.solutions = NgramIndex(((e.id, f"{e.prompt}\n{reference_solution(e)}") for e in examples),
-                                    solution_n, "solution")
+                                    solution_n, "solution", max_examples)
 
     def check_question(self, question: str) -> Match | None:
         """A training question against both rules; None when clean."""
@@ -152,6 +172,7 @@ def eval_examples() -> tuple[Example, ...]:
 
 
 @lru_cache(maxsize=4)
-def shipped_decontaminator(question_n: int = QUESTION_NGRAM, solution_n: int = SOLUTION_NGRAM) -> Decontaminator:
-    """The ``Decontaminator`` over every shipped evaluation split, built once per (question_n, solution_n)."""
-    return Decontaminator(None, question_n, solution_n)
+def shipped_decontaminator(question_n: int = QUESTION_NGRAM, solution_n: int = SOLUTION_NGRAM,
+                           max_examples: int = MAX_EXAMPLES) -> Decontaminator:
+    """The ``Decontaminator`` over every shipped evaluation split, built once per setting."""
+    return Decontaminator(None, question_n, solution_n, max_examples)

@@ -11,8 +11,11 @@ The rules (SERVE_SPEC §3; vLLM ``deepseek_r1_reasoning_parser.py``, SGLang ``fo
 - No ``</think>`` at all while reasoning: the whole output is reasoning, content ``None`` (a budget
   spent on thinking stays visible as such, never moved into the content).
 - Text after the first ``</think>`` is content, even if it holds another literal ``</think>``.
-- Neither tag opened the reasoning (a plain template, no opening tag first) but a ``</think>``
-  appears: the text before it is reasoning (a model that omitted the opening tag), as vLLM does.
+- Neither the prompt nor the output opened the reasoning (a plain template, no opening tag before
+  any ``</think>``): the whole output is content, a literal ``</think>`` included. (vLLM takes the
+  text before a bare ``</think>`` as reasoning; that cannot be streamed, since every plain answer
+  would have to be held back until its end in case a ``</think>`` comes. A model whose template
+  opens the reasoning in the prompt is the ``think_in_prompt`` case above.)
 - No tags at all and no ``<think>`` in the prompt: all content, reasoning ``None``.
 - An opening tag after some text (``"Sure. <think>…</think> 4"``): r1kit's choice, where vLLM
   drops the leading text: nothing is dropped; the text before the tag is kept at the front of the
@@ -44,22 +47,50 @@ class ReasoningSplit:
     content: str | None
 
 
+@dataclass(frozen=True)
+class ReasoningSpan:
+    """Where the reasoning lies in a completion (character offsets into it).
+
+    Attributes:
+        start: where the reasoning block begins (its opening tag, or 0 when the prompt opened it).
+        inner: where the reasoning text begins (after the opening tag, if any).
+        close: where the closing tag begins (len(text) when there is none).
+        end: just after the closing tag; None when the reasoning never closed.
+    """
+
+    start: int
+    inner: int
+    close: int
+    end: int | None
+
+
+def reasoning_span(text: str, think_in_prompt: bool = False) -> ReasoningSpan | None:
+    """The reasoning block of ``text`` by the rules in the module docstring; None when it has none."""
+    lead_ws = len(text) - len(text.lstrip())
+    if text.startswith(THINK_OPEN, lead_ws):
+        start, inner = lead_ws, lead_ws + len(THINK_OPEN)
+    elif think_in_prompt:
+        start = inner = 0
+    else:
+        open_at, close_at = text.find(THINK_OPEN), text.find(THINK_CLOSE)
+        if open_at < 0 or 0 <= close_at < open_at:
+            return None
+        start, inner = open_at, open_at + len(THINK_OPEN)
+    close = text.find(THINK_CLOSE, inner)
+    if close < 0:
+        return ReasoningSpan(start, inner, len(text), None)
+    return ReasoningSpan(start, inner, close, close + len(THINK_CLOSE))
+
+
 def split_reasoning(text: str, think_in_prompt: bool = False) -> ReasoningSplit:
     """Split ``text`` (a completion, without the prompt) into reasoning and content by the rules in the
     module docstring. ``think_in_prompt``: the rendered prompt ends inside an open ``<think>``."""
-    body = text.lstrip()
-    lead = ""
-    opened = think_in_prompt
-    if body.startswith(THINK_OPEN):
-        body, opened = body[len(THINK_OPEN):], True
-    elif not think_in_prompt:
-        open_at, close_at = body.find(THINK_OPEN), body.find(THINK_CLOSE)
-        if open_at > 0 and (close_at < 0 or open_at < close_at):
-            lead, body, opened = body[:open_at], body[open_at + len(THINK_OPEN):], True
-    reasoning, sep, rest = body.partition(THINK_CLOSE)
-    if not sep:
-        if opened:
-            return ReasoningSplit(reasoning.strip(), lead.strip() or None)
+    span = reasoning_span(text, think_in_prompt)
+    if span is None:
         return ReasoningSplit(None, text.strip())
-    content = (lead.rstrip() + " " + rest.lstrip()).strip() if lead.strip() else rest.strip()
-    return ReasoningSplit(reasoning.strip(), content)
+    reasoning = text[span.inner : span.close].strip()
+    lead = text[: span.start].strip()
+    if span.end is None:
+        return ReasoningSplit(reasoning, lead or None)
+    rest = text[span.end :]
+    return ReasoningSplit(reasoning, (lead + " " + rest.lstrip()).strip() if lead else rest.strip())

@@ -124,9 +124,10 @@ def final_answer(text: str) -> str:
 
 
 def check_gold(gold: str, source: Path | str, row_no: int, field: str) -> str:
-    """Return ``gold`` after checking that math-verify parses it.
+    """Return ``gold`` after checking that math-verify parses it, as a whole (``parse_gold``).
 
-    Raises DataError naming the source file, row and field otherwise (GRPO_SPEC §5)."""
+    Raises DataError naming the source file, row and field otherwise, also for a gold read only in
+    part (``3x+`` as 3) (GRPO_SPEC §5)."""
     if not _PLAIN_NUMBER.fullmatch(gold):
         try:
             parse_gold(gold)

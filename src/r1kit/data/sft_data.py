@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from r1kit.data.base import Example
-from r1kit.data.reasoning import THINK_CLOSE, split_reasoning
+from r1kit.data.reasoning import THINK_CLOSE, THINK_OPEN, split_reasoning
 from r1kit.data.rows import FILE_SUFFIXES, jsonl_rows, read_rows
 from r1kit.data.templates import PromptTemplate, encode_prompt, get_template, render_prompt
 from r1kit.errors import DataError
@@ -226,13 +226,14 @@ def assistant_parts(message: dict[str, Any], where: str) -> tuple[str | None, st
 
 
 # ----- rendering -----
-def render_completion(reasoning: str | None, answer: str, template: PromptTemplate) -> str:
+def render_completion(reasoning: str | None, answer: str, think_in_prompt: bool) -> str:
     """The assistant text after the rendered prompt (end-of-turn token not included).
 
-    Templates whose prompt ends in ``<think>\\n`` (``chat_think``): ``reasoning + "\\n</think>\\n\\n" +
-    answer``; others: ``"<think>\\n" + reasoning + "\\n</think>\\n\\n" + answer`` when there is
-    reasoning, the answer alone when not."""
-    if template.think_in_prompt:
+    A prompt that ends in an open ``<think>`` (``chat_think``'s prefill, or a chat template that writes
+    it, as DeepSeek-R1's does): ``reasoning + "\\n</think>\\n\\n" + answer``; otherwise
+    ``"<think>\\n" + reasoning + "\\n</think>\\n\\n" + answer`` when there is reasoning, the answer
+    alone when not."""
+    if think_in_prompt:
         return f"{reasoning or ''}\n{THINK_CLOSE}\n\n{answer}"
     if reasoning is not None:
         return f"<think>\n{reasoning}\n{THINK_CLOSE}\n\n{answer}"
@@ -266,8 +267,10 @@ def render_sft_example(prompt: str, reasoning: str | None, answer: str, tokenize
     """(prompt_ids, completion_ids) of one example: the prompt as sampling and evaluation encode it, the
     completion as ``render_completion`` writes it, ending with ``end_of_turn_id`` (module docstring)."""
     template = get_template(template) if isinstance(template, str) else template
-    prompt_ids = encode_prompt(render_prompt(Example("sft", prompt, None), tokenizer, template), tokenizer)
-    completion = tokenizer(render_completion(reasoning, answer, template), add_special_tokens=False)["input_ids"]
+    text = render_prompt(Example("sft", prompt, None), tokenizer, template)
+    prompt_ids = encode_prompt(text, tokenizer)
+    think_in_prompt = text.rstrip().endswith(THINK_OPEN)
+    completion = tokenizer(render_completion(reasoning, answer, think_in_prompt), add_special_tokens=False)["input_ids"]
     return prompt_ids, completion + [end_of_turn_id(tokenizer, template)]
 
 

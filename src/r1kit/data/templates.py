@@ -140,6 +140,8 @@ def render_prompt(example: Example, tokenizer, template: PromptTemplate) -> str:
         )
     text = tokenizer.apply_chat_template(chat_messages(example, template), tokenize=False,
                                          add_generation_prompt=True)
+    if template.assistant_prefix.strip() and text.rstrip().endswith(template.assistant_prefix.strip()):
+        return text  # the chat template opens the turn with it already (DeepSeek-R1's writes "<think>\n")
     return text + template.assistant_prefix
 
 

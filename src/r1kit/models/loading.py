@@ -97,14 +97,22 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 
 def save_pretrained_atomic(model, tokenizer, out_dir: Path) -> Path:
-    """Save ``model`` (safetensors) and ``tokenizer`` as an HF directory at ``out_dir`` atomically:
-    written into a temporary sibling, then renamed over any previous ``out_dir``."""
+    """Save ``model`` (safetensors) and ``tokenizer`` as an HF directory at ``out_dir`` atomically."""
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return write_dir_atomic(out_dir, write)
+
+
+def write_dir_atomic(out_dir: Path, write) -> Path:
+    """Run ``write(tmp)`` on a temporary sibling of ``out_dir``, then rename it over any previous
+    ``out_dir``; on an error the previous directory stays and the temporary one is removed."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from r1kit.data.base import Example
-from r1kit.data.decontam import QUESTION_NGRAM, SOLUTION_NGRAM, normalized_words, ngrams
+from r1kit.data.decontam import MAX_EXAMPLES, QUESTION_NGRAM, SOLUTION_NGRAM, normalized_words, ngrams
 from r1kit.data.reasoning import split_reasoning
 from r1kit.errors import ConfigError, R1kitError
 from r1kit.rewards.language import (DEFAULT_LANGUAGES, LanguageReward, language_code, language_consistency,
@@ -89,6 +89,8 @@ class SampleConfig:
     # --- teacher ---
     teacher: str = "smollm2-135m-instruct"  # load_policy name/path; with teacher_url: the model name sent to the endpoint
     teacher_url: str | None = None  # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (None = sample locally)
+    teacher_api: str = "chat"  # endpoint API: chat (the server's chat template) | completions (r1kit renders the prompt)
+    teacher_tokenizer: str | None = None  # completions API: load_policy name/path whose tokenizer renders the template
     api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoint's key (unset: "EMPTY")
     request_timeout: float = 120.0  # seconds an endpoint request may take before it is an error
     max_retries: int = 2  # endpoint retries (openai client, with backoff) before an error
@@ -132,6 +134,7 @@ class SampleConfig:
     decontaminate: bool = True  # n-gram decontamination against every shipped evaluation split
     decontam_question_ngram: int = QUESTION_NGRAM  # question rule (open-r1: 8)
     decontam_solution_ngram: int = SOLUTION_NGRAM  # question + solution rule (DeepSeek: 10)
+    decontam_max_examples: int = MAX_EXAMPLES  # n-grams in more eval examples than this are boilerplate, not matched
     max_per_prompt: int | None = None  # keep at most this many samples per prompt (None = every survivor)
 
     # --- output ---
@@ -140,7 +143,8 @@ class SampleConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the field for an invalid value."""
         for name in ("num_samples", "max_tokens", "prompts_per_shard", "repetition_ngram", "max_paragraph_words",
-                     "shingle_size", "decontam_question_ngram", "decontam_solution_ngram", "max_concurrency"):
+                     "shingle_size", "decontam_question_ngram", "decontam_solution_ngram", "decontam_max_examples",
+                     "max_concurrency"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("limit", "max_per_prompt", "num_threads"):
@@ -159,6 +163,11 @@ class SampleConfig:
         if self.teacher_url is not None and not re.match(r"^https?://", self.teacher_url):
             raise ConfigError(f"teacher_url must be an http(s) URL such as http://127.0.0.1:8000/v1, "
                               f"got {self.teacher_url!r}")
+        if self.teacher_api not in ("chat", "completions"):
+            raise ConfigError(f"teacher_api must be chat or completions, got {self.teacher_api!r}")
+        if self.teacher_api == "completions" and self.teacher_url and not self.teacher_tokenizer:
+            raise ConfigError("teacher_api completions renders prompts locally: give teacher_tokenizer (a model "
+                              "name or directory whose tokenizer has the teacher's chat template)")
         self.sampling_params(0).validate()
         for code in self.languages:
             language_code(code)
@@ -264,12 +273,16 @@ class EngineTeacher:
 
 
 class EndpointTeacher:
-    """A teacher behind an OpenAI-compatible endpoint: one chat-completions request per sample
-    (``n=1``, so servers without ``n`` work), the template's messages (``templates.chat_messages``).
+    """A teacher behind an OpenAI-compatible endpoint, one request per sample (``n=1``, so servers
+    without ``n`` work). ``teacher_api="chat"``: the template's messages (``templates.chat_messages``),
+    rendered by the server (no assistant prefill). ``"completions"``: the prompt rendered here by
+    ``runtime.make_render`` with ``teacher_tokenizer``'s chat template, exactly as for a local teacher
+    (``chat_think``'s ``<think>\\n`` prefill included).
 
-    A ``reasoning_content`` field in the answer (DeepSeek API, vLLM/SGLang reasoning parsers) is put
-    back as ``<think>\\n…\\n</think>\\n\\n`` before the content, so ``split_reasoning`` treats both layouts
-    alike. Raises R1kitError when the endpoint refuses, times out or answers an HTTP error."""
+    A ``reasoning_content`` (DeepSeek API, SGLang, r1kit's server) or ``reasoning`` (vLLM) field in the
+    answer is put back as ``<think>\\n…\\n</think>\\n\\n`` before the content (no closing tag when the
+    content is null: the reasoning never ended), so ``split_reasoning`` treats both layouts alike.
+    Raises R1kitError when the endpoint refuses, times out or answers an HTTP error."""
 
     def __init__(self, cfg: SampleConfig):
         import openai
@@ -285,18 +298,30 @@ class EndpointTeacher:
         self.name = cfg.teacher
         self.weights_sha256 = None
         self.think_in_prompt = False
+        self.render = None
+        if cfg.teacher_api == "completions":
+            from transformers import AutoTokenizer
+
+            from r1kit.models.loading import resolve_model_dir
+            from r1kit.runtime import make_render
+
+            source = resolve_model_dir(cfg.teacher_tokenizer)
+            self.render, _ = make_render(cfg.template, AutoTokenizer.from_pretrained(source))
+            self.think_in_prompt = self.template.think_in_prompt
 
     def _request(self, example: Example, cfg: SampleConfig, seed: int) -> Drawn:
         import openai
 
         from r1kit.data.templates import chat_messages
 
-        extra = {"top_k": cfg.top_k} if cfg.top_k else None
+        settings = dict(model=cfg.teacher, n=1, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                        top_p=cfg.top_p, seed=seed, stop=list(cfg.stop) or None,
+                        extra_body={"top_k": cfg.top_k} if cfg.top_k else None)
         try:
-            reply = self.client.chat.completions.create(
-                model=cfg.teacher, messages=chat_messages(example, self.template), n=1, max_tokens=cfg.max_tokens,
-                temperature=cfg.temperature, top_p=cfg.top_p, seed=seed, stop=list(cfg.stop) or None,
-                extra_body=extra)
+            if self.render is not None:
+                reply = self.client.completions.create(prompt=self.render(example), **settings)
+            else:
+                reply = self.client.chat.completions.create(messages=chat_messages(example, self.template), **settings)
         except openai.APITimeoutError:
             raise R1kitError(f"teacher endpoint {self.url} did not answer within {self.timeout:g} s "
                              f"({self.retries} retries); raise --request-timeout or check the server") from None
@@ -309,12 +334,14 @@ class EndpointTeacher:
         if not reply.choices:
             raise R1kitError(f"teacher endpoint {self.url} answered with no choices for {example.id}")
         choice = reply.choices[0]
-        message = choice.message
-        reasoning = getattr(message, "reasoning_content", None) or (message.model_extra or {}).get("reasoning_content")
-        text = message.content or ""
-        if reasoning:
-            text = f"<think>\n{reasoning}\n</think>\n\n{text}"
-        return Drawn(text, choice.finish_reason or "stop", seed)
+        if self.render is not None:
+            return Drawn(choice.text or "", choice.finish_reason or "stop", seed)
+        reasoning = next((v for v in (_message_field(choice.message, k) for k in ("reasoning_content", "reasoning"))
+                          if v is not None), None)
+        text = choice.message.content
+        if reasoning is not None:  # no content after a reasoning: it never closed
+            text = f"<think>\n{reasoning}" + ("" if text is None else f"\n</think>\n\n{text}")
+        return Drawn(text or "", choice.finish_reason or "stop", seed)
 
     def sample(self, examples: Sequence[Example], cfg: SampleConfig, seed: int) -> list[list[Drawn]]:
         """``cfg.num_samples`` completions per example; request j of the shard uses ``seed + j``."""
@@ -325,6 +352,12 @@ class EndpointTeacher:
         with ThreadPoolExecutor(max_workers=cfg.max_concurrency) as pool:
             drawn = list(pool.map(lambda job: self._request(job[0], cfg, job[1]), jobs))
         return [drawn[i * n:(i + 1) * n] for i in range(len(examples))]
+
+
+def _message_field(message, key: str):
+    """``message.<key>``, declared by the openai client or not (then it is in ``model_extra``)."""
+    value = getattr(message, key, None)
+    return (message.model_extra or {}).get(key) if value is None else value
 
 
 def make_teacher(cfg: SampleConfig):
@@ -359,29 +392,30 @@ class Judge:
 
     Args:
         cfg: the run config (switches and thresholds).
-        verifier: the task's verifier.
         decontaminator: a ``data.decontam.Decontaminator``, or None when decontamination is off.
         think_in_prompt: the teacher's prompt opens ``<think>``.
     """
 
-    def __init__(self, cfg: SampleConfig, verifier, decontaminator, think_in_prompt: bool):
-        self.cfg, self.verifier, self.decontaminator = cfg, verifier, decontaminator
+    def __init__(self, cfg: SampleConfig, decontaminator, think_in_prompt: bool):
+        self.cfg, self.decontaminator = cfg, decontaminator
         self.think_in_prompt = think_in_prompt
         self.language = LanguageReward(think_in_prompt, languages=cfg.languages) if cfg.filter_language else None
 
     def judge_prompt(self, example: Example, drawn: Sequence[Drawn], verdicts) -> list[tuple[dict, str | None, Any]]:
-        """(quality record, the failed check or None, its detail) per sample, in order."""
+        """(quality record, the failed check or None, its detail) per sample of one prompt, in order;
+        ``verdicts`` are the verifier's, one per sample."""
         out = []
-        kept: list[tuple[tuple, frozenset]] = []
-        for d, verdict in zip(drawn, verdicts):
+        kept: list[tuple[int, tuple, frozenset]] = []  # (sample index, normalized words, shingles) kept
+        for j, (d, verdict) in enumerate(zip(drawn, verdicts)):
             quality: dict[str, Any] = {}
             failed = self._first_failure(example, d, verdict, quality)
+            words, sh = tuple(normalized_words(d.text)), shingles(d.text, self.cfg.shingle_size)
             if failed is None and self.cfg.dedup:
-                failed = self._duplicate(d.text, kept)
+                failed = self._duplicate(words, sh, kept)
             if failed is None and self.cfg.max_per_prompt is not None and len(kept) >= self.cfg.max_per_prompt:
                 failed = ("max_per_prompt", f"{self.cfg.max_per_prompt} samples of this prompt already kept")
             if failed is None:
-                kept.append((tuple(normalized_words(d.text)), shingles(d.text, self.cfg.shingle_size)))
+                kept.append((j, words, sh))
             out.append((quality, *(failed or (None, None))))
         return out
 
@@ -415,10 +449,9 @@ class Judge:
                 return "decontam", match.to_dict()
         return None
 
-    def _duplicate(self, text: str, kept: list[tuple[tuple, frozenset]]) -> tuple[str, str] | None:
-        words = tuple(normalized_words(text))
-        sh = shingles(text, self.cfg.shingle_size)
-        for index, (other_words, other_sh) in enumerate(kept):
+    def _duplicate(self, words: tuple, sh: frozenset, kept: list[tuple[int, tuple, frozenset]]
+                   ) -> tuple[str, str] | None:
+        for index, other_words, other_sh in kept:
             if words == other_words:
                 return "duplicate", f"same normalized text as kept sample {index} of this prompt"
             similarity = jaccard(sh, other_sh)
@@ -487,9 +520,7 @@ def _plan(cfg: SampleConfig, out: Path, resume: bool):
         raise R1kitError(f"task {cfg.task!r} split {cfg.split!r} has no problems to sample")
     clean, contaminated = list(examples), []
     if cfg.decontaminate:
-        from r1kit.data.decontam import shipped_decontaminator
-
-        decon = shipped_decontaminator(cfg.decontam_question_ngram, cfg.decontam_solution_ngram)
+        decon = _decontaminator(cfg)
         matches = [(e, decon.check_question(e.prompt)) for e in examples]
         clean = [e for e, m in matches if m is None]
         contaminated = [{"prompt_id": e.id, "prompt": e.prompt, "dropped_by": "decontam", "detail": m.to_dict()}
@@ -537,14 +568,19 @@ def _summarize(cfg: SampleConfig, out: Path, plan: dict, teacher_name: str) -> d
     return manifest
 
 
+def _decontaminator(cfg: SampleConfig):
+    """The shipped-splits Decontaminator with the run's settings (built once per process)."""
+    from r1kit.data.decontam import shipped_decontaminator
+
+    return shipped_decontaminator(cfg.decontam_question_ngram, cfg.decontam_solution_ngram, cfg.decontam_max_examples)
+
+
 def _decontam_record(cfg: SampleConfig) -> dict[str, Any]:
     if not cfg.decontaminate:
         return {"enabled": False}
-    from r1kit.data.decontam import shipped_decontaminator
-
-    decon = shipped_decontaminator(cfg.decontam_question_ngram, cfg.decontam_solution_ngram)
+    decon = _decontaminator(cfg)
     return {"enabled": True, "splits": decon.splits, "question_ngram": decon.question_n,
-            "solution_ngram": decon.solution_n}
+            "solution_ngram": decon.solution_n, "max_examples": decon.max_examples}
 
 
 def _check_survivors(manifest: dict[str, Any], out: Path) -> None:
@@ -577,6 +613,8 @@ def run_sample(cfg: SampleConfig, resume: bool = True, progress: bool = True) ->
     cfg.validate()
     out = Path(cfg.output)
     plan, by_id = _plan(cfg, out, resume)
+    for stale in out.rglob(".*.tmp"):  # left by a run killed while writing; never read
+        stale.unlink()
     todo = [k for k in range(len(plan["shards"])) if not _shard_done(out, k)]
     if not todo:
         manifest = _summarize(cfg, out, plan, cfg.teacher)
@@ -593,15 +631,13 @@ def run_sample(cfg: SampleConfig, resume: bool = True, progress: bool = True) ->
     elif plan["teacher_weights_sha256"] != teacher.weights_sha256:
         raise ConfigError(f"the weights of teacher {cfg.teacher!r} changed since this run started in {out} "
                           "(sha256 differs); resume with the same teacher or choose another --output")
-    from r1kit.data.decontam import shipped_decontaminator
     from r1kit.data.templates import get_template
     from r1kit.runtime import make_verifier
 
     extraction = cfg.answer_extraction or get_template(cfg.template).extraction
     verifier = make_verifier(cfg.task, extraction)
-    decon = shipped_decontaminator(cfg.decontam_question_ngram, cfg.decontam_solution_ngram) \
-        if cfg.decontaminate else None
-    judge = Judge(cfg, verifier, decon, teacher.think_in_prompt)
+    decon = _decontaminator(cfg) if cfg.decontaminate else None
+    judge = Judge(cfg, decon, teacher.think_in_prompt)
     started = time.time()
     for done, k in enumerate(todo, start=1):
         counts = _run_shard(cfg, out, k, [by_id[i] for i in plan["shards"][k]], teacher, verifier, judge)

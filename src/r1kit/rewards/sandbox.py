@@ -36,7 +36,8 @@ are files, so this caps output), open files, and no core dumps. The parent waits
 SIGKILLs the process group; under bwrap the namespace's init dies with it (``--die-with-parent``),
 and the kernel kills every process in the namespace (within milliseconds, asynchronously); in
 the fallback, when running as root, every process left with the run's uid is killed before ``run``
-returns. Outputs are read back capped at ``output_bytes``.
+returns. Outputs are read back capped at ``output_bytes``; a cut stream is named in
+``ExecResult.truncated``, never passed on silently.
 
 *Fallback (``backend="rlimit"``).* Where bwrap is missing or fails to start, programs run with the
 resource limits, clean environment, process-group kill and (as root) a private uid, but without
@@ -66,6 +67,7 @@ import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
+from itertools import repeat
 from typing import Iterable, Iterator
 
 from r1kit.errors import ConfigError
@@ -114,7 +116,8 @@ class Limits:
         fsize_mb: largest file the program may write, in MiB (RLIMIT_FSIZE); stdout and stderr
             are files, so this is also the output cap; reaching it gives status ``"output_limit"``.
         nofile: open file descriptors (RLIMIT_NOFILE).
-        output_bytes: bytes of stdout, stderr and the side channel kept in ``ExecResult``.
+        output_bytes: bytes of stdout, stderr and the side channel kept in ``ExecResult``; a stream
+            longer than that is cut and named in ``ExecResult.truncated``.
     """
 
     wall_s: float = 10.0
@@ -145,6 +148,9 @@ class ExecResult:
         channel: the same for what the program wrote to file descriptor 3.
         wall_s: seconds from start to the end of clean-up.
         backend: ``"bwrap"`` or ``"rlimit"``.
+        truncated: the streams, of ``("stdout", "stderr", "channel")``, that held more than
+            ``output_bytes`` and were cut to it; empty when all came back whole. A consumer of a cut
+            stream must not grade it as if it were complete (``status`` stays the exit status).
     """
 
     status: str
@@ -154,6 +160,7 @@ class ExecResult:
     channel: str
     wall_s: float
     backend: str
+    truncated: tuple[str, ...] = ()
 
 
 class Sandbox:
@@ -192,24 +199,28 @@ class Sandbox:
         self._bwrap = bwrap or shutil.which("bwrap")
         self.backend = self._choose_backend(backend)
 
-    def run(self, source: str, stdin: str = "") -> ExecResult:
-        """Run ``source`` as ``/work/main.py`` with ``stdin`` on standard input; never raises for
-        anything the program does. Returns its ``ExecResult`` once the run's process group is
-        killed and its directory deleted. Thread-safe."""
+    def run(self, source: str, stdin: str = "", limits: Limits | None = None) -> ExecResult:
+        """Run ``source`` as ``/work/main.py`` with ``stdin`` on standard input, under ``limits``
+        (default: the sandbox's; e.g. a per-test time limit); never raises for anything the program
+        does. Returns its ``ExecResult`` once the run's process group is killed and its directory
+        deleted. Thread-safe."""
+        limits = limits or self.limits
         uid = self._uids.acquire() if self._uids else None
         root = tempfile.mkdtemp(prefix="r1kit-sbx-", dir=self.tmp_root)
         start = time.monotonic()
         try:
-            status, rc, outs = self._execute(root, source, stdin, uid)
+            status, rc, outs, truncated = self._execute(root, source, stdin, uid, limits)
         finally:
             if uid is not None:
                 if self.backend == "rlimit":  # under bwrap the pid namespace died with its init
                     _kill_uid(uid)
                 self._uids.release(uid)
             _remove_tree(root)
-        return ExecResult(status, rc, *outs, wall_s=time.monotonic() - start, backend=self.backend)
+        return ExecResult(status, rc, *outs, wall_s=time.monotonic() - start, backend=self.backend,
+                          truncated=truncated)
 
-    def _execute(self, root: str, source: str, stdin: str, uid: int | None) -> tuple[str, int | None, list[str]]:
+    def _execute(self, root: str, source: str, stdin: str, uid: int | None,
+                 limits: Limits) -> tuple[str, int | None, list[str], tuple[str, ...]]:
         work = os.path.join(root, "work")
         os.mkdir(work, 0o700)
         os.chmod(root, 0o711)  # the run's uid may pass through to work/, not list its siblings
@@ -223,18 +234,20 @@ class Sandbox:
             os.chown(os.path.join(work, "main.py"), uid, uid)
         names = ("stdin", "stdout", "stderr", "channel")
         files = [open(os.path.join(root, n), "rb" if n == "stdin" else "w+b") for n in names]
+        os.unlink(os.path.join(root, "stdin"))  # reachable through fd 0 only, never by a path
         try:
-            raw_rc, timed_out = self._spawn_and_wait(work, uid, *files)
+            raw_rc, timed_out = self._spawn_and_wait(work, uid, limits, *files)
             rc = self._exit_code(raw_rc)
-            sizes = [os.fstat(f.fileno()).st_size for f in files[1:3]]
-            outs = [_read_capped(f, self.limits.output_bytes) for f in files[1:]]
+            sizes = [os.fstat(f.fileno()).st_size for f in files[1:]]
+            outs = [_read_capped(f, limits.output_bytes) for f in files[1:]]
         finally:
             for f in files:
                 f.close()
-        return self._status(rc, timed_out, sizes, outs[1]), (None if timed_out else rc), outs
+        truncated = tuple(n for n, size in zip(names[1:], sizes) if size > limits.output_bytes)
+        status = self._status(rc, timed_out, sizes[:2], outs[1], limits)
+        return status, (None if timed_out else rc), outs, truncated
 
-    def _spawn_and_wait(self, work: str, uid: int | None, fin, fout, ferr, fchan) -> tuple[int, bool]:
-        lim = self.limits
+    def _spawn_and_wait(self, work: str, uid: int | None, lim: Limits, fin, fout, ferr, fchan) -> tuple[int, bool]:
         sandboxed = self.backend == "bwrap"
         home = "/work" if sandboxed else work
         runner = [self.python, "-S", "-s", "-c", _RUNNER, str(lim.cpu_s), str(lim.memory_mb << 20),
@@ -272,11 +285,11 @@ class Sandbox:
         """The program's exit status, negative for a signal; bwrap reports a signal as 128 + n."""
         return 128 - raw if self.backend == "bwrap" and raw > 128 else raw
 
-    def _status(self, rc: int, timed_out: bool, sizes: list[int], stderr: str) -> str:
+    def _status(self, rc: int, timed_out: bool, sizes: list[int], stderr: str, limits: Limits) -> str:
         sig = max(-rc, 0)
         if timed_out or sig in (signal.SIGXCPU, signal.SIGKILL):
             return "timeout"
-        if sig == signal.SIGXFSZ or max(sizes) >= self.limits.fsize_mb << 20:
+        if sig == signal.SIGXFSZ or max(sizes) >= limits.fsize_mb << 20:
             return "output_limit"
         if sig:
             return "crashed"
@@ -324,22 +337,20 @@ class SandboxPool:
         if self.max_pending < self.workers:
             raise ConfigError(f"max_pending={self.max_pending} must be >= workers={self.workers}")
 
-    def map(self, sources: Iterable[str], stdins: Iterable[str] | None = None) -> Iterator[ExecResult]:
-        """Yield ``sandbox.run(source, stdin)`` for each pair, in input order (stdin "" if absent)."""
-        stdins = stdins if stdins is not None else _repeat("")
+    def map(self, sources: Iterable[str], stdins: Iterable[str] | None = None,
+            limits: Iterable[Limits | None] | None = None) -> Iterator[ExecResult]:
+        """Yield ``sandbox.run(source, stdin, limit)`` for each triple, in input order (stdin ""
+        and the sandbox's limits if absent)."""
+        stdins = stdins if stdins is not None else repeat("")
+        limits = limits if limits is not None else repeat(None)
         pending: deque[Future[ExecResult]] = deque()
         with ThreadPoolExecutor(self.workers, thread_name_prefix="r1kit-sbx") as pool:
-            for source, stdin in zip(sources, stdins):
+            for source, stdin, limit in zip(sources, stdins, limits):
                 if len(pending) >= self.max_pending:
                     yield pending.popleft().result()
-                pending.append(pool.submit(self.sandbox.run, source, stdin))
+                pending.append(pool.submit(self.sandbox.run, source, stdin, limit))
             while pending:
                 yield pending.popleft().result()
-
-
-def _repeat(value: str) -> Iterator[str]:
-    while True:
-        yield value
 
 
 class _UidSlots:

@@ -1,10 +1,13 @@
 """r1kit's sampling engine: batched, KV-cached, continuously batched sampling from a causal LM.
 
-The engine owns the loop (admission, sampling, stops, slot reuse); a small per-model *adapter* owns
-the forward: ``prefill`` a batch of prompts into cache slots and ``decode`` one token for every
-slot. ``LlamaAdapter`` runs HF Llama-family models with its own forward over the HF module's
-weights (fused QKV and gate/up projections, a preallocated per-slot KV cache, no per-token HF
-``forward`` call), so per-token Python work is a few hundred tensor ops. Another model (the r1kit
+The engine owns the loop (``Scheduler``: admission, sampling, stops, slot reuse), driven either by
+the batch call ``Engine.generate`` (RL, evaluation, distillation) or request by request
+(``add_request`` / ``step`` / ``abort``: the server's continuous batching across requests, each with
+its own sampling settings and seed); a small per-model *adapter* owns the forward: ``prefill`` a
+batch of prompts into cache slots and ``decode`` one token for every slot. ``LlamaAdapter`` runs HF
+Llama-family models with its own forward over the HF module's weights (fused QKV and gate/up
+projections, a preallocated per-slot KV cache, no per-token HF ``forward`` call), so per-token
+Python work is a few hundred tensor ops. Another model (the r1kit
 DeepSeek-V3 with its absorbed MLA cache) plugs in with ``register_adapter``.
 
 Notation: S cache slots, T cache positions, w slots in one decode step (the slots in use), u prompts
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -403,11 +406,15 @@ def eos_ids_of(model: torch.nn.Module, tokenizer_or_eos_ids) -> tuple[list[int],
 class Engine:
     """Batched, KV-cached sampling engine with continuous batching (implements ``SamplingEngine``).
 
-    Sequences (prompt i's n completions are sequences i·n .. i·n+n-1) wait in a queue; up to
-    ``max_batch`` of them hold cache slots. Each prompt is prefilled once and its cache copied to the
-    slots of its completions; every step decodes one token for all slots in use; a finished
-    sequence frees its slot for the next waiting one, and when the queue is empty and half the
-    slots are idle, the busy ones are compacted to the front so the tail decodes narrow.
+    Two ways in, one scheduler (``Scheduler``) under both:
+
+    * ``generate(prompt_ids, params)``: the batch call of RL, evaluation and distillation. Prompt i's
+      n completions are sequences i·n .. i·n+n-1 of one scheduler sized for the call.
+    * the request API of the server: ``add_request`` (own ``SamplingParams``, own seed), ``step``
+      (one prefill of newly admitted requests or one decode step for every slot in use; returns the
+      per-sequence token deltas), ``abort`` (frees the slots at once). New requests join the running
+      batch between decode steps. The serving scheduler has ``max_batch`` slots of
+      ``max_model_len`` positions, allocated on the first request (or by ``open_requests``).
 
     Args:
         model: an HF causal LM whose ``config.model_type`` has an adapter (``register_adapter``;
@@ -418,9 +425,12 @@ class Engine:
             Matmuls and the cache run in ``compute_dtype(dtype)`` (bf16 only where native).
         max_batch: cache slots, i.e. sequences decoded together.
         max_cache_bytes: KV-cache budget in bytes (default: half the available memory).
+        max_model_len: positions per slot (prompt + completion) of the request API's cache
+            (default: the model's context).
 
     Raises:
-        ConfigError: no adapter for the model type, a bad dtype or max_batch < 1.
+        ConfigError: no adapter for the model type, a bad dtype, max_batch < 1 or a max_model_len
+            outside [2, the model's context].
     """
 
     def __init__(
@@ -430,6 +440,7 @@ class Engine:
         dtype: torch.dtype | str = "auto",
         max_batch: int = 64,
         max_cache_bytes: int | None = None,
+        max_model_len: int | None = None,
     ) -> None:
         model_type = getattr(model.config, "model_type", None)
         if model_type not in ADAPTERS:
@@ -445,29 +456,26 @@ class Engine:
         self.eos_ids, self.tokenizer = eos_ids_of(model, tokenizer_or_eos_ids)
         self.max_batch = max_batch
         self.max_cache_bytes = max_cache_bytes
+        context = self.adapter.max_context
+        self.max_model_len = context if max_model_len is None else max_model_len
+        if not 2 <= self.max_model_len <= context:
+            raise ConfigError(f"max_model_len must be in [2, {context}] (the model's context), got {max_model_len}")
+        self.live: Scheduler | None = None
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """Copy ``model``'s current weights into the engine."""
         self.adapter.load(model)
 
-    def _check(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> tuple[int, int]:
-        """Validate the call before any work; returns (slots, cache length)."""
-        params.validate()
-        if not prompt_ids:
-            raise ConfigError("prompt_ids is empty: pass at least one prompt")
-        if params.stop and self.tokenizer is None:
-            raise ConfigError("stop strings need a tokenizer: build the Engine with one instead of EOS ids")
-        context = self.adapter.max_context
-        for i, p in enumerate(prompt_ids):
-            if not 0 < len(p) < context:
-                raise ConfigError(
-                    f"prompt {i} has {len(p)} tokens; it must have 1 to {context - 1} "
-                    f"(the model's context is {context}): shorten or drop it"
-                )
-            if min(p) < 0 or max(p) >= self.adapter.vocab_size:
-                raise ConfigError(f"prompt {i} has a token id outside [0, {self.adapter.vocab_size})")
-        slots = min(self.max_batch, len(prompt_ids) * params.n)
-        length = min(max(len(p) for p in prompt_ids) + params.max_tokens, context)
+    def _check_prompt(self, i: int, prompt: Sequence[int], context: int) -> None:
+        if not 0 < len(prompt) < context:
+            raise ConfigError(
+                f"prompt {i} has {len(prompt)} tokens; it must have 1 to {context - 1} "
+                f"(the model's context is {context}): shorten or drop it"
+            )
+        if min(prompt) < 0 or max(prompt) >= self.adapter.vocab_size:
+            raise ConfigError(f"prompt {i} has a token id outside [0, {self.adapter.vocab_size})")
+
+    def _check_budget(self, slots: int, length: int) -> None:
         need = self.adapter.cache_bytes(slots, length)
         budget = self.max_cache_bytes if self.max_cache_bytes is not None else available_memory_bytes() // 2
         if need > budget:
@@ -476,78 +484,250 @@ class Engine:
                 f"positions, over the budget of {budget} bytes; lower max_batch or max_tokens, "
                 "or raise max_cache_bytes"
             )
+
+    def _check(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> tuple[int, int]:
+        """Validate a ``generate`` call before any work; returns (slots, cache length)."""
+        params.validate()
+        if not prompt_ids:
+            raise ConfigError("prompt_ids is empty: pass at least one prompt")
+        if params.stop and self.tokenizer is None:
+            raise ConfigError("stop strings need a tokenizer: build the Engine with one instead of EOS ids")
+        context = self.adapter.max_context
+        for i, p in enumerate(prompt_ids):
+            self._check_prompt(i, p, context)
+        slots = min(self.max_batch, len(prompt_ids) * params.n)
+        length = min(max(len(p) for p in prompt_ids) + params.max_tokens, context)
+        self._check_budget(slots, length)
         return slots, length
 
     @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
         """Sample ``params.n`` completions per prompt; returns them prompt-major (i·n + j).
 
+        All sequences share one sampler generator (seeded by ``params.seed``) and are sampled in one
+        draw per step, so the result depends on the seed and the prompts only.
+
         Raises ConfigError (before any work) for invalid params, an empty or too long prompt, stop
         strings without a tokenizer, or a KV cache over the memory budget.
         """
         slots, length = self._check(prompt_ids, params)
-        run = _Run(self, prompt_ids, params, slots, length)
-        return run.loop()
+        scheduler = Scheduler(self, slots, length)
+        generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        stops = StopChecker(self.tokenizer, params.stop) if params.stop else None
+        requests = [scheduler.add(Request(i, list(p), params, generator, stops, self.eos_ids))
+                    for i, p in enumerate(prompt_ids)]
+        while scheduler.has_unfinished():
+            scheduler.step()
+        return [Completion(s.token_ids, s.logprobs, s.finish_reason, r.request_id)
+                for r in requests for s in r.sequences]
+
+    # The request API (the server's engine loop). Not thread-safe: one thread drives it.
+
+    def open_requests(self) -> Scheduler:
+        """The serving scheduler (``max_batch`` slots x ``max_model_len`` positions), allocated on the
+        first call. Raises ConfigError when that cache is over the memory budget."""
+        if self.live is None:
+            self._check_budget(self.max_batch, self.max_model_len)
+            self.live = Scheduler(self, self.max_batch, self.max_model_len)
+        return self.live
+
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams, top_logprobs: int = 0) -> None:
+        """Raise ConfigError naming the field when ``add_request`` would refuse the request: invalid
+        params, a prompt that is empty, has an id outside the vocabulary or leaves no room in
+        ``max_model_len``, stop strings without a tokenizer, top_logprobs < 0. Reads configuration
+        only, so another thread may call it."""
+        params.validate()
+        if top_logprobs < 0:
+            raise ConfigError(f"top_logprobs must be >= 0, got {top_logprobs}")
+        if params.stop and self.tokenizer is None:
+            raise ConfigError("stop strings need a tokenizer: build the Engine with one instead of EOS ids")
+        self._check_prompt(0, prompt_ids, self.max_model_len)
+
+    @torch.inference_mode()
+    def add_request(self, request_id, prompt_ids: Sequence[int], params: SamplingParams,
+                    top_logprobs: int = 0) -> None:
+        """Queue ``params.n`` sequences of ``prompt_ids`` under ``request_id`` (unique among the
+        unfinished requests), sampled with their own generator when ``params.seed`` is set.
+        ``top_logprobs`` > 0 adds that many most likely (id, logprob) pairs to each delta.
+
+        Raises ConfigError as ``check_request``, or for a request_id already in use.
+        """
+        self.check_request(prompt_ids, params, top_logprobs)
+        scheduler = self.open_requests()
+        if request_id in scheduler.requests:
+            raise ConfigError(f"request_id {request_id!r} is already in use")
+        generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        stops = StopChecker(self.tokenizer, params.stop) if params.stop else None
+        scheduler.add(Request(request_id, list(prompt_ids), params, generator, stops, self.eos_ids, top_logprobs))
+
+    @torch.inference_mode()
+    def step(self) -> list[SequenceDelta]:
+        """One scheduler step of the serving requests (see ``Scheduler.step``); [] when idle."""
+        return self.live.step() if self.live is not None and self.live.has_unfinished() else []
+
+    @torch.inference_mode()
+    def abort(self, request_id, index: int | None = None) -> bool:
+        """Stop sequence ``index`` of ``request_id`` (all of them when None) and free their slots now.
+        Returns False when the request is not (or no longer) known."""
+        return self.live is not None and self.live.abort(request_id, index)
+
+    def has_unfinished(self) -> bool:
+        """True while a serving request waits or decodes."""
+        return self.live is not None and self.live.has_unfinished()
+
+    def stats(self) -> dict:
+        """Serving counters: slots_total, slots_in_use, waiting (sequences), requests, steps."""
+        live = self.live
+        if live is None:
+            return {"slots_total": self.max_batch, "slots_in_use": 0, "waiting": 0, "requests": 0, "steps": 0}
+        return live.stats()
 
 
-class _Run:
-    """State of one ``generate`` call: the queue, the slots and the per-slot output buffers."""
+@dataclass(slots=True)
+class SequenceDelta:
+    """What one step added to one sequence.
 
-    def __init__(self, engine: Engine, prompt_ids, params: SamplingParams, slots: int, length: int) -> None:
+    Attributes:
+        request_id: the request it belongs to.
+        index: the sequence's index in its request (the choice index, 0..n-1).
+        token_ids: new token ids (one per step).
+        logprobs: their sampling logprobs (nats, as ``Completion.logprobs``).
+        top_logprobs: per new token, the request's top_logprobs most likely (id, logprob) pairs of the
+            same distribution, most likely first; None when not asked for.
+        finish_reason: None while generating, else "stop" (EOS, stop token or stop string) or
+            "length" (max_tokens or the end of the cache).
+    """
+
+    request_id: object
+    index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] | None
+    finish_reason: str | None
+
+
+@dataclass(eq=False)
+class SequenceState:
+    """One completion of a request: its tokens so far and the cache slot it holds (-1 = none)."""
+
+    request: Request
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    slot: int = -1
+
+
+class Request:
+    """A prompt, its sampling settings and its ``params.n`` sequences.
+
+    Sequences of requests with equal temperature/top_k/top_p, the same generator (or none) and the
+    same top_logprobs are sampled together, in one draw per step.
+    """
+
+    def __init__(self, request_id, prompt_ids: list[int], params: SamplingParams, generator: torch.Generator | None,
+                 stops: StopChecker | None, eos_ids: Sequence[int], top_logprobs: int = 0) -> None:
+        self.request_id, self.prompt_ids, self.params = request_id, prompt_ids, params
+        self.generator, self.stops, self.top_logprobs = generator, stops, top_logprobs
+        self.stop_ids = set(eos_ids) | set(params.stop_token_ids)
+        self.sequences = [SequenceState(self, j) for j in range(params.n)]
+        self.unfinished = params.n
+        self.key = (params.temperature, params.top_k, params.top_p, None if generator is None else id(generator),
+                    top_logprobs)
+
+
+class Scheduler:
+    """Cache slots and the queue of sequences waiting for one.
+
+    Each step either admits waiting sequences into free slots (their prompts are prefilled once per
+    request and the cache copied to the slots of its other sequences; a prefix shared by the admitted
+    prompts is prefilled once) or decodes one token for every slot in use. A finished or aborted
+    sequence frees its slot at once; when nothing waits and half the slots are idle, the busy ones are
+    compacted to the front so the tail decodes narrow.
+
+    Args:
+        engine: the engine whose adapter, EOS ids and tokenizer it uses.
+        slots: cache slots S; length: cache positions T per slot (prompt + completion).
+    """
+
+    def __init__(self, engine: Engine, slots: int, length: int) -> None:
         self.adapter = engine.adapter
-        self.prompts = [list(p) for p in prompt_ids]
-        self.params = params
         self.length = length
-        self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
-        self.stop_ids = torch.tensor(sorted(set(engine.eos_ids) | set(params.stop_token_ids)), dtype=torch.long)
-        self.stops = StopChecker(engine.tokenizer, params.stop) if params.stop else None
         self.cache = self.adapter.new_cache(slots, length)
-        self.waiting = deque(range(len(self.prompts) * params.n))
-        self.seq = [-1] * slots  # sequence held by each slot, -1 = free
+        self.requests: dict[object, Request] = {}
+        self.waiting: deque[SequenceState] = deque()
+        self.seq: list[SequenceState | None] = [None] * slots  # sequence held by each slot
         self.width = 0  # slots [0, width) are decoded each step
         self.last = torch.zeros(slots, dtype=torch.long)  # last sampled token per slot
         self.pos = torch.zeros(slots, dtype=torch.long)  # cache position the last token goes to
-        self.count = torch.zeros(slots, dtype=torch.long)  # completion tokens so far
-        self.out_ids = torch.zeros(slots, params.max_tokens, dtype=torch.long)
-        self.out_logp = torch.zeros(slots, params.max_tokens, dtype=torch.float32)
-        self.results: list[Completion | None] = [None] * len(self.waiting)
+        self.steps = 0
+        self.out: list[SequenceDelta] = []
 
-    def loop(self) -> list[Completion]:
-        while self.waiting or self.width:
-            if self.waiting and -1 in self.seq:
-                self._admit()
+    def add(self, request: Request) -> Request:
+        """Queue the request's sequences behind those already waiting."""
+        self.requests[request.request_id] = request
+        self.waiting.extend(request.sequences)
+        return request
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting) or self.width > 0
+
+    def stats(self) -> dict:
+        return {"slots_total": len(self.seq), "slots_in_use": sum(s is not None for s in self.seq),
+                "waiting": len(self.waiting), "requests": len(self.requests), "steps": self.steps}
+
+    def step(self) -> list[SequenceDelta]:
+        """Admit or decode once; returns the deltas of every sequence that got a token."""
+        self.out = []
+        if self.waiting and None in self.seq:
+            self._admit()
+        elif self.width:
+            self._compact()
+            self._decode()
+        self.steps += 1
+        return self.out
+
+    def abort(self, request_id, index: int | None = None) -> bool:
+        """Finish the request's unfinished sequences (only ``index`` when given) with "abort", freeing
+        their slots and queue places; returns False for an unknown request."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        for seq in request.sequences:
+            if seq.finish_reason is not None or (index is not None and seq.index != index):
+                continue
+            if seq.slot >= 0:
+                self._finish(seq.slot, "abort")
             else:
-                self._compact()
-                self._decode()
-        return self.results
+                self.waiting.remove(seq)
+                self._retire(seq, "abort")
+        return True
 
     def _admit(self) -> None:
         """Prefill the prompts of waiting sequences into free slots and sample their first token."""
-        n = self.params.n
-        free = [s for s, q in enumerate(self.seq) if q == -1][: len(self.waiting)]
+        free = [s for s, q in enumerate(self.seq) if q is None][: len(self.waiting)]
         seqs = [self.waiting.popleft() for _ in free]
-        prompt_of = [q // n for q in seqs]
-        unique = sorted(set(prompt_of))
-        home = {p: free[prompt_of.index(p)] for p in unique}  # the slot each prompt is prefilled into
-        start = self._prefill_shared_prefix(unique, [home[p] for p in unique])
-        tokens, lengths = self._padded(unique, start)
-        logits = self.adapter.prefill(tokens, lengths, self.cache, torch.tensor([home[p] for p in unique]), start)
-        copies = [(home[p], s) for p, s in zip(prompt_of, free) if home[p] != s]
+        requests = list(dict.fromkeys(q.request for q in seqs))  # in queue order
+        home = {r: free[[q.request for q in seqs].index(r)] for r in requests}  # the slot each is prefilled into
+        prompts = [r.prompt_ids for r in requests]
+        start = self._prefill_shared_prefix(prompts, [home[r] for r in requests])
+        tokens, lengths = self._padded(prompts, start)
+        logits = self.adapter.prefill(tokens, lengths, self.cache, torch.tensor([home[r] for r in requests]), start)
+        copies = [(home[q.request], s) for q, s in zip(seqs, free) if home[q.request] != s]
         if copies:
             src, dst = torch.tensor(copies).T
             self.cache.copy_slots(src, dst)
         for q, s in zip(seqs, free):
-            self.seq[s], self.pos[s], self.count[s] = q, len(self.prompts[q // n]), 0
+            self.seq[s], q.slot, self.pos[s] = q, s, len(q.request.prompt_ids)
         self.width = max(self.width, max(free) + 1)
-        rows = torch.tensor([unique.index(p) for p in prompt_of])  # each sequence's prefill row
-        self._record(torch.tensor(free), *sample(logits[rows], self.params, self.generator))
+        rows = torch.tensor([requests.index(q.request) for q in seqs])  # each sequence's prefill row
+        self._sample(torch.tensor(free), logits[rows])
 
-    def _prefill_shared_prefix(self, prompts: list[int], slots: list[int]) -> int:
-        """Prefill the longest prefix the ``prompts`` share (a system prompt, a template's preamble) once
-        into the first of their ``slots`` and copy it to the others; returns its length (0 when under
-        ``SHARED_PREFIX_MIN`` tokens). Every prompt keeps at least one token of its own, whose logits
-        start its completion."""
-        ids = [self.prompts[p] for p in prompts]
+    def _prefill_shared_prefix(self, ids: list[list[int]], slots: list[int]) -> int:
+        """Prefill the longest prefix the prompts ``ids`` share (a system prompt, a template's preamble)
+        once into the first of their ``slots`` and copy it to the others; returns its length (0 when
+        under ``SHARED_PREFIX_MIN`` tokens). Every prompt keeps at least one token of its own, whose
+        logits start its completion."""
         start = min(len(os.path.commonprefix(ids)), min(map(len, ids)) - 1)
         if len(ids) < 2 or start < SHARED_PREFIX_MIN:
             return 0
@@ -555,64 +735,103 @@ class _Run:
         self.cache.copy_slots(torch.tensor(slots[:1] * (len(slots) - 1)), torch.tensor(slots[1:]))
         return start
 
-    def _padded(self, prompts: list[int], start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded token ids (u, s) and lengths (u,) of the prompts with these indices, from
-        position ``start`` on."""
-        lengths = torch.tensor([len(self.prompts[p]) - start for p in prompts])
+    @staticmethod
+    def _padded(prompts: list[list[int]], start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded token ids (u, s) and lengths (u,) of ``prompts`` from position ``start`` on."""
+        lengths = torch.tensor([len(p) - start for p in prompts])
         tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
         for row, p in enumerate(prompts):
-            tokens[row, : lengths[row]] = torch.tensor(self.prompts[p][start:])
+            tokens[row, : lengths[row]] = torch.tensor(p[start:])
         return tokens, lengths
 
     def _decode(self) -> None:
         w = self.width
         span = int(self.pos[:w].max()) + 1
-        busy = torch.tensor([q >= 0 for q in self.seq[:w]]).nonzero()[:, 0]
+        busy = torch.tensor([q is not None for q in self.seq[:w]]).nonzero()[:, 0]
         logits = self.adapter.decode(self.last[:w], self.pos[:w], self.cache, span, busy)  # (b, V)
         self.pos[busy] += 1  # idle slots stay at position 0
-        self._record(busy, *sample(logits, self.params, self.generator))
+        self._sample(busy, logits)
 
-    def _record(self, slots: torch.Tensor, tokens: torch.Tensor, logp: torch.Tensor) -> None:
-        """Append the sampled tokens (n,) to ``slots`` (n,) and retire the finished sequences."""
-        self.out_ids[slots, self.count[slots]] = tokens
-        self.out_logp[slots, self.count[slots]] = logp
-        self.count[slots] += 1
+    def _sample(self, slots: torch.Tensor, logits: torch.Tensor) -> None:
+        """Sample the next token of the sequences in ``slots`` (n,) from ``logits`` (n, V), one draw per
+        group of sequences with the same sampling key, and record them."""
+        seqs = [self.seq[s] for s in slots.tolist()]
+        groups: dict[tuple, list[int]] = {}
+        for row, q in enumerate(seqs):
+            groups.setdefault(q.request.key, []).append(row)
+        top: list[list[tuple[int, float]] | None] = [None] * len(seqs)
+        if len(groups) == 1:  # the batch call: one draw over every row, as a single request
+            request = seqs[0].request
+            tokens, logp = sample(logits, request.params, request.generator)
+            self._top_logprobs(logits, request, range(len(seqs)), top)
+        else:
+            tokens = torch.empty(len(seqs), dtype=torch.long)
+            logp = torch.empty(len(seqs), dtype=torch.float32)
+            for rows in groups.values():
+                request, idx = seqs[rows[0]].request, torch.tensor(rows)
+                tokens[idx], logp[idx] = sample(logits[idx], request.params, request.generator)
+                self._top_logprobs(logits[idx], request, rows, top)
+        self._record(slots, seqs, tokens, logp, top)
+
+    @staticmethod
+    def _top_logprobs(logits: torch.Tensor, request: Request, rows, top: list) -> None:
+        """Fill ``top[row]`` with the request's top_logprobs (id, logprob) pairs of the distribution its
+        sampling logprobs come from (``log_softmax(logits / T)``, T = 1 when greedy)."""
+        k = request.top_logprobs
+        if not k:
+            return
+        t = request.params.temperature or 1.0
+        values, ids = (logits / t).log_softmax(-1).topk(min(k, logits.shape[-1]), dim=-1)
+        for row, v, i in zip(rows, values.tolist(), ids.tolist()):
+            top[row] = list(zip(i, v))
+
+    def _record(self, slots: torch.Tensor, seqs: list[SequenceState], tokens: torch.Tensor, logp: torch.Tensor,
+                top: list) -> None:
+        """Append the sampled tokens (n,) to the sequences in ``slots`` (n,), emit their deltas and
+        retire the finished ones."""
         self.last[slots] = tokens
-        stopped = torch.isin(tokens, self.stop_ids)
         # A token at position pos makes the sequence pos + 1 long; the cache holds self.length.
-        full = (self.count[slots] >= self.params.max_tokens) | (self.pos[slots] + 1 >= self.length)
-        for slot, stop, is_full in zip(slots.tolist(), stopped.tolist(), full.tolist()):
-            stop = stop or (self.stops is not None and self.stops.hit(self._tail(slot, self.stops.window)))
-            if stop or is_full:
-                self._finish(slot, "stop" if stop else "length")
-
-    def _tail(self, slot: int, window: int) -> list[int]:
-        """The last ``window`` completion tokens of ``slot``."""
-        n = int(self.count[slot])
-        return self.out_ids[slot, max(0, n - window) : n].tolist()
+        positions = self.pos[slots].tolist()
+        for slot, q, token, lp, pos, tops in zip(slots.tolist(), seqs, tokens.tolist(), logp.tolist(), positions, top):
+            q.token_ids.append(token)
+            q.logprobs.append(lp)
+            request = q.request
+            stop = token in request.stop_ids or (
+                request.stops is not None and request.stops.hit(q.token_ids[-request.stops.window:]))
+            full = len(q.token_ids) >= request.params.max_tokens or pos + 1 >= self.length
+            reason = "stop" if stop else "length" if full else None
+            self.out.append(SequenceDelta(request.request_id, q.index, [token], [lp],
+                                          None if tops is None else [tops], reason))
+            if reason:
+                self._finish(slot, reason)
 
     def _finish(self, slot: int, reason: str) -> None:
-        q, n = self.seq[slot], int(self.count[slot])
-        self.results[q] = Completion(
-            token_ids=self.out_ids[slot, :n].tolist(),
-            logprobs=self.out_logp[slot, :n].tolist(),
-            finish_reason=reason,
-            prompt_index=q // self.params.n,
-        )
-        self.seq[slot] = -1
+        """Free ``slot`` and retire its sequence."""
+        q = self.seq[slot]
+        self.seq[slot] = None
+        q.slot = -1
         self.pos[slot] = 0  # an idle slot decodes a dummy token at position 0
-        while self.width and self.seq[self.width - 1] == -1:
+        while self.width and self.seq[self.width - 1] is None:
             self.width -= 1
+        self._retire(q, reason)
+
+    def _retire(self, q: SequenceState, reason: str) -> None:
+        q.finish_reason = reason
+        q.request.unfinished -= 1
+        if not q.request.unfinished:
+            del self.requests[q.request.request_id]
 
     def _compact(self) -> None:
         """With nothing waiting, move busy slots to the front once half of [0, width) is idle."""
-        busy = [s for s in range(self.width) if self.seq[s] >= 0]
+        busy = [s for s in range(self.width) if self.seq[s] is not None]
         if self.waiting or 2 * len(busy) > self.width:
             return
         src, dst = torch.tensor(busy), torch.arange(len(busy))
         self.cache.copy_slots(src, dst)
-        for t in (self.last, self.pos, self.count, self.out_ids, self.out_logp):
+        for t in (self.last, self.pos):
             t[dst] = t[src]
         self.seq[: len(busy)] = [self.seq[s] for s in busy]
-        self.seq[len(busy) : self.width] = [-1] * (self.width - len(busy))
+        self.seq[len(busy) : self.width] = [None] * (self.width - len(busy))
+        for s, q in enumerate(self.seq[: len(busy)]):
+            q.slot = s
         self.width = len(busy)

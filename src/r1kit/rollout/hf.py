@@ -20,6 +20,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from r1kit.errors import ConfigError
 from r1kit.rollout.base import Completion, SamplingParams
+from r1kit.rollout.engine import eos_ids_of
 from r1kit.rollout.sampling import filter_logits
 
 
@@ -52,7 +53,9 @@ class HFGenerateEngine:
 
     Args:
         model: a transformers causal LM (the trainer's policy).
-        tokenizer: its tokenizer (pad and eos ids are read from it).
+        tokenizer: its tokenizer (pad id). End-of-sequence ids are ``eos_ids_of(model, tokenizer)``,
+            the same rule as the r1kit engine: the tokenizer's EOS and every id of the model's
+            ``generation_config.eos_token_id`` (a list for Qwen2.5, Llama-3, Phi-3.5).
         dtype: sampling dtype. If it differs from the model's, a copy in this dtype is kept and
             refreshed by ``update_weights`` (bf16 decoding is ~1.5x faster on AVX512-BF16 CPUs).
         max_batch_size: sequences decoded together at most; larger requests are chunked.
@@ -62,7 +65,7 @@ class HFGenerateEngine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos_ids = [tokenizer.eos_token_id]
+        self.eos_ids = eos_ids_of(model, tokenizer)[0]
         model_dtype = next(model.parameters()).dtype
         self.owns_copy = dtype is not None and dtype != model_dtype
         self.model = copy.deepcopy(model).to(dtype) if self.owns_copy else model

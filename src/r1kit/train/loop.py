@@ -4,8 +4,9 @@ A trainer subclasses ``TrainLoop`` and provides ``train_step()`` (one optimizer 
 its metrics) and ``progress_postfix``; the skeleton owns everything around it:
 
   * the run directory and its ``config.yaml``;
-  * the step loop up to ``total_steps``, with ``max_train_minutes`` of wall time per call (the step
-    that crosses the budget is finished and checkpointed, so ``--resume`` continues from it);
+  * the step loop up to ``total_steps``, with ``max_train_minutes`` of wall time and
+    ``max_train_cpu_seconds`` of process CPU time per call (the step that crosses a budget is finished
+    and checkpointed, so ``--resume`` continues from it);
   * ``metrics.jsonl`` every ``logging_steps`` (``MetricsLogger``), checkpoints every ``save_steps``
     and at the end (``checkpoint.save_checkpoint``: policy, optimizer, scheduler, RNG, trainer state);
   * resume: weights, optimizer, scheduler, RNG, the data cursor and the trainer's own state;
@@ -163,6 +164,15 @@ class TrainLoop:
         self.logger.truncate_after(self.step)
 
     # ----- the loop -----
+    def _budget_spent(self, wall_s: float, cpu_s: float) -> str | None:
+        """Which time budget of this call is spent ("time budget of 15 min" / "CPU budget of 600 s"), or None."""
+        c = self.cfg
+        if c.max_train_minutes is not None and wall_s >= 60 * c.max_train_minutes:
+            return f"time budget of {c.max_train_minutes:g} min"
+        if c.max_train_cpu_seconds is not None and cpu_s >= c.max_train_cpu_seconds:
+            return f"CPU budget of {c.max_train_cpu_seconds:g} s"
+        return None
+
     def train(self, progress: bool = True, stop_after: int | None = None) -> list[dict[str, float]]:
         """Run until ``total_steps`` (or ``stop_after`` steps in this call, used to simulate a kill), or
         until ``max_train_minutes`` of wall time have passed in this call: the step that crosses the
@@ -179,11 +189,12 @@ class TrainLoop:
         history = []
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not progress, desc=self.desc, dynamic_ncols=True)
         done = 0
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         try:
             while self.step < self.total_steps and (stop_after is None or done < stop_after):
-                if c.max_train_minutes is not None and time.perf_counter() - start >= 60 * c.max_train_minutes:
-                    print(f"time budget of {c.max_train_minutes:g} min reached after step {self.step}", flush=True)
+                spent = self._budget_spent(time.perf_counter() - start, time.process_time() - start_cpu)
+                if spent:
+                    print(f"{spent} reached after step {self.step}", flush=True)
                     if not (self.run_dir / f"checkpoint-{self.step}").exists() and self.step > 0:
                         self.save()
                     break

@@ -23,6 +23,7 @@ same code as the GRPO recipe.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from r1kit.data.sft_data import SFTRow, TokenizedExample, load_sft_rows, tokeniz
 from r1kit.errors import ConfigError, DataError, TrainingStopped
 from r1kit.models.deepseek_v3 import DeepseekV3ForCausalLM
 from r1kit.models.loading import resolve_bf16
+from r1kit.train import checkpoint as ckpt
 from r1kit.train.grpo import autocast, can_pack, decoder_logits
 from r1kit.train.losses import entropy_from_logits
 from r1kit.train.loop import DataCursor, TrainLoop, lr_lambda, make_optimizer
@@ -254,16 +256,10 @@ class SFTTrainer(TrainLoop):
 def sft_total_steps(cfg: SFTConfig, run_dir: Path) -> int | None:
     """The step count of a run: ``max_steps``, else what its latest checkpoint recorded (None: no
     checkpoint yet; the count then follows from the data)."""
-    from r1kit.train import checkpoint as ckpt
-
     if cfg.max_steps:
         return cfg.max_steps
     last = ckpt.latest_checkpoint(run_dir)
-    if last is None:
-        return None
-    import json
-
-    return json.loads((last / "trainer_state.json").read_text()).get("total_steps")
+    return None if last is None else json.loads((last / "trainer_state.json").read_text()).get("total_steps")
 
 
 def sft_eval_task(cfg: SFTConfig) -> str | None:

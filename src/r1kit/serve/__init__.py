@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving of r1kit models: ``r1kit serve MODEL`` (see ``app.py``)."""

@@ -1,0 +1,240 @@
+"""The OpenAI request and response models of ``r1kit serve`` (pydantic), and the error shape.
+
+Requests: ``POST /v1/chat/completions`` (``ChatCompletionRequest``) and ``POST /v1/completions``
+(``CompletionRequest``), the fields of SERVE_SPEC §1. Fields the server does not use (``user``,
+``presence_penalty``, ...) are ignored, as vLLM does; a known field of the wrong type or out of range
+is a ``RequestError`` (400) whose ``param`` names it (``messages[1].role``, ``top_p``).
+
+Responses follow OpenAI's shapes with both reasoning field names (``reasoning_content``: DeepSeek,
+SGLang, llama.cpp; ``reasoning``: vLLM, Ollama), SERVE_SPEC §2.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from r1kit.errors import R1kitError
+
+TOP_LOGPROBS_MAX = 20  # OpenAI's limit for chat top_logprobs
+COMPLETION_LOGPROBS_MAX = 5  # OpenAI's limit for the legacy completions logprobs
+
+
+class RequestError(R1kitError):
+    """A request the server refuses: HTTP ``status`` with OpenAI's error body.
+
+    Args:
+        message: what is wrong and how to fix it.
+        param: the request field at fault (``messages[0].content``), or None.
+        status: 400 bad request, 404 unknown model, 503 full or shutting down.
+    """
+
+    TYPES = {400: "invalid_request_error", 404: "not_found_error", 503: "service_unavailable"}
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+    def body(self) -> dict:
+        """``{"error": {"message", "type", "param", "code"}}``."""
+        return error_body(self.message, self.TYPES.get(self.status, "invalid_request_error"), self.param,
+                          self.code or self.status)
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: int | str | None = None) -> dict:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class Fields(BaseModel):
+    """Request objects: fields this server does not use are ignored (vLLM's behaviour)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(Fields):
+    include_usage: bool = False
+
+
+class TextPart(Fields):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Fields):
+    """One message. ``reasoning_content``/``reasoning`` of earlier assistant turns are accepted and not
+    fed back into the prompt (the DeepSeek API rule)."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class SamplingRequest(Fields):
+    """Fields shared by both endpoints."""
+
+    model: str
+    max_tokens: int | None = Field(None, gt=0)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)  # 0 or -1 = off (vLLM spells off as -1)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def check(self, max_n: int) -> None:
+        """Cross-field rules; raises RequestError naming the field."""
+        if self.n > max_n:
+            raise RequestError(f"n must be at most {max_n} on this server, got {self.n}", "n")
+        if self.stream_options is not None and not self.stream:
+            raise RequestError("stream_options is only allowed with stream: true", "stream_options")
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, gt=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_MAX)
+    include_reasoning: bool = True
+    stop_in_reasoning: bool = False  # r1kit extension: stop strings end the reasoning too
+
+    def check(self, max_n: int) -> None:
+        super().check(max_n)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
+        seen_turn = False
+        for i, m in enumerate(self.messages):
+            if m.role in ("system", "developer"):
+                if seen_turn:
+                    raise RequestError(f"a {m.role} message must come before the conversation, found at {i}",
+                                       f"messages[{i}].role")
+                continue
+            expected = "user" if not seen_turn or self.messages[i - 1].role == "assistant" else "assistant"
+            if m.role != expected:
+                raise RequestError(f"messages must alternate user and assistant turns, starting with user; "
+                                   f"message {i} is {m.role!r} where {expected!r} was expected", f"messages[{i}].role")
+            if m.role == "user" and not m.text():
+                raise RequestError(f"message {i} (user) has no content", f"messages[{i}].content")
+            seen_turn = True
+        if self.messages[-1].role != "user":
+            raise RequestError("the last message must be a user message", f"messages[{len(self.messages) - 1}].role")
+
+    def completion_limit(self) -> int | None:
+        """max_completion_tokens, else max_tokens (the former wins: OpenAI deprecated the latter)."""
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, gt=0)  # OpenAI's legacy default
+    logprobs: int | None = Field(None, ge=0, le=COMPLETION_LOGPROBS_MAX)
+    echo: bool = False
+
+    def check(self, max_n: int) -> None:
+        super().check(max_n)
+        if self.echo:
+            raise RequestError("echo is not supported", "echo")
+        prompts = self.prompts()
+        if not prompts:
+            raise RequestError("prompt is empty", "prompt")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise RequestError(f"prompt {i} is empty", "prompt")
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+def param_of(loc: tuple) -> str | None:
+    """A pydantic error location as OpenAI's ``param``: ``("messages", 0, "role")`` → ``messages[0].role``.
+    Union member tags pydantic adds (``str``, ``list[str]``) are dropped."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("str", "int", "float", "bool") or "[" in part or "(" in part:
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out or None
+
+
+def parse_request(raw: bytes, model: type[SamplingRequest]) -> SamplingRequest:
+    """Decode, parse and validate a request body. Raises RequestError (400) naming the field for a
+    body that is not UTF-8, not JSON, not an object, or a field of the wrong type or out of range."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"the request body is not UTF-8 (byte {e.start}): send JSON in UTF-8", "body") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                           "body") from None
+    if not isinstance(data, dict):
+        raise RequestError("the request body must be a JSON object", "body")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = param_of(tuple(first["loc"]))
+        raise RequestError(f"{param or 'body'}: {first['msg']}", param) from None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    completion_tokens_details: dict | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: str = "assistant"
+    content: str | None
+    reasoning_content: str | None
+    reasoning: str | None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: dict | None = None
+    finish_reason: str
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: dict | None = None
+    finish_reason: str
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage

@@ -1,0 +1,127 @@
+"""The engine's request API (add_request / step / abort): requests that join a running batch get the
+tokens they would get alone, each with its own params and seed; abort frees slots at once; deltas
+carry one token per sequence per step; top_logprobs are the distribution's own top-k."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r1kit.errors import ConfigError
+from r1kit.rollout.base import SamplingParams
+from r1kit.rollout.engine import Engine
+
+from test_engine import PROMPTS, full_forward_logprobs, hf_greedy, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama()
+
+
+def run_until_done(engine: Engine) -> dict:
+    """Step until idle; returns {(request_id, index): (token_ids, logprobs, finish_reason)}."""
+    got: dict = {}
+    while engine.has_unfinished():
+        for d in engine.step():
+            ids, lps, _ = got.get((d.request_id, d.index), ([], [], None))
+            got[(d.request_id, d.index)] = (ids + d.token_ids, lps + d.logprobs, d.finish_reason)
+    return got
+
+
+def test_requests_joining_a_running_batch_get_their_greedy_tokens(tiny):
+    engine = Engine(tiny, [], dtype=torch.float32, max_batch=3, max_model_len=128)
+    engine.add_request("a", PROMPTS[0], SamplingParams(max_tokens=12, temperature=0))
+    got: dict = {}
+    for _ in range(4):  # "a" is prefilled and decodes 3 tokens alone
+        for d in engine.step():
+            got.setdefault(d.request_id, []).extend(d.token_ids)
+    assert len(got["a"]) == 4
+    engine.add_request("b", PROMPTS[1], SamplingParams(max_tokens=6, temperature=0))
+    engine.add_request("c", PROMPTS[2], SamplingParams(max_tokens=9, temperature=0, n=2))  # waits for a slot
+    rest = run_until_done(engine)
+    assert got["a"] + rest[("a", 0)][0] == hf_greedy(tiny, PROMPTS[0], 12)
+    assert rest[("b", 0)][0] == hf_greedy(tiny, PROMPTS[1], 6)
+    assert rest[("c", 0)][0] == rest[("c", 1)][0] == hf_greedy(tiny, PROMPTS[2], 9)
+    assert engine.stats()["slots_in_use"] == 0 and engine.stats()["requests"] == 0
+
+
+def test_each_request_has_its_own_params_and_seed(tiny):
+    """A seeded request samples the same tokens alone and beside other traffic; its logprobs are the
+    full forward's at its own temperature."""
+    params = SamplingParams(max_tokens=8, temperature=0.8, top_k=50, seed=7, n=2)
+    alone = Engine(tiny, [], dtype=torch.float32, max_batch=4, max_model_len=128)
+    alone.add_request("x", PROMPTS[3], params)
+    ref = run_until_done(alone)
+    busy = Engine(tiny, [], dtype=torch.float32, max_batch=4, max_model_len=128)
+    busy.add_request("noise", PROMPTS[1], SamplingParams(max_tokens=10, temperature=1.3, seed=1))
+    busy.step()
+    busy.add_request("x", PROMPTS[3], params)
+    busy.add_request("greedy", PROMPTS[0], SamplingParams(max_tokens=5, temperature=0))
+    got = run_until_done(busy)
+    assert [got[("x", j)][0] for j in range(2)] == [ref[("x", j)][0] for j in range(2)]
+    assert got[("greedy", 0)][0] == hf_greedy(tiny, PROMPTS[0], 5)
+    for j in range(2):
+        ids, lps, _ = got[("x", j)]
+        torch.testing.assert_close(torch.tensor(lps), full_forward_logprobs(tiny, PROMPTS[3], ids, 0.8),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_abort_frees_the_slot_at_once_and_stops_the_deltas(tiny):
+    engine = Engine(tiny, [], dtype=torch.float32, max_batch=2, max_model_len=128)
+    engine.add_request("long", PROMPTS[0], SamplingParams(max_tokens=100, temperature=0, n=2))
+    engine.add_request("queued", PROMPTS[1], SamplingParams(max_tokens=4, temperature=0))
+    engine.step()
+    engine.step()
+    assert engine.stats() == {"slots_total": 2, "slots_in_use": 2, "waiting": 1, "requests": 2, "steps": 2}
+    assert engine.abort("long", index=1)
+    assert engine.stats()["slots_in_use"] == 1
+    (first,) = engine.step()  # the freed slot admits "queued" and samples its first token
+    assert first.request_id == "queued"
+    assert engine.stats()["slots_in_use"] == 2 and engine.stats()["waiting"] == 0
+    assert engine.abort("long")
+    rest = run_until_done(engine)
+    assert set(rest) == {("queued", 0)}
+    assert first.token_ids + rest[("queued", 0)][0] == hf_greedy(tiny, PROMPTS[1], 4)
+    assert not engine.abort("long") and engine.stats()["slots_in_use"] == 0
+
+
+def test_abort_of_a_waiting_request_removes_it_from_the_queue(tiny):
+    engine = Engine(tiny, [], dtype=torch.float32, max_batch=1, max_model_len=128)
+    engine.add_request("a", PROMPTS[0], SamplingParams(max_tokens=3, temperature=0))
+    engine.add_request("b", PROMPTS[1], SamplingParams(max_tokens=3, temperature=0))
+    assert engine.stats()["waiting"] == 2
+    assert engine.abort("b") and engine.stats()["waiting"] == 1
+    assert set(run_until_done(engine)) == {("a", 0)}
+
+
+def test_deltas_are_one_token_per_step_with_the_finish_on_the_last(tiny):
+    engine = Engine(tiny, [], dtype=torch.float32, max_batch=2, max_model_len=128)
+    engine.add_request(0, PROMPTS[0], SamplingParams(max_tokens=3, temperature=0), top_logprobs=3)
+    steps = [engine.step() for _ in range(3)]
+    assert [len(s) for s in steps] == [1, 1, 1]
+    assert [s[0].finish_reason for s in steps] == [None, None, "length"] and not engine.has_unfinished()
+    ids = [s[0].token_ids[0] for s in steps]
+    full = torch.tensor([PROMPTS[0] + ids])
+    with torch.no_grad():
+        logp = tiny(full).logits[0, len(PROMPTS[0]) - 1 : -1].float().log_softmax(-1)  # (3, V)
+    for t, s in enumerate(steps):
+        (top,) = s[0].top_logprobs
+        values, order = logp[t].topk(3)
+        assert [i for i, _ in top] == order.tolist() and top[0][0] == ids[t]  # greedy picks the top one
+        torch.testing.assert_close(torch.tensor([v for _, v in top]), values, atol=1e-4, rtol=1e-4)
+
+
+def test_request_api_refuses_bad_requests(tiny):
+    engine = Engine(tiny, [], dtype=torch.float32, max_batch=2, max_model_len=64)
+    with pytest.raises(ConfigError, match="prompt 0 has 64 tokens"):
+        engine.add_request("a", [1] * 64, SamplingParams())
+    with pytest.raises(ConfigError, match="temperature"):
+        engine.add_request("a", [1, 2], SamplingParams(temperature=-1))
+    with pytest.raises(ConfigError, match="top_logprobs"):
+        engine.add_request("a", [1, 2], SamplingParams(), top_logprobs=-1)
+    engine.add_request("a", [1, 2], SamplingParams(max_tokens=2))
+    with pytest.raises(ConfigError, match="already in use"):
+        engine.add_request("a", [1, 2], SamplingParams())
+    with pytest.raises(ConfigError, match="max_model_len"):
+        Engine(tiny, [], max_model_len=10_000)

@@ -1,0 +1,166 @@
+"""The serving layer in process (httpx's ASGI transport; it buffers streams, which these tests do not
+need): an engine that fails mid-stream gives an in-band error chunk and the loop keeps serving; the
+HF-generate fallback serves a model without an engine adapter, labelled as such; the R1 setting's
+prompt; the detokenizer holds back a split UTF-8 character."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from r1kit.rollout.engine import SequenceDelta
+from r1kit.serve.app import Detokenizer, ServeConfig, Server, create_app
+from r1kit.serve.protocol import ChatCompletionRequest
+from r1kit.serve.runner import EngineLoop, make_serving_engine
+from serve_helpers import CONTENT, REASONING
+
+MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
+
+
+class FailingEngine:
+    """Request API stub: the first step of a request emits one token, the second raises."""
+
+    max_batch = 4
+
+    def __init__(self, token: int) -> None:
+        self.token, self.live, self.fail_next = token, [], False
+
+    def check_request(self, prompt_ids, params, top_logprobs=0):
+        params.validate()
+
+    def add_request(self, request_id, prompt_ids, params, top_logprobs=0):
+        self.live.append(request_id)
+
+    def step(self):
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("kernel exploded")
+        self.fail_next = True
+        return [SequenceDelta(rid, 0, [self.token], [-0.5], None, None) for rid in self.live]
+
+    def abort(self, request_id, index=None):
+        self.live = [r for r in self.live if r != request_id]
+        return True
+
+    def has_unfinished(self):
+        return bool(self.live)
+
+    def stats(self):
+        return {"slots_total": 4, "slots_in_use": len(self.live), "waiting": 0, "requests": len(self.live), "steps": 0}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_dir):
+    return AutoTokenizer.from_pretrained(embedded_dir)
+
+
+def call(app, path: str, body: dict) -> httpx.Response:
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            return await http.post(path, json=body)
+
+    return asyncio.run(go())
+
+
+def test_engine_failure_after_the_stream_started_is_an_in_band_error(tokenizer):
+    loop = EngineLoop(FailingEngine(tokenizer(" Hello", add_special_tokens=False)["input_ids"][0]), max_waiting=4)
+    loop.start()
+    try:
+        app = create_app(Server(loop, tokenizer, ServeConfig(model="m")))
+        r = call(app, "/v1/chat/completions", {"model": "m", "messages": MESSAGES, "stream": True})
+        events = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert r.status_code == 200 and events[-1] == "[DONE]"
+        assert json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
+        assert json.loads(events[1])["choices"][0]["delta"]["content"] == "Hello"
+        error = json.loads(events[-2])["error"]
+        assert "kernel exploded" in error["message"] and error["type"] == "server_error"
+        assert loop.stats()["requests_in_flight"] == 0
+        again = call(app, "/v1/chat/completions", {"model": "m", "messages": MESSAGES})  # the loop still serves
+        assert again.status_code == 503 and "kernel exploded" in again.json()["error"]["message"]
+    finally:
+        loop.stop()
+
+
+def test_hf_fallback_serves_a_model_without_an_adapter(scripted_model_dir):
+    tok = AutoTokenizer.from_pretrained(scripted_model_dir)
+    model = LlamaForCausalLM.from_pretrained(scripted_model_dir, dtype=torch.float32).eval()
+    engine, label = make_serving_engine(model, tok, "hf", "fp32", max_num_seqs=4, max_model_len=256)
+    assert "one request at a time" in label
+    loop = EngineLoop(engine, max_waiting=4, label=label)
+    loop.start()
+    try:
+        cfg = ServeConfig(model="m", max_model_len=256)
+        app = create_app(Server(loop, tok, cfg))
+        r = call(app, "/v1/chat/completions", {"model": "m", "messages": MESSAGES, "temperature": 0, "stop": " is"})
+        msg = r.json()["choices"][0]["message"]
+        assert (msg["reasoning_content"], msg["content"]) == (REASONING, "The answer")
+        streamed = call(app, "/v1/chat/completions", {"model": "m", "messages": MESSAGES, "temperature": 0, "stream": True})
+        deltas = [json.loads(x[6:])["choices"][0]["delta"] for x in streamed.text.splitlines()
+                  if x.startswith("data: {")]
+        assert "".join(d.get("content", "") for d in deltas) == CONTENT
+        bad = call(app, "/v1/chat/completions", {"model": "m", "messages": MESSAGES, "logprobs": True, "top_logprobs": 1})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs"
+    finally:
+        loop.stop()
+
+
+def test_r1_setting_prefills_think_and_folds_the_system_prompt(tokenizer):
+    server = Server(None, tokenizer, ServeConfig(model="m", think=True))
+    req = ChatCompletionRequest(model="m", messages=[{"role": "system", "content": "Be brief."},
+                                                     {"role": "user", "content": "2+2?"}])
+    text = server.render_chat(req)
+    assert text.endswith("<|im_start|>assistant\n<think>\n")
+    assert "Be brief.\n\n2+2?" in text and text.count("<|im_start|>system") == 1  # only the template's default
+    plain = Server(None, tokenizer, ServeConfig(model="m")).render_chat(req)
+    assert plain.endswith("<|im_start|>assistant\n") and "<|im_start|>system\nBe brief." in plain
+
+
+def test_detokenizer_holds_back_a_split_utf8_character(tokenizer):
+    ids = tokenizer("né 🙂 ok", add_special_tokens=False)["input_ids"]
+    detok = Detokenizer(tokenizer)
+    pieces = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == "né 🙂 ok" and all("\ufffd" not in p for p in pieces)
+
+
+def test_deepseek_v3_is_served_through_its_own_engine(tmp_path):
+    from r1kit.models.deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
+    from r1kit.models.loading import load_policy, save_pretrained_atomic
+    from r1kit.models.v3_pretrain import char_tokenizer
+    from r1kit.rollout.base import SamplingParams
+
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(vocab_size=22, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                           num_hidden_layers=2, num_attention_heads=2, n_routed_experts=4, num_experts_per_tok=2,
+                           n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16,
+                           qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=64,
+                           num_nextn_predict_layers=0, bos_token_id=0, eos_token_id=1)
+    path = save_pretrained_atomic(DeepseekV3ForCausalLM(cfg).eval(), char_tokenizer(), tmp_path / "v3")
+    model, tok = load_policy(str(path))
+    engine, label = make_serving_engine(model, tok, "auto", "fp32", max_num_seqs=4, max_model_len=64)
+    assert "V3SamplingEngine" in label
+    expected = engine.engine.generate([tok("7+8=").input_ids], SamplingParams(max_tokens=6, temperature=0))[0]
+    loop = EngineLoop(engine, max_waiting=4, label=label)
+    loop.start()
+    try:
+        app = create_app(Server(loop, tok, ServeConfig(model="v3", max_model_len=64)))
+        r = call(app, "/v1/completions", {"model": "v3", "prompt": "7+8=", "max_tokens": 6, "temperature": 0})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["text"] == tok.decode(expected.token_ids, skip_special_tokens=True)
+        assert choice["finish_reason"] == expected.finish_reason and r.json()["usage"]["completion_tokens"] == len(expected.token_ids)
+    finally:
+        loop.stop()
+
+
+def test_earlier_reasoning_is_not_fed_back_into_the_prompt(tokenizer):
+    req = ChatCompletionRequest(model="m", messages=[
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "SECRET-THOUGHT", "reasoning": "SECRET-THOUGHT"},
+        {"role": "user", "content": [{"type": "text", "text": "and 3+3?"}]}])
+    text = Server(None, tokenizer, ServeConfig(model="m")).render_chat(req)
+    assert "SECRET-THOUGHT" not in text and "<|im_start|>assistant\n4<|im_end|>" in text and "and 3+3?" in text
