@@ -27,6 +27,12 @@ def test_time_budget_must_be_positive():
         load_config(overrides={"max_train_minutes": 0})
 
 
+@pytest.mark.parametrize("share", [0, 1.5])
+def test_collapse_share_must_be_a_share(share):
+    with pytest.raises(ConfigError, match=f"warn_answer_share must be in \\(0, 1\\], got {share}"):
+        load_config(overrides={"warn_answer_share": share})
+
+
 def test_stop_on_the_command_line_unescapes_newlines():
     assert load_config(overrides={"stop": "\\n"}).stop == ["\n"]
     assert load_config(overrides={"stop": "\\n\\n,Q:"}).stop == ["\n\n", "Q:"]

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from r1kit.errors import ConfigError
+from r1kit.eval.evaluate import COLLAPSE_SHARE
 from r1kit.train.losses import IS_MODES, LOSS_TYPES, SCALE_REWARDS
 
 
@@ -125,7 +126,7 @@ class GRPOConfig:
     # --- guards ---
     warn_truncated_ratio: float = 0.9  # warn when this share of completions is truncated ...
     warn_zero_std_ratio: float = 0.9  # ... or this share of groups has zero reward std ...
-    warn_answer_share: float = 0.3  # ... or one extracted answer is this share of the completions (collapse) ...
+    warn_answer_share: float = COLLAPSE_SHARE  # ... or one extracted answer is this share of the completions (collapse to a prior; 0.3, the eval report's threshold) ...
     warn_patience: int = 3  # ... for this many steps in a row
 
     def validate(self) -> None:
@@ -154,6 +155,8 @@ class GRPOConfig:
             raise ConfigError(f"max_train_minutes must be > 0 (or none), got {self.max_train_minutes}")
         if self.max_train_cpu_seconds is not None and self.max_train_cpu_seconds <= 0:
             raise ConfigError(f"max_train_cpu_seconds must be > 0 (or none), got {self.max_train_cpu_seconds}")
+        if not 0 < self.warn_answer_share <= 1:
+            raise ConfigError(f"warn_answer_share must be in (0, 1], got {self.warn_answer_share}")
         if self.router_bias_update_speed < 0:
             raise ConfigError(f"router_bias_update_speed must be >= 0, got {self.router_bias_update_speed}")
         if self.temperature <= 0:

@@ -329,7 +329,7 @@ def prior_analysis(results: dict[str, EvalResult], train_golds: Sequence[str | N
     if not prior_free:
         cut["missing"] = (f"every evaluation gold is one of the common answers {common}" if common
                           else "no gold answers to take the common answers from")
-    out = {"baselines": baselines, "cut": cut, "results": {}}
+    out = {"baselines": baselines, "cut": cut, "collapse_share": collapse_share, "results": {}}
     for name, r in named:
         if [p["id"] for p in r.per_problem] != [p["id"] for p in first.per_problem]:
             raise ValueError(f"result {name!r} covers different problems from {named[0][0]!r}")
@@ -374,7 +374,7 @@ def _diff_text(d: dict) -> str:
             f"{d['n_problems']} problems, P(change <= 0) ≈ {d['p_le_zero']:.3f}")
 
 
-def verdict(analysis: dict, collapse_share: float = COLLAPSE_SHARE) -> str:
+def verdict(analysis: dict) -> str:
     """The plain-words reading of a ``prior_analysis``, one line. "significant gain" only when the
     paired interval on the prior-free subset lies above 0; it says when the last result scores at or
     below the best constant answer and when it collapsed onto one answer."""
@@ -410,7 +410,7 @@ def verdict(analysis: dict, collapse_share: float = COLLAPSE_SHARE) -> str:
     if last["collapsed"]:
         top, count = last["answers"]["top"][0]
         parts.append(f"collapse to a prior: {names[-1]} answers {top!r} in {count} of its "
-                     f"{last['answers']['n']} samples ({_pct(last['answers']['top_share'])} > {collapse_share:.0%})")
+                     f"{last['answers']['n']} samples ({_pct(last['answers']['top_share'])} > {analysis['collapse_share']:.0%})")
     if not parts:
         parts.append("no constant-answer baseline could be computed")
     return "; ".join(parts) + "."
