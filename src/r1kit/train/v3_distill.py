@@ -4,6 +4,10 @@ the student itself, for the same student CPU time?
 
 ``r1kit pretrain v3-distill --output DIR`` runs, in order (budgets are CPU seconds of this process):
 
+With ``parallel`` (default), steps 2 and the ``student`` and ``rl`` stages run in a second process
+while the first runs step 1 and the ``teacher`` and ``samples`` stages (one core each; each budget is
+the CPU time of the process that spends it); then ``distill`` and the report.
+
 1. ``DIR/models/teacher``: a DeepSeek-V3 MoE pretrained from scratch on the train split of
    ``arithmetic`` (``r1kit.models.v3_pretrain``) for ``teacher_pretrain_seconds``;
 2. ``DIR/models/student``: a smaller V3 (``student_overrides``: fewer layers) pretrained the same way
@@ -38,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r1kit.errors import ConfigError
+from r1kit.errors import ConfigError, R1kitError
 from r1kit.train.v3_zero import GRPO_SETTINGS
 
 # GRPO settings of v3_zero (chosen there on training reward only); the stage runner sets model/output
@@ -78,10 +82,12 @@ class V3DistillConfig:
     student_seconds: float = 150.0  # each arm's budget on the student: SFT (a) and GRPO (b) (CPU s)
     sample_limit: int | None = 1500  # train prompts the teacher samples (None = all 4,500)
     batch_size: int = 64  # pretraining problems per optimizer step
+    max_steps: int = 100_000  # optimizer steps at most of every training phase (the CPU budgets end them first)
     eval_limit: int = 400  # held-out test problems every model is evaluated on
     eval_k: int = 4  # samples per held-out problem (T=0.6, top-p 0.95)
     seed: int = 0
     threads: int | None = 1  # torch intra-op threads (1 is fastest on a shared 2-core machine)
+    parallel: bool = True  # run the student's chain (pretraining, evaluation, GRPO) in a second process
     progress: bool = True
     model_overrides: dict = field(default_factory=dict)  # DeepseekV3Config fields of both models (tests)
 
@@ -101,7 +107,7 @@ def pretrain_once(out: Path, preset: str, seconds: float, overrides: dict, cfg: 
         print(f"{out}: pretrained already, reused", flush=True)
         return out
     tok = char_tokenizer()
-    pre = PretrainConfig(preset=preset, max_seconds=seconds, batch_size=cfg.batch_size, seed=cfg.seed,
+    pre = PretrainConfig(preset=preset, steps=cfg.max_steps, max_seconds=seconds, batch_size=cfg.batch_size, seed=cfg.seed,
                          overrides={**cfg.model_overrides, **overrides})
     print(f"pretraining {out.name} ({preset}, overrides {pre.overrides}) for {seconds:.0f} CPU s...", flush=True)
     model, history = pretrain(pre, tok)
@@ -120,7 +126,7 @@ def pretrain_once(out: Path, preset: str, seconds: float, overrides: dict, cfg: 
 def v3_distill_stages(cfg: V3DistillConfig, teacher: Path):
     from r1kit.pipeline.stages import Stage
 
-    grpo = dict(GRPO_STAGE, seed=cfg.seed)
+    grpo = dict(GRPO_STAGE, seed=cfg.seed, max_steps=cfg.max_steps)
     return [
         Stage("student", "1_student", "eval", description="the student, pretrained only"),
         Stage("teacher", "2_teacher", "grpo", model=str(teacher),
@@ -132,7 +138,7 @@ def v3_distill_stages(cfg: V3DistillConfig, teacher: Path):
         Stage("rl", "4_rl", "grpo", overrides={**grpo, "max_train_cpu_seconds": cfg.student_seconds},
               description=f"(b) GRPO on the student alone ({cfg.student_seconds:.0f} CPU s)"),
         Stage("distill", "5_distill", "sft", data=["samples"],
-              overrides={**SFT_STAGE, "seed": cfg.seed, "max_train_cpu_seconds": cfg.student_seconds},
+              overrides={**SFT_STAGE, "seed": cfg.seed, "max_steps": cfg.max_steps, "max_train_cpu_seconds": cfg.student_seconds},
               description=f"(a) SFT of the student on the teacher's verified samples ({cfg.student_seconds:.0f} CPU s)"),
     ]
 
@@ -149,30 +155,71 @@ def run_v3_distill(cfg: V3DistillConfig, progress: bool | None = None) -> Path:
     from r1kit.data.loading import load_task
     from r1kit.eval.evaluate import write_atomic
     from r1kit.pipeline.report import write_report
-    from r1kit.pipeline.stages import EvalSettings, PipelineContext, run_stages
+    from r1kit.pipeline.stages import run_stages
 
+    out = Path(cfg.output)
     for name in ("teacher_pretrain_seconds", "student_pretrain_seconds", "teacher_grpo_seconds", "student_seconds"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be > 0 CPU seconds, got {getattr(cfg, name)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.output)
+    child = None
+    if cfg.parallel:  # the student's chain needs nothing of the teacher's: a second core runs it meanwhile
+        import multiprocessing
+
+        child = multiprocessing.get_context("spawn").Process(target=student_chain, args=(cfg,), name="student-chain")
+        child.start()
     teacher = pretrain_once(out / "models" / "teacher", cfg.model_preset, cfg.teacher_pretrain_seconds, {}, cfg)
-    student = pretrain_once(out / "models" / "student", cfg.model_preset, cfg.student_pretrain_seconds,
-                            cfg.student_overrides, cfg)
+    if child is not None:
+        stages, ctx = stage_context(cfg, progress)
+        try:
+            run_stages(stages, ctx, from_stage="teacher", until_stage="samples")  # reads no student artifact
+        finally:  # an error here waits for the student's chain: nothing is left half-written
+            child.join()
+        if child.exitcode != 0:
+            raise R1kitError(f"the student's chain (second process) failed with exit code {child.exitcode}; "
+                             f"its error is printed above; rerun the same command to resume ({out})")
+    student_chain(cfg, only_pretrain=True)
+    stages, ctx = stage_context(cfg, progress)
+    run_stages(stages, ctx, record=dataclasses.asdict(cfg))  # skips every stage already complete
+    report = write_report(stages, ctx, title="Distillation vs RL at equal student size: DeepSeek-V3 from scratch, a±b",
+                          train_golds=[e.gold for e in load_task("arithmetic", "train")])
+    write_atomic(report, report.read_text() + models_section(out))
+    return report
+
+
+def stage_context(cfg: V3DistillConfig, progress: bool | None = None):
+    """(stages, PipelineContext) of the run: the student (``DIR/models/student``) is the base; every
+    stage renders with the bare template; held-out evaluation on the arithmetic test split."""
+    from r1kit.pipeline.stages import EvalSettings, PipelineContext
+
+    out = Path(cfg.output)
     shared = dict(template="bare", answer_extraction="any", seed=cfg.seed)
     common = {"grpo": dict(shared, task="arithmetic"), "sft": dict(template="bare", seed=cfg.seed),
               "sample": dict(shared, task="arithmetic")}
     ev = EvalSettings(task="arithmetic", split="test", limit=cfg.eval_limit, k=cfg.eval_k, temperature=0.6,
                       top_p=0.95, max_tokens=6, template="bare", answer_extraction="any", seed=cfg.seed)
-    ctx = PipelineContext(output=out, base_model=str(student), common=common, eval=ev, num_threads=cfg.threads,
-                          progress=cfg.progress if progress is None else progress)
-    stages = v3_distill_stages(cfg, teacher)
-    run_stages(stages, ctx, record=dataclasses.asdict(cfg))
-    report = write_report(stages, ctx, title="Distillation vs RL at equal student size: DeepSeek-V3 from scratch, a±b",
-                          train_golds=[e.gold for e in load_task("arithmetic", "train")])
-    write_atomic(report, report.read_text() + models_section(out))
-    return report
+    ctx = PipelineContext(output=out, base_model=str(out / "models" / "student"), common=common, eval=ev,
+                          num_threads=cfg.threads, progress=cfg.progress if progress is None else progress)
+    return v3_distill_stages(cfg, out / "models" / "teacher"), ctx
+
+
+def student_chain(cfg: V3DistillConfig, only_pretrain: bool = False) -> None:
+    """Pretrain the student (or reuse it), then, unless ``only_pretrain``, its stages that read no
+    teacher artifact: ``student`` (evaluation) and ``rl`` (GRPO alone). Run in the second process
+    when ``cfg.parallel``."""
+    import torch
+
+    from r1kit.pipeline.stages import run_stages
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    pretrain_once(Path(cfg.output) / "models" / "student", cfg.model_preset, cfg.student_pretrain_seconds,
+                  cfg.student_overrides, cfg)
+    if not only_pretrain:
+        stages, ctx = stage_context(cfg, progress=False)
+        run_stages(stages, ctx, until_stage="student")
+        run_stages(stages, ctx, from_stage="rl", until_stage="rl")
 
 
 def models_section(out: Path) -> str:
