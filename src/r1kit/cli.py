@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(V3DistillConfig):
         if f.name in ("output", "preset", "student_overrides", "model_overrides", "progress"):
             continue
-        kind = {"float": float, "int": int, "int | None": int}.get(str(f.type), str)
+        kind = {"float": float, "int": int, "int | None": int,
+                "bool": lambda v: {"true": True, "false": False}[v.lower()]}.get(str(f.type), str)
         dist.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                           help=f"default {f.default!r} (train/v3_distill.py: V3DistillConfig)")
     dist.add_argument("--no-progress", action="store_true", help="no progress bars")
