@@ -69,9 +69,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The embedded SmolLM2-135M-Instruct on GSM8K (README "The R1 pipeline on a CPU"). Evaluation: the
 # first 200 GSM8K test problems (never trained on), k=1, T=0.6, top-p 0.95, 256 tokens. Budgets are
 # step counts (no wall-clock caps, so a run is the same on a busy machine), sized from measured CPU
-# seconds (SFT 2.2 CPU s per example, evaluation ~180 CPU s per 200 problems) so that the whole run
-# fits about 30 minutes of an idle 2-core machine, evaluations included: 240 + 192 SFT examples, 4 + 2
-# GRPO steps of 32 completions, 48 prompts × 4 samples. RL and rejection sampling use GSM8K-train problems of at most two calculator steps
+# seconds (SFT 2.2 CPU s per example, evaluation 140-270 CPU s per 200 problems): 240 + 192 SFT
+# examples, 4 + 2 GRPO steps of 32 completions, 48 prompts × 4 samples. Measured: 1,394 CPU s of
+# training and 919 of evaluation (about 20 minutes of an idle 2-core machine; README). RL and rejection sampling use GSM8K-train problems of at most two calculator steps
 # (gsm8k_easy: a 135M model solves some, so groups carry reward variance and samples verify); both
 # SFT stages see the same first 480 GSM8K-train worked solutions. Learning rates: SFT 1e-4, the
 # spec's R1-Distill rate for its smallest student (DISTILL_SPEC §6), cosine to 0.1×; GRPO 2e-5 with
