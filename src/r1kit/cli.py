@@ -6,6 +6,7 @@
   r1kit train grpo|sft ... --nproc N [--master-port P]   (execs torchrun --nproc-per-node N -m r1kit train ...)
   r1kit eval --model M --task T [--k K] [--limit N] [--output DIR]   (pass@1 against answer priors)
   r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 100]
+  r1kit pretrain v3-distill --output DIR [--preset cpu] [--student-seconds 180] [...]
   r1kit export MODEL --format gguf|hf [--dtype f16|bf16|q8_0 | fp32|bf16|fp16] --output PATH
   r1kit pipeline r1 --preset cpu_r1 | --config FILE [--from STAGE] [--until STAGE] [--output DIR] [--<field> V]
   r1kit distill --teacher T --student S --task X [--output DIR] [...]
@@ -20,6 +21,7 @@ Bad input (R1kitError) prints one ``error:`` line and exits with status 2; a gua
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -237,6 +239,19 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain_v3_distill(args: argparse.Namespace) -> int:
+    from r1kit.train.v3_distill import PRESETS, V3DistillConfig, run_v3_distill
+
+    values = {**PRESETS[args.preset]}
+    for f in dataclasses.fields(V3DistillConfig):
+        value = getattr(args, f.name, None)
+        if value is not None and f.name not in ("student_overrides", "model_overrides", "progress"):
+            values[f.name] = value
+    report = run_v3_distill(V3DistillConfig(**values, progress=not args.no_progress))
+    print(f"report: {report} (report.png beside it, one manifest.json per stage)")
+    return 0
+
+
 def _pipeline_r1(args: argparse.Namespace) -> int:
     from r1kit.pipeline.config import pipeline_overrides_from_args
     from r1kit.pipeline.r1 import load_r1_config, run_r1_pipeline
@@ -386,6 +401,25 @@ def build_parser() -> argparse.ArgumentParser:
     zero.add_argument("--no-progress", action="store_true", help="no progress bar")
     zero.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     zero.set_defaults(func=_pretrain_v3_zero)
+
+    from r1kit.train.v3_distill import PRESETS as V3_DISTILL_PRESETS
+    from r1kit.train.v3_distill import V3DistillConfig
+
+    dist = psub.add_parser("v3-distill", help="R1's distillation claim in miniature: a V3 teacher pretrained and "
+                           "GRPO-trained, sampled and verified; a smaller V3 student gets SFT on its samples or "
+                           "GRPO alone for the same CPU time; held-out report", )
+    dist.add_argument("--output", required=True, help="run directory (a rerun skips what is done)")
+    dist.add_argument("--preset", default="cpu", choices=sorted(V3_DISTILL_PRESETS), help="budget preset")
+    for f in dataclasses.fields(V3DistillConfig):
+        if f.name in ("output", "preset", "student_overrides", "model_overrides", "progress"):
+            continue
+        kind = {"float": float, "int": int, "int | None": int,
+                "bool": lambda v: {"true": True, "false": False}[v.lower()]}.get(str(f.type), str)
+        dist.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                          help=f"default {f.default!r} (train/v3_distill.py: V3DistillConfig)")
+    dist.add_argument("--no-progress", action="store_true", help="no progress bars")
+    dist.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    dist.set_defaults(func=_pretrain_v3_distill)
 
     _add_serve_parser(sub)
 

@@ -1,0 +1,77 @@
+"""``r1kit pretrain v3-distill``: the stage graph of the distillation-vs-RL experiment, its budgets, a
+tiny end-to-end run up to the teacher's samples (a barely pretrained teacher keeps none: one clear
+error, the stages already made kept), and a rerun that reuses them."""
+
+import json
+
+import pytest
+import torch
+
+from r1kit.cli import main
+from r1kit.errors import ConfigError, R1kitError
+from r1kit.pipeline.manifest import read_manifest
+from r1kit.pipeline.stages import build_stage_config, PipelineContext
+from r1kit.train.v3_distill import V3DistillConfig, run_v3_distill, v3_distill_stages
+
+# a tiny V3 (hidden 32) so that pretraining steps take milliseconds
+TINY = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_attention_heads=2, q_lora_rank=16,
+            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_stage_graph_gives_both_arms_the_student_and_the_same_budget(tmp_path):
+    cfg = V3DistillConfig(output=str(tmp_path), student_seconds=123.0, teacher_grpo_seconds=45.0, max_steps=7)
+    stages = {s.name: s for s in v3_distill_stages(cfg, tmp_path / "models" / "teacher")}
+    assert list(stages) == ["student", "teacher", "samples", "rl", "distill"]  # rl just before distill: its Δ vs previous
+    assert stages["rl"].model == stages["distill"].model == stages["student"].model == "base"  # the student
+    assert stages["teacher"].model == str(tmp_path / "models" / "teacher") and stages["samples"].model == "teacher"
+    assert stages["distill"].data == ["samples"] and not stages["samples"].evaluate
+    ctx = PipelineContext(output=tmp_path, base_model="unused", common={}, eval=None)
+    rl, sft, teacher = (build_stage_config(stages[n], ctx) for n in ("rl", "distill", "teacher"))
+    assert rl.max_train_cpu_seconds == sft.max_train_cpu_seconds == 123.0 and teacher.max_train_cpu_seconds == 45.0
+    assert rl.max_steps == sft.max_steps == teacher.max_steps == 7
+    assert (rl.beta, rl.num_generations, rl.learning_rate) == (teacher.beta, teacher.num_generations, teacher.learning_rate)
+
+
+def test_zero_budget_is_one_clear_error(tmp_path, capsys):
+    assert main(["pretrain", "v3-distill", "--output", str(tmp_path / "x"), "--student-seconds", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "student_seconds must be > 0" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ConfigError, match="teacher_grpo_seconds"):
+        run_v3_distill(V3DistillConfig(output=str(tmp_path / "y"), teacher_grpo_seconds=-1))
+
+
+def test_tiny_run_makes_both_models_and_stages_then_reuses_them(tmp_path, capfd):
+    out = tmp_path / "run"
+    cfg = V3DistillConfig(output=str(out), max_steps=2, sample_limit=8, eval_limit=4, eval_k=1, model_overrides=TINY,
+                          progress=False)
+    with pytest.raises(R1kitError, match="failed verification"):  # a 2-step teacher answers nothing right
+        run_v3_distill(cfg)
+    teacher = json.loads((out / "models" / "teacher" / "history.json").read_text())
+    student = json.loads((out / "models" / "student" / "history.json").read_text())
+    assert teacher["steps"] == student["steps"] == 2 and student["parameters"] < teacher["parameters"]
+    assert student["config"]["overrides"]["num_hidden_layers"] == 2 and "num_hidden_layers" not in teacher["config"]["overrides"]
+    for name, d in (("student", "1_student"), ("teacher", "2_teacher")):
+        m = read_manifest(out / d)
+        assert m["status"] == "complete" and m["eval"]["n_problems"] == 4
+    assert read_manifest(out / "2_teacher")["counts"]["steps"] == 2
+    assert read_manifest(out / "3_samples")["status"] == "running"  # failed: not complete
+    samples = json.loads((out / "3_samples" / "run" / "manifest.json").read_text())  # the sampler's own
+    assert samples["counts"]["kept"] == 0 and samples["counts"]["sampled"] > 0
+    before = {d: (out / d / "manifest.json").read_text() for d in ("1_student", "2_teacher", "4_rl")}
+    assert read_manifest(out / "4_rl")["status"] == "complete"  # GRPO alone on the student, in the second process
+    capfd.readouterr()
+    with pytest.raises(R1kitError, match="failed verification"):  # the rerun reuses everything already made
+        run_v3_distill(cfg)
+    log = capfd.readouterr().out
+    assert "teacher: pretrained already, reused" in log and "student: pretrained already, reused" in log
+    assert "[student] complete" in log and "[teacher] complete" in log and "[rl] complete" in log
+    assert before == {d: (out / d / "manifest.json").read_text() for d in before}
