@@ -197,3 +197,29 @@ def test_eval_takes_the_answer_prior_from_the_run_else_the_tasks_train_split(toy
     assert len(golds) == 10 and source == "10 training problems of svamp/train"  # the run's own training data
     golds, source = prior_golds(argparse.Namespace(task=str(toy_task), prompt_field=None, answer_field=None), {})
     assert golds is None and source == f"{toy_task} is a local file, which has no training split to take the answer prior from"
+
+
+@pytest.mark.parametrize("make_args", [
+    lambda f: ["train", "grpo", "--preset", "cpu_demo", "--output", f],
+    lambda f: ["train", "sft", "--preset", "cpu_sft_demo", "--output", f],
+    lambda f: ["sample", "--preset", "cpu_demo", "--output", f],
+    lambda f: ["export", "smollm2-135m-instruct", "--format", "hf", "--output", f],
+    lambda f: ["export", "smollm2-135m-instruct", "--format", "gguf", "--output", f + "/x.gguf"],
+])
+def test_output_that_is_a_file_is_one_error(capsys, tmp_path, make_args):
+    """--output naming an existing file (or a path under one) is refused before any model loads."""
+    path = tmp_path / "afile"
+    path.write_text("keep me")
+    assert main(make_args(str(path))) == 2
+    assert "afile" in _err(capsys)
+    assert path.read_text() == "keep me"
+
+
+def test_gguf_output_that_is_a_directory_is_one_error(capsys, tmp_path):
+    assert main(["export", "smollm2-135m-instruct", "--format", "gguf", "--output", str(tmp_path)]) == 2
+    assert "is an existing directory" in _err(capsys)
+
+
+def test_serve_port_out_of_range_is_one_error(capsys):
+    assert main(["serve", "smollm2-135m-instruct", "--port", "99999"]) == 2
+    assert "--port must be in 0..65535" in _err(capsys)

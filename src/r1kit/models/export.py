@@ -50,13 +50,14 @@ def export_model(name_or_path: str, fmt: str, output: str | Path, dtype: str | N
         ConfigError: an unknown format or dtype (checked before the model loads).
         R1kitError: the model cannot be loaded or has no GGUF mapping (see ``export_gguf``).
     """
-    from r1kit.models.loading import load_policy
+    from r1kit.models.loading import check_output_path, load_policy
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     allowed = GGUF_DTYPES if fmt == "gguf" else tuple(HF_DTYPES)
     if dtype is not None and dtype not in allowed:
         raise ConfigError(f"--dtype for --format {fmt} must be one of {', '.join(allowed)}, got {dtype!r}")
+    check_output_path(output, "file" if fmt == "gguf" else "dir")
     model, tokenizer = load_policy(name_or_path, dtype=torch.float32)
     if fmt == "gguf":
         return export_gguf(model, tokenizer, output, dtype or "f16", name=Path(str(name_or_path)).name)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from r1kit.errors import R1kitError
+from r1kit.errors import ConfigError, R1kitError
 from r1kit.models import embedded
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -106,12 +106,37 @@ def save_pretrained_atomic(model, tokenizer, out_dir: Path, state_dict: dict | N
     return write_dir_atomic(out_dir, write)
 
 
+def apply_umask(path: Path) -> Path:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would (0o666 / 0o777 less the umask).
+    ``tempfile.mkdtemp``/``mkstemp`` create 0o700 / 0o600, and an artifact renamed from them would be
+    unreadable to a server or container running as another user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
+    return Path(path)
+
+
+def check_output_path(path: str | Path, kind: str, flag: str = "--output") -> Path:
+    """Raise ConfigError naming ``flag`` when ``path`` cannot be written as a ``kind`` ("dir" or
+    "file"): it exists as the other kind, or one of its parents is a file. Call before any work."""
+    path = Path(path)
+    if path.exists() and (path.is_dir() != (kind == "dir")):
+        want = "a directory" if kind == "dir" else "a file path"
+        raise ConfigError(f"{flag} {path} is an existing {'file' if kind == 'dir' else 'directory'}; pass {want}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{flag} {path}: {parent} is a file, not a directory")
+            break
+    return path
+
+
 def write_dir_atomic(out_dir: Path, write) -> Path:
     """Run ``write(tmp)`` on a temporary sibling of ``out_dir``, then rename it over any previous
     ``out_dir``; on an error the previous directory stays and the temporary one is removed."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
+    tmp = apply_umask(Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent)))
     try:
         write(tmp)
         if out_dir.exists():

@@ -70,6 +70,7 @@ from r1kit.data.base import Example
 from r1kit.data.decontam import MAX_EXAMPLES, QUESTION_NGRAM, SOLUTION_NGRAM, normalized_words, ngrams
 from r1kit.data.reasoning import split_reasoning
 from r1kit.errors import ConfigError, R1kitError
+from r1kit.models.loading import apply_umask, check_output_path
 from r1kit.rewards.language import (DEFAULT_LANGUAGES, LanguageReward, language_code, language_consistency,
                                     reasoning_text)
 from r1kit.rollout.base import SamplingParams
@@ -480,6 +481,7 @@ def _write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary sibling and a rename (never a partial file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    apply_umask(Path(tmp))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -611,7 +613,7 @@ def run_sample(cfg: SampleConfig, resume: bool = True, progress: bool = True) ->
             contaminated, or a finished run that kept no sample (the manifest is written first).
     """
     cfg.validate()
-    out = Path(cfg.output)
+    out = check_output_path(cfg.output, "dir")
     plan, by_id = _plan(cfg, out, resume)
     for stale in out.rglob(".*.tmp"):  # left by a run killed while writing; never read
         stale.unlink()

@@ -530,6 +530,8 @@ def serve(cfg: ServeConfig) -> None:
             raise R1kitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.max_queue < 0 or cfg.shutdown_timeout < 0:
         raise R1kitError("--max-queue and --shutdown-timeout must be >= 0")
+    if not 0 <= cfg.port <= 65535:
+        raise R1kitError(f"--port must be in 0..65535 (0 = any free port), got {cfg.port}")
     model, tokenizer = load_policy(cfg.model)
     context = getattr(model.config, "max_position_embeddings", None) or cfg.max_model_len
     cfg.max_model_len = min(cfg.max_model_len, context)

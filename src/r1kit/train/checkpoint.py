@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from r1kit.errors import R1kitError
+from r1kit.models.loading import apply_umask
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -55,7 +56,7 @@ def save_checkpoint(run_dir: Path, step: int, *, policy, tokenizer, optimizer, s
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp", dir=run_dir))
+    tmp = apply_umask(Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp", dir=run_dir)))
     try:
         policy.save_pretrained(tmp / "policy", safe_serialization=True,      # r1kit's V3 takes no state_dict
                                **({} if policy_state_dict is None else {"state_dict": policy_state_dict}))

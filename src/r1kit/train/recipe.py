@@ -22,7 +22,7 @@ import torch
 from r1kit.config import GRPOConfig
 from r1kit.errors import ConfigError, DataError, R1kitError
 from r1kit.eval.evaluate import EvalResult, eval_report, evaluate, load_result, markdown_table, save_report, save_result
-from r1kit.models.loading import load_policy, resolve_bf16, resolve_dtype, save_pretrained_atomic
+from r1kit.models.loading import check_output_path, load_policy, resolve_bf16, resolve_dtype, save_pretrained_atomic
 from r1kit.runtime import make_engine, make_render, make_verifier
 from r1kit.train import checkpoint as ckpt
 from r1kit.train import distributed
@@ -77,7 +77,9 @@ def run_complete(run_dir: Path, total_steps: int, eval_after: bool) -> bool:
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Refuse to start a fresh run over one that holds checkpoints (R1kitError names --resume)."""
+    """Refuse an --output that is a file (or under one), and a fresh run over one that holds
+    checkpoints (R1kitError names --resume)."""
+    check_output_path(run_dir, "dir")
     if run_dir.exists() and any(run_dir.iterdir()) and not resume and ckpt.list_checkpoints(run_dir):
         raise R1kitError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose another --output")
 
