@@ -252,35 +252,32 @@ def _pretrain_v3_distill(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pipeline_r1(args: argparse.Namespace) -> int:
+def _run_stages(args: argparse.Namespace, load, run, what: str) -> int:
+    """Shared body of ``r1kit pipeline r1`` and ``r1kit distill``: resolve the config (preset, YAML,
+    flags), print it with --print-config, else run the stages between --from and --until."""
     from r1kit.pipeline.config import pipeline_overrides_from_args
-    from r1kit.pipeline.r1 import load_r1_config, run_r1_pipeline
 
-    cfg = load_r1_config(args.preset, args.config, pipeline_overrides_from_args(args))
+    cfg = load(args.preset, args.config, pipeline_overrides_from_args(args))
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    out = run_r1_pipeline(cfg, from_stage=args.from_stage, until_stage=args.until_stage,
-                          progress=not args.no_progress)
-    print(f"pipeline directory: {out} (report.md, report.png, one manifest.json per stage)")
+    out = run(cfg, from_stage=args.from_stage, until_stage=args.until_stage, progress=not args.no_progress)
+    print(f"{what} directory: {out} (report.md, report.png, one manifest.json per stage)")
     return 0
+
+
+def _pipeline_r1(args: argparse.Namespace) -> int:
+    from r1kit.pipeline.r1 import load_r1_config, run_r1_pipeline
+
+    return _run_stages(args, load_r1_config, run_r1_pipeline, "pipeline")
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from r1kit.pipeline.config import pipeline_overrides_from_args
     from r1kit.pipeline.distill import load_distill_config, run_distill
 
-    cfg = load_distill_config(args.preset, args.config, pipeline_overrides_from_args(args))
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-        return 0
-    out = run_distill(cfg, from_stage=args.from_stage, until_stage=args.until_stage, progress=not args.no_progress)
-    print(f"distillation directory: {out} (report.md, report.png, one manifest.json per stage)")
-    return 0
+    return _run_stages(args, load_distill_config, run_distill, "distillation")
 
 
 def _pipeline_flags(p: argparse.ArgumentParser, presets: list[str], cls: type) -> None:
