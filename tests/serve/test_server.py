@@ -188,6 +188,7 @@ BAD = [
     ({"model": "tiny", "messages": [{"role": "user", "content": ""}]}, 400, "messages[0].content"),
     ({"model": "tiny", "messages": MESSAGES, "temperature": "hot"}, 400, "temperature"),
     ({"model": "tiny", "messages": MESSAGES, "temperature": -0.5}, 400, "temperature"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 1e309}', 400, "temperature"),
     ({"model": "tiny", "messages": MESSAGES, "top_p": 0}, 400, "top_p"),
     ({"model": "tiny", "messages": MESSAGES, "top_p": 1.5}, 400, "top_p"),
     ({"model": "tiny", "messages": MESSAGES, "max_tokens": 0}, 400, "max_tokens"),

@@ -83,7 +83,7 @@ class SamplingRequest(Fields):
 
     model: str
     max_tokens: int | None = Field(None, gt=0)
-    temperature: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1)  # 0 or -1 = off (vLLM spells off as -1)
     n: int = Field(1, ge=1)
