@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -166,12 +167,17 @@ def evaluate(engine: SamplingEngine, tokenizer, examples: list[Example], verifie
 
 def write_atomic(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename, so that a reader never sees a
-    partial file and a crash keeps the previous one."""
+    partial file and a crash keeps the previous one.
+    The temporary sibling is hidden (``.<name>.<pid>.tmp``, which a resuming sampler sweeps) and is
+    created by a plain ``open``, so the file gets the umask's mode; it is removed if the write fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

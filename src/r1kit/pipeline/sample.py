@@ -60,7 +60,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +69,8 @@ from r1kit.data.base import Example
 from r1kit.data.decontam import MAX_EXAMPLES, QUESTION_NGRAM, SOLUTION_NGRAM, normalized_words, ngrams
 from r1kit.data.reasoning import split_reasoning
 from r1kit.errors import ConfigError, R1kitError
-from r1kit.models.loading import apply_umask, check_output_path
+from r1kit.eval.evaluate import write_atomic as _write_atomic  # a module global: tests patch it
+from r1kit.models.loading import check_output_path
 from r1kit.rewards.language import (DEFAULT_LANGUAGES, LanguageReward, language_code, language_consistency,
                                     reasoning_text)
 from r1kit.rollout.base import SamplingParams
@@ -475,20 +475,6 @@ def sample_row(example: Example, index: int, d: Drawn, verdict, teacher, cfg: Sa
             "teacher_url": cfg.teacher_url, "weights_sha256": teacher.weights_sha256, "seed": d.seed,
             "sampling": cfg.sampling_record(), "task": cfg.task, "split": cfg.split,
             "think_in_prompt": teacher.think_in_prompt, "quality": quality}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename (never a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    apply_umask(Path(tmp))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _jsonl(rows: Sequence[dict]) -> str:

@@ -1,7 +1,7 @@
 """``r1kit serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over r1kit's engine.
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``
-(the engine's slots, queue and counters). The contract is ../shared/docs/SERVE_SPEC.md:
+(the engine's slots, queue and counters). The contract (the project's serving spec, after vLLM's and SGLang's servers):
 
 - Chat prompts are rendered with the model's chat template; with ``think`` (the R1 setting) the
   assistant turn is prefilled with ``<think>\\n`` and system messages are folded into the first user

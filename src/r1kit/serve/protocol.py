@@ -215,13 +215,18 @@ class ChatChoice(BaseModel):
     finish_reason: str
 
 
-class ChatCompletionResponse(BaseModel):
+class _Response(BaseModel):
+    """The envelope both endpoints answer with (OpenAI: id, object, created, model, choices, usage)."""
+
     id: str
-    object: str = "chat.completion"
     created: int
     model: str
-    choices: list[ChatChoice]
     usage: Usage
+
+
+class ChatCompletionResponse(_Response):
+    object: str = "chat.completion"
+    choices: list[ChatChoice]
 
 
 class CompletionChoice(BaseModel):
@@ -231,10 +236,6 @@ class CompletionChoice(BaseModel):
     finish_reason: str
 
 
-class CompletionResponse(BaseModel):
-    id: str
+class CompletionResponse(_Response):
     object: str = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: Usage
