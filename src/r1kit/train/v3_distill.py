@@ -115,9 +115,10 @@ def pretrain_once(out: Path, preset: str, seconds: float, overrides: dict, cfg: 
     history["heldout_greedy_accuracy"] = heldout_accuracy(model, tok, cfg.eval_limit)
     history["config"] = dataclasses.asdict(pre)
     save_pretrained_atomic(model, tok, out)
-    (out / "history.json.tmp").write_text(json.dumps({k: v for k, v in history.items() if k not in
-                                                      ("loss", "balance", "max_over_mean", "load_per_layer")}))
-    (out / "history.json.tmp").replace(out / "history.json")
+    from r1kit.eval.evaluate import write_atomic
+
+    write_atomic(out / "history.json", json.dumps({k: v for k, v in history.items() if k not in
+                                                   ("loss", "balance", "max_over_mean", "load_per_layer")}))
     print(f"{out.name}: {history['parameters']:,} parameters, {history['steps']} steps, "
           f"{history['cpu_seconds']:.0f} CPU s, greedy held-out {history['heldout_greedy_accuracy']:.3f}", flush=True)
     return out
