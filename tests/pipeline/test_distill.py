@@ -100,3 +100,11 @@ def test_sigkill_during_sampling_then_rerun_loses_and_repeats_nothing(seven_mode
     m = read_manifest(results["killed"] / "2_samples")
     assert m["status"] == "complete" and m["runs"] == 2 and m["counts"]["kept"] == len(b)
     assert read_manifest(results["killed"] / "3_distill")["counts"]["rows from samples"] == len(b)
+
+
+def test_distill_without_teacher_is_one_error(capsys, tmp_path):
+    from r1kit.cli import main
+
+    assert main(["distill", "--student", "smollm2-135m-instruct", "--task", "gsm8k", "--output", str(tmp_path / "d")]) == 2
+    assert "needs --teacher" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 
+from r1kit.errors import ConfigError
 from r1kit.pipeline.config import PipelineFields, load_pipeline_config
 
 
@@ -26,7 +27,7 @@ from r1kit.pipeline.config import PipelineFields, load_pipeline_config
 class DistillConfig(PipelineFields):
     """Distillation: teacher, student, task, the shared fields and evaluation, two stage sections."""
 
-    teacher: str = "smollm2-135m-instruct"  # model that samples (load_policy name/path)
+    teacher: str | None = None  # model that samples (load_policy name/path); required: no default teacher
     student: str = "smollm2-135m-instruct"  # model that is fine-tuned on the teacher's verified samples
     task: str = "gsm8k"  # prompts (train split) with verifiable answers; evaluation on eval_task/eval_split
     output: str = "runs/distill"  # pipeline directory
@@ -43,8 +44,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def load_distill_config(preset: str | None = None, yaml_path: str | None = None,
                         overrides: dict[str, Any] | None = None) -> DistillConfig:
-    """defaults → preset → YAML → overrides, validated. Raises ConfigError."""
-    return load_pipeline_config(DistillConfig, PRESETS, preset, yaml_path, overrides)
+    """defaults → preset → YAML → overrides, validated. Raises ConfigError (also when no teacher is
+    given: distilling the default student into itself is never what a user meant)."""
+    cfg = load_pipeline_config(DistillConfig, PRESETS, preset, yaml_path, overrides)
+    if not cfg.teacher:
+        raise ConfigError("r1kit distill needs --teacher (the model that samples: an r1kit run directory, an HF "
+                          "directory, a .gguf or smollm2-135m-instruct)")
+    return cfg
 
 
 def distill_stages(cfg: DistillConfig):
