@@ -29,6 +29,7 @@ import yaml
 
 from r1kit.errors import ConfigError
 from r1kit.eval.evaluate import COLLAPSE_SHARE
+from r1kit.rollout.base import check_sampling
 from r1kit.train.losses import IS_MODES, LOSS_TYPES, SCALE_REWARDS
 
 
@@ -175,10 +176,10 @@ class GRPOConfig:
             raise ConfigError(f"warn_answer_share must be in (0, 1], got {self.warn_answer_share}")
         if self.router_bias_update_speed < 0:
             raise ConfigError(f"router_bias_update_speed must be >= 0, got {self.router_bias_update_speed}")
-        if self.temperature <= 0:
+        if not self.temperature > 0:  # NaN too; a group of greedy completions has no reward variance
             raise ConfigError(f"temperature must be > 0 for GRPO sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_sampling(self.temperature, self.top_p, self.top_k)
+        check_sampling(self.eval_temperature, self.eval_top_p, names=("eval_temperature", "eval_top_p", ""))
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(
                 f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} reward_funcs"
@@ -391,6 +392,7 @@ class SFTConfig:
             raise ConfigError(f"max_steps must be >= 1 (or none to use num_train_epochs), got {self.max_steps}")
         if self.max_steps is None and self.num_train_epochs <= 0:
             raise ConfigError(f"num_train_epochs must be > 0, got {self.num_train_epochs}")
+        check_sampling(self.eval_temperature, self.eval_top_p, names=("eval_temperature", "eval_top_p", ""))
         if self.overlong not in ("drop", "error"):
             raise ConfigError(f"overlong must be drop or error, got {self.overlong!r}")
         if self.lr_scheduler not in ("constant", "cosine", "linear"):

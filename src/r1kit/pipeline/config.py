@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from r1kit.errors import ConfigError
+from r1kit.rollout.base import check_sampling
 
 
 @dataclass
@@ -43,6 +44,7 @@ class PipelineFields:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ConfigError(f"eval_limit must be >= 1 (or none), got {self.eval_limit}")
+        check_sampling(self.eval_temperature, self.eval_top_p, names=("eval_temperature", "eval_top_p", ""))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
