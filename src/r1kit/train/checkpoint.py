@@ -21,7 +21,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from r1kit.errors import R1kitError
-from r1kit.models.loading import apply_umask
+from r1kit.io import atomic_dir
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -54,27 +53,24 @@ def save_checkpoint(run_dir: Path, step: int, *, policy, tokenizer, optimizer, s
 
     Returns the checkpoint path.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step}"
-    tmp = apply_umask(Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp", dir=run_dir)))
     try:
-        policy.save_pretrained(tmp / "policy", safe_serialization=True,      # r1kit's V3 takes no state_dict
-                               **({} if policy_state_dict is None else {"state_dict": policy_state_dict}))
-        tokenizer.save_pretrained(tmp / "policy")
-        if reference is not None:
-            reference.save_pretrained(tmp / "reference", safe_serialization=True)
-        torch.save({"optimizer": optimizer.state_dict() if sharded is None else None,
-                    "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        if sharded is not None:
-            os.replace(sharded, tmp / "dcp")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        (tmp / "config.yaml").write_text(config_yaml)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with atomic_dir(final) as tmp:
+            policy.save_pretrained(tmp / "policy", safe_serialization=True,      # r1kit's V3 takes no state_dict
+                                   **({} if policy_state_dict is None else {"state_dict": policy_state_dict}))
+            tokenizer.save_pretrained(tmp / "policy")
+            if reference is not None:
+                reference.save_pretrained(tmp / "reference", safe_serialization=True)
+            torch.save({"optimizer": optimizer.state_dict() if sharded is None else None,
+                        "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+            if sharded is not None:
+                os.replace(sharded, tmp / "dcp")
+            torch.save(rng_state(), tmp / "rng.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+            (tmp / "config.yaml").write_text(config_yaml)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if sharded is not None:  # a failure before the move: no stray shards beside the checkpoints
+            shutil.rmtree(sharded, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
