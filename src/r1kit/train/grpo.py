@@ -43,7 +43,7 @@ from r1kit.models.loading import resolve_bf16
 from r1kit.rewards.base import Verdict
 from r1kit.rollout.base import Completion, SamplingEngine, SamplingParams
 from r1kit.train import distributed
-from r1kit.train.loop import DataCursor, TrainLoop, is_peft, lr_lambda, make_optimizer, merged_for_save
+from r1kit.train.loop import DataCursor, TrainLoop, is_peft, lr_lambda, make_optimizer, merged_weights_view
 from r1kit.train.losses import (ImportanceWeights, LossNormalizer, aggregate_loss, entropy_from_logits,
                                 group_advantages, policy_loss_terms, rollout_importance_weights,
                                 selective_log_softmax)
@@ -879,8 +879,8 @@ class GRPOTrainer(TrainLoop):
         return rows
 
     def refresh_engine(self) -> None:
-        """Give the rollout engine the current weights (a LoRA policy: merged, see ``merged_for_save``)."""
-        self.engine.update_weights(merged_for_save(self.policy))
+        """Give the rollout engine the current weights (a LoRA policy: merged, ``merged_weights_view``)."""
+        self.engine.update_weights(merged_weights_view(self.policy))
 
     # ----- TrainLoop hooks -----
     def progress_postfix(self, m: dict[str, float]) -> dict[str, str]:

@@ -114,6 +114,56 @@ def merged_for_save(policy: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(policy).merge_and_unload()
 
 
+def merged_weights_view(policy: torch.nn.Module) -> torch.nn.Module:
+    """The weights ``merged_for_save`` gives, for a consumer that copies them (the rollout engines'
+    ``update_weights``, every GRPO step), without copying the model: a shallow copy of the PEFT
+    policy's base model in which each plain LoRA ``Linear`` is a ``_MergedLinear`` holding
+    W + scale·BA (PEFT's own ``get_delta_weight``, added in ``merge``'s order, so bit-equal to
+    ``merge_and_unload``; tested) and every other module and tensor is the policy's own, shared. Same
+    parameter names and order as the merged copy. A policy that is no PEFT model comes back as is;
+    one with anything but plain LoRA on linear layers (DoRA and other variants, ``lora_bias``, LoRA on
+    embeddings, ``modules_to_save``) gets ``merged_for_save``. Read-only: do not train or cast it."""
+    if not is_peft(policy):
+        return policy
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    wrapped = [m for m in policy.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+    if not all(type(m) is LoraLinear and not m.lora_variant and not any(m.lora_bias.values()) for m in wrapped):
+        return merged_for_save(policy)
+
+    def view(module: torch.nn.Module) -> torch.nn.Module:
+        if isinstance(module, LoraLinear):
+            return _MergedLinear(module)
+        if not any(isinstance(m, LoraLinear) for m in module.modules()):
+            return module                                        # no adapter below: shared as is
+        clone = copy.copy(module)                                # its own _modules dict, the same parameters
+        clone.__dict__["_modules"] = {name: view(child) for name, child in module._modules.items()}
+        return clone
+
+    with torch.no_grad():
+        return view(policy.get_base_model())
+
+
+class _MergedLinear(torch.nn.Module):
+    """A LoRA ``Linear`` merged out of place: ``weight`` = W + Σ scale·B·A over the active adapters not
+    yet merged (the order ``LoraLayer.merge`` adds them in), ``bias`` the base layer's own."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        base = layer.get_base_layer()
+        weight = base.weight
+        for name in layer.active_adapters:
+            if name in layer.lora_A and name not in layer.merged_adapters:
+                weight = weight + layer.get_delta_weight(name)
+        self.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)  # (out, in)
+        self.bias = base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
 class TrainLoop:
     """The shared skeleton (module docstring). A subclass sets, in ``__init__``: ``cfg``, ``policy``,
     ``tokenizer``, ``optimizer``, ``scheduler``, ``run_dir``, ``logger`` (``MetricsLogger``), ``step``,
