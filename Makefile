@@ -30,9 +30,10 @@ demo-pipeline: setup
 test: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q
 
+# Two GRPO steps of the SVAMP demo's preset, then an evaluation on SVAMP, the task it trained on.
 smoke: setup
 	$(VENV)/bin/r1kit train grpo --preset cpu_demo --max-steps 2 --output runs/smoke
-	$(VENV)/bin/r1kit eval --model runs/smoke --task gsm8k --limit 5 --k 1
+	$(VENV)/bin/r1kit eval --model runs/smoke --task svamp --limit 5 --k 1
 
 clean:
 	rm -rf runs .pytest_cache
