@@ -508,9 +508,11 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x (T, d) -> Routing. The router runs in fp32 as in transformers (the official code uses bf16
-        logits, spec §8.4); fp32 keeps the bias-driven choices stable in training."""
+        logits, spec §8.4); fp32 keeps the bias-driven choices stable in training. A float64 model
+        routes in float64 (its parity tests compare batches split over ranks to 1e-10)."""
         cfg = self.config
-        logits = F.linear(x.float(), self.weight.float())  # (T, E)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        logits = F.linear(x.to(dtype), self.weight.to(dtype))  # (T, E)
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if cfg.n_group > 1 and cfg.topk_method != "greedy":
@@ -544,6 +546,10 @@ class MoE(nn.Module):
     In training mode with gradients on, every forward adds its routed-token counts to
     ``tokens_per_expert`` (E,) and stores the sequence-wise balance loss in ``balance_loss``;
     ``update_router_bias`` consumes the counts once per optimizer step.
+
+    ``dispatcher`` is None in one process. ``r1kit.models.expert_parallel.shard_experts`` sets it to
+    an ``ExpertDispatcher`` that runs the routed experts split over ranks (all-to-all) instead of the
+    loop below; the router and the shared expert stay replicated.
     """
 
     def __init__(self, config: DeepseekV3Config):
@@ -557,6 +563,7 @@ class MoE(nn.Module):
             self.shared_experts = MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size)
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None
+        self.dispatcher = None
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (b, s, d); token_mask (b, s) bool, False at padding (excluded from load and loss).
@@ -564,11 +571,14 @@ class MoE(nn.Module):
         b, s, d = x.shape
         flat = x.reshape(-1, d)
         routing = self.gate(flat)
-        out = torch.zeros_like(flat)
-        for expert_id in routing.indices.unique().tolist():
-            token_idx, slot = torch.where(routing.indices == expert_id)
-            expert_out = self.experts[expert_id](flat[token_idx])
-            out.index_add_(0, token_idx, (expert_out * routing.weights[token_idx, slot, None]).to(out.dtype))
+        if self.dispatcher is not None:
+            out = self.dispatcher(self.experts, flat, routing)
+        else:
+            out = torch.zeros_like(flat)
+            for expert_id in routing.indices.unique().tolist():
+                token_idx, slot = torch.where(routing.indices == expert_id)
+                expert_out = self.experts[expert_id](flat[token_idx])
+                out.index_add_(0, token_idx, (expert_out * routing.weights[token_idx, slot, None]).to(out.dtype))
         if hasattr(self, "shared_experts"):
             out = out + self.shared_experts(flat)
         if self.training and torch.is_grad_enabled():
