@@ -21,6 +21,7 @@ K experts per token, T tokens (b·s), V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from r1kit.errors import ConfigError
 
@@ -564,6 +566,7 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None
         self.dispatcher = None
+        self.count_tokens = True  # False while activation checkpointing recomputes the block
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (b, s, d); token_mask (b, s) bool, False at padding (excluded from load and loss).
@@ -592,7 +595,8 @@ class MoE(nn.Module):
         if token_mask is not None:
             valid = token_mask.reshape(-1).bool()
         chosen = torch.zeros_like(routing.scores).scatter_(1, routing.indices, 1.0) * valid[:, None]  # (T, E)
-        self.tokens_per_expert += chosen.sum(0).to(self.tokens_per_expert)
+        if self.count_tokens:
+            self.tokens_per_expert += chosen.sum(0).to(self.tokens_per_expert)
         self.balance_loss = sequence_balance_loss(
             routing.scores.unflatten(0, (b, -1)),
             chosen.unflatten(0, (b, -1)),
@@ -695,6 +699,20 @@ class DeepseekV3Output:
     cache: KVCache | None = None
 
 
+@contextlib.contextmanager
+def not_counting(layer: nn.Module):
+    """While activation checkpointing recomputes ``layer`` in the backward, its MoE adds no expert
+    loads (the forward counted them); everything else is recomputed as it was."""
+    moes = [m for m in layer.modules() if isinstance(m, MoE)]
+    for moe in moes:
+        moe.count_tokens = False
+    try:
+        yield
+    finally:
+        for moe in moes:
+            moe.count_tokens = True
+
+
 def causal_mask(
     s: int, past: int, attention_mask: torch.Tensor | None, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
@@ -714,17 +732,28 @@ class DeepseekV3ForCausalLM(nn.Module):
     """The DeepSeek-V3 causal LM: ``forward(input_ids (b, s)) -> DeepseekV3Output`` with logits (b, s, V).
 
     Training forwards (``self.training`` and gradients on) also run the MTP modules and collect the
-    balance loss and expert loads; ``pretrain_loss`` combines them.
+    balance loss and expert loads; ``pretrain_loss`` combines them. With ``gradient_checkpointing``
+    (``activation_checkpointing_enable``) a training forward without a KV cache stores only each main
+    decoder block's input and recomputes the block in the backward.
     """
 
     def __init__(self, config: DeepseekV3Config):
         super().__init__()
         self.config = config
+        self.gradient_checkpointing = False
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
         self.tie_weights()
         self.reset_parameters()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None) -> None:
+        """Activation checkpointing per main decoder block (non-reentrant ``torch.utils.checkpoint``);
+        transformers' method name and signature, so trainers enable it the same way for every policy.
+        A forward with a KV cache is never checkpointed (the recompute would append to the cache again)."""
+        if (activation_checkpointing_kwargs or {}).get("use_reentrant"):
+            raise ConfigError("DeepseekV3ForCausalLM checkpoints with use_reentrant=False only")
+        self.gradient_checkpointing = True
 
     def tie_weights(self) -> None:
         """Share the embedding with the head when config.tie_word_embeddings (V3 does not)."""
@@ -796,8 +825,13 @@ class DeepseekV3ForCausalLM(nn.Module):
             position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         cos, sin, mask, token_mask = self._attention_inputs(position_ids, attention_mask, cache)
         x = self.model.embed_tokens(input_ids)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.main_layers:
-            x = layer(x, cos, sin, mask, token_mask, cache, absorb)
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, mask, token_mask, use_reentrant=False,
+                               context_fn=lambda layer=layer: (contextlib.nullcontext(), not_counting(layer)))
+            else:
+                x = layer(x, cos, sin, mask, token_mask, cache, absorb)
         hidden = self.model.norm(x)
         out = DeepseekV3Output(logits=self.lm_head(hidden[:, -logits_to_keep:]), hidden=hidden, cache=cache)
         if run_mtp is None:

@@ -112,7 +112,11 @@ def load_training_state(ckpt: Path, optimizer, scheduler, model=None) -> dict:
     if opt["optimizer"] is None:
         load_sharded(ckpt / "dcp", model, optimizer, with_model=False)
     else:
-        optimizer.load_state_dict(opt["optimizer"])
+        try:
+            optimizer.load_state_dict(opt["optimizer"])
+        except ValueError as err:                  # torch: parameter groups or sizes do not match
+            raise R1kitError(f"{ckpt}/optimizer.pt does not match this run's trainable parameters ({err}); "
+                             "resume with the model, LoRA and config of that run, or choose another --output") from None
     scheduler.load_state_dict(opt["scheduler"])
     set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
     return json.loads((ckpt / "trainer_state.json").read_text())
@@ -136,7 +140,33 @@ def load_policy_weights(policy, policy_dir: Path) -> None:
 
         set_peft_model_state_dict(policy, load_file(adapter))
         return
-    policy.load_state_dict(read_tensors(policy_dir), strict=False)
+    tensors = read_tensors(policy_dir)
+    check_same_model(policy, tensors, policy_dir)
+    policy.load_state_dict(tensors, strict=False)
+
+
+def check_same_model(policy, tensors: dict[str, torch.Tensor], policy_dir: Path) -> None:
+    """Refuse a checkpoint's weights that another model or config wrote: a tensor name this policy
+    lacks, a shape that differs, or a weight of the policy the checkpoint lacks (a tied weight saved
+    under its first name only counts as present). Every rank reads the same files, so every rank
+    raises the same error before any collective.
+
+    Raises:
+        R1kitError: names the checkpoint, the first mismatch and the fix.
+    """
+    own = policy.state_dict()
+    aliases: dict[int, list[str]] = {}
+    for name, p in policy.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    tied = {n for names in aliases.values() if any(a in tensors for a in names) for n in names}
+    problems = [f"{k} is not in this model" for k in tensors if k not in own]
+    problems += [f"{k} has shape {tuple(t.shape)}, this model {tuple(own[k].shape)}"
+                 for k, t in tensors.items() if k in own and t.shape != own[k].shape]
+    problems += [f"{k} is missing" for k in own if k not in tensors and k not in tied]
+    if problems:
+        raise R1kitError(f"{policy_dir} was written by a different model or config ({problems[0]}"
+                         f"{f', and {len(problems) - 1} more' if len(problems) > 1 else ''}); resume with the "
+                         "--model and model settings of that run, or choose another --output")
 
 
 def load_sharded(dcp_dir: Path, model, optimizer, with_model: bool) -> None:
