@@ -250,8 +250,8 @@ def test_bad_settings_are_one_clear_error_on_every_rank(two_ranks, two_ranks_dir
         assert "2 processes but examples_per_step" in errors["sft_too_few"]
         assert "--nproc" in errors["sft_too_few"]
         assert errors["other_model"] == (f"{two_ranks_dir / f'rank{rank}' / 'other_model'} was written by a "
-                                         "different model or config (model.norm.weight has shape (3,), this model "
-                                         "(32,)); resume with the --model and model settings of that run, or "
+                                         "different model or config (mis-shaped (1): model.norm.weight: checkpoint "
+                                         "(3,) vs model (32,)); resume with the --model and model settings of that run, or "
                                          "choose another --output")
     assert {k: v for k, v in two_ranks[0]["errors"].items() if k != "other_model"} == \
         {k: v for k, v in two_ranks[1]["errors"].items() if k != "other_model"}
@@ -410,7 +410,8 @@ def test_resume_with_another_model_is_one_clear_error(tiny_model_dir, straight_s
     assert main(_sft_args(other, run, steps=5) + ["--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {run / 'checkpoint-4' / 'policy'} was written by a "
-                                               "different model or config (model.embed_tokens.weight has shape")
+                                               "different model or config (mis-shaped (")
+    assert "model.embed_tokens.weight: checkpoint (49152, 32) vs model (49152, 16)" in err[0]
     assert err[0].endswith("resume with the --model and model settings of that run, or choose another --output")
     assert [(run / f).read_bytes() for f in ("checkpoint-4/policy/model.safetensors", "config.yaml")] == before
 

@@ -146,27 +146,19 @@ def load_policy_weights(policy, policy_dir: Path) -> None:
 
 
 def check_same_model(policy, tensors: dict[str, torch.Tensor], policy_dir: Path) -> None:
-    """Refuse a checkpoint's weights that another model or config wrote: a tensor name this policy
-    lacks, a shape that differs, or a weight of the policy the checkpoint lacks (a tied weight saved
-    under its first name only counts as present). Every rank reads the same files, so every rank
-    raises the same error before any collective.
+    """Refuse a checkpoint's weights that another model or config wrote (``v3_io.tensor_problems``: a
+    weight missing, a shape that differs, a name this policy lacks). Every rank reads the same files,
+    so every rank raises the same error before any collective.
 
     Raises:
-        R1kitError: names the checkpoint, the first mismatch and the fix.
+        R1kitError: names the checkpoint, the mismatches and the fix.
     """
-    own = policy.state_dict()
-    aliases: dict[int, list[str]] = {}
-    for name, p in policy.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
-    tied = {n for names in aliases.values() if any(a in tensors for a in names) for n in names}
-    problems = [f"{k} is not in this model" for k in tensors if k not in own]
-    problems += [f"{k} has shape {tuple(t.shape)}, this model {tuple(own[k].shape)}"
-                 for k, t in tensors.items() if k in own and t.shape != own[k].shape]
-    problems += [f"{k} is missing" for k in own if k not in tensors and k not in tied]
+    from r1kit.models.v3_io import tensor_problems
+
+    problems = tensor_problems(policy, tensors)
     if problems:
-        raise R1kitError(f"{policy_dir} was written by a different model or config ({problems[0]}"
-                         f"{f', and {len(problems) - 1} more' if len(problems) > 1 else ''}); resume with the "
-                         "--model and model settings of that run, or choose another --output")
+        raise R1kitError(f"{policy_dir} was written by a different model or config ({'; '.join(problems)}); "
+                         "resume with the --model and model settings of that run, or choose another --output")
 
 
 def load_sharded(dcp_dir: Path, model, optimizer, with_model: bool) -> None:
