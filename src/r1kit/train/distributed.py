@@ -16,7 +16,10 @@ shard of it (``fsdp2``, ``torch.distributed.fsdp.fully_shard``). The contract (S
     ``fsdp2`` reduce-scatters with divide factor 1 (torchtitan's guard against the gloo averaging bug,
     pytorch #162338) in float32;
   * rank 0 alone writes metrics, samples, plots, checkpoints and ``final/``; every rank reports its
-    errors; collectives time out after ``dist_timeout_minutes``.
+    errors; collectives time out after ``dist_timeout_minutes``;
+  * DeepSeek-V3 experts split over the ranks (``r1kit.models.expert_parallel``) are marked
+    ``expert_parallel``: ``sum_gradients`` leaves their gradients alone (already the whole batch's)
+    and ``clip_grad_norm`` sums their squared norms over ranks.
 
 Why not ``torch.nn.parallel.DistributedDataParallel``: the GRPO forward runs the model twice per
 micro-batch (shared-prefix KV cache) and calls its decoder directly (padding-free path), which DDP's
