@@ -365,10 +365,12 @@ def _assert_same_final(run: Path, ref: Path) -> None:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=f"{run.name} {k}")
 
 
-def test_one_process_checkpoint_resumes_on_two_ranks(tiny_model_dir, straight_sft, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_one_process_checkpoint_resumes_on_two_ranks(tiny_model_dir, straight_sft, tmp_path, strategy):
     """The other way round: a one-process run cut back to checkpoint-2 resumes under torchrun on 2 ranks
-    (ddp: every rank loads the one checkpoint) and ends where the uninterrupted run ends. Not
-    bit-exact: from step 3 the gradient is a sum of two ranks' partial sums (another float32 order)."""
+    (ddp: every rank loads the one checkpoint; fsdp2: every rank takes its shards of the whole weights
+    and optimizer state) and ends where the uninterrupted run ends. Not bit-exact: from step 3 the
+    gradient is a sum of two ranks' partial sums (another float32 order)."""
     import shutil
 
     resumed = tmp_path / "resumed"
@@ -377,10 +379,11 @@ def test_one_process_checkpoint_resumes_on_two_ranks(tiny_model_dir, straight_sf
         shutil.rmtree(resumed / name)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parents[1] / "src")]))
     r = subprocess.run([sys.executable, "-m", "r1kit", *_sft_args(tiny_model_dir, resumed, steps=4), "--resume",
-                        "--nproc", "2", "--master-port", str(_free_port())], env=env, capture_output=True,
-                       text=True, timeout=600)
+                        "--data-parallel", strategy, "--nproc", "2", "--master-port", str(_free_port())], env=env,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "checkpoint-2" in r.stdout
+    assert (resumed / "checkpoint-4" / "dcp").is_dir() == (strategy == "fsdp2")
     _assert_same_final(resumed, straight_sft)
     assert [json.loads(ln)["step"] for ln in (resumed / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     a = load_file(str(straight_sft / "final" / "model.safetensors"))

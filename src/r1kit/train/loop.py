@@ -207,21 +207,24 @@ class TrainLoop:
         return full, tmp
 
     def resume_from(self, path: Path) -> None:
-        """Restore weights, optimizer, scheduler, RNG and the trainer state from a checkpoint directory
-        (an FSDP2 checkpoint on any number of ranks and strategy; a ddp one under ddp).
+        """Restore weights, optimizer, scheduler, RNG and the trainer state from a checkpoint directory,
+        on any number of ranks: an FSDP2 checkpoint (``dcp/``) under either strategy, a whole one
+        (ddp, or one process) under ddp, or under FSDP2, where every rank takes its shards of it.
 
         Raises:
-            R1kitError: a ddp checkpoint resumed with data_parallel=fsdp2 on several ranks.
+            R1kitError: the checkpoint is incomplete or another model or config wrote it.
         """
         fsdp = self.dist.enabled and self.dist.strategy == "fsdp2"
-        if fsdp and not (path / "dcp").is_dir():
-            raise R1kitError(f"{path} is a ddp checkpoint (no dcp/): resume it with --data-parallel ddp")
-        if fsdp:
+        whole_into_shards = fsdp and not (path / "dcp").is_dir()
+        if fsdp and not whole_into_shards:
             ckpt.load_sharded(path / "dcp", self.policy, self.optimizer, with_model=True)
+        elif whole_into_shards:
+            ckpt.load_whole_into_shards(self.policy, path / "policy")
         else:
             ckpt.load_policy_weights(self.policy, path / "policy")
         self.after_resume(path)
-        self.load_state(ckpt.load_training_state(path, self.optimizer, self.scheduler, model=self.policy))
+        self.load_state(ckpt.load_training_state(path, self.optimizer, self.scheduler, model=self.policy,
+                                                 sharded=whole_into_shards))
         if self.dist.is_main:
             self.logger.truncate_after(self.step)
 
