@@ -3,21 +3,26 @@ round (padding-free and padded paths) and one SFT step on the tiny Llama, and th
 pretraining gradients with per-block checkpointing, expert loads counted once; and it is really on:
 the forward keeps fewer saved activations."""
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from test_distributed import _grpo_update, _rollout, _sft_step  # the 1-process scenarios
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-from test_distributed import _grpo_update, _rollout, _sft_step  # noqa: E402 (the 1-process scenarios)
-from v3_helpers import tiny_model  # noqa: E402
+from r1kit.errors import ConfigError
+from r1kit.models.deepseek_v3 import pretrain_loss
+from r1kit.models.loading import load_policy
+from r1kit.train.grpo import collate, completion_logprobs
+from r1kit.train.loop import enable_gradient_checkpointing
 
-from r1kit.errors import ConfigError  # noqa: E402
-from r1kit.models.deepseek_v3 import pretrain_loss  # noqa: E402
-from r1kit.models.loading import load_policy  # noqa: E402
-from r1kit.train.grpo import collate, completion_logprobs  # noqa: E402
-from r1kit.train.loop import enable_gradient_checkpointing  # noqa: E402
+
+def tiny_model(**kw):
+    """tests/models/v3_helpers.tiny_model (a seeded tiny DeepSeek-V3 with 8 experts and an MTP layer)."""
+    spec = importlib.util.spec_from_file_location("v3_helpers", Path(__file__).parents[1] / "models" / "v3_helpers.py")
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    return helpers.tiny_model(**kw)
 
 
 @pytest.fixture(autouse=True)
