@@ -828,7 +828,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.main_layers:
             if recompute:
-                x = checkpoint(layer, x, cos, sin, mask, token_mask, use_reentrant=False,
+                x = checkpoint(layer, x, cos, sin, mask, token_mask, None, absorb, use_reentrant=False,
                                context_fn=lambda layer=layer: (contextlib.nullcontext(), not_counting(layer)))
             else:
                 x = layer(x, cos, sin, mask, token_mask, cache, absorb)
