@@ -114,6 +114,7 @@ class GRPOConfig:
     num_threads: int | None = None  # torch intra-op threads (None = torch default)
     data_parallel: str = "ddp"  # under torchrun: ddp (replicas, gradients all-reduced) | fsdp2 (fully_shard per layer)
     dist_timeout_minutes: float = 10.0  # every collective of a torchrun run fails after this long (min), no hang
+    gradient_checkpointing: bool = False  # recompute each decoder block in the backward: less activation memory, ~1/3 more compute
 
     # --- Ray (train/ray_grpo.py; SCALE_SPEC §5) ---
     ray: bool = False  # rollouts and rewards on Ray actors, the trainer in the driver (r1kit[ray])
@@ -360,6 +361,7 @@ class SFTConfig:
     num_threads: int | None = None  # torch intra-op threads (None = torch default)
     data_parallel: str = "ddp"  # under torchrun: ddp (replicas, gradients all-reduced) | fsdp2 (fully_shard per layer)
     dist_timeout_minutes: float = 10.0  # every collective of a torchrun run fails after this long (min), no hang
+    gradient_checkpointing: bool = False  # recompute each decoder block in the backward: less activation memory, ~1/3 more compute
 
     # --- evaluation (the same protocol and report as GRPO) ---
     eval_task: str | None = None  # held-out task (default: data, when it is a registered task)

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from r1kit.config import config_yaml, save_config
-from r1kit.errors import R1kitError
+from r1kit.errors import ConfigError, R1kitError
 from r1kit.train import checkpoint as ckpt
 from r1kit.train import distributed
 from r1kit.train.logging import MetricsLogger
@@ -100,6 +100,22 @@ def apply_lora(policy: torch.nn.Module, cfg: Any) -> torch.nn.Module:
         return get_peft_model(policy, lora)
     except ValueError as err:
         raise ConfigError(f"lora_target_modules={targets}: {err}") from None
+
+
+def enable_gradient_checkpointing(policy: torch.nn.Module) -> None:
+    """Activation checkpointing (``gradient_checkpointing``): each decoder block keeps only its input
+    and is recomputed in the backward (non-reentrant ``torch.utils.checkpoint``), through the model's
+    own ``activation_checkpointing_enable`` (transformers models, PEFT-wrapped or not, and r1kit's
+    DeepSeek-V3, per block). Gradients are unchanged (tested); compute grows by about one forward.
+
+    Raises:
+        ConfigError: the model has no such method (names the setting and the fix).
+    """
+    enable = getattr(policy, "activation_checkpointing_enable", None)
+    if enable is None:
+        raise ConfigError(f"gradient_checkpointing: {type(policy).__name__} has no activation_checkpointing_enable; "
+                          "set --gradient-checkpointing false")
+    enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def is_peft(model: torch.nn.Module) -> bool:
@@ -241,21 +257,24 @@ class TrainLoop:
         return full, tmp
 
     def resume_from(self, path: Path) -> None:
-        """Restore weights, optimizer, scheduler, RNG and the trainer state from a checkpoint directory
-        (an FSDP2 checkpoint on any number of ranks and strategy; a ddp one under ddp).
+        """Restore weights, optimizer, scheduler, RNG and the trainer state from a checkpoint directory,
+        on any number of ranks: an FSDP2 checkpoint (``dcp/``) under either strategy, a whole one
+        (ddp, or one process) under ddp, or under FSDP2, where every rank takes its shards of it.
 
         Raises:
-            R1kitError: a ddp checkpoint resumed with data_parallel=fsdp2 on several ranks.
+            R1kitError: the checkpoint is incomplete or another model or config wrote it.
         """
         fsdp = self.dist.enabled and self.dist.strategy == "fsdp2"
-        if fsdp and not (path / "dcp").is_dir():
-            raise R1kitError(f"{path} is a ddp checkpoint (no dcp/): resume it with --data-parallel ddp")
-        if fsdp:
+        whole_into_shards = fsdp and not (path / "dcp").is_dir()
+        if fsdp and not whole_into_shards:
             ckpt.load_sharded(path / "dcp", self.policy, self.optimizer, with_model=True)
+        elif whole_into_shards:
+            ckpt.load_whole_into_shards(self.policy, path / "policy")
         else:
             ckpt.load_policy_weights(self.policy, path / "policy")
         self.after_resume(path)
-        self.load_state(ckpt.load_training_state(path, self.optimizer, self.scheduler, model=self.policy))
+        self.load_state(ckpt.load_training_state(path, self.optimizer, self.scheduler, model=self.policy,
+                                                 sharded=whole_into_shards))
         if self.dist.is_main:
             self.logger.truncate_after(self.step)
 
