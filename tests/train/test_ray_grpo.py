@@ -38,10 +38,13 @@ def once_dir(tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def cluster(once_dir):
     """The module's cluster. The raylet starts with toy_rewards and this checkout's r1kit on PYTHONPATH,
-    so the workers of another driver (a CLI run given its address) import them too."""
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "R1KIT_TEST_ONCE_DIR")}
+    so the workers of another driver (a CLI run given its address) import them too. Ray's memory monitor
+    is off: it counts the memory of every process on this shared machine and killed the tests' workers
+    (0.15 GB each) when other jobs filled it; a real out-of-memory is still the kernel's to stop."""
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "R1KIT_TEST_ONCE_DIR", "RAY_memory_monitor_refresh_ms")}
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), str(SRC), saved["PYTHONPATH"]) if p)
     os.environ["R1KIT_TEST_ONCE_DIR"] = str(once_dir)
+    os.environ["RAY_memory_monitor_refresh_ms"] = "0"
     ray_grpo.connect(None, 2)
     yield
     ray.shutdown()
@@ -199,18 +202,19 @@ def test_driver_killed_then_resumed_equals_an_uninterrupted_run(tiny_model_dir, 
 @pytest.mark.parametrize("retries", [0, 1])
 def test_a_raising_reward_names_the_prompt_and_the_worker(tiny_model_dir, toy_task, tmp_path, once_dir, retries):
     """The reward raises on its first call for "What is 3 plus 4?" (toy/3). With ray_reward_retries=0 the
-    step stops with one error naming the prompt and the worker; with 1 the group is re-scored on the
-    other reward worker and every group's rewards are the real ones (distinct_chars), none a silent 0."""
+    step stops with one error naming the prompt and the worker; with 1 (and two reward workers) the group
+    is re-scored on the other worker and every group's rewards are the real ones (distinct_chars), none a
+    silent 0."""
     from toy_rewards import distinct_chars
 
     (once_dir / "three").unlink(missing_ok=True)
-    cfg = _cfg(tiny_model_dir, toy_task, tmp_path, ray=True, rollout_workers=1, reward_workers=2,
+    cfg = _cfg(tiny_model_dir, toy_task, tmp_path, ray=True, rollout_workers=1, reward_workers=1 + retries,
                reward_funcs=["toy_rewards:raises_once_on_three"], ray_reward_retries=retries)
     tr = _trainer(cfg, tmp_path)
     seen = _capture(tr)
     try:
         if retries == 0:
-            with pytest.raises(ray_grpo.RayWorkerError, match=r"reward worker reward\d failed on prompt 'toy/3' "
+            with pytest.raises(ray_grpo.RayWorkerError, match=r"reward worker reward0 failed on prompt 'toy/3' "
                                r"\(group \d\): ValueError: three, once; stopping \(ray_reward_retries=0\)"):
                 for _ in range(3):
                     tr.train_step()

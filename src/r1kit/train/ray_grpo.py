@@ -17,7 +17,8 @@ Weights are published once per step as one object (``ray.put`` of the merged sta
 number (= optimizer steps taken); every group carries the version it was drawn with, and staleness
 (trainer step − sample version) is logged. Every wait has ``ray_sync_timeout``.
 
-Faults: a worker that dies (``ray.kill``, out of memory: ``RayActorError``) is replaced by a fresh actor
+Faults: a worker that dies (``ray.kill``: ``RayActorError``; killed by Ray's memory monitor:
+``OutOfMemoryError``, see ``RayCluster.dead``) is replaced by a fresh actor
 that loads the latest weights, and its unfinished groups are re-issued; each group's result is taken
 once (by group index), so a step has every group exactly once. ``ray_groups.jsonl`` in the run
 directory logs (step, round, group, prompt id, rollout and reward worker, version, attempts) of every group;
@@ -35,6 +36,7 @@ prefetched round, so a resumed run draws that step's problems again (with the sa
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -228,21 +230,27 @@ class RayCluster:
         rollout_dtype: the engines' weight dtype.
 
     Raises:
-        ConfigError: the workers need more logical CPUs than the cluster has (checked before creating
-            any actor: Ray would wait forever, verl #503), or they did not start within ray_sync_timeout.
+        ConfigError: the workers need more logical CPUs than the cluster has (an existing one, or a local
+            one of --ray-num-cpus; checked before creating any actor: Ray would wait forever, verl #503),
+            or they did not start within ray_sync_timeout.
     """
 
     def __init__(self, cfg, model: torch.nn.Module, tokenizer, scorer: RewardScorer,
                  rollout_dtype: torch.dtype | None):
         ray = _ray()
         self.ray, self.cfg = ray, cfg
-        connect(cfg.ray_address, cfg.ray_num_cpus)
         need = (cfg.rollout_workers + cfg.reward_workers) * cfg.ray_worker_cpus
+        # a local cluster started here gets at least the logical CPUs its workers reserve (they may exceed the
+        # cores: the workers then share them); an existing cluster, or --ray-num-cpus, is checked as it is
+        connect(cfg.ray_address, cfg.ray_num_cpus or max(os.cpu_count() or 1, math.ceil(need)))
         have = ray.cluster_resources().get("CPU", 0.0)
         if need > have:
             raise ConfigError(f"rollout_workers={cfg.rollout_workers} + reward_workers={cfg.reward_workers} at "
                               f"ray_worker_cpus={cfg.ray_worker_cpus:g} need {need:g} CPUs but the Ray cluster has "
                               f"{have:g}: lower the worker counts or --ray-worker-cpus, or add nodes")
+        # what a dead worker's pending call raises: killed (ray.kill, node or process death) or killed by
+        # Ray's memory monitor when the node runs low on memory (OutOfMemoryError is no RayActorError)
+        self.dead = (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError)
         opts = dict(num_cpus=cfg.ray_worker_cpus, max_restarts=0)
         rollout_cls, reward_cls = ray.remote(**opts)(RolloutWorker), ray.remote(**opts)(RewardWorker)
         model_ref, tok_ref, scorer_ref = ray.put(model), ray.put(tokenizer), ray.put(scorer)
@@ -254,7 +262,7 @@ class RayCluster:
         try:
             self._wait([h.ready.remote() for h in self.rollout.handles + self.reward.handles], "start the workers",
                        error=ConfigError)
-        except ray.exceptions.RayActorError as err:
+        except self.dead as err:
             raise ConfigError(f"a Ray worker failed to start: {err}") from None
         self.weights_ref, self.version = None, -1
         self.pending_loads: list = []
@@ -293,7 +301,7 @@ class RayCluster:
             try:
                 _, seconds = self._wait(ref, f"load weights version {self.version}")
                 self.load_seconds.append(seconds)
-            except self.ray.exceptions.RayActorError:
+            except self.dead:
                 pass
 
     def _replace_rollout(self, slot: int, dead) -> Any:
@@ -346,7 +354,7 @@ class RayCluster:
                 gid, slot, handle, attempt = gen_calls.pop(ref)
                 try:
                     out = ray.get(ref)
-                except ray.exceptions.RayActorError:
+                except self.dead:
                     handle = self._replace_rollout(slot, handle)
                     _, pids, params = pending["groups"][gid]
                     gen_calls[handle.generate_group.remote(gid, pids, params)] = (gid, slot, handle, attempt + 1)
@@ -369,7 +377,7 @@ class RayCluster:
                     result = ray.get(ref)
                     if gid not in scores:                  # never count a group's rewards twice
                         scores[gid] = result
-                except ray.exceptions.RayActorError:
+                except self.dead:
                     if self.reward.handles[slot_r] is handle:
                         self._check_restarts(self.reward.names[slot_r])
                         self.reward.replace(slot_r)
