@@ -388,7 +388,9 @@ class RayCluster:
                     msg = str(cause) if cause else f"reward worker {self.reward.names[slot_r]} failed on prompt " \
                                                    f"{examples[gid].id!r} (group {gid}): {err}"
                     if retries >= self.cfg.ray_reward_retries:
-                        raise RayWorkerError(f"{msg}; stopping (ray_reward_retries={self.cfg.ray_reward_retries})") from None
+                        raise RayWorkerError(f"{msg}; stopping (ray_reward_retries={self.cfg.ray_reward_retries}): fix the "
+                                             "reward function, or raise --ray-reward-retries to re-score on "
+                                             "another worker first") from None
                     slot_r = (slot_r + 1) % len(self.reward.handles)
                     score_calls[self._score(slot_r, gid, examples[gid], samples[gid])] = (
                         gid, slot_r, self.reward.handles[slot_r], retries + 1)
