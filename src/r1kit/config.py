@@ -119,7 +119,7 @@ class GRPOConfig:
     # --- Ray (train/ray_grpo.py; SCALE_SPEC §5) ---
     ray: bool = False  # rollouts and rewards on Ray actors, the trainer in the driver (r1kit[ray])
     ray_address: str | None = None  # existing cluster (host:6379, ray://host:10001, auto); None = start a local one
-    ray_num_cpus: int | None = None  # logical CPUs of a local cluster (None = os.cpu_count())
+    ray_num_cpus: int | None = None  # logical CPUs of a local cluster (None = os.cpu_count(), or what the workers reserve if more)
     rollout_workers: int = 1  # rollout actors, each with its own sampling engine (make_engine)
     reward_workers: int = 1  # reward actors running the verifier and reward functions
     ray_worker_cpus: float = 1.0  # logical CPUs each worker actor reserves
