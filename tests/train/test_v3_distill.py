@@ -59,8 +59,13 @@ def test_traces_section_counts_kept_traces_with_every_step_right(tmp_path):
     rows = [{"prompt": "12+34+56=", "completion": "46+56=102"}, {"prompt": "1+2+3=", "completion": "4+3=6"},
             {"prompt": "5-9+1=", "completion": "-4+1=-3"}]  # the second: a wrong step, the right answer
     (shards / "shard-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert "3 kept samples (final answer verified); 2 of them (66.7%) have every intermediate step right" in \
-        traces_section(tmp_path, "arithmetic_chain")
+    (tmp_path / "5_distill").mkdir()
+    completions = ["46+56=102", "45+56=101", "47+56=102", "102", "-1+56=55"]  # right; consistent; lucky; bare; wrong
+    (tmp_path / "5_distill" / "eval.json").write_text(json.dumps(
+        {"per_problem": [{"id": "arithmetic_chain/test/12+34+56", "completions": completions}]}))
+    text = traces_section(tmp_path, "arithmetic_chain")
+    assert "3 kept samples of the teacher (final answer verified); 2 of them (66.7%) have every intermediate step right" in text
+    assert "| distill | 5 | 20.0% | 60.0% | 20.0% |" in text  # first step 1/5; step holds 46+56, 45+56, -1+56; exact 1/5
     assert traces_section(tmp_path, "arithmetic") == ""
     with pytest.raises(ConfigError, match="task must be one of arithmetic, arithmetic_chain"):
         stage_context(V3DistillConfig(output=str(tmp_path), task="gsm8k"))

@@ -35,7 +35,8 @@ With ``task="arithmetic"`` (preset ``cpu``) the answers need no intermediate ste
 ``"46+56=102"``): both models learn the step format in pretraining (``v3_pretrain`` on generated
 traces), the teacher's GRPO and sampling are rewarded and filtered on the final answer only (the
 task's verifier, the object reward and evaluation use), and the student is fine-tuned on the
-teacher's whole traces; the report counts the kept traces whose every step is right.
+teacher's whole traces; the report counts the kept traces whose every step is right and, for
+every model's held-out completions, how often the steps are right and the answer follows from them.
 
 The comparison is at equal *student* CPU time; the teacher's own cost (pretraining, GRPO, sampling)
 is reported beside it, as R1 reports its teacher's.
@@ -272,8 +273,10 @@ def models_section(out: Path) -> str:
 
 
 def traces_section(out: Path, task: str) -> str:
-    """For ``arithmetic_chain``: how many of the teacher's kept samples (verified by their final answer
-    only) have every step right (equal to ``worked_trace``), as markdown; "" for other tasks."""
+    """For ``arithmetic_chain``, as markdown: how many of the teacher's kept samples (verified by their
+    final answer only) have every step right (equal to ``worked_trace``), and, for every evaluated
+    stage's held-out completions (``<stage dir>/eval.json``), the share whose first step is right, whose
+    last step follows from the intermediate it wrote, and whose whole trace is right. "" for other tasks."""
     if task != "arithmetic_chain":
         return ""
     from r1kit.data.arithmetic import worked_trace
@@ -281,5 +284,32 @@ def traces_section(out: Path, task: str) -> str:
     rows = [json.loads(line) for f in sorted((out / "3_samples" / "run" / "shards").glob("*.jsonl"))
             for line in f.read_text().splitlines() if line.strip()]
     exact = sum(r["completion"].strip() == worked_trace(r["prompt"]) for r in rows)
-    return (f"\n## The teacher's traces\n\n{len(rows):,} kept samples (final answer verified); {exact:,} of them "
-            f"({100 * exact / max(len(rows), 1):.1f}%) have every intermediate step right (equal to the worked trace).\n")
+    text = (f"\n## The traces\n\n{len(rows):,} kept samples of the teacher (final answer verified); {exact:,} of them "
+            f"({100 * exact / max(len(rows), 1):.1f}%) have every intermediate step right (equal to the worked trace).\n\n"
+            "Held-out completions:\n\n| stage | completions | first step right | last step follows from the written "
+            "intermediate | whole trace right |\n|---|---|---|---|---|\n")
+    for path in sorted(out.glob("[0-9]_*/eval.json")):
+        counts = [0, 0, 0, 0]
+        for problem in json.loads(path.read_text())["per_problem"]:
+            trace = worked_trace(problem["id"].split("/", 2)[2] + "=")
+            for completion in problem["completions"]:
+                steps = completion.strip().split("=")
+                counts[0] += 1
+                counts[1] += steps[0] == trace.split("=")[0]
+                counts[2] += len(steps) == 2 and _step_holds(steps[0], steps[1])
+                counts[3] += completion.strip() == trace
+        n = max(counts[0], 1)
+        text += (f"| {path.parent.name.split('_', 1)[1]} | {counts[0]:,} | {100 * counts[1] / n:.1f}% | "
+                 f"{100 * counts[2] / n:.1f}% | {100 * counts[3] / n:.1f}% |\n")
+    return text
+
+
+def _step_holds(expression: str, result: str) -> bool:
+    """Whether the written step ``expression`` (``"46+56"``, ``"-22+5"``) equals ``result``."""
+    from r1kit.data.arithmetic import chain_answer
+    from r1kit.errors import DataError
+
+    try:
+        return chain_answer(("0" if expression.startswith("-") else "") + expression + "=") == result
+    except DataError:  # not a chain ("4x", "")
+        return False
