@@ -6,7 +6,7 @@
   r1kit train grpo|sft ... --nproc N [--master-port P]   (execs torchrun --nproc-per-node N -m r1kit train ...)
   r1kit eval --model M --task T [--k K] [--limit N] [--output DIR]   (pass@1 against answer priors)
   r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 100]
-  r1kit pretrain v3-distill --output DIR [--preset cpu] [--student-seconds 180] [...]
+  r1kit pretrain v3-distill --output DIR [--preset cpu|chain] [--student-seconds 180] [...]
   r1kit export MODEL --format gguf|hf [--dtype f16|bf16|q8_0 | fp32|bf16|fp16] --output PATH
   r1kit pipeline r1 --preset cpu_r1 | --config FILE [--from STAGE] [--until STAGE] [--output DIR] [--<field> V]
   r1kit distill --teacher T --student S --task X [--output DIR] [...]

@@ -43,6 +43,7 @@ from r1kit.data.base import Example
 EVAL_SPLITS: tuple[tuple[str, str], ...] = (
     ("gsm8k", "test"), ("svamp", "test"), ("math500", "test"), ("aime24", "test"), ("amc23", "test"),
     ("humaneval", "test"), ("mbpp", "test"), ("mbpp", "validation"), ("arithmetic", "test"),
+    ("arithmetic_chain", "test"),
 )
 QUESTION_NGRAM = 8  # open-r1 / s1
 SOLUTION_NGRAM = 10  # DeepSeek-R1
