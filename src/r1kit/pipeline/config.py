@@ -36,6 +36,7 @@ class PipelineFields:
     eval_temperature: float = 0.6  # R1 evaluation protocol
     eval_top_p: float = 0.95  # R1 evaluation protocol
     eval_max_tokens: int = 256  # completion tokens at most in evaluation
+    eval_stop: list[str] = dataclasses.field(default_factory=list)  # strings that end an evaluation completion
 
     def validate(self) -> None:
         """Raise ConfigError naming the field for an invalid value."""
@@ -55,7 +56,8 @@ class PipelineFields:
 
         return EvalSettings(task=self.eval_task or task, split=self.eval_split, limit=self.eval_limit, k=self.eval_k,
                             temperature=self.eval_temperature, top_p=self.eval_top_p, max_tokens=self.eval_max_tokens,
-                            template=self.template, answer_extraction=self.answer_extraction, seed=self.seed)
+                            template=self.template, answer_extraction=self.answer_extraction, seed=self.seed,
+                            stop=list(self.eval_stop))
 
 
 def field_types(cls: type) -> dict[str, Any]:
