@@ -503,6 +503,14 @@ def _kind(cls: type) -> str:
     return cls.__name__.removesuffix("Config")
 
 
+def stop_strings(name: str, value: Any) -> Any:
+    """A ``stop``/``eval_stop`` value typed on the command line ("\\n,###") as its list of strings, the
+    escapes decoded ("\\n" is a newline; nothing stripped); any other value unchanged."""
+    if name in ("stop", "eval_stop") and isinstance(value, str):
+        return [v.encode("latin-1", "backslashreplace").decode("unicode_escape") for v in value.split(",") if v]
+    return value
+
+
 def apply_overrides(cfg: Any, values: dict[str, Any], source: str) -> Any:
     """Return ``cfg`` (a GRPOConfig or SFTConfig) with ``values`` applied. Unknown keys raise
     ConfigError naming ``source``."""
@@ -511,8 +519,7 @@ def apply_overrides(cfg: Any, values: dict[str, Any], source: str) -> Any:
         name = key.replace("-", "_")
         if name not in types:
             raise ConfigError(f"{source}: unknown {_kind(type(cfg))} config field {key!r}")
-        if name == "stop" and isinstance(value, str):  # command line: "\\n" means a newline; not stripped
-            value = [v.encode("latin-1", "backslashreplace").decode("unicode_escape") for v in value.split(",") if v]
+        value = stop_strings(name, value)
         setattr(cfg, name, _coerce(value, types[name], name))
     return cfg
 

@@ -81,3 +81,10 @@ def test_stage_section_naming_a_graph_field_is_refused(tmp_path):
     cfg.cold_start = {**cfg.cold_start, "data": "other.jsonl"}
     with pytest.raises(R1kitError, match=r"pipeline stage cold_start: 'data' is set by the pipeline"):
         run_r1_pipeline(cfg, until_stage="cold_start", progress=False)
+
+
+def test_eval_stop_typed_on_the_command_line_decodes_escapes_like_stop():
+    # `--eval-stop '\n'` arrives as backslash + n; it means a newline, as `r1kit sample --stop` reads it
+    cfg = load_r1_config("cpu_r1", overrides={"eval_stop": "\\n,###"})
+    assert cfg.eval_stop == ["\n", "###"]
+    assert load_r1_config("cpu_r1", overrides={"eval_stop": ["\\n"]}).eval_stop == ["\\n"]  # YAML lists stay literal

@@ -76,7 +76,7 @@ def apply_pipeline_overrides(cfg, values: dict[str, Any], source: str):
     Raises:
         ConfigError: an unknown field or stage section (names ``source``, the stages and the fields).
     """
-    from r1kit.config import _coerce
+    from r1kit.config import _coerce, stop_strings
 
     types, secs = field_types(type(cfg)), sections(type(cfg))
     for key, value in values.items():
@@ -86,7 +86,7 @@ def apply_pipeline_overrides(cfg, values: dict[str, Any], source: str):
                 raise ConfigError(f"{source}: stage section {name} must be a mapping of config fields, got {value!r}")
             setattr(cfg, name, {**getattr(cfg, name), **value})
         elif name in types:
-            setattr(cfg, name, _coerce(value, types[name], name))
+            setattr(cfg, name, _coerce(stop_strings(name, value), types[name], name))
         else:
             plain = [n for n in types if n not in secs]
             raise ConfigError(f"{source}: {key!r} is neither a pipeline stage ({', '.join(secs)}) "
