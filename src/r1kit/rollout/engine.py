@@ -427,10 +427,14 @@ class Engine:
         max_cache_bytes: KV-cache budget in bytes (default: half the available memory).
         max_model_len: positions per slot (prompt + completion) of the request API's cache
             (default: the model's context).
+        max_num_batched_tokens: the request API's chunked prefill: tokens per step, decodes
+            included (vLLM's setting of that name), so prompts are prefilled in chunks of at most
+            this minus the running decodes; None = whole prompts in a step of their own. ``generate``
+            always prefills whole prompts (the throughput case).
 
     Raises:
-        ConfigError: no adapter for the model type, a bad dtype, max_batch < 1 or a max_model_len
-            outside [2, the model's context].
+        ConfigError: no adapter for the model type, a bad dtype, max_batch < 1, a max_model_len
+            outside [2, the model's context] or a max_num_batched_tokens below max_batch.
     """
 
     def __init__(
@@ -441,6 +445,7 @@ class Engine:
         max_batch: int = 64,
         max_cache_bytes: int | None = None,
         max_model_len: int | None = None,
+        max_num_batched_tokens: int | None = None,
     ) -> None:
         model_type = getattr(model.config, "model_type", None)
         if model_type not in ADAPTERS:
@@ -460,6 +465,10 @@ class Engine:
         self.max_model_len = context if max_model_len is None else max_model_len
         if not 2 <= self.max_model_len <= context:
             raise ConfigError(f"max_model_len must be in [2, {context}] (the model's context), got {max_model_len}")
+        if max_num_batched_tokens is not None and max_num_batched_tokens < max_batch:
+            raise ConfigError(f"max_num_batched_tokens must be >= max_batch ({max_batch}) so a step can decode "
+                              f"every slot and still prefill, got {max_num_batched_tokens}")
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.live: Scheduler | None = None
 
     def update_weights(self, model: torch.nn.Module) -> None:
@@ -528,7 +537,7 @@ class Engine:
         first call. Raises ConfigError when that cache is over the memory budget."""
         if self.live is None:
             self._check_budget(self.max_batch, self.max_model_len)
-            self.live = Scheduler(self, self.max_batch, self.max_model_len)
+            self.live = Scheduler(self, self.max_batch, self.max_model_len, self.max_num_batched_tokens)
         return self.live
 
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams, top_logprobs: int = 0) -> None:
@@ -576,10 +585,11 @@ class Engine:
         return self.live is not None and self.live.has_unfinished()
 
     def stats(self) -> dict:
-        """Serving counters: slots_total, slots_in_use, waiting (sequences), requests, steps."""
+        """Serving counters: slots_total, slots_in_use, waiting and prefilling (sequences), requests, steps."""
         live = self.live
         if live is None:
-            return {"slots_total": self.max_batch, "slots_in_use": 0, "waiting": 0, "requests": 0, "steps": 0}
+            return {"slots_total": self.max_batch, "slots_in_use": 0, "waiting": 0, "prefilling": 0, "requests": 0,
+                    "steps": 0}
         return live.stats()
 
 
@@ -616,6 +626,18 @@ class SequenceState:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     slot: int = -1
+    job: PrefillJob | None = None  # set while its prompt is being prefilled in chunks
+
+
+@dataclass(eq=False)
+class PrefillJob:
+    """A prompt prefilled chunk by chunk (chunked prefill): ``done`` of its tokens are in the cache slot
+    of ``seqs[0]`` (its home); the request's sequences ``seqs`` hold reserved slots, which get a copy of
+    the home slot when the last chunk is in."""
+
+    request: Request
+    seqs: list[SequenceState]
+    done: int = 0  # prompt tokens already in the home slot's cache
 
 
 class Request:
@@ -639,20 +661,28 @@ class Request:
 class Scheduler:
     """Cache slots and the queue of sequences waiting for one.
 
-    Each step either admits waiting sequences into free slots (their prompts are prefilled once per
-    request and the cache copied to the slots of its other sequences; a prefix shared by the admitted
-    prompts is prefilled once) or decodes one token for every slot in use. A finished or aborted
-    sequence frees its slot at once; when nothing waits and half the slots are idle, the busy ones are
+    Without a token budget (``max_num_batched_tokens`` None), each step either admits waiting sequences
+    into free slots (their prompts are prefilled whole, once per request, and the cache copied to the
+    slots of its other sequences; a prefix shared by the admitted prompts is prefilled once) or decodes
+    one token for every slot in use. With a budget B (chunked prefill, vLLM's
+    ``max_num_batched_tokens``), each step decodes one token for every decoding sequence (w tokens) and
+    then prefills at most B - w prompt tokens, first come first served, so a long prompt (or many new
+    ones) delays each running decode by one bounded chunk instead of stalling it for the whole prefill;
+    a prompt's first token is sampled when its last chunk is in. A finished or aborted sequence frees
+    its slot at once; when nothing waits or prefills and half the slots are idle, the busy ones are
     compacted to the front so the tail decodes narrow.
 
     Args:
         engine: the engine whose adapter, EOS ids and tokenizer it uses.
         slots: cache slots S; length: cache positions T per slot (prompt + completion).
+        max_num_batched_tokens: tokens (decoded + prefilled) per step, >= S; None = prefill whole prompts.
     """
 
-    def __init__(self, engine: Engine, slots: int, length: int) -> None:
+    def __init__(self, engine: Engine, slots: int, length: int, max_num_batched_tokens: int | None = None) -> None:
         self.adapter = engine.adapter
         self.length = length
+        self.budget = max_num_batched_tokens
+        self.jobs: list[PrefillJob] = []  # prompts being prefilled in chunks, in arrival order
         self.cache = self.adapter.new_cache(slots, length)
         self.requests: dict[object, Request] = {}
         self.waiting: deque[SequenceState] = deque()
@@ -674,12 +704,21 @@ class Scheduler:
 
     def stats(self) -> dict:
         return {"slots_total": len(self.seq), "slots_in_use": sum(s is not None for s in self.seq),
-                "waiting": len(self.waiting), "requests": len(self.requests), "steps": self.steps}
+                "waiting": len(self.waiting), "prefilling": sum(len(j.seqs) for j in self.jobs),
+                "requests": len(self.requests), "steps": self.steps}
 
     def step(self) -> list[SequenceDelta]:
-        """Admit or decode once; returns the deltas of every sequence that got a token."""
+        """Admit or decode once (with a token budget: decode, then prefill a bounded chunk); returns
+        the deltas of every sequence that got a token."""
         self.out = []
-        if self.waiting and None in self.seq:
+        if self.budget is not None:
+            decoding = sum(q is not None and q.job is None for q in self.seq[: self.width])
+            if decoding:
+                self._compact()
+                self._decode()
+            budget = self.budget - decoding
+            self._prefill_chunks(budget - self._reserve(budget))
+        elif self.waiting and None in self.seq:
             self._admit()
         elif self.width:
             self._compact()
@@ -697,6 +736,8 @@ class Scheduler:
             if seq.finish_reason is not None or (index is not None and seq.index != index):
                 continue
             if seq.slot >= 0:
+                if seq.job is not None:
+                    self._leave_job(seq)
                 self._finish(seq.slot, "abort")
             else:
                 self.waiting.remove(seq)
@@ -723,13 +764,81 @@ class Scheduler:
         rows = torch.tensor([requests.index(q.request) for q in seqs])  # each sequence's prefill row
         self._sample(torch.tensor(free), logits[rows])
 
-    def _prefill_shared_prefix(self, ids: list[list[int]], slots: list[int]) -> int:
+    def _reserve(self, budget: int) -> int:
+        """Chunked prefill: give waiting sequences free slots and open a ``PrefillJob`` per request
+        among them (a prefix shared by the new prompts, if it fits in ``budget``, is prefilled once
+        now). Returns the prompt tokens prefilled."""
+        free = [s for s, q in enumerate(self.seq) if q is None][: len(self.waiting)]
+        if not free:
+            return 0
+        jobs: dict[Request, PrefillJob] = {}
+        for s in free:
+            q = self.waiting.popleft()
+            q.job = jobs.setdefault(q.request, PrefillJob(q.request, []))
+            q.job.seqs.append(q)
+            # Until its prompt is in, the slot rides along in decode steps as a dummy row whose write
+            # lands on the last prompt position, which the last chunk (or the home copy) overwrites.
+            self.seq[s], q.slot, self.pos[s] = q, s, len(q.request.prompt_ids) - 1
+        self.width = max(self.width, max(free) + 1)
+        self.jobs.extend(jobs.values())
+        start = self._prefill_shared_prefix([j.request.prompt_ids for j in jobs.values()],
+                                            [j.seqs[0].slot for j in jobs.values()], limit=budget)
+        for job in jobs.values():
+            job.done = start
+        return start
+
+    def _prefill_chunks(self, budget: int) -> None:
+        """Prefill up to ``budget`` prompt tokens of the open jobs, oldest first (one adapter call per
+        chunk start position); jobs whose last chunk went in sample their first token."""
+        plan: dict[int, list[tuple[PrefillJob, int]]] = {}  # chunk start -> (job, chunk length)
+        for job in self.jobs:
+            if budget <= 0:
+                break
+            take = min(len(job.request.prompt_ids) - job.done, budget)
+            plan.setdefault(job.done, []).append((job, take))
+            budget -= take
+        finished: list[tuple[PrefillJob, torch.Tensor]] = []
+        for start, group in plan.items():
+            tokens, lengths = self._padded([j.request.prompt_ids[start : start + take] for j, take in group])
+            homes = torch.tensor([j.seqs[0].slot for j, _ in group])
+            logits = self.adapter.prefill(tokens, lengths, self.cache, homes, start)
+            for row, (job, take) in enumerate(group):
+                job.done += take
+                if job.done == len(job.request.prompt_ids):
+                    finished.append((job, logits[row]))
+        if not finished:
+            return
+        copies = [(job.seqs[0].slot, q.slot) for job, _ in finished for q in job.seqs[1:]]
+        if copies:
+            src, dst = torch.tensor(copies).T
+            self.cache.copy_slots(src, dst)
+        slots, rows = [], []
+        for row, (job, _) in enumerate(finished):
+            self.jobs.remove(job)
+            for q in job.seqs:
+                q.job = None
+                self.pos[q.slot] = len(job.request.prompt_ids)
+                slots.append(q.slot)
+                rows.append(row)
+        self._sample(torch.tensor(slots), torch.stack([lg for _, lg in finished])[torch.tensor(rows)])
+
+    def _leave_job(self, q: SequenceState) -> None:
+        """Take a sequence that is being prefilled out of its job (abort); the job's partial cache
+        moves to the next sequence's slot when ``q`` held it."""
+        job, q.job = q.job, None
+        if job.seqs[0] is q and len(job.seqs) > 1:
+            self.cache.copy_slots(torch.tensor([q.slot]), torch.tensor([job.seqs[1].slot]))
+        job.seqs.remove(q)
+        if not job.seqs:
+            self.jobs.remove(job)
+
+    def _prefill_shared_prefix(self, ids: list[list[int]], slots: list[int], limit: int | None = None) -> int:
         """Prefill the longest prefix the prompts ``ids`` share (a system prompt, a template's preamble)
         once into the first of their ``slots`` and copy it to the others; returns its length (0 when
-        under ``SHARED_PREFIX_MIN`` tokens). Every prompt keeps at least one token of its own, whose
-        logits start its completion."""
+        under ``SHARED_PREFIX_MIN`` tokens or over ``limit``). Every prompt keeps at least one token of
+        its own, whose logits start its completion."""
         start = min(len(os.path.commonprefix(ids)), min(map(len, ids)) - 1)
-        if len(ids) < 2 or start < SHARED_PREFIX_MIN:
+        if len(ids) < 2 or start < SHARED_PREFIX_MIN or (limit is not None and start > limit):
             return 0
         self.adapter.prefill(torch.tensor([ids[0][:start]]), torch.tensor([start]), self.cache, torch.tensor(slots[:1]))
         self.cache.copy_slots(torch.tensor(slots[:1] * (len(slots) - 1)), torch.tensor(slots[1:]))
@@ -747,7 +856,7 @@ class Scheduler:
     def _decode(self) -> None:
         w = self.width
         span = int(self.pos[:w].max()) + 1
-        busy = torch.tensor([q is not None for q in self.seq[:w]]).nonzero()[:, 0]
+        busy = torch.tensor([q is not None and q.job is None for q in self.seq[:w]]).nonzero()[:, 0]
         logits = self.adapter.decode(self.last[:w], self.pos[:w], self.cache, span, busy)  # (b, V)
         self.pos[busy] += 1  # idle slots stay at position 0
         self._sample(busy, logits)
@@ -822,9 +931,9 @@ class Scheduler:
             del self.requests[q.request.request_id]
 
     def _compact(self) -> None:
-        """With nothing waiting, move busy slots to the front once half of [0, width) is idle."""
+        """With nothing waiting or prefilling, move busy slots to the front once half of [0, width) is idle."""
         busy = [s for s in range(self.width) if self.seq[s] is not None]
-        if self.waiting or 2 * len(busy) > self.width:
+        if self.waiting or self.jobs or 2 * len(busy) > self.width:
             return
         src, dst = torch.tensor(busy), torch.arange(len(busy))
         self.cache.copy_slots(src, dst)

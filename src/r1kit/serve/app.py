@@ -105,6 +105,7 @@ class ServeConfig:
     port: int = 8000  # TCP port (0 = any free one)
     max_num_seqs: int = 32  # engine slots: sequences decoded together
     max_model_len: int = 2048  # prompt + completion tokens per sequence (sizes the KV cache)
+    max_num_batched_tokens: int = 512  # tokens per engine step, decodes included (chunked prefill); 0 = whole prompts
     max_queue: int = 64  # sequences that may wait for a slot; beyond that 503
     max_n: int = 8  # the largest n a request may ask for
     think: bool = False  # R1 setting: prefill "<think>\n", fold system messages into the user turn
@@ -572,7 +573,11 @@ def serve(cfg: ServeConfig) -> None:
     model, tokenizer = load_policy(cfg.model)
     context = getattr(model.config, "max_position_embeddings", None) or cfg.max_model_len
     cfg.max_model_len = min(cfg.max_model_len, context)
-    engine, label = make_serving_engine(model, tokenizer, cfg.backend, cfg.dtype, cfg.max_num_seqs, cfg.max_model_len)
+    if cfg.max_num_batched_tokens and cfg.max_num_batched_tokens < cfg.max_num_seqs:
+        raise R1kitError(f"--max-num-batched-tokens must be 0 (whole prompts) or >= --max-num-seqs "
+                         f"({cfg.max_num_seqs}), got {cfg.max_num_batched_tokens}")
+    engine, label = make_serving_engine(model, tokenizer, cfg.backend, cfg.dtype, cfg.max_num_seqs, cfg.max_model_len,
+                                        cfg.max_num_batched_tokens or None)
     loop = EngineLoop(engine, cfg.max_queue, label)
     loop.start()
     server = Server(loop, tokenizer, cfg)
