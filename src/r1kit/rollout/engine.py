@@ -33,6 +33,7 @@ from r1kit.rollout.base import Completion, SamplingParams
 
 TOP_P_CANDIDATES = 1024  # tokens kept before the exact top-p cut; a full sort is the fallback
 SHARED_PREFIX_MIN = 16  # prompts admitted together that share this many leading tokens prefill them once
+DRAW_BLOCK = 256  # vocabulary entries per block of the two-level inverse-CDF draw
 CACHE_BLOCK = 64  # a growable cache holds a multiple of this many positions (grown and shrunk in these steps)
 
 
@@ -393,11 +394,12 @@ def sample(
         return tokens, logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
     scaled = logits if params.temperature == 1 else logits / params.temperature  # (b, V)
     if params.top_k == 0 and params.top_p == 1:
-        # log_softmax written out so the (b, V) passes are shared with the draw's weights.
-        shifted = scaled - scaled.amax(-1, keepdim=True)
-        weights = shifted.exp()
-        tokens = draw(weights, generator)
-        return tokens, shifted.gather(1, tokens[:, None])[:, 0] - weights.sum(-1).log()
+        # One fused softmax pass gives the draw's weights and (its log at the token) the logprob, to
+        # fp32 rounding of the probability (relative 6e-8); the written-out max/sub/exp/sum passes
+        # took 4x as long at 64 x 49152.
+        probs = scaled.softmax(-1)
+        tokens = draw(probs, generator)
+        return tokens, probs.gather(1, tokens[:, None])[:, 0].log()
     logp = scaled.log_softmax(-1)
     tokens = _sample_truncated(logp, params.top_k, params.top_p, generator)
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
@@ -425,10 +427,28 @@ def _sample_truncated(logp: torch.Tensor, top_k: int, top_p: float, generator: t
 def draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One index per row of ``weights`` (b, V) >= 0 with probability proportional to the weight,
     by inverting the CDF with one uniform per row. ``torch.multinomial`` draws an exponential per
-    vocabulary entry instead (b·V random numbers, ~150 ms for 64 x 49152 on this CPU)."""
-    cdf = weights.cumsum(-1)  # (b, V)
-    u = torch.rand(weights.shape[0], 1, generator=generator) * cdf[:, -1:]  # (b, 1), in [0, total)
-    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=weights.shape[-1] - 1)
+    vocabulary entry instead (b·V random numbers, ~150 ms for 64 x 49152 on this CPU).
+
+    The CDF is inverted in two levels, over the sums of ``DRAW_BLOCK``-entry blocks and then inside
+    the chosen block, so the one full (b, V) pass is a vectorized sum instead of a sequential
+    cumsum (a full cumsum took 5% of a batch-64 decode step). The point searched for is kept inside
+    [0, mass) at both levels, so a zero-weight entry is never drawn."""
+    b, vocab = weights.shape
+    blocks = -(-vocab // DRAW_BLOCK)
+    padded = weights if blocks * DRAW_BLOCK == vocab else F.pad(weights, (0, blocks * DRAW_BLOCK - vocab))
+    grid = padded.reshape(b, blocks, DRAW_BLOCK)
+    sums = grid.sum(-1)  # (b, blocks)
+    cdf = sums.cumsum(-1)  # (b, blocks)
+    total = cdf[:, -1:]
+    u = torch.rand(b, 1, generator=generator) * total  # (b, 1), in [0, total)
+    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))
+    block = torch.searchsorted(cdf, u, right=True).clamp_(max=blocks - 1)  # (b, 1)
+    inner = grid[torch.arange(b), block[:, 0]].cumsum(-1)  # (b, DRAW_BLOCK)
+    last = inner[:, -1:]
+    rest = (u - (cdf.gather(1, block) - sums.gather(1, block))).clamp_(min=0)
+    rest = torch.minimum(rest, last.nextafter(torch.zeros_like(last)))
+    within = torch.searchsorted(inner, rest, right=True).clamp_(max=DRAW_BLOCK - 1)
+    return (block * DRAW_BLOCK + within)[:, 0].clamp_(max=vocab - 1)
 
 
 class StopChecker:
