@@ -8,7 +8,10 @@ first). Per concurrency it prints (SERVE_SPEC §7, ``vllm bench serve``'s metric
 failed requests, request throughput, output tokens/s, and p50 / p99 of TTFT (first token chunk,
 reasoning or content), time to first answer token (first content chunk), TPOT ((latency - TTFT) /
 (tokens - 1)) and ITL (gap between token chunks). The CPU's flags and load are printed first: on a
-shared machine the numbers are the share of the CPU this run got.
+shared machine the numbers are the share of the CPU this run got. A last scenario per server
+(``--burst-after``): at the largest concurrency a quarter of the clients stream first and the rest
+arrive together seconds later; ``early_itl`` (the first quarter's inter-token gaps) shows how long
+the burst's prefill stalls streams already running, what chunked prefill bounds.
 
 Our server runs once per ``--max-num-batched-tokens`` value (default ``0 512``: whole-prompt prefill,
 then chunked prefill, i.e. before -> after in one run). Then, when ``llama-cpp-python[server]`` is
@@ -87,25 +90,34 @@ async def one_request(client, model: str, question: str, max_tokens: int) -> dic
             "tpot": ((end - (first or end)) / (tokens - 1)) if tokens > 1 else None}
 
 
-async def run_level(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+async def run_level(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int,
+                    burst_after: float = 0.0) -> dict:
+    """``concurrency`` clients working through ``prompts``; with ``burst_after`` > 0 only the first
+    quarter start at once and the rest join ``burst_after`` seconds later, all together (a burst of
+    prompts arriving while streams decode); ``early_itl`` is then the first quarter's ITL."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
     queue = list(prompts)
-    results, failed = [], 0
+    results, failed, early_itl = [], 0, []
+    early = max(1, concurrency // 4) if burst_after > 0 else concurrency
 
-    async def worker():
+    async def worker(i: int):
         nonlocal failed
+        if i >= early:
+            await asyncio.sleep(burst_after)
         while queue:
             q = queue.pop(0)
             try:
                 results.append(await one_request(client, model, q, max_tokens))
+                if i < early:
+                    early_itl.extend(results[-1]["itl"])
             except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
                 failed += 1
                 print(f"  failed: {type(e).__name__}: {e}", file=sys.stderr)
 
     start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
     wall = time.perf_counter() - start
     await client.close()
     out_tokens = sum(r["tokens"] for r in results)
@@ -113,7 +125,8 @@ async def run_level(url: str, model: str, prompts: list[str], concurrency: int, 
     return {"c": concurrency, "completed": len(results), "failed": failed, "wall_s": wall,
             "req_s": len(results) / wall, "out_tok_s": out_tokens / wall, "out_tokens": out_tokens,
             "ttft": [r["ttft"] for r in results], "ttfat": [r["ttfat"] for r in results if r["ttfat"] is not None],
-            "tpot": [r["tpot"] for r in results if r["tpot"] is not None], "itl": itl}
+            "tpot": [r["tpot"] for r in results if r["tpot"] is not None], "itl": itl, "early_itl": early_itl,
+            "burst_after": burst_after}
 
 
 def report(name: str, m: dict) -> str:
@@ -123,15 +136,21 @@ def report(name: str, m: dict) -> str:
             f"ttft_ms_p50={ms(m['ttft'], 50)} ttft_ms_p99={ms(m['ttft'], 99)} "
             f"ttfat_ms_p50={ms(m['ttfat'], 50)} ttfat_ms_p99={ms(m['ttfat'], 99)} "
             f"tpot_ms_p50={ms(m['tpot'], 50)} tpot_ms_p99={ms(m['tpot'], 99)} "
-            f"itl_ms_p50={ms(m['itl'], 50)} itl_ms_p99={ms(m['itl'], 99)}")
+            f"itl_ms_p50={ms(m['itl'], 50)} itl_ms_p99={ms(m['itl'], 99)}"
+            + (f" burst_after_s={m['burst_after']:g} early_itl_ms_p99={ms(m['early_itl'], 99)} "
+               f"early_itl_ms_max={ms(m['early_itl'], 100)}" if m["burst_after"] else ""))
 
 
 def wait_for_line(proc: subprocess.Popen, pattern: str, what: str) -> str:
-    """Echo ``proc``'s output until a line matches ``pattern``; returns the match's group 1."""
+    """Echo ``proc``'s output until a line matches ``pattern``; returns the match's group 1. The rest
+    of its output is drained by a thread (a full pipe would block the server)."""
+    import threading
+
     for line in proc.stdout:
         print("  " + line.rstrip())
         m = re.search(pattern, line)
         if m:
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
             return m.group(1)
     raise SystemExit(f"{what} did not start (exit {proc.wait()})")
 
@@ -181,6 +200,10 @@ def run_levels(name: str, url: str, model: str | None, args) -> list[dict]:
         prompts = questions(max(args.min_requests, c * args.requests_per_client))
         levels.append(asyncio.run(run_level(url, model, prompts, c, args.max_tokens)))
         print(report(name, levels[-1]), flush=True)
+    if args.burst_after > 0:
+        c = max(args.concurrency)
+        burst = asyncio.run(run_level(url, model, questions(c), c, args.max_tokens, args.burst_after))
+        print(report(name + " burst", burst), flush=True)
     return levels
 
 
@@ -207,6 +230,9 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=2, help="requests per client at each concurrency")
     ap.add_argument("--min-requests", type=int, default=3, help="requests at least per concurrency")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--burst-after", type=float, default=4.0,
+                    help="then, at the largest concurrency, a quarter of the clients start and the rest join "
+                         "this many seconds later (0 = skip): early_itl shows how long the burst stalls their streams")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--dtype", default="auto")
     args = ap.parse_args()
