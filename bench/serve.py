@@ -182,15 +182,16 @@ def start_llama_cpp(args, workdir: Path) -> tuple[subprocess.Popen, str]:
     port, cores = free_port(), str(os.cpu_count())
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "default", "--host",
            "127.0.0.1", "--port", str(port), "--n_ctx", str(args.max_model_len), "--n_threads", cores,
-           "--n_threads_batch", cores]
+           "--n_threads_batch", cores, "--interrupt_requests", "False"]  # by default a new request cancels the running one
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     wait_for_line(proc, r"(Uvicorn running on)", "llama-cpp-python's server")
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
-def run_levels(name: str, url: str, model: str | None, args) -> list[dict]:
-    """Warm up, then every concurrency level against one server; prints one line per level."""
+def run_levels(name: str, url: str, model: str | None, args, burst: bool = True) -> list[dict]:
+    """Warm up, then every concurrency level against one server (and the burst scenario when
+    ``burst``); prints one line per level."""
     import openai
 
     model = model or openai.OpenAI(base_url=url, api_key="none").models.list().data[0].id
@@ -200,7 +201,7 @@ def run_levels(name: str, url: str, model: str | None, args) -> list[dict]:
         prompts = questions(max(args.min_requests, c * args.requests_per_client))
         levels.append(asyncio.run(run_level(url, model, prompts, c, args.max_tokens)))
         print(report(name, levels[-1]), flush=True)
-    if args.burst_after > 0:
+    if burst and args.burst_after > 0:
         c = max(args.concurrency)
         burst = asyncio.run(run_level(url, model, questions(c), c, args.max_tokens, args.burst_after))
         print(report(name + " burst", burst), flush=True)
@@ -250,15 +251,16 @@ def main() -> None:
                 stop(proc)
     if args.llama_cpp != "off":
         if args.llama_cpp.startswith("http"):
-            results["llama.cpp"] = run_levels("llama.cpp", args.llama_cpp, "default", args)
+            results["llama.cpp"] = run_levels("llama.cpp", args.llama_cpp, "default", args, burst=False)
         elif importlib.util.find_spec("llama_cpp") is None:
             print("llama.cpp: llama-cpp-python is not installed (pip install 'llama-cpp-python[server]'); skipped")
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 proc, url = start_llama_cpp(args, Path(tmp))
                 try:
+                    # llama-cpp-python's server runs one request at a time: the burst scenario tells nothing
                     results[f"llama.cpp[{args.gguf_dtype}]"] = run_levels(f"llama.cpp[{args.gguf_dtype}]", url,
-                                                                          "default", args)
+                                                                          "default", args, burst=False)
                 finally:
                     stop(proc)
     print(f"load_1min_after={os.getloadavg()[0]:.2f} (a shared machine: numbers are this run's share of the CPU)")

@@ -6,8 +6,9 @@ the batch call ``Engine.generate`` (RL, evaluation, distillation) or request by 
 its own sampling settings and seed); a small per-model *adapter* owns the forward: ``prefill`` a
 batch of prompts into cache slots and ``decode`` one token for every slot. ``LlamaAdapter`` runs HF
 Llama-family models with its own forward over the HF module's weights (fused QKV and gate/up
-projections, a preallocated per-slot KV cache, no per-token HF ``forward`` call), so per-token
-Python work is a few hundred tensor ops. Another model (the r1kit
+projections prepacked for oneDNN, a per-slot KV cache grown in blocks so decode attention is two
+batched matmuls over one contiguous block per layer, prefill without padding, no per-token HF
+``forward`` call), so per-token Python work is a few hundred tensor ops. Another model (the r1kit
 DeepSeek-V3 with its absorbed MLA cache) plugs in with ``register_adapter``.
 
 Notation: S cache slots, T cache positions, w slots in one decode step (the slots in use), u prompts
