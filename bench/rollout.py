@@ -82,16 +82,17 @@ def engine_tokens_per_s(engine: Engine, prompts: list[list[int]], new_tokens: in
     return len(prompts) * new_tokens / elapsed
 
 
-def llama_cpp_tokens_per_s(prompt: str, new_tokens: int) -> str:
-    """llama.cpp batch-1 tokens/s on the embedded Q4 GGUF, or why it was not measured."""
+def llama_cpp_tokens_per_s(prompt: str, new_tokens: int, clock=time.perf_counter) -> str:
+    """llama.cpp batch-1 tokens/s (per second of ``clock``; its threads are this process's) on the
+    embedded Q4 GGUF, or why it was not measured."""
     try:
         from llama_cpp import Llama
     except ImportError:
         return "not installed (pip install llama-cpp-python)"
     llm = Llama(model_path=str(embedded_gguf_path()), n_ctx=2048, verbose=False, n_threads=torch.get_num_threads())
-    start = time.perf_counter()
+    start = clock()
     out = llm(prompt, max_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0, seed=0)
-    return f"{out['usage']['completion_tokens'] / (time.perf_counter() - start):.1f}"
+    return f"{out['usage']['completion_tokens'] / (clock() - start):.1f}"
 
 
 def engine_class_at(rev: str):
@@ -149,7 +150,7 @@ def main() -> None:
         old = "" if before is None else (
             f" before_tok_s={engine_tokens_per_s(before(model, [], dtype=dtype, max_batch=1), prompts, args.batch1_tokens, clock):.1f}")
         print(f"batch=1 new_tokens={args.batch1_tokens} engine_tok_s={ours_1:.1f} hf_tok_s={hf_1:.1f} ratio={ours_1 / hf_1:.2f}{old}")
-        print(f"llama_cpp_batch1_tok_s={llama_cpp_tokens_per_s(tokenizer.decode(prompts[0]), args.batch1_tokens)}")
+        print(f"llama_cpp_batch1_tok_s={llama_cpp_tokens_per_s(tokenizer.decode(prompts[0]), args.batch1_tokens, clock)}")
     if args.also_fp32:
         ours32, hf32, _ = batch_pair(path, tokenizer, torch.float32, args.batch, args.new_tokens, clock)
         print(f"dtype=fp32 batch={args.batch} new_tokens={args.new_tokens} engine_tok_s={ours32:.1f} hf_tok_s={hf32:.1f}")

@@ -179,7 +179,7 @@ def start_llama_cpp(args, workdir: Path) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     subprocess.run([sys.executable, "-m", "r1kit.cli", "export", args.model, "--format", "gguf", "--dtype",
                     args.gguf_dtype, "--output", str(gguf)], env=env, check=True)
-    port, cores = free_port(), str(os.cpu_count())
+    port, cores = free_port(), str(args.llama_cpp_threads or os.cpu_count())
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "default", "--host",
            "127.0.0.1", "--port", str(port), "--n_ctx", str(args.max_model_len), "--n_threads", cores,
            "--n_threads_batch", cores, "--interrupt_requests", "False"]  # by default a new request cancels the running one
@@ -227,6 +227,9 @@ def main() -> None:
                     help="auto: llama-cpp-python's server on the model's GGUF when llama_cpp is installed; off; "
                          "or the /v1 base of a llama.cpp server already running on the same model")
     ap.add_argument("--gguf-dtype", default="bf16", help="the GGUF llama.cpp serves (f16, bf16, q8_0)")
+    ap.add_argument("--llama-cpp-threads", type=int, default=0,
+                    help="llama.cpp's threads (0 = every core; on a loaded machine its spinning thread pool "
+                         "stalls: 1 may be the fair setting)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests-per-client", type=int, default=2, help="requests per client at each concurrency")
     ap.add_argument("--min-requests", type=int, default=3, help="requests at least per concurrency")
