@@ -223,3 +223,8 @@ def test_gguf_output_that_is_a_directory_is_one_error(capsys, tmp_path):
 def test_serve_port_out_of_range_is_one_error(capsys):
     assert main(["serve", "smollm2-135m-instruct", "--port", "99999"]) == 2
     assert "--port must be in 0..65535" in _err(capsys)
+
+
+def test_serve_token_budget_below_the_slots_is_one_error_before_loading(capsys):
+    assert main(["serve", "smollm2-135m-instruct", "--max-num-seqs", "32", "--max-num-batched-tokens", "16"]) == 2
+    assert "--max-num-batched-tokens must be 0 (whole prompts) or >= --max-num-seqs (32)" in _err(capsys)

@@ -570,12 +570,13 @@ def serve(cfg: ServeConfig) -> None:
         raise R1kitError("--max-queue and --shutdown-timeout must be >= 0")
     if not 0 <= cfg.port <= 65535:
         raise R1kitError(f"--port must be in 0..65535 (0 = any free port), got {cfg.port}")
+    if cfg.max_num_batched_tokens != 0 and not cfg.max_num_seqs <= cfg.max_num_batched_tokens:
+        raise R1kitError(f"--max-num-batched-tokens must be 0 (whole prompts) or >= --max-num-seqs "
+                         f"({cfg.max_num_seqs}) so a step can decode every slot and still prefill, "
+                         f"got {cfg.max_num_batched_tokens}")
     model, tokenizer = load_policy(cfg.model)
     context = getattr(model.config, "max_position_embeddings", None) or cfg.max_model_len
     cfg.max_model_len = min(cfg.max_model_len, context)
-    if cfg.max_num_batched_tokens and cfg.max_num_batched_tokens < cfg.max_num_seqs:
-        raise R1kitError(f"--max-num-batched-tokens must be 0 (whole prompts) or >= --max-num-seqs "
-                         f"({cfg.max_num_seqs}), got {cfg.max_num_batched_tokens}")
     engine, label = make_serving_engine(model, tokenizer, cfg.backend, cfg.dtype, cfg.max_num_seqs, cfg.max_model_len,
                                         cfg.max_num_batched_tokens or None)
     loop = EngineLoop(engine, cfg.max_queue, label)
