@@ -285,3 +285,8 @@ def test_an_unknown_flag_shows_the_subcommands_usage_and_names_the_flag(capsys):
     with pytest.raises(SystemExit):
         main(["--bogus", "tasks"])  # a top-level unknown flag: the top-level usage
     assert capsys.readouterr().err.splitlines()[-1] == "r1kit: error: unrecognized arguments: --bogus"
+
+
+def test_serve_token_budget_below_the_slots_is_one_error_before_loading(capsys):
+    assert main(["serve", "smollm2-135m-instruct", "--max-num-seqs", "32", "--max-num-batched-tokens", "16"]) == 2
+    assert "--max-num-batched-tokens must be 0 (whole prompts) or >= --max-num-seqs (32)" in _err(capsys)

@@ -214,6 +214,8 @@ def _add_serve_parser(sub) -> None:
         "host": "interface to bind", "port": "TCP port (0 = a free one)",
         "max_num_seqs": "engine slots: sequences decoded together",
         "max_model_len": "prompt + completion tokens per sequence (sizes the KV cache)",
+        "max_num_batched_tokens": "tokens per engine step, decodes included: prompts are prefilled in chunks so "
+                                  "running streams keep flowing (chunked prefill); 0 = whole prompts",
         "max_queue": "sequences that may wait for a slot; beyond that, 503",
         "max_n": "the largest n a request may ask for",
         "think": "the R1 setting: prefill '<think>\\n' and fold system messages into the user turn",
