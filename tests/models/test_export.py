@@ -157,6 +157,34 @@ def test_cli_refuses_bad_flags_before_loading(tmp_path, capsys, args, needle):
     assert needle in capsys.readouterr().err
 
 
+def test_export_never_replaces_what_it_would_lose(tmp_path, small_tokenizer, capsys):
+    """A fresh user's `export RUN --format hf --output ANOTHER_RUN` replaced that run's checkpoints,
+    metrics and final/ with six HF files, and `--format gguf --output README.md` overwrote the README."""
+    src = tmp_path / "model"
+    small_llama(len(small_tokenizer), tied=True).save_pretrained(src)
+    small_tokenizer.save_pretrained(src)
+    run = tmp_path / "run"
+    (run / "checkpoint-1").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    notes = tmp_path / "README.md"
+    notes.write_text("keep me")
+    cases = [(["--format", "hf", "--output", str(run)], "is not an earlier HF export"),
+             (["--format", "hf", "--output", str(src)], "is (or holds) the model being exported"),
+             (["--format", "hf", "--output", str(tmp_path)], "is (or holds) the model being exported"),
+             (["--format", "gguf", "--output", str(notes)], "exists and is not a GGUF file")]
+    for args, needle in cases:
+        assert main(["export", str(src), *args]) == 2, args
+        assert needle in capsys.readouterr().err, args
+    assert notes.read_text() == "keep me" and sorted(p.name for p in run.iterdir()) == ["checkpoint-1", "metrics.jsonl"]
+    hf = tmp_path / "hf"  # an earlier export of the same format is replaced
+    for _ in range(2):
+        assert main(["export", str(src), "--format", "hf", "--output", str(hf)]) == 0
+    gguf = tmp_path / "m.gguf"
+    for _ in range(2):
+        assert main(["export", str(src), "--format", "gguf", "--output", str(gguf)]) == 0
+    assert gguf.read_bytes()[:4] == b"GGUF"
+
+
 def test_gguf_refuses_what_llama_cpp_would_run_differently(small_tokenizer, tmp_path):
     model = small_llama(len(small_tokenizer), tied=True)
     model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}

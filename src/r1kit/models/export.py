@@ -58,6 +58,7 @@ def export_model(name_or_path: str, fmt: str, output: str | Path, dtype: str | N
     if dtype is not None and dtype not in allowed:
         raise ConfigError(f"--dtype for --format {fmt} must be one of {', '.join(allowed)}, got {dtype!r}")
     check_output_path(output, "file" if fmt == "gguf" else "dir")
+    check_export_target(name_or_path, output, fmt)
     model, tokenizer = load_policy(name_or_path, dtype=torch.float32)
     if fmt == "gguf":
         return export_gguf(model, tokenizer, output, dtype or "f16", name=Path(str(name_or_path)).name)
@@ -65,6 +66,36 @@ def export_model(name_or_path: str, fmt: str, output: str | Path, dtype: str | N
 
 
 # ---------------------------------------------------------------------------------------------- HF
+
+
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "manifest.json", "plan.json")  # files of an r1kit run / stage / sample dir
+
+
+def check_export_target(source: str | Path, output: str | Path, fmt: str) -> None:
+    """Refuse an ``--output`` whose replacement would lose something: the source itself (or a
+    directory holding it), an existing file that is not a GGUF file, or an existing directory that
+    is not an earlier HF export (one with subdirectories or an r1kit run's files, ``RUN_MARKERS``).
+    An earlier export of the same format is replaced, atomically.
+
+    Raises:
+        ConfigError: naming ``--output`` and the fix (a new path).
+    """
+    out, src = Path(output), Path(str(source))
+    if not out.exists():
+        return
+    fix = "pass a new path, or remove it yourself if it is meant to go"
+    if src.exists() and (out.resolve() == src.resolve() or out.resolve() in src.resolve().parents):
+        raise ConfigError(f"--output {out} is (or holds) the model being exported, {src}; {fix}")
+    if fmt == "gguf":
+        with open(out, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ConfigError(f"--output {out} exists and is not a GGUF file; {fix}")
+        return
+    entries = list(out.iterdir())
+    if entries and (any(e.is_dir() for e in entries) or any(e.name in RUN_MARKERS for e in entries)
+                    or not (out / "config.json").is_file()):
+        raise ConfigError(f"--output {out} exists and is not an earlier HF export (it holds "
+                          f"{', '.join(sorted(e.name for e in entries)[:4])}...); {fix}")
 
 
 def export_hf(model, tokenizer, output: str | Path, dtype: str | None = None) -> Path:
