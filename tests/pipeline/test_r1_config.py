@@ -34,6 +34,7 @@ def test_cpu_r1_two_stage_is_cpu_r1_with_the_rl_budget_of_stages_3_and_4():
     assert (four.reasoning_rl["max_steps"], two.reasoning_rl["max_steps"]) == (4, 8)
     assert (two.cold_start_data, two.cold_start_limit, two.task) == ("gsm8k", 480, "gsm8k_easy")
     assert two.output == "runs/r1-two-stage" and four.output == "runs/r1-cpu"
+    assert (two.eval_split, two.eval_limit, four.eval_limit) == ("test", None, 200)  # all 1,319 test problems
 
 
 def test_yaml_section_updates_the_preset_field_by_field(tmp_path):
