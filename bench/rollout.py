@@ -14,7 +14,11 @@ On a CPU without native bf16 matmuls (``native_bf16=False``) the engine holds bf
 computes in fp32 (``engine_compute``), while HF computes in emulated bf16; ``--also-fp32`` adds
 the fp32-vs-fp32 pair (``ratio_vs_hf_fp32``), the engine's gain with the arithmetic held equal.
 
-    PYTHONPATH=src python bench/rollout.py [--batch 64] [--new-tokens 128] [--dtype bf16] [--also-fp32] [--clock cpu]
+``--before REV`` also times the engine as it was at git revision REV (its ``engine.py`` loaded as a
+separate module, same model, prompts and clock), so a change is measured before -> after in one run.
+The first line gives the CPU's model, SIMD flags and load.
+
+    PYTHONPATH=src python bench/rollout.py [--batch 64] [--new-tokens 128] [--dtype bf16] [--also-fp32] [--clock cpu] [--before REV]
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -31,6 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from r1kit.models.embedded import embedded_gguf_path, embedded_model_dir
 from r1kit.rollout.base import SamplingParams
 from r1kit.rollout.engine import Engine, native_bf16
+from serve import cpu_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GSM8K = Path(__file__).resolve().parents[1] / "data" / "gsm8k" / "test.jsonl"
@@ -74,25 +82,41 @@ def engine_tokens_per_s(engine: Engine, prompts: list[list[int]], new_tokens: in
     return len(prompts) * new_tokens / elapsed
 
 
-def llama_cpp_tokens_per_s(prompt: str, new_tokens: int) -> str:
-    """llama.cpp batch-1 tokens/s on the embedded Q4 GGUF, or why it was not measured."""
+def llama_cpp_tokens_per_s(prompt: str, new_tokens: int, clock=time.perf_counter) -> str:
+    """llama.cpp batch-1 tokens/s (per second of ``clock``; its threads are this process's) on the
+    embedded Q4 GGUF, or why it was not measured."""
     try:
         from llama_cpp import Llama
     except ImportError:
         return "not installed (pip install llama-cpp-python)"
     llm = Llama(model_path=str(embedded_gguf_path()), n_ctx=2048, verbose=False, n_threads=torch.get_num_threads())
-    start = time.perf_counter()
+    start = clock()
     out = llm(prompt, max_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0, seed=0)
-    return f"{out['usage']['completion_tokens'] / (time.perf_counter() - start):.1f}"
+    return f"{out['usage']['completion_tokens'] / (clock() - start):.1f}"
 
 
-def batch_pair(path, tokenizer, dtype: torch.dtype, batch: int, new_tokens: int, clock) -> tuple[float, float]:
-    """(engine tok/s, HF tok/s) for ``batch`` chat prompts in ``dtype``."""
+def engine_class_at(rev: str):
+    """``Engine`` as it was at git revision ``rev`` (its engine.py executed as a module of its own)."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{rev}:src/r1kit/rollout/engine.py"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout
+    module = types.ModuleType(f"engine_at_{rev}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up there
+    exec(compile(source, f"{rev}:engine.py", "exec"), module.__dict__)  # noqa: S102 - our own history
+    return module.Engine
+
+
+def batch_pair(path, tokenizer, dtype: torch.dtype, batch: int, new_tokens: int, clock,
+               before=None) -> tuple[float, float, float | None]:
+    """(engine tok/s, HF tok/s, tok/s of the ``before`` Engine class or None) for ``batch`` chat
+    prompts in ``dtype``."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    engine = Engine(model, [], dtype=dtype, max_batch=batch)
     prompts = chat_prompts(tokenizer, batch)
+    old = None if before is None else engine_tokens_per_s(before(model, [], dtype=dtype, max_batch=batch), prompts,
+                                                          new_tokens, clock)
+    engine = Engine(model, [], dtype=dtype, max_batch=batch)
     return (engine_tokens_per_s(engine, prompts, new_tokens, clock),
-            hf_tokens_per_s(model, tokenizer, prompts, new_tokens, clock))
+            hf_tokens_per_s(model, tokenizer, prompts, new_tokens, clock), old)
 
 
 def main() -> None:
@@ -105,7 +129,10 @@ def main() -> None:
     ap.add_argument("--also-fp32", action="store_true", help="also measure the fp32 pair at --batch")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall seconds or this process's CPU seconds")
     ap.add_argument("--skip-batch1", action="store_true", help="skip the batch-1 and llama.cpp lines")
+    ap.add_argument("--before", default=None, help="also time the engine at this git revision (before -> after)")
     args = ap.parse_args()
+    print(cpu_line())
+    before = None if args.before is None else engine_class_at(args.before)
     clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
@@ -120,14 +147,18 @@ def main() -> None:
     if not args.skip_batch1:
         ours_1 = engine_tokens_per_s(engine, prompts, args.batch1_tokens, clock)
         hf_1 = hf_tokens_per_s(model, tokenizer, prompts, args.batch1_tokens, clock)
-        print(f"batch=1 new_tokens={args.batch1_tokens} engine_tok_s={ours_1:.1f} hf_tok_s={hf_1:.1f} ratio={ours_1 / hf_1:.2f}")
-        print(f"llama_cpp_batch1_tok_s={llama_cpp_tokens_per_s(tokenizer.decode(prompts[0]), args.batch1_tokens)}")
+        old = "" if before is None else (
+            f" before_tok_s={engine_tokens_per_s(before(model, [], dtype=dtype, max_batch=1), prompts, args.batch1_tokens, clock):.1f}")
+        print(f"batch=1 new_tokens={args.batch1_tokens} engine_tok_s={ours_1:.1f} hf_tok_s={hf_1:.1f} ratio={ours_1 / hf_1:.2f}{old}")
+        print(f"llama_cpp_batch1_tok_s={llama_cpp_tokens_per_s(tokenizer.decode(prompts[0]), args.batch1_tokens, clock)}")
     if args.also_fp32:
-        ours32, hf32 = batch_pair(path, tokenizer, torch.float32, args.batch, args.new_tokens, clock)
+        ours32, hf32, _ = batch_pair(path, tokenizer, torch.float32, args.batch, args.new_tokens, clock)
         print(f"dtype=fp32 batch={args.batch} new_tokens={args.new_tokens} engine_tok_s={ours32:.1f} hf_tok_s={hf32:.1f}")
         print(f"ratio_vs_hf_fp32={ours32 / hf32:.2f}")
-    ours, hf = batch_pair(path, tokenizer, dtype, args.batch, args.new_tokens, clock)
+    ours, hf, old = batch_pair(path, tokenizer, dtype, args.batch, args.new_tokens, clock, before)
     print(f"dtype={args.dtype} batch={args.batch} new_tokens={args.new_tokens} engine_tok_s={ours:.1f} hf_tok_s={hf:.1f}")
+    if old is not None:
+        print(f"before={args.before} engine_tok_s={old:.1f} ratio_vs_hf={old / hf:.2f} speedup={ours / old:.2f}")
     print(f"ratio_vs_hf={ours / hf:.2f}")
 
 

@@ -162,9 +162,15 @@ def test_eval_report_names():
     (["--k", "0"], "--k must be >= 1, got 0"),
     (["--limit", "0"], "--limit must be >= 1, got 0"),
     (["--limit", "-1"], "--limit must be >= 1, got -1"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0 (0 = greedy), got -1.0"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0 (0 = greedy), got nan"),
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0 (0 = greedy), got inf"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--top-p", "nan"], "--top-p must be in (0, 1], got nan"),
 ])
-def test_eval_counts_must_be_positive_before_any_model_loads(capsys, tmp_path, toy_task, args, needle):
-    """The model does not exist: the count is refused first (a later check would say 'not found')."""
+def test_eval_counts_and_sampling_values_are_refused_before_any_model_loads(capsys, tmp_path, toy_task, args, needle):
+    """The model does not exist: the value is refused first (a later check would say 'not found')."""
     rc = main(["eval", "--model", str(tmp_path / "no_such_model"), "--task", str(toy_task), *args])
     assert rc == 2 and _err(capsys) == f"error: {needle}"
 
@@ -223,3 +229,64 @@ def test_gguf_output_that_is_a_directory_is_one_error(capsys, tmp_path):
 def test_serve_port_out_of_range_is_one_error(capsys):
     assert main(["serve", "smollm2-135m-instruct", "--port", "99999"]) == 2
     assert "--port must be in 0..65535" in _err(capsys)
+
+
+@pytest.mark.parametrize("command, args, needle", [
+    (["train", "grpo"], ["--temperature", "nan"], "temperature must be > 0 for GRPO sampling, got nan"),
+    (["train", "grpo"], ["--temperature", "inf"], "temperature must be a finite number >= 0 (0 = greedy), got inf"),
+    (["train", "grpo"], ["--top-k", "-1"], "top_k must be >= 0 (0 = off), got -1"),
+    (["train", "grpo"], ["--eval-temperature", "-1"], "eval_temperature must be a finite number >= 0"),
+    (["train", "sft"], ["--eval-top-p", "2"], "eval_top_p must be in (0, 1], got 2.0"),
+    (["pipeline", "r1"], ["--preset", "cpu_r1", "--eval-temperature", "-0.5"], "eval_temperature must be a finite"),
+    (["sample"], ["--teacher", "no_such_model", "--task", "gsm8k", "--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
+])
+def test_sampling_fields_are_refused_before_any_model_loads(capsys, tmp_path, command, args, needle):
+    """An evaluation temperature of a training run was read only when the run evaluated, after training.
+    The model does not exist: a check after loading would say 'not found'."""
+    model = [] if command == ["sample"] else ["--model", str(tmp_path / "no_such_model")]
+    assert main([*command, "--output", str(tmp_path / "r"), *model, *args]) == 2
+    assert needle in _err(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+def _leaf_parsers(parser, path=()):
+    """(subcommand words, parser) of every subcommand that takes flags itself."""
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+    for action in subs:
+        for name, child in action.choices.items():
+            yield from _leaf_parsers(child, (*path, name))
+
+
+def test_an_unknown_flag_shows_the_subcommands_usage_and_names_the_flag(capsys):
+    """Plain argparse hands a subparser's unknown flags up to `r1kit`, whose usage lists no subcommand flag."""
+    from r1kit.cli import build_parser
+
+    leaves = dict(_leaf_parsers(build_parser()))
+    assert sorted(" ".join(p) for p in leaves) == [
+        "distill", "eval", "export", "pipeline r1", "pretrain v3-distill", "pretrain v3-zero", "sample", "serve",
+        "tasks", "train grpo", "train sft"]
+    for path, parser in leaves.items():
+        required = []  # what the subcommand needs before it reads further (its required flags and positionals)
+        for action in parser._actions:
+            if not action.option_strings and action.dest != "help":
+                required.append("x")
+            elif action.required:
+                required += [action.option_strings[0], "x"]
+        with pytest.raises(SystemExit) as exit_:
+            main([*path, *required, "--bogus", "1"])
+        err = capsys.readouterr().err
+        name = "r1kit " + " ".join(path)
+        assert exit_.value.code == 2, path
+        assert err.startswith(f"usage: {name} ") and f"\n{name}: error: unrecognized arguments: --bogus 1\n" in err, err
+    with pytest.raises(SystemExit):
+        main(["--bogus", "tasks"])  # a top-level unknown flag: the top-level usage
+    assert capsys.readouterr().err.splitlines()[-1] == "r1kit: error: unrecognized arguments: --bogus"
+
+
+def test_serve_token_budget_below_the_slots_is_one_error_before_loading(capsys):
+    assert main(["serve", "smollm2-135m-instruct", "--max-num-seqs", "32", "--max-num-batched-tokens", "16"]) == 2
+    assert "--max-num-batched-tokens must be 0 (whole prompts) or >= --max-num-seqs (32)" in _err(capsys)

@@ -6,7 +6,7 @@
   r1kit train grpo|sft ... --nproc N [--master-port P]   (execs torchrun --nproc-per-node N -m r1kit train ...)
   r1kit eval --model M --task T [--k K] [--limit N] [--output DIR]   (pass@1 against answer priors)
   r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 100]
-  r1kit pretrain v3-distill --output DIR [--preset cpu] [--student-seconds 180] [...]
+  r1kit pretrain v3-distill --output DIR [--preset cpu|chain] [--student-seconds 180] [...]
   r1kit export MODEL --format gguf|hf [--dtype f16|bf16|q8_0 | fp32|bf16|fp16] --output PATH
   r1kit pipeline r1 --preset cpu_r1 | --config FILE [--from STAGE] [--until STAGE] [--output DIR] [--<field> V]
   r1kit distill --teacher T --student S --task X [--output DIR] [...]
@@ -84,11 +84,15 @@ def _train_sft(args: argparse.Namespace) -> int:
 
 
 def _check_eval_args(args: argparse.Namespace) -> None:
-    """Raise R1kitError naming the flag when --k, --limit or --max-tokens is not a positive count, or
-    when --output names an existing file (it must be a directory), before any work."""
+    """Raise R1kitError naming the flag when --k, --limit or --max-tokens is not a positive count, when
+    --temperature or --top-p is out of range (``rollout.base.check_sampling``), or when --output names an
+    existing file (it must be a directory), before any work (no data read, no model loaded)."""
+    from r1kit.rollout.base import check_sampling
+
     for flag, value in (("--k", args.k), ("--limit", args.limit), ("--max-tokens", args.max_tokens)):
         if value is not None and value < 1:
             raise R1kitError(f"{flag} must be >= 1, got {value}")
+    check_sampling(args.temperature, args.top_p, names=("--temperature", "--top-p", ""))
     if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
         raise R1kitError(f"--output {args.output} is an existing file; pass a directory for the reports")
 
@@ -210,6 +214,8 @@ def _add_serve_parser(sub) -> None:
         "host": "interface to bind", "port": "TCP port (0 = a free one)",
         "max_num_seqs": "engine slots: sequences decoded together",
         "max_model_len": "prompt + completion tokens per sequence (sizes the KV cache)",
+        "max_num_batched_tokens": "tokens per engine step, decodes included: prompts are prefilled in chunks so "
+                                  "running streams keep flowing (chunked prefill); 0 = whole prompts",
         "max_queue": "sequences that may wait for a slot; beyond that, 503",
         "max_n": "the largest n a request may ask for",
         "think": "the R1 setting: prefill '<think>\\n' and fold system messages into the user turn",
@@ -314,11 +320,24 @@ def _tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose subcommands refuse flags they do not know themselves, with their own usage
+    (``r1kit train sft: error: unrecognized arguments: --bogus 1``). Plain argparse hands a subparser's
+    leftovers up to the top-level parser, whose usage names no subcommand's flags. ``add_subparsers``
+    makes every subparser of this class."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     from r1kit.config import GRPOConfig, SFTConfig, add_config_arguments, preset_names
     from r1kit.train.v3_zero import V3ZeroConfig as V3ZeroDefaults
 
-    p = argparse.ArgumentParser(prog="r1kit", description="Reproduce DeepSeek-R1: GRPO on verified rewards, evaluation.")
+    p = _Parser(prog="r1kit", description="Reproduce DeepSeek-R1: GRPO on verified rewards, evaluation.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -29,6 +29,7 @@ import yaml
 
 from r1kit.errors import ConfigError
 from r1kit.eval.evaluate import COLLAPSE_SHARE
+from r1kit.rollout.base import check_sampling
 from r1kit.train.losses import IS_MODES, LOSS_TYPES, SCALE_REWARDS
 
 
@@ -113,11 +114,12 @@ class GRPOConfig:
     num_threads: int | None = None  # torch intra-op threads (None = torch default)
     data_parallel: str = "ddp"  # under torchrun: ddp (replicas, gradients all-reduced) | fsdp2 (fully_shard per layer)
     dist_timeout_minutes: float = 10.0  # every collective of a torchrun run fails after this long (min), no hang
+    gradient_checkpointing: bool = False  # recompute each decoder block in the backward: less activation memory, ~1/3 more compute
 
     # --- Ray (train/ray_grpo.py; SCALE_SPEC §5) ---
     ray: bool = False  # rollouts and rewards on Ray actors, the trainer in the driver (r1kit[ray])
     ray_address: str | None = None  # existing cluster (host:6379, ray://host:10001, auto); None = start a local one
-    ray_num_cpus: int | None = None  # logical CPUs of a local cluster (None = os.cpu_count())
+    ray_num_cpus: int | None = None  # logical CPUs of a local cluster (None = os.cpu_count(), or what the workers reserve if more)
     rollout_workers: int = 1  # rollout actors, each with its own sampling engine (make_engine)
     reward_workers: int = 1  # reward actors running the verifier and reward functions
     ray_worker_cpus: float = 1.0  # logical CPUs each worker actor reserves
@@ -175,10 +177,10 @@ class GRPOConfig:
             raise ConfigError(f"warn_answer_share must be in (0, 1], got {self.warn_answer_share}")
         if self.router_bias_update_speed < 0:
             raise ConfigError(f"router_bias_update_speed must be >= 0, got {self.router_bias_update_speed}")
-        if self.temperature <= 0:
+        if not self.temperature > 0:  # NaN too; a group of greedy completions has no reward variance
             raise ConfigError(f"temperature must be > 0 for GRPO sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_sampling(self.temperature, self.top_p, self.top_k)
+        check_sampling(self.eval_temperature, self.eval_top_p, names=("eval_temperature", "eval_top_p", ""))
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(
                 f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} reward_funcs"
@@ -359,6 +361,7 @@ class SFTConfig:
     num_threads: int | None = None  # torch intra-op threads (None = torch default)
     data_parallel: str = "ddp"  # under torchrun: ddp (replicas, gradients all-reduced) | fsdp2 (fully_shard per layer)
     dist_timeout_minutes: float = 10.0  # every collective of a torchrun run fails after this long (min), no hang
+    gradient_checkpointing: bool = False  # recompute each decoder block in the backward: less activation memory, ~1/3 more compute
 
     # --- evaluation (the same protocol and report as GRPO) ---
     eval_task: str | None = None  # held-out task (default: data, when it is a registered task)
@@ -391,6 +394,7 @@ class SFTConfig:
             raise ConfigError(f"max_steps must be >= 1 (or none to use num_train_epochs), got {self.max_steps}")
         if self.max_steps is None and self.num_train_epochs <= 0:
             raise ConfigError(f"num_train_epochs must be > 0, got {self.num_train_epochs}")
+        check_sampling(self.eval_temperature, self.eval_top_p, names=("eval_temperature", "eval_top_p", ""))
         if self.overlong not in ("drop", "error"):
             raise ConfigError(f"overlong must be drop or error, got {self.overlong!r}")
         if self.lr_scheduler not in ("constant", "cosine", "linear"):
@@ -499,6 +503,14 @@ def _kind(cls: type) -> str:
     return cls.__name__.removesuffix("Config")
 
 
+def stop_strings(name: str, value: Any) -> Any:
+    """A ``stop``/``eval_stop`` value typed on the command line ("\\n,###") as its list of strings, the
+    escapes decoded ("\\n" is a newline; nothing stripped); any other value unchanged."""
+    if name in ("stop", "eval_stop") and isinstance(value, str):
+        return [v.encode("latin-1", "backslashreplace").decode("unicode_escape") for v in value.split(",") if v]
+    return value
+
+
 def apply_overrides(cfg: Any, values: dict[str, Any], source: str) -> Any:
     """Return ``cfg`` (a GRPOConfig or SFTConfig) with ``values`` applied. Unknown keys raise
     ConfigError naming ``source``."""
@@ -507,8 +519,7 @@ def apply_overrides(cfg: Any, values: dict[str, Any], source: str) -> Any:
         name = key.replace("-", "_")
         if name not in types:
             raise ConfigError(f"{source}: unknown {_kind(type(cfg))} config field {key!r}")
-        if name == "stop" and isinstance(value, str):  # command line: "\\n" means a newline; not stripped
-            value = [v.encode("latin-1", "backslashreplace").decode("unicode_escape") for v in value.split(",") if v]
+        value = stop_strings(name, value)
         setattr(cfg, name, _coerce(value, types[name], name))
     return cfg
 

@@ -21,7 +21,20 @@ def decon():
 
 
 def test_normalized_words():
-    assert normalized_words("What's  2+2?\nÉCOLE_x") == ["what", "s", "2", "2", "école", "x"]
+    assert normalized_words("What's  2+2?\nÉCOLE_x") == ["what", "s", "2", "+", "2", "école", "x"]
+    assert normalized_words("3*4−1=11, 8/2^1÷4") == ["3", "*", "4", "-", "1", "=", "11", "8", "/", "2", "^", "1", "÷", "4"]
+    assert normalized_words("a t-shirt, two t - shirts; x -5") == ["a", "t", "shirt", "two", "t", "shirts", "x", "-", "5"]
+
+
+def test_operators_tell_problems_apart():
+    """``4-46=`` is not ``4+46=`` (an operator-blind normalization made them one text), for short
+    questions matched whole and for n-grams alike; the same problem spaced otherwise still matches."""
+    d = Decontaminator([Example("ar/test/0", "4+46=", "50"),
+                        Example("ev/test/1", "What is 12 - 5 + 3 - 1?", "9")])  # 9 tokens: two 8-grams
+    assert d.check_question("4-46=") is None and d.check_question("4*46=") is None
+    assert d.check_question("4 + 46 =").eval_id == "ar/test/0"
+    assert d.check_question("So, what is 12 + 5 + 3 - 1?") is None
+    assert d.check_question("So, what is 12-5+3-1?").eval_id == "ev/test/1"
 
 
 def test_planted_questions_are_caught_and_clean_ones_survive(decon):

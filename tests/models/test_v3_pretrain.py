@@ -6,7 +6,7 @@ import pytest
 import torch
 from v3_helpers import one_thread  # noqa: F401 (autouse fixture)
 
-from r1kit.data.arithmetic import arithmetic, is_test_problem
+from r1kit.data.arithmetic import arithmetic, arithmetic_chain, is_chain_test_problem, is_test_problem, worked_trace
 from r1kit.models import v3_pretrain
 from r1kit.models.v3_pretrain import (PretrainConfig, char_tokenizer, heldout_accuracy, learning_rate, pretrain,
                                       training_batch)
@@ -65,6 +65,31 @@ def test_heldout_accuracy_counts_exact_answers_of_the_first_test_problems(monkey
 
     monkeypatch.setattr(v3_pretrain, "generate", generate)
     assert heldout_accuracy(None, tok, n=4) == 0.5
+
+
+def test_chain_batches_hold_train_problems_with_their_worked_traces():
+    tok = char_tokenizer()
+    ids, mask = training_batch(tok, random.Random(0), 8, None, task="arithmetic_chain")
+    assert ids[mask.bool()].eq(tok.eos_token_id).sum() == 8
+    for text in tok.batch_decode(ids, skip_special_tokens=True):
+        prompt, trace = text.split("=", 1)
+        assert trace == worked_trace(prompt + "=") and trace.count("=") == 1 and not is_chain_test_problem(prompt + "=")
+
+
+def test_chain_heldout_accuracy_reads_the_answer_after_the_last_equals(monkeypatch):
+    tok = char_tokenizer()
+    problems = arithmetic_chain("test")[:4]
+    first = problems[2].meta["trace"].split("=")[0]
+    answers = [problems[0].meta["trace"], problems[1].meta["trace"] + "1", f"{first}0={problems[2].gold}",
+               problems[3].gold]  # right; final answer wrong; a wrong step with the right answer; answer alone
+
+    def generate(model, ids, max_new_tokens, attention_mask, eos_token_id, pad_token_id):
+        assert max_new_tokens == 12
+        rows = [tok(a, add_special_tokens=False).input_ids + [eos_token_id] for a in answers]
+        return torch.cat([ids, torch.tensor([r + [pad_token_id] * (max_new_tokens - len(r)) for r in rows])], 1)
+
+    monkeypatch.setattr(v3_pretrain, "generate", generate)
+    assert heldout_accuracy(None, tok, n=4, task="arithmetic_chain") == 0.75
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor_as_the_budget_is_spent():

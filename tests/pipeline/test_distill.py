@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from sample_helpers import seven_task_rows
 
@@ -34,11 +35,15 @@ def _kept(out: Path) -> list[dict]:
 
 
 def test_distill_end_to_end(seven_model_dir, tiny_model_dir, seven_task, tmp_path):
-    cfg = load_distill_config(None, None, _config(tmp_path, seven_model_dir, tiny_model_dir, seven_task))
+    cfg = load_distill_config(None, None, _config(tmp_path, seven_model_dir, tiny_model_dir, seven_task,
+                                                  train_cpu_seconds=900, eval_stop=["\n"]))
     out = run_distill(cfg, progress=False)
     m = {s: read_manifest(out / d) for s, d in (("student", "0_student"), ("teacher", "1_teacher"),
                                                 ("samples", "2_samples"), ("distill", "3_distill"))}
     assert all(x["status"] == "complete" for x in m.values())
+    # the SFT gets what the sampling left of train_cpu_seconds; the evaluation stops at eval_stop
+    assert m["distill"]["config"]["max_train_cpu_seconds"] == pytest.approx(900 - m["samples"]["cpu_seconds"])
+    assert m["student"]["eval_settings"]["stop"] == ["\n"] == m["distill"]["eval_settings"]["stop"]
     kept = _kept(out / "2_samples" / "run")
     assert kept and all(r["gold"] == "7" for r in kept)  # only verified samples: the gold-7 problems
     assert m["samples"]["counts"]["kept"] == len(kept)
@@ -108,3 +113,40 @@ def test_distill_without_teacher_is_one_error(capsys, tmp_path):
     assert main(["distill", "--student", "smollm2-135m-instruct", "--task", "gsm8k", "--output", str(tmp_path / "d")]) == 2
     assert "needs --teacher" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_sampling_that_spent_the_budget_is_one_error(tmp_path):
+    from r1kit.errors import R1kitError
+    from r1kit.pipeline.distill import sft_budget
+    from r1kit.pipeline.manifest import write_manifest
+
+    cfg = load_distill_config(None, None, dict(teacher="smollm2-135m-instruct", train_cpu_seconds=100,
+                                               distill=dict(max_train_cpu_seconds=30)))
+    write_manifest(tmp_path, {"status": "complete", "cpu_seconds": 60.0})
+    assert sft_budget(cfg, tmp_path) == 30.0  # the section's own cap is lower than the 40 s left
+    cfg.distill = {}
+    assert sft_budget(cfg, tmp_path) == 40.0
+    write_manifest(tmp_path, {"status": "complete", "cpu_seconds": 120.0})
+    with pytest.raises(R1kitError, match="sampling used 120 CPU s of the train_cpu_seconds budget 100"):
+        sft_budget(cfg, tmp_path)
+
+
+def test_rft_svamp_evaluates_as_the_grpo_svamp_demo():
+    """``rft_svamp``'s held-out evaluation is the GRPO demo's (preset cpu_demo: 300 SVAMP test
+    problems, k=2, its template, extraction, token limit, stop, T, top-p and seed), its samples are
+    drawn at the demo's rollout temperature, and sampling + SFT get the demo's 19 training minutes."""
+    from r1kit.config import load_config
+
+    grpo = load_config("cpu_demo", None, {})
+    rft = load_distill_config("rft_svamp")
+    ev = rft.eval_settings(rft.task)
+    assert (ev.task, ev.split, ev.limit, ev.k, ev.template, ev.answer_extraction, ev.max_tokens, ev.stop, ev.seed) == (
+        grpo.task, grpo.eval_split, grpo.eval_limit, grpo.eval_k, grpo.template, grpo.answer_extraction,
+        grpo.max_completion_length, grpo.stop, grpo.seed)
+    assert (ev.temperature, ev.top_p) == (grpo.eval_temperature, grpo.eval_top_p)
+    assert rft.train_cpu_seconds == 60 * grpo.max_train_minutes and rft.teacher == rft.student == grpo.model
+    from r1kit.pipeline.sample import sample_config
+
+    samples = sample_config(**{**rft.samples, "template": rft.template, "answer_extraction": rft.answer_extraction})
+    assert (samples.temperature, samples.max_tokens, samples.stop) == (
+        grpo.temperature, grpo.max_completion_length, grpo.stop)

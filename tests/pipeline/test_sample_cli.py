@@ -39,6 +39,11 @@ def test_refused_teacher_url(capsys, tmp_path):
                "--max-retries", "0", "--decontaminate", "false", "--output", str(tmp_path / "out")])
     assert rc == 2 and "refused the connection" in _err(capsys)
     assert (tmp_path / "out" / "plan.json").is_file()  # what was written stays: a rerun resumes
+    # nothing was sampled, so a rerun with other settings is not refused for them (it meets the URL again)
+    rc = main(["sample", "--teacher-url", f"http://127.0.0.1:{port}/v1", "--task", str(task), "--num-samples", "2",
+               "--max-retries", "0", "--decontaminate", "false", "--output", str(tmp_path / "out")])
+    assert rc == 2 and "refused the connection" in _err(capsys)
+    assert json.loads((tmp_path / "out" / "plan.json").read_text())["config"]["num_samples"] == 2
 
 
 def test_output_that_holds_something_else(capsys, tmp_path):

@@ -120,3 +120,31 @@ def test_sigkill_then_resume_equals_uninterrupted(seven_model_dir, tmp_path):
     assert json.loads((killed / "manifest.json").read_text())["counts"] == \
         json.loads((whole / "manifest.json").read_text())["counts"]
     assert not list(killed.rglob("*.tmp"))
+
+
+def test_a_run_that_failed_before_sampling_reruns_with_other_settings(seven_model_dir, seven_task, tmp_path):
+    """A teacher URL that refuses fails the first request, after plan.json is written; with nothing
+    sampled, a rerun with another teacher and settings starts afresh (it used to be refused until the
+    directory was removed). Once a shard is written, other settings are refused and nothing is lost."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    out = tmp_path / "out"
+    refused = sample_config(teacher="teacher", teacher_url=f"http://127.0.0.1:{port}/v1", task=str(seven_task),
+                            num_samples=1, max_retries=0, output=str(out), decontaminate=False)
+    with pytest.raises(R1kitError, match="refused the connection"):
+        run_sample(refused)
+    assert (out / "plan.json").is_file()
+    local = sample_config(teacher=str(seven_model_dir), task=str(seven_task), template="direct", num_samples=2,
+                          max_tokens=8, prompts_per_shard=4, output=str(out), decontaminate=False)
+    run_sample(local, resume=False)
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["config"]["teacher"] == str(seven_model_dir) and plan["config"]["num_samples"] == 2
+    assert json.loads((out / "manifest.json").read_text())["counts"]["sampled"] == 8 * 2
+    kept = {p: p.read_bytes() for p in (out / "shards").glob("*.jsonl")}
+    with pytest.raises(ConfigError, match="teacher_url"):
+        run_sample(refused)
+    assert kept == {p: p.read_bytes() for p in (out / "shards").glob("*.jsonl")}
+    assert json.loads((out / "plan.json").read_text()) == plan

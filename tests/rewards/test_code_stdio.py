@@ -2,14 +2,18 @@
 own time limit, output compared in the parent exactly or by whitespace-separated tokens, a cut
 output reported as ``output_limit``, never compared as if whole."""
 
+import logging
+import shutil
 import time
+from pathlib import Path
 
 import pytest
+from sandbox_helpers import needs_bwrap, world_searchable_dir
 
 from r1kit.data.base import Example
 from r1kit.errors import ConfigError
 from r1kit.rewards.code import CodeVerifier, outputs_match
-from r1kit.rewards.sandbox import Limits
+from r1kit.rewards.sandbox import Limits, Sandbox, SandboxPool
 
 
 def sum_task(compare: str = "whitespace", time_limit_s: float | None = None) -> Example:
@@ -94,3 +98,31 @@ def test_bad_io_meta_is_an_error_naming_the_example(meta, message):
     verifier = CodeVerifier(limits=Limits(wall_s=3.0, cpu_s=2), workers=1)
     with pytest.raises(ConfigError, match=f"example 'io/bad'.*{message}"):
         verifier.verify("print(1)", Example("io/bad", "p", None, meta=meta))
+
+
+@needs_bwrap
+def test_a_sandbox_that_fails_to_start_is_reported_and_logged_on_both_paths(caplog):
+    """bwrap that passes the verifier's trial run, then refuses to start programs: stdin/stdout and
+    function-test examples both get reason ``sandbox_error`` (never a wrong answer) and both log it (the
+    stdin/stdout path used not to: a broken sandbox looked like a run of failing programs)."""
+
+
+    real = shutil.which("bwrap")
+    with world_searchable_dir() as d:                          # runs start as another uid
+        broken, fake = Path(d) / "broken", Path(d) / "bwrap"
+        fake.write_text(f"#!/bin/sh\nif [ -e {broken} ]; then echo 'bwrap: Creating new namespace failed' >&2; "
+                        f"exit 1; fi\nexec {real} \"$@\"\n")
+        fake.chmod(0o755)
+        verifier = CodeVerifier()
+        verifier.sandbox = Sandbox(verifier.sandbox.limits, backend="bwrap", bwrap=str(fake))
+        verifier.pool = SandboxPool(verifier.sandbox, workers=1)
+        broken.touch()
+        function_task = Example("fn/add", "def add(a, b):", None,
+                                meta={"entry_point": "add", "tests": ["assert add(1, 2) == 3"]})
+        with caplog.at_level(logging.ERROR, logger="r1kit.rewards.code"):
+            verdicts = verifier.verify_batch([f"```python\n{SUM}print(a + b)\n```",
+                                              "```python\ndef add(a, b):\n    return a + b\n```"],
+                                             [sum_task(), function_task])
+    assert [(v.correct, v.reason) for v in verdicts] == [(False, "sandbox_error"), (False, "sandbox_error")]
+    logged = [r.getMessage() for r in caplog.records if "sandbox failed to start" in r.getMessage()]
+    assert len(logged) == 3 and all("Creating new namespace failed" in m for m in logged)  # 2 io runs + 1 harness

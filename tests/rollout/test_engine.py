@@ -187,6 +187,16 @@ def test_draw_follows_the_weights():
     assert counts[1] == 0 and abs(counts[2].item() / 4000 - 0.75) < 0.03
 
 
+def test_two_level_draw_matches_the_weights_across_blocks_and_never_draws_a_zero():
+    # 700 entries: 3 blocks of DRAW_BLOCK = 256, the last one padded; mass in every block, zeros between.
+    weights = torch.zeros(700)
+    weights[::7] = torch.arange(100, dtype=torch.float32) % 5 + 1.0
+    picks = draw(weights.expand(40000, -1), torch.Generator().manual_seed(0))
+    freq = torch.bincount(picks, minlength=700).float() / 40000
+    assert freq[weights == 0].sum() == 0
+    assert (freq - weights / weights.sum()).abs().max() < 0.006  # ~4 standard errors of the largest p
+
+
 def test_top_k_then_top_p_keep_the_hand_computed_nucleus():
     # probs 0.5, 0.3, 0.15, 0.05 (+ a tail of -inf): top_p=0.7 keeps {0, 1} (mass above 1 is 0.5 < 0.7).
     logits = torch.full((4000, 8), -float("inf"))

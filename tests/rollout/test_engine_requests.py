@@ -1,6 +1,7 @@
 """The engine's request API (add_request / step / abort): requests that join a running batch get the
 tokens they would get alone, each with its own params and seed; abort frees slots at once; deltas
-carry one token per sequence per step; top_logprobs are the distribution's own top-k."""
+carry one token per sequence per step; top_logprobs are the distribution's own top-k; chunked prefill
+(max_num_batched_tokens) keeps running decodes flowing and changes no token."""
 
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def test_abort_frees_the_slot_at_once_and_stops_the_deltas(tiny):
     engine.add_request("queued", PROMPTS[1], SamplingParams(max_tokens=4, temperature=0))
     engine.step()
     engine.step()
-    assert engine.stats() == {"slots_total": 2, "slots_in_use": 2, "waiting": 1, "requests": 2, "steps": 2}
+    assert engine.stats() == {"slots_total": 2, "slots_in_use": 2, "waiting": 1, "prefilling": 0, "requests": 2,
+                              "steps": 2}
     assert engine.abort("long", index=1)
     assert engine.stats()["slots_in_use"] == 1
     (first,) = engine.step()  # the freed slot admits "queued" and samples its first token
@@ -110,6 +112,57 @@ def test_deltas_are_one_token_per_step_with_the_finish_on_the_last(tiny):
         values, order = logp[t].topk(3)
         assert [i for i, _ in top] == order.tolist() and top[0][0] == ids[t]  # greedy picks the top one
         torch.testing.assert_close(torch.tensor([v for _, v in top]), values, atol=1e-4, rtol=1e-4)
+
+
+LONG = list(range(1000, 1090))  # 90 prompt tokens: 4 chunks under a budget of 24
+
+
+def staggered(engine: Engine) -> tuple[dict, list[set]]:
+    """Seeded and greedy requests of short and long prompts arriving over the first steps (one aborted
+    while its prompt is still being prefilled); returns the outputs and, per step, who got a token."""
+    arrivals = {0: [("a", PROMPTS[0], SamplingParams(max_tokens=20, temperature=0.9, seed=3))],
+                2: [("long", LONG, SamplingParams(max_tokens=8, temperature=0.7, top_p=0.9, seed=5, n=2)),
+                    ("b", PROMPTS[1], SamplingParams(max_tokens=6, temperature=0))],
+                3: [("gone", LONG[::-1], SamplingParams(max_tokens=5, temperature=1.0, seed=9))],
+                4: [("c", PROMPTS[3], SamplingParams(max_tokens=9, temperature=1.1, top_k=20, seed=11))]}
+    got, who, step = {}, [], 0
+    while step <= max(arrivals) or engine.has_unfinished():
+        for rid, prompt, params in arrivals.get(step, []):
+            engine.add_request(rid, prompt, params)
+        if step == 5:
+            assert engine.abort("gone")
+        deltas = engine.step()
+        who.append({d.request_id for d in deltas})
+        for d in deltas:
+            ids, lps, _ = got.get((d.request_id, d.index), ([], [], None))
+            got[(d.request_id, d.index)] = (ids + d.token_ids, lps + d.logprobs, d.finish_reason)
+        step += 1
+    return got, who
+
+
+def test_chunked_prefill_changes_no_token_and_keeps_decodes_flowing(tiny):
+    whole = Engine(tiny, [], dtype=torch.float32, max_batch=6, max_model_len=128)
+    chunked = Engine(tiny, [], dtype=torch.float32, max_batch=6, max_model_len=128, max_num_batched_tokens=24)
+    ref, ref_who = staggered(whole)
+    got, who = staggered(chunked)
+    ref.pop(("gone", 0))  # prefilled whole at once, it had started before its abort
+    assert set(got) == set(ref)  # chunked, it was aborted while its prompt was still going in
+    for key in ref:
+        assert got[key][0] == ref[key][0] and got[key][2] == ref[key][2], key
+        torch.testing.assert_close(torch.tensor(got[key][1]), torch.tensor(ref[key][1]), atol=1e-4, rtol=1e-4)
+    assert ref[("b", 0)][0] == hf_greedy(tiny, PROMPTS[1], 6)
+    # Whole prompts: the step that prefills "long" (and "b") gives "a" no token. Chunked: "a" gets a
+    # token every step until it finishes, while "long" takes 4+ steps to be prefilled.
+    assert "a" not in ref_who[2] and all("a" in w for w in who[:20])
+    assert who.index(next(w for w in who if "long" in w)) >= 5
+    assert chunked.stats()["slots_in_use"] == chunked.stats()["prefilling"] == 0
+    # Aborting the sequence whose slot holds a half-prefilled prompt hands that cache to its sibling.
+    chunked.add_request("pair", LONG, SamplingParams(max_tokens=5, temperature=0, n=2))
+    chunked.step()
+    assert chunked.stats()["prefilling"] == 2 and chunked.abort("pair", index=0)
+    assert run_until_done(chunked)[("pair", 1)][0] == hf_greedy(tiny, LONG, 5)
+    with pytest.raises(ConfigError, match="max_num_batched_tokens"):
+        Engine(tiny, [], max_batch=8, max_num_batched_tokens=4)
 
 
 def test_request_api_refuses_bad_requests(tiny):

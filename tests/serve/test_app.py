@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from r1kit.rollout.engine import SequenceDelta
-from r1kit.serve.app import Detokenizer, ServeConfig, Server, create_app
+from r1kit.serve.app import ChoiceState, Detokenizer, ServeConfig, Server, create_app, token_bytes
 from r1kit.serve.protocol import ChatCompletionRequest
 from r1kit.serve.runner import EngineLoop, make_serving_engine
 from serve_helpers import CONTENT, REASONING
@@ -125,6 +125,33 @@ def test_detokenizer_holds_back_a_split_utf8_character(tokenizer):
     detok = Detokenizer(tokenizer)
     pieces = [detok.push(i) for i in ids] + [detok.flush()]
     assert "".join(pieces) == "né 🙂 ok" and all("\ufffd" not in p for p in pieces)
+
+
+def test_logprob_bytes_are_each_tokens_own_bytes_when_a_token_splits_a_character(tokenizer):
+    # SmolLM2's byte-level BPE spells "日" (e6 97 a5) as two tokens, e6 97 and a5: each decodes alone
+    # to U+FFFD, whose UTF-8 (ef bf bd) is not the token's bytes.
+    ids = tokenizer("日本 né 🙂", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids[:1]) == "\ufffd"
+    assert [token_bytes(tokenizer, i) for i in ids[:2]] == [[0xE6, 0x97], [0xA5]]
+    assert b"".join(bytes(token_bytes(tokenizer, i)) for i in ids) == "日本 né 🙂".encode()
+    assert token_bytes(tokenizer, tokenizer.eos_token_id) == list(tokenizer.eos_token.encode())
+    choice = ChoiceState(0, tokenizer, False, [], True, logprobs=1)
+    entry = choice.chat_logprobs([(ids[0], -0.5, [(ids[1], -1.0)])])["content"][0]
+    assert entry["bytes"] == [0xE6, 0x97] and entry["top_logprobs"][0]["bytes"] == [0xA5]
+
+
+def test_logprob_bytes_of_sentencepiece_byte_fallback_pieces():
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<0xE6>": 1, "<0x97>": 2, "<0xA5>": 3, "\u2581": 4, "a": 5, "\u2581a": 6}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("\u2581", "a")], byte_fallback=True, unk_token="<unk>"))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    ids = tok("a a日", add_special_tokens=False)["input_ids"]
+    assert ids == [5, 6, 1, 2, 3]
+    assert [token_bytes(tok, i) for i in ids] == [[0x61], [0x20, 0x61], [0xE6], [0x97], [0xA5]]
 
 
 def test_deepseek_v3_is_served_through_its_own_engine(tmp_path):

@@ -23,13 +23,16 @@ import torch.multiprocessing as mp
 from r1kit.config import SFTConfig, load_config
 from r1kit.data.base import Example
 from r1kit.data.sft_data import TokenizedExample
-from r1kit.errors import ConfigError
+from safetensors.torch import load_file, save_file
+
+from r1kit.errors import ConfigError, R1kitError
 from r1kit.models.loading import load_policy
 from r1kit.rewards.base import Verdict
 from r1kit.rollout.hf import HFGenerateEngine
 from r1kit.train.grpo import GRPOTrainer, RewardScorer, Rollout
 from r1kit.train.loop import DataCursor
 from r1kit.train.losses import LOSS_TYPES, group_advantages
+from r1kit.train.checkpoint import load_policy_weights
 from r1kit.train.distributed import current, shard_bounds
 from r1kit.train.sft import SFTTrainer
 
@@ -121,6 +124,14 @@ def _bad_settings(model_dir: str, run_dir: Path) -> dict[str, str]:
         SFTTrainer(cfg, model, tok, _sft_examples(), run_dir)
     except ConfigError as err:
         errors["sft_too_few"] = str(err)
+    other = run_dir / "other_model"                       # the same weights but one of another shape
+    other.mkdir(parents=True)
+    save_file({k: torch.ones(3) if k == "model.norm.weight" else v.clone() for k, v in model.state_dict().items()
+               if k != "lm_head.weight"}, str(other / "model.safetensors"))
+    try:
+        load_policy_weights(model, other)
+    except R1kitError as err:
+        errors["other_model"] = str(err)
     return errors
 
 
@@ -174,8 +185,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
+def two_ranks_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ddp")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_model_dir, two_ranks_dir):
+    out = two_ranks_dir
     mp.start_processes(_worker, args=(_free_port(), str(tiny_model_dir), str(out)), nprocs=WORLD, join=True,
                        start_method="spawn")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -225,7 +241,7 @@ def test_fsdp2_averaging_is_not_a_sum_on_gloo(two_ranks, one_rank):
         _assert_equal_results(two_ranks[rank]["mean_loss_grads"], one_rank["mean_loss_grads"])
 
 
-def test_bad_settings_are_one_clear_error_on_every_rank(two_ranks):
+def test_bad_settings_are_one_clear_error_on_every_rank(two_ranks, two_ranks_dir):
     for rank in range(WORLD):
         errors = two_ranks[rank]["errors"]
         assert "prompts_per_step × num_generations (1 × 3) = 3 is not divisible by the 2 processes" in \
@@ -233,7 +249,12 @@ def test_bad_settings_are_one_clear_error_on_every_rank(two_ranks):
         assert "--prompts-per-step" in errors["grpo_indivisible"]
         assert "2 processes but examples_per_step" in errors["sft_too_few"]
         assert "--nproc" in errors["sft_too_few"]
-    assert two_ranks[0]["errors"] == two_ranks[1]["errors"]
+        assert errors["other_model"] == (f"{two_ranks_dir / f'rank{rank}' / 'other_model'} was written by a "
+                                         "different model or config (mis-shaped (1): model.norm.weight: checkpoint "
+                                         "(3,) vs model (32,)); resume with the --model and model settings of that run, or "
+                                         "choose another --output")
+    assert {k: v for k, v in two_ranks[0]["errors"].items() if k != "other_model"} == \
+        {k: v for k, v in two_ranks[1]["errors"].items() if k != "other_model"}
 
 
 def _cli(args, **kw):
@@ -287,8 +308,6 @@ def test_torchrun_run_killed_then_resumed_on_one_rank_equals_an_uninterrupted_ru
     import signal
     import time
 
-    from safetensors.torch import load_file
-
     from r1kit.cli import main
 
     killed = tmp_path / "killed"
@@ -329,16 +348,84 @@ def test_fsdp2_refuses_a_scalar_parameter_by_name():
         shard_model(model, DistEnv(rank=0, world_size=2, strategy="fsdp2"))
 
 
-def test_fsdp2_sharded_checkpoint_of_two_ranks_resumes_on_one(tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def straight_sft(tiny_model_dir, tmp_path_factory) -> Path:
+    """A 4-step one-process SFT run (checkpoints 2-4 and final/): the reference the resumed runs must end at."""
+    from r1kit.cli import main
+
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert main(_sft_args(tiny_model_dir, out, steps=4)) == 0
+    return out
+
+
+def _assert_same_final(run: Path, ref: Path) -> None:
+    a, b = load_file(str(ref / "final" / "model.safetensors")), load_file(str(run / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=f"{run.name} {k}")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_one_process_checkpoint_resumes_on_two_ranks(tiny_model_dir, straight_sft, tmp_path, strategy):
+    """The other way round: a one-process run cut back to checkpoint-2 resumes under torchrun on 2 ranks
+    (ddp: every rank loads the one checkpoint; fsdp2: every rank takes its shards of the whole weights
+    and optimizer state) and ends where the uninterrupted run ends. Not bit-exact: from step 3 the
+    gradient is a sum of two ranks' partial sums (another float32 order)."""
+    import shutil
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight_sft, resumed)
+    for name in ("checkpoint-3", "checkpoint-4", "final"):
+        shutil.rmtree(resumed / name)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parents[1] / "src")]))
+    r = subprocess.run([sys.executable, "-m", "r1kit", *_sft_args(tiny_model_dir, resumed, steps=4), "--resume",
+                        "--data-parallel", strategy, "--nproc", "2", "--master-port", str(_free_port())], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "checkpoint-2" in r.stdout
+    assert (resumed / "checkpoint-4" / "dcp").is_dir() == (strategy == "fsdp2")
+    _assert_same_final(resumed, straight_sft)
+    assert [json.loads(ln)["step"] for ln in (resumed / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    a = load_file(str(straight_sft / "final" / "model.safetensors"))
+    b = load_file(str(straight_sft / "checkpoint-2" / "policy" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-4      # steps 3-4 moved the weights
+
+
+def test_resume_with_another_model_is_one_clear_error(tiny_model_dir, straight_sft, tmp_path, capsys):
+    """--resume of a run with a model of another shape: one error line naming the checkpoint and --model."""
+    import shutil
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from r1kit.cli import main
+
+    other = tmp_path / "other"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+                     ).save_pretrained(other)
+    tok.save_pretrained(other)
+    run = tmp_path / "run"
+    shutil.copytree(straight_sft, run)
+    shutil.rmtree(run / "final")
+    before = [(run / f).read_bytes() for f in ("checkpoint-4/policy/model.safetensors", "config.yaml")]
+    assert main(_sft_args(other, run, steps=5) + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {run / 'checkpoint-4' / 'policy'} was written by a "
+                                               "different model or config (mis-shaped (")
+    assert "model.embed_tokens.weight: checkpoint (49152, 32) vs model (49152, 16)" in err[0]
+    assert err[0].endswith("resume with the --model and model settings of that run, or choose another --output")
+    assert [(run / f).read_bytes() for f in ("checkpoint-4/policy/model.safetensors", "config.yaml")] == before
+
+
+def test_fsdp2_sharded_checkpoint_of_two_ranks_resumes_on_one(tiny_model_dir, straight_sft, tmp_path):
     """FSDP2 on 2 ranks (torchrun): checkpoints hold one DCP shard per rank and a gathered HF policy;
     ``final/`` is one HF directory; the run cut back to checkpoint-2 resumes in one process (DCP
     reshards the optimizer) and ends where a one-process run ends. A missing shard is one error."""
     import shutil
 
-    from safetensors.torch import load_file
-
     from r1kit.cli import main
-    from r1kit.errors import R1kitError
 
     two = tmp_path / "two"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parents[1] / "src")]))
@@ -358,11 +445,5 @@ def test_fsdp2_sharded_checkpoint_of_two_ranks_resumes_on_one(tiny_model_dir, tm
     with pytest.raises(R1kitError, match="cannot load the sharded checkpoint .*checkpoint-2/dcp"):
         main(_sft_args(tiny_model_dir, broken, steps=4) + ["--resume", "--debug"])
     assert main(_sft_args(tiny_model_dir, resumed, steps=4) + ["--resume"]) == 0
-    straight = tmp_path / "straight"
-    assert main(_sft_args(tiny_model_dir, straight, steps=4)) == 0
-    a = load_file(str(straight / "final" / "model.safetensors"))
     for run in (two, resumed):
-        b = load_file(str(run / "final" / "model.safetensors"))
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=f"{run.name} {k}")
+        _assert_same_final(run, straight_sft)

@@ -233,11 +233,10 @@ def render_completion(reasoning: str | None, answer: str, think_in_prompt: bool)
     it, as DeepSeek-R1's does): ``reasoning + "\\n</think>\\n\\n" + answer``; otherwise
     ``"<think>\\n" + reasoning + "\\n</think>\\n\\n" + answer`` when there is reasoning, the answer
     alone when not."""
-    if think_in_prompt:
-        return f"{reasoning or ''}\n{THINK_CLOSE}\n\n{answer}"
-    if reasoning is not None:
-        return f"<think>\n{reasoning}\n{THINK_CLOSE}\n\n{answer}"
-    return answer
+    if reasoning is None and not think_in_prompt:
+        return answer
+    opening = "" if think_in_prompt else f"{THINK_OPEN}\n"
+    return f"{opening}{reasoning or ''}\n{THINK_CLOSE}\n\n{answer}"
 
 
 def end_of_turn_id(tokenizer, template: PromptTemplate) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ from typing import Callable, Sequence
 
 from r1kit.data.base import Example
 from r1kit.data.templates import encode_prompt
+from r1kit.io import write_atomic  # pipeline.sample and train.v3_distill import it from here
 from r1kit.rollout.base import SamplingEngine, SamplingParams
 
 
@@ -163,22 +163,6 @@ def evaluate(engine: SamplingEngine, tokenizer, examples: list[Example], verifie
     return EvalResult(task=task, n_problems=len(examples), k=k, pass1=sum(scores) / max(len(scores), 1),
                       pass1_ci=pass1_interval(scores, k, seed=seed), majk=majk, settings=settings,
                       per_problem=per_problem)
-
-
-def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so that a reader never sees a
-    partial file and a crash keeps the previous one.
-    The temporary sibling is hidden (``.<name>.<pid>.tmp``, which a resuming sampler sweeps) and is
-    created by a plain ``open``, so the file gets the umask's mode; it is removed if the write fails."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def save_result(result: EvalResult, path: Path) -> Path:

@@ -21,6 +21,7 @@ K experts per token, T tokens (b·s), V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from r1kit.errors import ConfigError
 
@@ -508,9 +510,11 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x (T, d) -> Routing. The router runs in fp32 as in transformers (the official code uses bf16
-        logits, spec §8.4); fp32 keeps the bias-driven choices stable in training."""
+        logits, spec §8.4); fp32 keeps the bias-driven choices stable in training. A float64 model
+        routes in float64 (its parity tests compare batches split over ranks to 1e-10)."""
         cfg = self.config
-        logits = F.linear(x.float(), self.weight.float())  # (T, E)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        logits = F.linear(x.to(dtype), self.weight.to(dtype))  # (T, E)
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if cfg.n_group > 1 and cfg.topk_method != "greedy":
@@ -544,6 +548,10 @@ class MoE(nn.Module):
     In training mode with gradients on, every forward adds its routed-token counts to
     ``tokens_per_expert`` (E,) and stores the sequence-wise balance loss in ``balance_loss``;
     ``update_router_bias`` consumes the counts once per optimizer step.
+
+    ``dispatcher`` is None in one process. ``r1kit.models.expert_parallel.shard_experts`` sets it to
+    an ``ExpertDispatcher`` that runs the routed experts split over ranks (all-to-all) instead of the
+    loop below; the router and the shared expert stay replicated.
     """
 
     def __init__(self, config: DeepseekV3Config):
@@ -557,6 +565,8 @@ class MoE(nn.Module):
             self.shared_experts = MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size)
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None
+        self.dispatcher = None
+        self.count_tokens = True  # False while activation checkpointing recomputes the block
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (b, s, d); token_mask (b, s) bool, False at padding (excluded from load and loss).
@@ -564,11 +574,14 @@ class MoE(nn.Module):
         b, s, d = x.shape
         flat = x.reshape(-1, d)
         routing = self.gate(flat)
-        out = torch.zeros_like(flat)
-        for expert_id in routing.indices.unique().tolist():
-            token_idx, slot = torch.where(routing.indices == expert_id)
-            expert_out = self.experts[expert_id](flat[token_idx])
-            out.index_add_(0, token_idx, (expert_out * routing.weights[token_idx, slot, None]).to(out.dtype))
+        if self.dispatcher is not None:
+            out = self.dispatcher(self.experts, flat, routing)
+        else:
+            out = torch.zeros_like(flat)
+            for expert_id in routing.indices.unique().tolist():
+                token_idx, slot = torch.where(routing.indices == expert_id)
+                expert_out = self.experts[expert_id](flat[token_idx])
+                out.index_add_(0, token_idx, (expert_out * routing.weights[token_idx, slot, None]).to(out.dtype))
         if hasattr(self, "shared_experts"):
             out = out + self.shared_experts(flat)
         if self.training and torch.is_grad_enabled():
@@ -582,7 +595,8 @@ class MoE(nn.Module):
         if token_mask is not None:
             valid = token_mask.reshape(-1).bool()
         chosen = torch.zeros_like(routing.scores).scatter_(1, routing.indices, 1.0) * valid[:, None]  # (T, E)
-        self.tokens_per_expert += chosen.sum(0).to(self.tokens_per_expert)
+        if self.count_tokens:
+            self.tokens_per_expert += chosen.sum(0).to(self.tokens_per_expert)
         self.balance_loss = sequence_balance_loss(
             routing.scores.unflatten(0, (b, -1)),
             chosen.unflatten(0, (b, -1)),
@@ -685,6 +699,20 @@ class DeepseekV3Output:
     cache: KVCache | None = None
 
 
+@contextlib.contextmanager
+def not_counting(layer: nn.Module):
+    """While activation checkpointing recomputes ``layer`` in the backward, its MoE adds no expert
+    loads (the forward counted them); everything else is recomputed as it was."""
+    moes = [m for m in layer.modules() if isinstance(m, MoE)]
+    for moe in moes:
+        moe.count_tokens = False
+    try:
+        yield
+    finally:
+        for moe in moes:
+            moe.count_tokens = True
+
+
 def causal_mask(
     s: int, past: int, attention_mask: torch.Tensor | None, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
@@ -704,17 +732,28 @@ class DeepseekV3ForCausalLM(nn.Module):
     """The DeepSeek-V3 causal LM: ``forward(input_ids (b, s)) -> DeepseekV3Output`` with logits (b, s, V).
 
     Training forwards (``self.training`` and gradients on) also run the MTP modules and collect the
-    balance loss and expert loads; ``pretrain_loss`` combines them.
+    balance loss and expert loads; ``pretrain_loss`` combines them. With ``gradient_checkpointing``
+    (``activation_checkpointing_enable``) a training forward without a KV cache stores only each main
+    decoder block's input and recomputes the block in the backward.
     """
 
     def __init__(self, config: DeepseekV3Config):
         super().__init__()
         self.config = config
+        self.gradient_checkpointing = False
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
         self.tie_weights()
         self.reset_parameters()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None) -> None:
+        """Activation checkpointing per main decoder block (non-reentrant ``torch.utils.checkpoint``);
+        transformers' method name and signature, so trainers enable it the same way for every policy.
+        A forward with a KV cache is never checkpointed (the recompute would append to the cache again)."""
+        if (activation_checkpointing_kwargs or {}).get("use_reentrant"):
+            raise ConfigError("DeepseekV3ForCausalLM checkpoints with use_reentrant=False only")
+        self.gradient_checkpointing = True
 
     def tie_weights(self) -> None:
         """Share the embedding with the head when config.tie_word_embeddings (V3 does not)."""
@@ -786,8 +825,13 @@ class DeepseekV3ForCausalLM(nn.Module):
             position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         cos, sin, mask, token_mask = self._attention_inputs(position_ids, attention_mask, cache)
         x = self.model.embed_tokens(input_ids)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.main_layers:
-            x = layer(x, cos, sin, mask, token_mask, cache, absorb)
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, mask, token_mask, None, absorb, use_reentrant=False,
+                               context_fn=lambda layer=layer: (contextlib.nullcontext(), not_counting(layer)))
+            else:
+                x = layer(x, cos, sin, mask, token_mask, cache, absorb)
         hidden = self.model.norm(x)
         out = DeepseekV3Output(logits=self.lm_head(hidden[:, -logits_to_keep:]), hidden=hidden, cache=cache)
         if run_mtp is None:

@@ -19,13 +19,13 @@ Both are written atomically: into a temporary sibling, then renamed over the out
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from r1kit.errors import ConfigError, R1kitError
+from r1kit.io import atomic_dir, atomic_file
 
 FORMATS = ("gguf", "hf")
 GGUF_DTYPES = ("f16", "bf16", "q8_0")  # tensor types of 2-D weights; 1-D tensors (norms) stay F32
@@ -75,7 +75,7 @@ def export_hf(model, tokenizer, output: str | Path, dtype: str | None = None) ->
     the weights first (None keeps them). Returns the directory.
     """
     from r1kit.models.deepseek_v3 import DeepseekV3ForCausalLM
-    from r1kit.models.loading import save_pretrained_atomic, write_dir_atomic
+    from r1kit.models.loading import save_pretrained_atomic
     from r1kit.models.v3_io import save_deepseek_v3
 
     if dtype is not None:
@@ -83,11 +83,10 @@ def export_hf(model, tokenizer, output: str | Path, dtype: str | None = None) ->
     if not isinstance(model, DeepseekV3ForCausalLM):
         return save_pretrained_atomic(model, tokenizer, Path(output))
 
-    def write(tmp: Path) -> None:
+    with atomic_dir(output) as tmp:
         save_deepseek_v3(model, tmp)
         tokenizer.save_pretrained(tmp)
-
-    return write_dir_atomic(Path(output), write)
+    return Path(output)
 
 
 def _cast_copy(model, dtype: torch.dtype):
@@ -122,10 +121,7 @@ def export_gguf(model, tokenizer, output: str | Path, dtype: str = "f16", name: 
     cfg = model.config
     check_llama_for_gguf(cfg)
     tok_meta = tokenizer_metadata(tokenizer, cfg.vocab_size)
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # created by the writer, so the umask applies
-    try:
+    with atomic_file(output) as tmp:  # GGUFWriter creates it, so the umask applies
         writer = gguf.GGUFWriter(tmp, "llama")
         add_llama_metadata(writer, cfg, dtype, name)
         add_tokenizer_metadata(writer, tok_meta)
@@ -135,10 +131,7 @@ def export_gguf(model, tokenizer, output: str | Path, dtype: str = "f16", name: 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return Path(output)
 
 
 def check_llama_for_gguf(cfg) -> None:

@@ -13,14 +13,12 @@ r1kit (``r1kit.models.v3_io``) or by transformers.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from r1kit.errors import ConfigError, R1kitError
+from r1kit.io import atomic_dir
 from r1kit.models import embedded
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -99,21 +97,10 @@ def resolve_model_dir(name_or_path: str) -> Path:
 def save_pretrained_atomic(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> Path:
     """Save ``model`` (safetensors) and ``tokenizer`` as an HF directory at ``out_dir`` atomically
     (``state_dict``: the tensors to write instead of the model's own, e.g. an FSDP2 model gathered whole)."""
-    def write(tmp: Path) -> None:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict}))
         tokenizer.save_pretrained(tmp)
-
-    return write_dir_atomic(out_dir, write)
-
-
-def apply_umask(path: Path) -> Path:
-    """Give ``path`` the mode a plain ``open``/``mkdir`` would (0o666 / 0o777 less the umask).
-    ``tempfile.mkdtemp``/``mkstemp`` create 0o700 / 0o600, and an artifact renamed from them would be
-    unreadable to a server or container running as another user."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
-    return Path(path)
+    return Path(out_dir)
 
 
 def check_output_path(path: str | Path, kind: str, flag: str = "--output") -> Path:
@@ -129,22 +116,6 @@ def check_output_path(path: str | Path, kind: str, flag: str = "--output") -> Pa
                 raise ConfigError(f"{flag} {path}: {parent} is a file, not a directory")
             break
     return path
-
-
-def write_dir_atomic(out_dir: Path, write) -> Path:
-    """Run ``write(tmp)`` on a temporary sibling of ``out_dir``, then rename it over any previous
-    ``out_dir``; on an error the previous directory stays and the temporary one is removed."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = apply_umask(Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent)))
-    try:
-        write(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
 
 def load_policy(name_or_path: str, dtype: str | torch.dtype = torch.float32):

@@ -244,21 +244,32 @@ def load_deepseek_v3(
 
 def check_tensors(model: DeepseekV3ForCausalLM, tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Raise R1kitError listing the missing, mis-shaped and unexpected tensors of a checkpoint."""
-    expected = model.state_dict()
-    if model.config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
+    problems = tensor_problems(model, tensors)
+    if problems:
+        raise R1kitError(f"checkpoint {path} does not match its config: " + "; ".join(problems))
+
+
+def tensor_problems(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """How a checkpoint's ``tensors`` differ from ``model``'s state dict: "missing (n): names",
+    "mis-shaped (n): name: checkpoint (..) vs model (..)" and "unexpected (n): names" ([] when they
+    match). A tied weight is expected under its first name only (as saved); MTP layers' copies of the
+    shared embedding and head are not unexpected. Any model (r1kit's V3 or a transformers one)."""
+    expected, seen = model.state_dict(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            expected.pop(name, None)
+        seen.add(id(p))
     missing = sorted(set(expected) - set(tensors))
-    shared = tuple(f"model.layers.{i}.{s}" for i in range(len(model.model.layers)) for s in MTP_SHARED)
-    unexpected = sorted(n for n in set(tensors) - set(expected) if not n.endswith(shared))
+    shared = tuple(f".{s}" for s in MTP_SHARED)
+    unexpected = sorted(n for n in set(tensors) - set(expected)
+                        if not (n.startswith("model.layers.") and n.endswith(shared)))
     misshaped = [
         f"{n}: checkpoint {tuple(tensors[n].shape)} vs model {tuple(expected[n].shape)}"
         for n in sorted(set(expected) & set(tensors))
         if tensors[n].shape != expected[n].shape
     ]
-    problems = [
+    return [
         f"{label} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}"
         for label, items in (("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected))
         if items
     ]
-    if problems:
-        raise R1kitError(f"checkpoint {path} does not match its config: " + "; ".join(problems))

@@ -1,7 +1,8 @@
 """Pretrain a tiny DeepSeek-V3 MoE from scratch on generated arithmetic, on the CPU.
 
 The first half of "R1-Zero in miniature" (``r1kit.train.v3_zero``): a character-level corpus of sums
-and differences (``"37+48=85"``, train split of ``r1kit.data.arithmetic`` only), next-token + λ·MTP +
+and differences (``"37+48=85"``, train split of ``r1kit.data.arithmetic`` only; or, with
+``task="arithmetic_chain"``, three-operand chains with their worked traces, ``"12+34+56=46+56=102"``), next-token + λ·MTP +
 α·balance loss, the aux-loss-free router-bias update after every optimizer step, and a history of the
 loss curve and per-layer expert load. Saved with ``save_pretrained_atomic`` the checkpoint (HF layout,
 ``r1kit.models.v3_io``) carries the tokenizer's files, so ``load_policy`` reads both back.
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r1kit.data.arithmetic import MAX_OPERAND, arithmetic, random_problem
+from r1kit.data.arithmetic import MAX_COMPLETION_TOKENS, random_document
 from r1kit.models.deepseek_v3 import (
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
@@ -51,13 +52,14 @@ def char_tokenizer():
                                    pad_token="<pad>", unk_token="<unk>", padding_side="left")
 
 
-def training_batch(tok, rng: random.Random, batch_size: int, max_operand: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """batch_size train-split problems with their answers and eos, right-padded: input_ids,
-    attention_mask (b, s)."""
+def training_batch(tok, rng: random.Random, batch_size: int, max_operand: int | None,
+                   task: str = "arithmetic") -> tuple[torch.Tensor, torch.Tensor]:
+    """batch_size train-split problems of ``task`` with their completions (the answer, or the worked
+    trace of ``arithmetic_chain``) and eos, right-padded: input_ids, attention_mask (b, s)."""
     rows = []
     for _ in range(batch_size):
-        prompt, answer = random_problem(rng, max_operand)
-        rows.append(tok(prompt + answer).input_ids + [tok.eos_token_id])
+        prompt, completion = random_document(task, rng, max_operand)
+        rows.append(tok(prompt + completion).input_ids + [tok.eos_token_id])
     width = max(len(r) for r in rows)
     ids = torch.full((batch_size, width), tok.pad_token_id)
     mask = torch.zeros(batch_size, width, dtype=torch.long)
@@ -75,7 +77,8 @@ class PretrainConfig:
     steps: int = 100_000  # optimizer steps at most
     max_seconds: float = 600.0  # budget in CPU seconds of this process (a shared machine's load does not shrink it)
     batch_size: int = 32  # problems per step
-    max_operand: int = MAX_OPERAND  # operands in [0, max_operand]
+    task: str = "arithmetic"  # corpus: "arithmetic" (a±b=answer) or "arithmetic_chain" (a±b±c=worked trace)
+    max_operand: int | None = None  # operands in [0, max_operand] (None = the task's default: 49, 29)
     lr: float = 3e-3  # AdamW peak learning rate, linear warm-up over warmup_steps, then cosine decay
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # the cosine ends at min_lr_ratio·lr when the budget (steps or CPU time) is spent
@@ -107,7 +110,7 @@ def pretrain(cfg: PretrainConfig, tok=None) -> tuple[DeepseekV3ForCausalLM, dict
     history["load_per_layer"] = {}
     start, cpu_start, tokens = time.monotonic(), time.process_time(), 0
     for step in range(cfg.steps):
-        ids, mask = training_batch(tok, rng, cfg.batch_size, cfg.max_operand)
+        ids, mask = training_batch(tok, rng, cfg.batch_size, cfg.max_operand, cfg.task)
         parts = pretrain_loss(model, model(ids, attention_mask=mask), ids, mask)
         parts["loss"].backward()
         spent = max(step / cfg.steps, (time.process_time() - cpu_start) / cfg.max_seconds)
@@ -139,15 +142,18 @@ def learning_rate(cfg: PretrainConfig, step: int, spent: float) -> float:
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-def heldout_accuracy(model: DeepseekV3ForCausalLM, tok, n: int = 200, max_operand: int = MAX_OPERAND) -> float:
-    """Fraction of the first ``n`` test-split problems whose greedy completion (up to eos) is the
-    exact answer."""
-    problems = arithmetic("test", max_operand)[:n]
+def heldout_accuracy(model: DeepseekV3ForCausalLM, tok, n: int = 200, task: str = "arithmetic") -> float:
+    """Fraction of the first ``n`` test-split problems of ``task`` (default operand range) whose
+    greedy completion (up to eos, at most ``MAX_COMPLETION_TOKENS[task]``) ends in the exact answer:
+    the text after its last ``=`` (all of it for ``arithmetic``) equals the gold."""
+    from r1kit.data.loading import load_task
+
+    problems = load_task(task, "test")[:n]
     prompts = [tok(p.prompt).input_ids for p in problems]
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = generate(model, ids, max_new_tokens=6, attention_mask=mask, eos_token_id=tok.eos_token_id,
+    out = generate(model, ids, max_new_tokens=MAX_COMPLETION_TOKENS[task], attention_mask=mask, eos_token_id=tok.eos_token_id,
                    pad_token_id=tok.pad_token_id)
     answers = tok.batch_decode(out[:, width:], skip_special_tokens=True)
-    return sum(a == p.gold for a, p in zip(answers, problems)) / len(problems)
+    return sum(a.rsplit("=", 1)[-1] == p.gold for a, p in zip(answers, problems)) / len(problems)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from r1kit.errors import ConfigError
+from r1kit.rollout.base import check_sampling
 
 
 @dataclass
@@ -35,6 +36,7 @@ class PipelineFields:
     eval_temperature: float = 0.6  # R1 evaluation protocol
     eval_top_p: float = 0.95  # R1 evaluation protocol
     eval_max_tokens: int = 256  # completion tokens at most in evaluation
+    eval_stop: list[str] = dataclasses.field(default_factory=list)  # strings that end an evaluation completion
 
     def validate(self) -> None:
         """Raise ConfigError naming the field for an invalid value."""
@@ -43,6 +45,7 @@ class PipelineFields:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ConfigError(f"eval_limit must be >= 1 (or none), got {self.eval_limit}")
+        check_sampling(self.eval_temperature, self.eval_top_p, names=("eval_temperature", "eval_top_p", ""))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -53,7 +56,8 @@ class PipelineFields:
 
         return EvalSettings(task=self.eval_task or task, split=self.eval_split, limit=self.eval_limit, k=self.eval_k,
                             temperature=self.eval_temperature, top_p=self.eval_top_p, max_tokens=self.eval_max_tokens,
-                            template=self.template, answer_extraction=self.answer_extraction, seed=self.seed)
+                            template=self.template, answer_extraction=self.answer_extraction, seed=self.seed,
+                            stop=list(self.eval_stop))
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -72,7 +76,7 @@ def apply_pipeline_overrides(cfg, values: dict[str, Any], source: str):
     Raises:
         ConfigError: an unknown field or stage section (names ``source``, the stages and the fields).
     """
-    from r1kit.config import _coerce
+    from r1kit.config import _coerce, stop_strings
 
     types, secs = field_types(type(cfg)), sections(type(cfg))
     for key, value in values.items():
@@ -82,7 +86,7 @@ def apply_pipeline_overrides(cfg, values: dict[str, Any], source: str):
                 raise ConfigError(f"{source}: stage section {name} must be a mapping of config fields, got {value!r}")
             setattr(cfg, name, {**getattr(cfg, name), **value})
         elif name in types:
-            setattr(cfg, name, _coerce(value, types[name], name))
+            setattr(cfg, name, _coerce(stop_strings(name, value), types[name], name))
         else:
             plain = [n for n in types if n not in secs]
             raise ConfigError(f"{source}: {key!r} is neither a pipeline stage ({', '.join(secs)}) "

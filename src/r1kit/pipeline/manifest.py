@@ -82,7 +82,7 @@ def read_manifest(stage_dir: Path) -> dict | None:
 
 def write_manifest(stage_dir: Path, manifest: dict) -> Path:
     """Write ``stage_dir/manifest.json`` atomically."""
-    from r1kit.eval.evaluate import write_atomic
+    from r1kit.io import write_atomic
 
     return write_atomic(Path(stage_dir) / MANIFEST, json.dumps(manifest, indent=1, default=str))
 

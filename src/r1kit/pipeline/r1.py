@@ -24,8 +24,6 @@ Presets:
           stage-3 SFT 2 epochs; final RL at T 0.7 for 1,700 steps). Needs a GPU cluster.
   cpu_r1  the embedded SmolLM2-135M-Instruct on GSM8K, sized for about 30 minutes of training on
           2 cores (budgets in steps, measured in CPU seconds; README "The R1 pipeline on a CPU").
-  cpu_r1_two_stage  cpu_r1's stages 1-2 with 8 GRPO steps, evaluated on all 1,319 GSM8K test
-          problems (run with ``--until reasoning_rl``).
 """
 
 from __future__ import annotations
@@ -96,18 +94,6 @@ PRESETS["cpu_r1"] = dict(
     rejection_sft=dict(_CPU_SFT, max_steps=24),
     final_rl=dict(_CPU_GRPO, reward_funcs=["accuracy", "format"], temperature=0.7, max_steps=2),
 )
-
-# The first two R1 stages (cold-start SFT, reasoning GRPO) with more of the budget: cpu_r1's stage 1
-# (30 SFT steps of 8 on the first 480 GSM8K-train worked solutions), then 8 reasoning-GRPO steps of 32
-# completions instead of 4 (constant lr, so its checkpoint-4 is cpu_r1's stage 2), evaluated on the
-# whole GSM8K test split (1,319 problems, k=1: a 95% interval about ±1 point at 4%). Run with
-# ``--until reasoning_rl`` (stages 3-4 are cpu_r1's). Nothing was tuned on test, nor on the dev split:
-# the step count is a budget choice made before any measurement.
-PRESETS["cpu_r1_two_stage"] = dict(
-    PRESETS["cpu_r1"], output="runs/r1-two-stage", eval_limit=None,
-    reasoning_rl=dict(_CPU_GRPO, reward_funcs=["accuracy", "format", "language"], max_steps=8),
-)
-
 
 def preset_names() -> list[str]:
     return sorted(PRESETS)

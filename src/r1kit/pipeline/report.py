@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from r1kit.eval.evaluate import EvalResult, eval_report, load_result, paired_difference, write_atomic
+from r1kit.eval.evaluate import EvalResult, eval_report, load_result, paired_difference
+from r1kit.io import write_atomic
 from r1kit.pipeline.manifest import read_manifest
 
 

@@ -30,7 +30,7 @@ in ``manifest.json``, the sample in ``dropped/``):
 
 The CoT is the reasoning, or the whole completion when it has no reasoning tags
 (``rewards.language.reasoning_text``). The default thresholds sit above every one of the 7,973
-reference solutions of GSM8K train and MATH-500 (repetition of 10-grams at most 0.28, paragraphs at
+reference solutions of GSM8K train and MATH-500 (repetition of 10-grams at most 0.29, paragraphs at
 most 335 words), so human-written worked solutions pass. Prompts whose question matches an evaluation
 split (8-gram of the question, or 10-gram of question + solution) are dropped before any sampling,
 listed in ``dropped/decontaminated_prompts.jsonl``.
@@ -50,7 +50,8 @@ only whole files; a rerun (``resume``) redoes the shards without a kept-rows fil
 no sample is lost or written twice. Seeds: shard k is sampled with ``shard_seed(seed, k)`` (an
 endpoint request j of shard k with ``shard_seed(seed, k) + j``), so a resumed run writes exactly what an
 uninterrupted one would; the plan fixes the shards, and a rerun with settings that change the
-output is an error.
+output is an error once a shard has written anything (a run that failed before that, such as one
+whose teacher URL refused, is started afresh with the new settings).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class SampleConfig:
     languages: list[str] = field(default_factory=lambda: list(DEFAULT_LANGUAGES))  # detector set (ISO 639-1)
     filter_repetition: bool = True  # drop repetitive CoT
     repetition_ngram: int = 10  # words per n-gram of the repetition ratio
-    max_repetition: float = 0.3  # 1 - distinct/total n-grams allowed (GSM8K/MATH-500 solutions: max 0.28)
+    max_repetition: float = 0.3  # 1 - distinct/total n-grams allowed (GSM8K/MATH-500 solutions: max 0.29)
     filter_long_paragraphs: bool = True  # drop CoT with a wall of text
     max_paragraph_words: int = 400  # words per paragraph allowed (GSM8K/MATH-500 solutions: max 335)
     filter_code_blocks: bool = True  # drop reasoning holding a fenced code block
@@ -493,12 +494,15 @@ def _plan(cfg: SampleConfig, out: Path, resume: bool):
     """Load and decontaminate the prompts, cut them into shards, and write ``plan.json`` (or check it
     against an existing one). Returns (the plan, the examples by id).
 
-    Raises ConfigError: ``out`` holds something else, or a run with other settings; R1kitError: every
+    Raises ConfigError: ``out`` holds something else, or a started run with other settings; R1kitError: every
     prompt is contaminated, or the task has none."""
     from r1kit.data.loading import load_task
 
     plan_path = out / "plan.json"
-    if plan_path.is_file() and not resume:
+    # A run that failed before its first shard (a teacher URL that refuses) holds only its plan: nothing
+    # sampled would be lost, so a rerun starts afresh with its own settings.
+    started = plan_path.is_file() and _sampled_anything(out)
+    if started and not resume:
         raise ConfigError(f"{out} already holds a sample run; resume it or choose another --output")
     if not plan_path.is_file() and out.exists() and any(out.iterdir()):
         raise ConfigError(f"--output {out} exists and is not a sample run directory; choose an empty or new one")
@@ -521,7 +525,7 @@ def _plan(cfg: SampleConfig, out: Path, resume: bool):
     plan = {"version": 1, "config": _fingerprint(cfg),
             "shards": [ids[i:i + cfg.prompts_per_shard] for i in range(0, len(ids), cfg.prompts_per_shard)],
             "num_prompts": len(examples), "prompts_decontaminated": len(contaminated), "teacher_weights_sha256": None}
-    if plan_path.is_file():
+    if started:
         old = json.loads(plan_path.read_text())
         changed = sorted(k for k in set(old["config"]) | set(plan["config"])
                          if old["config"].get(k) != plan["config"].get(k))
@@ -534,6 +538,11 @@ def _plan(cfg: SampleConfig, out: Path, resume: bool):
         _write_atomic(out / "dropped" / "decontaminated_prompts.jsonl", _jsonl(contaminated))
         _write_atomic(plan_path, json.dumps(plan, indent=1))
     return plan, {e.id: e for e in clean}
+
+
+def _sampled_anything(out: Path) -> bool:
+    """Whether any shard of the run in ``out`` wrote a file (dropped rows, index or kept rows)."""
+    return any(next((out / folder).glob("shard-*"), None) is not None for folder in ("shards", "index", "dropped"))
 
 
 def _summarize(cfg: SampleConfig, out: Path, plan: dict, teacher_name: str) -> dict[str, Any]:

@@ -299,7 +299,7 @@ def run_stages(stages: list[Stage], ctx: PipelineContext, from_stage: str | None
     if record is not None:
         import yaml
 
-        from r1kit.eval.evaluate import write_atomic
+        from r1kit.io import write_atomic
 
         write_atomic(ctx.output / "pipeline.yaml", yaml.safe_dump(record, sort_keys=False))
     manifests = []
@@ -464,7 +464,7 @@ def combine_sft_data(specs: list[str], out: Path, limits: list[int | None] | Non
 
     from r1kit.data.sft_data import load_sft_rows
     from r1kit.errors import DataError
-    from r1kit.eval.evaluate import write_atomic
+    from r1kit.io import write_atomic
 
     lines, counts = [], []
     for j, spec in enumerate(specs):

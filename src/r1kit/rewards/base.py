@@ -14,6 +14,15 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
 from r1kit.data.base import Example
+from r1kit.data.reasoning import THINK_CLOSE
+
+
+def answer_region(completion: str) -> str:
+    """The part of a completion a verifier reads the final answer (or program) from: the text after
+    its last ``</think>``, or all of it when it has none, so trial answers and code inside the
+    reasoning never count. (Serving splits at the first ``</think>``, ``data.reasoning``: there the
+    reasoning is shown, here only the final answer may score.)"""
+    return completion.rsplit(THINK_CLOSE, 1)[-1]
 
 
 @dataclass(frozen=True)

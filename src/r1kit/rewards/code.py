@@ -62,7 +62,7 @@ from typing import Sequence
 
 from r1kit.data.base import Example
 from r1kit.errors import ConfigError
-from r1kit.rewards.base import Verdict
+from r1kit.rewards.base import Verdict, answer_region
 from r1kit.rewards.registry import register_verifier
 from r1kit.rewards.sandbox import ExecResult, Limits, Sandbox, SandboxPool
 
@@ -255,7 +255,7 @@ def extract_program(completion: str, entry_point: str | None = None, scripts: bo
     unclosed last fence runs to the end), so a trailing usage example does not replace the
     solution; with no fence, the text itself if it parses as Python and defines a function or class
     (``scripts``: any statement, for stdin/stdout programs). None if there is no code."""
-    text = completion.rsplit("</think>", 1)[-1]
+    text = answer_region(completion)
     blocks = [(tag.lower(), body) for tag, body in _FENCE.findall(text)]
     code = [body for tag, body in blocks if tag in _PYTHON_TAGS and body.strip()]
     if code:
@@ -284,7 +284,7 @@ def assemble_program(completion: str, example: Example) -> tuple[str | None, str
     prompt_code = example.meta.get("prompt_code", "")
     code = extract_program(completion, example.meta["entry_point"])
     if code is None and prompt_code:
-        return _body_completion(completion.rsplit("</think>", 1)[-1], prompt_code)
+        return _body_completion(answer_region(completion), prompt_code)
     if code is None:
         return None, "no_code"
     tree = _parse(code)
@@ -552,12 +552,16 @@ class CodeVerifier:
                 verdicts[i] = self._judge(result, nonce, len(example.meta["tests"]), program)
         return verdicts
 
+    def _score(self, correct: bool, n_passed: int, n_tests: int) -> float:
+        """1.0 when correct, else the share of tests passed with ``partial_credit``, else 0.0."""
+        return 1.0 if correct else (n_passed / n_tests if self.partial_credit else 0.0)
+
     def _judge(self, result: ExecResult, nonce: str, n_tests: int, program: str) -> Verdict:
         report = parse_report(result.channel, nonce)
         n_passed = len(report.passed & frozenset(range(n_tests)))
         correct = report.done and n_passed == n_tests
-        score = 1.0 if correct else (n_passed / n_tests if self.partial_credit else 0.0)
-        return Verdict(correct, score, "ok" if correct else _failure_reason(result, report), program)
+        return Verdict(correct, self._score(correct, n_passed, n_tests),
+                       "ok" if correct else _failure_reason(result, report), program)
 
     def _io_limits(self, example: Example) -> Limits:
         """The sandbox limits with the example's per-test time limit (meta ``time_limit_s``): wall
@@ -572,8 +576,8 @@ class CodeVerifier:
         reasons = [_io_reason(r, t["output"], mode) for r, t in zip(results, example.meta["io_tests"])]
         n_passed = reasons.count("ok")
         correct = n_passed == len(reasons)
-        score = 1.0 if correct else (n_passed / len(reasons) if self.partial_credit else 0.0)
-        return Verdict(correct, score, next((r for r in reasons if r != "ok"), "ok"), program)
+        return Verdict(correct, self._score(correct, n_passed, len(reasons)),
+                       next((r for r in reasons if r != "ok"), "ok"), program)
 
 
 COMPARE_MODES = ("exact", "whitespace")
@@ -618,8 +622,8 @@ def outputs_match(got: str, expected: str, mode: str) -> bool:
 def _io_reason(result: ExecResult, expected: str, mode: str) -> str:
     """``"ok"`` or why one stdin/stdout test case failed; a cut output is ``"output_limit"``, never
     compared as if whole."""
-    if result.status in ("timeout", "output_limit", "crashed", "sandbox_error"):
-        return result.status
+    if result.status in _RUN_FAILURES:
+        return _run_failure(result)
     if "stdout" in result.truncated:
         return "output_limit"
     if result.status != "ok":
@@ -639,11 +643,20 @@ def assemble_script(completion: str) -> tuple[str | None, str | None]:
     return (code, None) if _parse(code) is not None else (None, "syntax_error")
 
 
+_RUN_FAILURES = ("timeout", "output_limit", "crashed", "sandbox_error")  # sandbox statuses that are the reason
+
+
+def _run_failure(result: ExecResult) -> str:
+    """The reason of a run that ended in one of ``_RUN_FAILURES``: its status (a sandbox that failed to
+    start a program is logged: that is the machine's fault, not the completion's)."""
+    if result.status == "sandbox_error":
+        log.error("code verifier: sandbox failed to start a program: %s", result.stderr.strip()[:300])
+    return result.status
+
+
 def _failure_reason(result: ExecResult, report: HarnessReport) -> str:
-    if result.status in ("timeout", "output_limit", "crashed", "sandbox_error"):
-        if result.status == "sandbox_error":
-            log.error("code verifier: sandbox failed to start a program: %s", result.stderr.strip()[:300])
-        return result.status
+    if result.status in _RUN_FAILURES:
+        return _run_failure(result)
     if "channel" in result.truncated:  # the report was cut: its missing lines are not failures
         return "output_limit"
     if report.untrusted:

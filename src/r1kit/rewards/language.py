@@ -185,8 +185,13 @@ def majority_language(text: str, languages: Sequence[str] = DEFAULT_LANGUAGES,
                       low_accuracy: bool = False) -> str | None:
     """The language holding most of ``text``'s words (ties: the alphabetically first code), or None for
     a text with no words."""
-    counts = {k: v for k, v in word_languages(text, languages, low_accuracy).items() if k is not None}
-    return min(counts, key=lambda k: (-counts[k], k)) if counts else None
+    return _majority(word_languages(text, languages, low_accuracy))
+
+
+def _majority(counts: Counter) -> str | None:
+    """The code with the most words in ``counts`` (ties: the alphabetically first), ignoring the words of
+    no language (``None``); None when no word has one."""
+    return min((k for k in counts if k is not None), key=lambda k: (-counts[k], k), default=None)
 
 
 def language_consistency(reasoning: str | None, target_lang: str | None,
@@ -211,7 +216,7 @@ def language_consistency(reasoning: str | None, target_lang: str | None,
     if total == 0:
         return 1.0
     if target_lang is None:
-        target_lang = min((k for k in counts if k is not None), key=lambda k: (-counts[k], k), default=None)
+        target_lang = _majority(counts)
     return counts.get(target_lang, 0) / total
 
 

@@ -32,7 +32,7 @@ from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, veri
 
 from r1kit.data.base import Example
 from r1kit.errors import ConfigError, DataError
-from r1kit.rewards.base import Verdict
+from r1kit.rewards.base import Verdict, answer_region
 from r1kit.rewards.numeric import hardened
 from r1kit.rewards.registry import register_verifier
 
@@ -308,12 +308,17 @@ def extract_answer(completion: str, mode: str = "tagged", finished: bool = True)
     return _extract(completion, mode, finished)[0]
 
 
+def check_extraction(mode: str) -> None:
+    """Raise ConfigError naming ``mode`` unless it is one of ``EXTRACTION_MODES``."""
+    if mode not in EXTRACTION_MODES:
+        raise ConfigError(f"extraction {mode!r} is unknown; use one of {', '.join(EXTRACTION_MODES)}")
+
+
 def _extract(completion: str, mode: str, finished: bool) -> tuple[str | None, str | None]:
     """``(answer, None)``, or ``(None, reason)`` with reason ``"no_answer"`` or ``"several_answers"``
     (different boxed answers in the answer region). See ``extract_answer``."""
-    if mode not in EXTRACTION_MODES:
-        raise ConfigError(f"extraction mode {mode!r} is unknown; use one of {', '.join(EXTRACTION_MODES)}")
-    text = completion.rsplit("</think>", 1)[-1]
+    check_extraction(mode)
+    text = answer_region(completion)
     try:
         answer = _tagged_answer(text)
     except _SeveralAnswers:
@@ -366,10 +371,7 @@ class MathVerifier:
     name = "math"
 
     def __init__(self, extraction: str = "tagged", timeout_s: float = 2.0, max_answer_chars: int = 2000):
-        if extraction not in EXTRACTION_MODES:
-            raise ConfigError(
-                f"extraction {extraction!r} is unknown; use one of {', '.join(EXTRACTION_MODES)}"
-            )
+        check_extraction(extraction)
         if not timeout_s > 0:
             raise ConfigError(f"timeout_s must be > 0 seconds, got {timeout_s}")
         if not max_answer_chars > 0:

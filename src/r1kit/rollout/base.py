@@ -6,12 +6,26 @@ out; text decoding belongs to the caller.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import torch
 
 from r1kit.errors import ConfigError
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int = 0, *,
+                   names: tuple[str, str, str] = ("temperature", "top_p", "top_k")) -> None:
+    """Raise ConfigError naming the value when ``temperature`` is not a finite number >= 0 (0 = greedy),
+    ``top_p`` is not in (0, 1] or ``top_k`` is < 0 (NaN fails every check). ``names`` spells the three as
+    the caller's user wrote them: config fields (``eval_temperature``) or flags (``--top-p``)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"{names[0]} must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"{names[1]} must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ConfigError(f"{names[2]} must be >= 0 (0 = off), got {top_k}")
 
 
 @dataclass
@@ -43,12 +57,7 @@ class SamplingParams:
         """Raise ConfigError naming the field if a value is out of range."""
         if self.max_tokens <= 0:
             raise ConfigError(f"max_tokens must be > 0, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        check_sampling(self.temperature, self.top_p, self.top_k)
         if self.n < 1:
             raise ConfigError(f"n must be >= 1, got {self.n}")
 

@@ -6,8 +6,9 @@ the batch call ``Engine.generate`` (RL, evaluation, distillation) or request by 
 its own sampling settings and seed); a small per-model *adapter* owns the forward: ``prefill`` a
 batch of prompts into cache slots and ``decode`` one token for every slot. ``LlamaAdapter`` runs HF
 Llama-family models with its own forward over the HF module's weights (fused QKV and gate/up
-projections, a preallocated per-slot KV cache, no per-token HF ``forward`` call), so per-token
-Python work is a few hundred tensor ops. Another model (the r1kit
+projections prepacked for oneDNN, a per-slot KV cache grown in blocks so decode attention is two
+batched matmuls over one contiguous block per layer, prefill without padding, no per-token HF
+``forward`` call), so per-token Python work is a few hundred tensor ops. Another model (the r1kit
 DeepSeek-V3 with its absorbed MLA cache) plugs in with ``register_adapter``.
 
 Notation: S cache slots, T cache positions, w slots in one decode step (the slots in use), u prompts
@@ -33,18 +34,52 @@ from r1kit.rollout.base import Completion, SamplingParams
 
 TOP_P_CANDIDATES = 1024  # tokens kept before the exact top-p cut; a full sort is the fallback
 SHARED_PREFIX_MIN = 16  # prompts admitted together that share this many leading tokens prefill them once
+DRAW_BLOCK = 256  # vocabulary entries per block of the two-level inverse-CDF draw
+CACHE_BLOCK = 64  # a growable cache holds a multiple of this many positions (grown and shrunk in these steps)
 
 
 @dataclass
 class SlotCache:
     """Per-slot inference cache: every tensor has the slot on dim 1, e.g. (L, S, K, T, d).
 
+    A growable cache (``position_dim`` set) holds only as many positions as its longest sequence
+    needs, in steps of ``CACHE_BLOCK`` up to ``limit``, so decode attention reads a contiguous
+    (S, K, T, d) block per layer instead of a strided slice of a cache sized for the longest
+    possible sequence.
+
     Attributes:
         tensors: the cache tensors (a Llama cache holds keys and values; an MLA cache holds the
             compressed latent and the rotary key).
+        position_dim: the dim that indexes positions, None for a cache allocated at full length.
+        limit: the most positions a growable cache holds.
     """
 
     tensors: list[torch.Tensor]
+    position_dim: int | None = None
+    limit: int = 0
+
+    @property
+    def positions(self) -> int:
+        """Positions the cache holds now (T)."""
+        return self.tensors[0].shape[self.position_dim] if self.position_dim is not None else self.limit
+
+    def fit(self, needed: int, shrink: bool = False) -> None:
+        """Hold at least ``needed`` positions (rounded up to ``CACHE_BLOCK``, at most ``limit``): grow,
+        keeping every position; with ``shrink``, also drop the positions beyond that once they are half
+        the cache (the caller guarantees none of them is still read). No-op for a full-length cache."""
+        if self.position_dim is None:
+            return
+        have, dim = self.positions, self.position_dim
+        want = min(self.limit, -(-needed // CACHE_BLOCK) * CACHE_BLOCK)
+        if want > have or (shrink and 2 * want <= have):
+            keep = min(want, have)
+            resized = []
+            for t in self.tensors:
+                # Zeroed, not empty: masked positions still meet the values (0 x NaN garbage would be NaN).
+                grown = t.new_zeros(t.shape[:dim] + (want,) + t.shape[dim + 1 :])
+                grown.narrow(dim, 0, keep).copy_(t.narrow(dim, 0, keep))
+                resized.append(grown)
+            self.tensors = resized
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy slots ``src`` (n,) onto slots ``dst`` (n,); used to share one prefilled prompt
@@ -147,9 +182,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class Linear:
-    """``y = x W^T + b`` for x (n, in). In fp32 the weight is prepacked once for oneDNN, which runs the
-    (64 x 576) @ (576 x 49152) lm_head about 1.7x faster than ``F.linear`` (MKL) on an AVX2 CPU
-    (microbenchmark, 1 thread); bf16, or a torch without the op, uses ``F.linear``.
+    """``y = x W^T + b`` for x (n, in). The weight is prepacked once for oneDNN, which runs the
+    (64 x 576) @ (576 x 49152) lm_head about 1.7x faster than ``F.linear`` (MKL) in fp32 on an AVX2
+    CPU, and in bf16 on an AVX512-BF16 CPU 1.2x faster at batch 64, 1.5-2x at batch 1, with
+    bit-identical results (microbenchmarks, 1 thread); a torch without the op uses ``F.linear``.
 
     Args:
         weight: (out, in); bias: (out,) or None.
@@ -157,9 +193,9 @@ class Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.weight, self.bias, self.packed = weight, bias, None
-        if weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        if weight.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
             try:
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
             except (AttributeError, RuntimeError):
                 self.packed = None
 
@@ -202,6 +238,7 @@ class LlamaAdapter:
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.head_dim**-0.5  # HF LlamaAttention.scaling
         self.eps = cfg.rms_norm_eps
         self.vocab_size = cfg.vocab_size
         self.max_context = cfg.max_position_embeddings
@@ -246,9 +283,11 @@ class LlamaAdapter:
         return 2 * self.n_layers * slots * self.n_kv * length * self.head_dim * itemsize
 
     def new_cache(self, slots: int, length: int) -> SlotCache:
-        shape = (self.n_layers, slots, self.n_kv, length, self.head_dim)
+        """A growable cache of up to ``length`` positions, starting at one ``CACHE_BLOCK``."""
+        shape = (self.n_layers, slots, self.n_kv, min(length, CACHE_BLOCK), self.head_dim)
         # Zeroed, not empty: masked positions still meet the values (0 x NaN garbage would be NaN).
-        return SlotCache([torch.zeros(shape, dtype=self.compute), torch.zeros(shape, dtype=self.compute)])
+        return SlotCache([torch.zeros(shape, dtype=self.compute), torch.zeros(shape, dtype=self.compute)],
+                         position_dim=3, limit=length)
 
     def _mlp(self, x: torch.Tensor, layer: LlamaLayer) -> torch.Tensor:
         """x + SwiGLU(RMSNorm(x)); x (..., D)."""
@@ -263,29 +302,39 @@ class LlamaAdapter:
                 start: int = 0) -> torch.Tensor:
         u, s = tokens.shape
         H, K, d = self.n_heads, self.n_kv, self.head_dim
+        cache.fit(start + s)
         keys, values = cache.tensors
-        # Projections and MLP run on the n real tokens only, packed; attention on the padded grid.
+        # Everything runs on the n real tokens only, packed (no padding): projections and MLP on all
+        # of them at once, attention prompt by prompt (on right-padded (u, s) grids the CPU kernels
+        # spent half their time on pads: 2.6x slower for GSM8K chat prompts of 32-134 tokens).
+        lens = lengths.tolist()
+        ends = lengths.cumsum(0).tolist()
         real = (torch.arange(s)[None] < lengths[:, None]).flatten().nonzero()[:, 0]  # (n,) into u*s
-        cos, sin = self.cos[start + real % s][:, None], self.sin[start + real % s][:, None]  # (n, 1, d)
-        # Query i sees the shared prefix and suffix positions <= i (bottom-right causal); right padding:
-        # causal masking alone keeps real tokens off the pads.
+        positions = start + real % s  # (n,) cache position of each token
+        token_slots = slots[real // s]  # (n,) cache slot of each token
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (n, 1, d)
+        # Query i sees the shared prefix and suffix positions <= i (bottom-right causal).
         visible = torch.arange(start + s)[None] <= torch.arange(s)[:, None] + start  # (s, start+s)
         x = self.embed[tokens.flatten()[real]]  # (n, D)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(rms_norm(x, layer.attn_norm, self.eps)).view(-1, H + 2 * K, d)
-            grid = qkv.new_zeros(u * s, H + 2 * K, d)
-            grid[real] = torch.cat((rotate(qkv[:, : H + K], cos, sin), qkv[:, H + K :]), dim=1)
-            grid = grid.view(u, s, H + 2 * K, d).transpose(1, 2)  # (u, H+2K, s, d)
-            q, k, v = grid[:, :H], grid[:, H : H + K], grid[:, H + K :]
-            keys[i, slots, :, start : start + s] = k
-            values[i, slots, :, start : start + s] = v
-            if start:
-                k, v = keys[i, slots, :, : start + s], values[i, slots, :, : start + s]  # (u, K, start+s, d)
-                attn = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
-            else:
-                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (u, H, s, d)
-            attn = attn.transpose(1, 2).reshape(u * s, H * d)[real]  # (n, H*d)
-            x = x + layer.o(attn)
+            qk = rotate(qkv[:, : H + K], cos, sin)  # (n, H+K, d)
+            keys[i, token_slots, :, positions] = qk[:, H:]
+            values[i, token_slots, :, positions] = qkv[:, H + K :]
+            parts = []
+            for row, (length, end) in enumerate(zip(lens, ends)):
+                q = qk[end - length : end, :H].transpose(0, 1)[None]  # (1, H, length, d)
+                if start:  # the prefix is in the cache: attend over the slot's first start+length positions
+                    k = keys[i, slots[row], :, : start + length][None]  # (1, K, start+length, d)
+                    v = values[i, slots[row], :, : start + length][None]
+                    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:length, : start + length],
+                                                          enable_gqa=True)
+                else:
+                    k = qk[end - length : end, H:].transpose(0, 1)[None]  # (1, K, length, d)
+                    v = qkv[end - length : end, H + K :].transpose(0, 1)[None]
+                    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                parts.append(attn[0].transpose(0, 1).reshape(length, H * d))
+            x = x + layer.o(torch.cat(parts) if u > 1 else parts[0])  # (n, H*d) -> (n, D)
             x = self._mlp(x, layer)
         return self._logits(x[lengths.cumsum(0) - 1])  # last prompt token of each row
 
@@ -293,22 +342,31 @@ class LlamaAdapter:
                rows: torch.Tensor | None = None) -> torch.Tensor:
         w = tokens.shape[0]
         H, K, d = self.n_heads, self.n_kv, self.head_dim
+        G = H // K
+        cache.fit(span, shrink=True)  # every position >= span is dead: the cache shrinks after long sequences
         keys, values = cache.tensors
+        T = cache.positions
         slots = torch.arange(w)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (w, 1, d)
-        visible = (torch.arange(span)[None] <= positions[:, None])[:, None, None]  # (w, 1, 1, span)
+        hidden = torch.arange(T)[None] > positions[:, None]  # (w, T): positions a slot does not see
+        bias = torch.zeros(w, 1, 1, T, dtype=self.compute).masked_fill_(hidden[:, None, None], float("-inf"))
+        bias = bias.expand(w, K, G, T).reshape(w * K, G, T)  # 0 or -inf, exact in bf16
         x = self.embed[tokens]  # (w, D)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(rms_norm(x, layer.attn_norm, self.eps)).view(w, H + 2 * K, d)
             qk = rotate(qkv[:, : H + K], cos, sin)  # (w, H+K, d)
             keys[i, slots, :, positions] = qk[:, H:]
             values[i, slots, :, positions] = qkv[:, H + K :]
-            # The G query heads sharing a KV head ride as G query positions of that head.
-            q = qk[:, :H].view(w, K, H // K, d)
-            attn = F.scaled_dot_product_attention(
-                q, keys[i, :w, :, :span], values[i, :w, :, :span], attn_mask=visible
-            )  # (w, K, G, d)
-            x = x + layer.o(attn.reshape(w, H * d))
+            # The G query heads sharing a KV head ride as G query rows of that head, against the
+            # contiguous (w·K, T, d) cache block: two batched matmuls (the CPU flash kernel of
+            # scaled_dot_product_attention was 2-3x slower on these (G x d)(d x T) blocks, a strided
+            # [:span] slice 3-5x slower in bf16). Softmax in fp32 (HF eager attention's softmax
+            # dtype); in bf16 the scores are rounded to bf16 first, as in HF eager attention.
+            q = qk[:, :H].reshape(w * K, G, d)
+            scores = torch.baddbmm(bias, q, keys[i, :w].view(w * K, T, d).transpose(1, 2), alpha=self.scale)
+            probs = torch.softmax(scores, -1, dtype=torch.float32).to(x.dtype)  # (w·K, G, T)
+            attn = torch.bmm(probs, values[i, :w].view(w * K, T, d))  # (w·K, G, d)
+            x = x + layer.o(attn.view(w, H * d))
             x = self._mlp(x, layer)
         return self._logits(x if rows is None or len(rows) == w else x[rows])
 
@@ -337,11 +395,12 @@ def sample(
         return tokens, logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
     scaled = logits if params.temperature == 1 else logits / params.temperature  # (b, V)
     if params.top_k == 0 and params.top_p == 1:
-        # log_softmax written out so the (b, V) passes are shared with the draw's weights.
-        shifted = scaled - scaled.amax(-1, keepdim=True)
-        weights = shifted.exp()
-        tokens = draw(weights, generator)
-        return tokens, shifted.gather(1, tokens[:, None])[:, 0] - weights.sum(-1).log()
+        # One fused softmax pass gives the draw's weights and (its log at the token) the logprob, to
+        # fp32 rounding of the probability (relative 6e-8); the written-out max/sub/exp/sum passes
+        # took 4x as long at 64 x 49152.
+        probs = scaled.softmax(-1)
+        tokens = draw(probs, generator)
+        return tokens, probs.gather(1, tokens[:, None])[:, 0].log()
     logp = scaled.log_softmax(-1)
     tokens = _sample_truncated(logp, params.top_k, params.top_p, generator)
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
@@ -369,10 +428,28 @@ def _sample_truncated(logp: torch.Tensor, top_k: int, top_p: float, generator: t
 def draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One index per row of ``weights`` (b, V) >= 0 with probability proportional to the weight,
     by inverting the CDF with one uniform per row. ``torch.multinomial`` draws an exponential per
-    vocabulary entry instead (b·V random numbers, ~150 ms for 64 x 49152 on this CPU)."""
-    cdf = weights.cumsum(-1)  # (b, V)
-    u = torch.rand(weights.shape[0], 1, generator=generator) * cdf[:, -1:]  # (b, 1), in [0, total)
-    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=weights.shape[-1] - 1)
+    vocabulary entry instead (b·V random numbers, ~150 ms for 64 x 49152 on this CPU).
+
+    The CDF is inverted in two levels, over the sums of ``DRAW_BLOCK``-entry blocks and then inside
+    the chosen block, so the one full (b, V) pass is a vectorized sum instead of a sequential
+    cumsum (a full cumsum took 5% of a batch-64 decode step). The point searched for is kept inside
+    [0, mass) at both levels, so a zero-weight entry is never drawn."""
+    b, vocab = weights.shape
+    blocks = -(-vocab // DRAW_BLOCK)
+    padded = weights if blocks * DRAW_BLOCK == vocab else F.pad(weights, (0, blocks * DRAW_BLOCK - vocab))
+    grid = padded.reshape(b, blocks, DRAW_BLOCK)
+    sums = grid.sum(-1)  # (b, blocks)
+    cdf = sums.cumsum(-1)  # (b, blocks)
+    total = cdf[:, -1:]
+    u = torch.rand(b, 1, generator=generator) * total  # (b, 1), in [0, total)
+    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))
+    block = torch.searchsorted(cdf, u, right=True).clamp_(max=blocks - 1)  # (b, 1)
+    inner = grid[torch.arange(b), block[:, 0]].cumsum(-1)  # (b, DRAW_BLOCK)
+    last = inner[:, -1:]
+    rest = (u - (cdf.gather(1, block) - sums.gather(1, block))).clamp_(min=0)
+    rest = torch.minimum(rest, last.nextafter(torch.zeros_like(last)))
+    within = torch.searchsorted(inner, rest, right=True).clamp_(max=DRAW_BLOCK - 1)
+    return (block * DRAW_BLOCK + within)[:, 0].clamp_(max=vocab - 1)
 
 
 class StopChecker:
@@ -427,10 +504,14 @@ class Engine:
         max_cache_bytes: KV-cache budget in bytes (default: half the available memory).
         max_model_len: positions per slot (prompt + completion) of the request API's cache
             (default: the model's context).
+        max_num_batched_tokens: the request API's chunked prefill: tokens per step, decodes
+            included (vLLM's setting of that name), so prompts are prefilled in chunks of at most
+            this minus the running decodes; None = whole prompts in a step of their own. ``generate``
+            always prefills whole prompts (the throughput case).
 
     Raises:
-        ConfigError: no adapter for the model type, a bad dtype, max_batch < 1 or a max_model_len
-            outside [2, the model's context].
+        ConfigError: no adapter for the model type, a bad dtype, max_batch < 1, a max_model_len
+            outside [2, the model's context] or a max_num_batched_tokens below max_batch.
     """
 
     def __init__(
@@ -441,6 +522,7 @@ class Engine:
         max_batch: int = 64,
         max_cache_bytes: int | None = None,
         max_model_len: int | None = None,
+        max_num_batched_tokens: int | None = None,
     ) -> None:
         model_type = getattr(model.config, "model_type", None)
         if model_type not in ADAPTERS:
@@ -460,6 +542,10 @@ class Engine:
         self.max_model_len = context if max_model_len is None else max_model_len
         if not 2 <= self.max_model_len <= context:
             raise ConfigError(f"max_model_len must be in [2, {context}] (the model's context), got {max_model_len}")
+        if max_num_batched_tokens is not None and max_num_batched_tokens < max_batch:
+            raise ConfigError(f"max_num_batched_tokens must be >= max_batch ({max_batch}) so a step can decode "
+                              f"every slot and still prefill, got {max_num_batched_tokens}")
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.live: Scheduler | None = None
 
     def update_weights(self, model: torch.nn.Module) -> None:
@@ -528,7 +614,7 @@ class Engine:
         first call. Raises ConfigError when that cache is over the memory budget."""
         if self.live is None:
             self._check_budget(self.max_batch, self.max_model_len)
-            self.live = Scheduler(self, self.max_batch, self.max_model_len)
+            self.live = Scheduler(self, self.max_batch, self.max_model_len, self.max_num_batched_tokens)
         return self.live
 
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams, top_logprobs: int = 0) -> None:
@@ -576,10 +662,11 @@ class Engine:
         return self.live is not None and self.live.has_unfinished()
 
     def stats(self) -> dict:
-        """Serving counters: slots_total, slots_in_use, waiting (sequences), requests, steps."""
+        """Serving counters: slots_total, slots_in_use, waiting and prefilling (sequences), requests, steps."""
         live = self.live
         if live is None:
-            return {"slots_total": self.max_batch, "slots_in_use": 0, "waiting": 0, "requests": 0, "steps": 0}
+            return {"slots_total": self.max_batch, "slots_in_use": 0, "waiting": 0, "prefilling": 0, "requests": 0,
+                    "steps": 0}
         return live.stats()
 
 
@@ -616,6 +703,18 @@ class SequenceState:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     slot: int = -1
+    job: PrefillJob | None = None  # set while its prompt is being prefilled in chunks
+
+
+@dataclass(eq=False)
+class PrefillJob:
+    """A prompt prefilled chunk by chunk (chunked prefill): ``done`` of its tokens are in the cache slot
+    of ``seqs[0]`` (its home); the request's sequences ``seqs`` hold reserved slots, which get a copy of
+    the home slot when the last chunk is in."""
+
+    request: Request
+    seqs: list[SequenceState]
+    done: int = 0  # prompt tokens already in the home slot's cache
 
 
 class Request:
@@ -639,20 +738,28 @@ class Request:
 class Scheduler:
     """Cache slots and the queue of sequences waiting for one.
 
-    Each step either admits waiting sequences into free slots (their prompts are prefilled once per
-    request and the cache copied to the slots of its other sequences; a prefix shared by the admitted
-    prompts is prefilled once) or decodes one token for every slot in use. A finished or aborted
-    sequence frees its slot at once; when nothing waits and half the slots are idle, the busy ones are
+    Without a token budget (``max_num_batched_tokens`` None), each step either admits waiting sequences
+    into free slots (their prompts are prefilled whole, once per request, and the cache copied to the
+    slots of its other sequences; a prefix shared by the admitted prompts is prefilled once) or decodes
+    one token for every slot in use. With a budget B (chunked prefill, vLLM's
+    ``max_num_batched_tokens``), each step decodes one token for every decoding sequence (w tokens) and
+    then prefills at most B - w prompt tokens, first come first served, so a long prompt (or many new
+    ones) delays each running decode by one bounded chunk instead of stalling it for the whole prefill;
+    a prompt's first token is sampled when its last chunk is in. A finished or aborted sequence frees
+    its slot at once; when nothing waits or prefills and half the slots are idle, the busy ones are
     compacted to the front so the tail decodes narrow.
 
     Args:
         engine: the engine whose adapter, EOS ids and tokenizer it uses.
         slots: cache slots S; length: cache positions T per slot (prompt + completion).
+        max_num_batched_tokens: tokens (decoded + prefilled) per step, >= S; None = prefill whole prompts.
     """
 
-    def __init__(self, engine: Engine, slots: int, length: int) -> None:
+    def __init__(self, engine: Engine, slots: int, length: int, max_num_batched_tokens: int | None = None) -> None:
         self.adapter = engine.adapter
         self.length = length
+        self.budget = max_num_batched_tokens
+        self.jobs: list[PrefillJob] = []  # prompts being prefilled in chunks, in arrival order
         self.cache = self.adapter.new_cache(slots, length)
         self.requests: dict[object, Request] = {}
         self.waiting: deque[SequenceState] = deque()
@@ -674,12 +781,21 @@ class Scheduler:
 
     def stats(self) -> dict:
         return {"slots_total": len(self.seq), "slots_in_use": sum(s is not None for s in self.seq),
-                "waiting": len(self.waiting), "requests": len(self.requests), "steps": self.steps}
+                "waiting": len(self.waiting), "prefilling": sum(len(j.seqs) for j in self.jobs),
+                "requests": len(self.requests), "steps": self.steps}
 
     def step(self) -> list[SequenceDelta]:
-        """Admit or decode once; returns the deltas of every sequence that got a token."""
+        """Admit or decode once (with a token budget: decode, then prefill a bounded chunk); returns
+        the deltas of every sequence that got a token."""
         self.out = []
-        if self.waiting and None in self.seq:
+        if self.budget is not None:
+            decoding = sum(q is not None and q.job is None for q in self.seq[: self.width])
+            if decoding:
+                self._compact()
+                self._decode()
+            budget = self.budget - decoding
+            self._prefill_chunks(budget - self._reserve(budget))
+        elif self.waiting and None in self.seq:
             self._admit()
         elif self.width:
             self._compact()
@@ -697,6 +813,8 @@ class Scheduler:
             if seq.finish_reason is not None or (index is not None and seq.index != index):
                 continue
             if seq.slot >= 0:
+                if seq.job is not None:
+                    self._leave_job(seq)
                 self._finish(seq.slot, "abort")
             else:
                 self.waiting.remove(seq)
@@ -723,13 +841,81 @@ class Scheduler:
         rows = torch.tensor([requests.index(q.request) for q in seqs])  # each sequence's prefill row
         self._sample(torch.tensor(free), logits[rows])
 
-    def _prefill_shared_prefix(self, ids: list[list[int]], slots: list[int]) -> int:
+    def _reserve(self, budget: int) -> int:
+        """Chunked prefill: give waiting sequences free slots and open a ``PrefillJob`` per request
+        among them (a prefix shared by the new prompts, if it fits in ``budget``, is prefilled once
+        now). Returns the prompt tokens prefilled."""
+        free = [s for s, q in enumerate(self.seq) if q is None][: len(self.waiting)]
+        if not free:
+            return 0
+        jobs: dict[Request, PrefillJob] = {}
+        for s in free:
+            q = self.waiting.popleft()
+            q.job = jobs.setdefault(q.request, PrefillJob(q.request, []))
+            q.job.seqs.append(q)
+            # Until its prompt is in, the slot rides along in decode steps as a dummy row whose write
+            # lands on the last prompt position, which the last chunk (or the home copy) overwrites.
+            self.seq[s], q.slot, self.pos[s] = q, s, len(q.request.prompt_ids) - 1
+        self.width = max(self.width, max(free) + 1)
+        self.jobs.extend(jobs.values())
+        start = self._prefill_shared_prefix([j.request.prompt_ids for j in jobs.values()],
+                                            [j.seqs[0].slot for j in jobs.values()], limit=budget)
+        for job in jobs.values():
+            job.done = start
+        return start
+
+    def _prefill_chunks(self, budget: int) -> None:
+        """Prefill up to ``budget`` prompt tokens of the open jobs, oldest first (one adapter call per
+        chunk start position); jobs whose last chunk went in sample their first token."""
+        plan: dict[int, list[tuple[PrefillJob, int]]] = {}  # chunk start -> (job, chunk length)
+        for job in self.jobs:
+            if budget <= 0:
+                break
+            take = min(len(job.request.prompt_ids) - job.done, budget)
+            plan.setdefault(job.done, []).append((job, take))
+            budget -= take
+        finished: list[tuple[PrefillJob, torch.Tensor]] = []
+        for start, group in plan.items():
+            tokens, lengths = self._padded([j.request.prompt_ids[start : start + take] for j, take in group])
+            homes = torch.tensor([j.seqs[0].slot for j, _ in group])
+            logits = self.adapter.prefill(tokens, lengths, self.cache, homes, start)
+            for row, (job, take) in enumerate(group):
+                job.done += take
+                if job.done == len(job.request.prompt_ids):
+                    finished.append((job, logits[row]))
+        if not finished:
+            return
+        copies = [(job.seqs[0].slot, q.slot) for job, _ in finished for q in job.seqs[1:]]
+        if copies:
+            src, dst = torch.tensor(copies).T
+            self.cache.copy_slots(src, dst)
+        slots, rows = [], []
+        for row, (job, _) in enumerate(finished):
+            self.jobs.remove(job)
+            for q in job.seqs:
+                q.job = None
+                self.pos[q.slot] = len(job.request.prompt_ids)
+                slots.append(q.slot)
+                rows.append(row)
+        self._sample(torch.tensor(slots), torch.stack([lg for _, lg in finished])[torch.tensor(rows)])
+
+    def _leave_job(self, q: SequenceState) -> None:
+        """Take a sequence that is being prefilled out of its job (abort); the job's partial cache
+        moves to the next sequence's slot when ``q`` held it."""
+        job, q.job = q.job, None
+        if job.seqs[0] is q and len(job.seqs) > 1:
+            self.cache.copy_slots(torch.tensor([q.slot]), torch.tensor([job.seqs[1].slot]))
+        job.seqs.remove(q)
+        if not job.seqs:
+            self.jobs.remove(job)
+
+    def _prefill_shared_prefix(self, ids: list[list[int]], slots: list[int], limit: int | None = None) -> int:
         """Prefill the longest prefix the prompts ``ids`` share (a system prompt, a template's preamble)
         once into the first of their ``slots`` and copy it to the others; returns its length (0 when
-        under ``SHARED_PREFIX_MIN`` tokens). Every prompt keeps at least one token of its own, whose
-        logits start its completion."""
+        under ``SHARED_PREFIX_MIN`` tokens or over ``limit``). Every prompt keeps at least one token of
+        its own, whose logits start its completion."""
         start = min(len(os.path.commonprefix(ids)), min(map(len, ids)) - 1)
-        if len(ids) < 2 or start < SHARED_PREFIX_MIN:
+        if len(ids) < 2 or start < SHARED_PREFIX_MIN or (limit is not None and start > limit):
             return 0
         self.adapter.prefill(torch.tensor([ids[0][:start]]), torch.tensor([start]), self.cache, torch.tensor(slots[:1]))
         self.cache.copy_slots(torch.tensor(slots[:1] * (len(slots) - 1)), torch.tensor(slots[1:]))
@@ -747,7 +933,7 @@ class Scheduler:
     def _decode(self) -> None:
         w = self.width
         span = int(self.pos[:w].max()) + 1
-        busy = torch.tensor([q is not None for q in self.seq[:w]]).nonzero()[:, 0]
+        busy = torch.tensor([q is not None and q.job is None for q in self.seq[:w]]).nonzero()[:, 0]
         logits = self.adapter.decode(self.last[:w], self.pos[:w], self.cache, span, busy)  # (b, V)
         self.pos[busy] += 1  # idle slots stay at position 0
         self._sample(busy, logits)
@@ -822,9 +1008,9 @@ class Scheduler:
             del self.requests[q.request.request_id]
 
     def _compact(self) -> None:
-        """With nothing waiting, move busy slots to the front once half of [0, width) is idle."""
+        """With nothing waiting or prefilling, move busy slots to the front once half of [0, width) is idle."""
         busy = [s for s in range(self.width) if self.seq[s] is not None]
-        if self.waiting or 2 * len(busy) > self.width:
+        if self.waiting or self.jobs or 2 * len(busy) > self.width:
             return
         src, dst = torch.tensor(busy), torch.arange(len(busy))
         self.cache.copy_slots(src, dst)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 import uuid
@@ -35,6 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from r1kit.data.reasoning import reasoning_span
 from r1kit.errors import R1kitError
@@ -56,6 +58,41 @@ from r1kit.serve.reasoning import ReasoningStream
 from r1kit.serve.runner import EngineLoop, RequestHandle
 
 THINK_PREFILL = "<think>\n"
+BYTE_LEVEL_DECODER = {char: byte for byte, char in bytes_to_unicode().items()}  # GPT-2 byte-level alphabet
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback pieces
+
+
+def _decoder_types(node) -> set[str]:
+    """The ``type`` of a tokenizers decoder and of every decoder nested in it (its JSON form)."""
+    if isinstance(node, dict):
+        return {node.get("type")} | set().union(*(_decoder_types(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_decoder_types(v) for v in node))
+    return set()
+
+
+def token_bytes(tokenizer, token_id: int) -> list[int]:
+    """The raw bytes of token ``token_id`` alone: the OpenAI logprobs ``bytes`` field.
+
+    A token may hold part of a multi-byte UTF-8 character (byte-level BPE splits "日" = e6 97 a5
+    into two tokens), so the bytes come from the token's vocabulary piece, not from decoding it to
+    text (which yields U+FFFD): a byte-level piece maps back through the GPT-2 byte alphabet, a
+    SentencePiece ``<0xNN>`` piece is that byte, and "▁" is a space. Added and special tokens, and
+    tokenizers without such a decoder, give the UTF-8 of their decoded text. Concatenating the
+    bytes of a completion's tokens gives the completion's UTF-8 bytes.
+    """
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if piece is None or decoder is None or token_id in getattr(tokenizer, "added_tokens_decoder", {}):
+        return list(tokenizer.decode([token_id]).encode("utf-8"))
+    types = _decoder_types(json.loads(decoder.__getstate__()))
+    if "ByteLevel" in types and all(c in BYTE_LEVEL_DECODER for c in piece):
+        return [BYTE_LEVEL_DECODER[c] for c in piece]
+    if "ByteFallback" in types and (m := BYTE_FALLBACK.fullmatch(piece)):
+        return [int(m.group(1), 16)]
+    if types & {"Metaspace", "Replace"}:
+        return list(piece.replace("\u2581", " ").encode("utf-8"))
+    return list(tokenizer.decode([token_id]).encode("utf-8"))
 
 
 @dataclass
@@ -68,6 +105,7 @@ class ServeConfig:
     port: int = 8000  # TCP port (0 = any free one)
     max_num_seqs: int = 32  # engine slots: sequences decoded together
     max_model_len: int = 2048  # prompt + completion tokens per sequence (sizes the KV cache)
+    max_num_batched_tokens: int = 512  # tokens per engine step, decodes included (chunked prefill); 0 = whole prompts
     max_queue: int = 64  # sequences that may wait for a slot; beyond that 503
     max_n: int = 8  # the largest n a request may ask for
     think: bool = False  # R1 setting: prefill "<think>\n", fold system messages into the user turn
@@ -181,9 +219,9 @@ class ChoiceState:
 
     def _entry(self, token: int, lp: float, top) -> dict:
         text = self.tokenizer.decode([token])
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8")),
-                "top_logprobs": [{"token": (s := self.tokenizer.decode([i])), "logprob": v,
-                                  "bytes": list(s.encode("utf-8"))} for i, v in (top or [])[: self.want_logprobs]]}
+        return {"token": text, "logprob": lp, "bytes": token_bytes(self.tokenizer, token),
+                "top_logprobs": [{"token": self.tokenizer.decode([i]), "logprob": v,
+                                  "bytes": token_bytes(self.tokenizer, i)} for i, v in (top or [])[: self.want_logprobs]]}
 
     def completion_logprobs(self, entries: list, offset: int) -> dict | None:
         """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
@@ -532,10 +570,15 @@ def serve(cfg: ServeConfig) -> None:
         raise R1kitError("--max-queue and --shutdown-timeout must be >= 0")
     if not 0 <= cfg.port <= 65535:
         raise R1kitError(f"--port must be in 0..65535 (0 = any free port), got {cfg.port}")
+    if cfg.max_num_batched_tokens != 0 and not cfg.max_num_seqs <= cfg.max_num_batched_tokens:
+        raise R1kitError(f"--max-num-batched-tokens must be 0 (whole prompts) or >= --max-num-seqs "
+                         f"({cfg.max_num_seqs}) so a step can decode every slot and still prefill, "
+                         f"got {cfg.max_num_batched_tokens}")
     model, tokenizer = load_policy(cfg.model)
     context = getattr(model.config, "max_position_embeddings", None) or cfg.max_model_len
     cfg.max_model_len = min(cfg.max_model_len, context)
-    engine, label = make_serving_engine(model, tokenizer, cfg.backend, cfg.dtype, cfg.max_num_seqs, cfg.max_model_len)
+    engine, label = make_serving_engine(model, tokenizer, cfg.backend, cfg.dtype, cfg.max_num_seqs, cfg.max_model_len,
+                                        cfg.max_num_batched_tokens or None)
     loop = EngineLoop(engine, cfg.max_queue, label)
     loop.start()
     server = Server(loop, tokenizer, cfg)

@@ -80,14 +80,15 @@ class OneRequestAtATime:
         return bool(self.waiting)
 
     def stats(self) -> dict:
-        return {"slots_total": 1, "slots_in_use": 0, "waiting": len(self.waiting), "requests": len(self.waiting),
-                "steps": self.steps}
+        return {"slots_total": 1, "slots_in_use": 0, "waiting": len(self.waiting), "prefilling": 0,
+                "requests": len(self.waiting), "steps": self.steps}
 
 
 def make_serving_engine(model: torch.nn.Module, tokenizer, backend: str, dtype: torch.dtype | str,
-                        max_num_seqs: int, max_model_len: int):
+                        max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int | None = None):
     """(engine with the request API, its label): r1kit's engine when the model type has an adapter
-    (``backend`` "auto" or "engine"), else ``OneRequestAtATime`` over ``runtime.make_engine``.
+    (``backend`` "auto" or "engine"; ``max_num_batched_tokens`` turns on its chunked prefill), else
+    ``OneRequestAtATime`` over ``runtime.make_engine``.
 
     Raises ConfigError for "engine" without an adapter, a bad backend or a KV cache over budget."""
     from r1kit.models.deepseek_v3 import DeepseekV3ForCausalLM
@@ -101,9 +102,11 @@ def make_serving_engine(model: torch.nn.Module, tokenizer, backend: str, dtype: 
         raise ConfigError(f"--backend must be auto, engine or hf, got {backend!r}")
     torch_dtype = engine_dtype("auto") if dtype == "auto" else resolve_dtype(dtype)
     if backend == "engine" or (backend == "auto" and has_adapter):
-        engine = Engine(model, tokenizer, dtype=torch_dtype, max_batch=max_num_seqs, max_model_len=max_model_len)
+        engine = Engine(model, tokenizer, dtype=torch_dtype, max_batch=max_num_seqs, max_model_len=max_model_len,
+                        max_num_batched_tokens=max_num_batched_tokens)
         engine.open_requests()
-        return engine, f"r1kit engine ({engine.dtype}, {max_num_seqs} slots, continuous batching)"
+        chunks = f", chunked prefill of {max_num_batched_tokens} tokens/step" if max_num_batched_tokens else ""
+        return engine, f"r1kit engine ({engine.dtype}, {max_num_seqs} slots, continuous batching{chunks})"
     if isinstance(model, DeepseekV3ForCausalLM):
         label = "r1kit DeepSeek-V3 V3SamplingEngine: one request at a time, no continuous batching"
     else:

@@ -21,7 +21,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from r1kit.errors import R1kitError
-from r1kit.models.loading import apply_umask
+from r1kit.io import atomic_dir
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -54,27 +53,24 @@ def save_checkpoint(run_dir: Path, step: int, *, policy, tokenizer, optimizer, s
 
     Returns the checkpoint path.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step}"
-    tmp = apply_umask(Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp", dir=run_dir)))
     try:
-        policy.save_pretrained(tmp / "policy", safe_serialization=True,      # r1kit's V3 takes no state_dict
-                               **({} if policy_state_dict is None else {"state_dict": policy_state_dict}))
-        tokenizer.save_pretrained(tmp / "policy")
-        if reference is not None:
-            reference.save_pretrained(tmp / "reference", safe_serialization=True)
-        torch.save({"optimizer": optimizer.state_dict() if sharded is None else None,
-                    "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        if sharded is not None:
-            os.replace(sharded, tmp / "dcp")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        (tmp / "config.yaml").write_text(config_yaml)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with atomic_dir(final) as tmp:
+            policy.save_pretrained(tmp / "policy", safe_serialization=True,      # r1kit's V3 takes no state_dict
+                                   **({} if policy_state_dict is None else {"state_dict": policy_state_dict}))
+            tokenizer.save_pretrained(tmp / "policy")
+            if reference is not None:
+                reference.save_pretrained(tmp / "reference", safe_serialization=True)
+            torch.save({"optimizer": optimizer.state_dict() if sharded is None else None,
+                        "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+            if sharded is not None:
+                os.replace(sharded, tmp / "dcp")
+            torch.save(rng_state(), tmp / "rng.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+            (tmp / "config.yaml").write_text(config_yaml)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if sharded is not None:  # a failure before the move: no stray shards beside the checkpoints
+            shutil.rmtree(sharded, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -98,9 +94,10 @@ def checkpoint_step(ckpt: Path) -> int:
     return json.loads((ckpt / "trainer_state.json").read_text())["step"]
 
 
-def load_training_state(ckpt: Path, optimizer, scheduler, model=None) -> dict:
+def load_training_state(ckpt: Path, optimizer, scheduler, model=None, sharded: bool = False) -> dict:
     """Restore optimizer, scheduler and RNG states from ``ckpt``; return its trainer_state dict. A
-    sharded (FSDP2) checkpoint's optimizer comes from ``dcp/`` and needs ``model`` (parameter names).
+    sharded (FSDP2) checkpoint's optimizer comes from ``dcp/`` and needs ``model`` (parameter names);
+    ``sharded``: a whole optimizer state (ddp / one process) goes into this FSDP2 ``model``'s shards.
 
     Raises:
         R1kitError: the checkpoint is incomplete (names the missing file).
@@ -111,8 +108,14 @@ def load_training_state(ckpt: Path, optimizer, scheduler, model=None) -> dict:
     opt = torch.load(ckpt / "optimizer.pt", weights_only=False)
     if opt["optimizer"] is None:
         load_sharded(ckpt / "dcp", model, optimizer, with_model=False)
+    elif sharded:
+        load_whole_optimizer_into_shards(model, optimizer, opt["optimizer"], ckpt)
     else:
-        optimizer.load_state_dict(opt["optimizer"])
+        try:
+            optimizer.load_state_dict(opt["optimizer"])
+        except ValueError as err:                  # torch: parameter groups or sizes do not match
+            raise R1kitError(f"{ckpt}/optimizer.pt does not match this run's trainable parameters ({err}); "
+                             "resume with the model, LoRA and config of that run, or choose another --output") from None
     scheduler.load_state_dict(opt["scheduler"])
     set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
     return json.loads((ckpt / "trainer_state.json").read_text())
@@ -136,7 +139,75 @@ def load_policy_weights(policy, policy_dir: Path) -> None:
 
         set_peft_model_state_dict(policy, load_file(adapter))
         return
-    policy.load_state_dict(read_tensors(policy_dir), strict=False)
+    tensors = read_tensors(policy_dir)
+    check_same_model(policy, tensors, policy_dir)
+    policy.load_state_dict(tensors, strict=False)
+
+
+def check_same_model(policy, tensors: dict[str, torch.Tensor], policy_dir: Path) -> None:
+    """Refuse a checkpoint's weights that another model or config wrote (``v3_io.tensor_problems``: a
+    weight missing, a shape that differs, a name this policy lacks). Every rank reads the same files,
+    so every rank raises the same error before any collective.
+
+    Raises:
+        R1kitError: names the checkpoint, the mismatches and the fix.
+    """
+    from r1kit.models.v3_io import tensor_problems
+
+    problems = tensor_problems(policy, tensors)
+    if problems:
+        raise R1kitError(f"{policy_dir} was written by a different model or config ({'; '.join(problems)}); "
+                         "resume with the --model and model settings of that run, or choose another --output")
+
+
+def init_optimizer_state(optimizer) -> None:
+    """Give an optimizer that never stepped its state tensors (one step at lr 0, torch's
+    ``_init_optim_state``), the keys a distributed load fills in place; the gradients are kept."""
+    from torch.distributed.checkpoint import state_dict as sd
+
+    grads = [(p, p.grad) for group in optimizer.param_groups for p in group["params"]]
+    for p, _ in grads:                  # _init_optim_state steps only when no grad is set
+        p.grad = None
+    sd._init_optim_state(optimizer)
+    for p, g in grads:                  # the trainers keep zero tensors as grads (never None)
+        p.grad = g
+
+
+def load_whole_into_shards(model, policy_dir: Path) -> None:
+    """A whole checkpoint's ``policy/`` weights into an FSDP2 model: every rank reads them all and keeps
+    its shards (``set_model_state_dict`` with ``full_state_dict``), so a 1-process checkpoint resumes
+    on N FSDP2 ranks.
+
+    Raises:
+        R1kitError: another model or config wrote it (``check_same_model``).
+    """
+    from torch.distributed.checkpoint import state_dict as sd
+
+    from r1kit.models.v3_io import read_tensors
+
+    tensors = read_tensors(policy_dir)
+    check_same_model(model, tensors, policy_dir)
+    sd.set_model_state_dict(model, tensors, options=sd.StateDictOptions(full_state_dict=True, strict=False))
+
+
+def load_whole_optimizer_into_shards(model, optimizer, state: dict, ckpt: Path) -> None:
+    """A whole ``optimizer.state_dict()`` (parameters numbered in the order the trainer gave them: the
+    trainable ``named_parameters``) into the shards of an FSDP2 ``model``'s optimizer, by name.
+
+    Raises:
+        R1kitError: the numbering does not match this run's trainable parameters.
+    """
+    from torch.distributed.checkpoint import state_dict as sd
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    numbered = [i for g in state["param_groups"] for i in g["params"]]
+    if sorted(numbered) != list(range(len(names))):
+        raise R1kitError(f"{ckpt}/optimizer.pt holds {len(numbered)} parameters, this run trains {len(names)}; "
+                         "resume with the model, LoRA and config of that run, or choose another --output")
+    by_name = {"state": {names[i]: st for i, st in state["state"].items()},
+               "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]}
+    init_optimizer_state(optimizer)
+    sd.set_optimizer_state_dict(model, optimizer, by_name, options=sd.StateDictOptions(full_state_dict=True))
 
 
 def load_sharded(dcp_dir: Path, model, optimizer, with_model: bool) -> None:
@@ -153,12 +224,7 @@ def load_sharded(dcp_dir: Path, model, optimizer, with_model: bool) -> None:
 
     if not (dcp_dir / ".metadata").is_file():
         raise R1kitError(f"checkpoint {dcp_dir.parent} is incomplete: {dcp_dir}/.metadata is missing")
-    grads = [(p, p.grad) for group in optimizer.param_groups for p in group["params"]]
-    for p, _ in grads:                  # an optimizer that never stepped has no state keys to load into:
-        p.grad = None                   # _init_optim_state steps it once at lr 0, but only when no grad is set
-    sd._init_optim_state(optimizer)
-    for p, g in grads:                  # the trainers keep zero tensors as grads (never None)
-        p.grad = g
+    init_optimizer_state(optimizer)
     state = {"optimizer": sd.get_optimizer_state_dict(model, optimizer)}
     if with_model:
         state["model"] = sd.get_model_state_dict(model)

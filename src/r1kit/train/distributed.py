@@ -16,7 +16,10 @@ shard of it (``fsdp2``, ``torch.distributed.fsdp.fully_shard``). The contract (S
     ``fsdp2`` reduce-scatters with divide factor 1 (torchtitan's guard against the gloo averaging bug,
     pytorch #162338) in float32;
   * rank 0 alone writes metrics, samples, plots, checkpoints and ``final/``; every rank reports its
-    errors; collectives time out after ``dist_timeout_minutes``.
+    errors; collectives time out after ``dist_timeout_minutes``;
+  * DeepSeek-V3 experts split over the ranks (``r1kit.models.expert_parallel``) are marked
+    ``expert_parallel``: ``sum_gradients`` leaves their gradients alone (already the whole batch's)
+    and ``clip_grad_norm`` sums their squared norms over ranks.
 
 Why not ``torch.nn.parallel.DistributedDataParallel``: the GRPO forward runs the model twice per
 micro-batch (shared-prefix KV cache) and calls its decoder directly (padding-free path), which DDP's
@@ -193,19 +196,34 @@ def broadcast_parameters(model: torch.nn.Module, env: DistEnv) -> None:
 def sum_gradients(params: Sequence[torch.nn.Parameter], env: DistEnv) -> None:
     """All-reduce (SUM) the accumulated ``.grad`` of ``params`` in one flat buffer per dtype: with every
     rank's loss already divided by the global normalizer, the sum is the single-process gradient of
-    the global batch (the ``ddp`` strategy; FSDP2 reduces in its backward hooks instead)."""
+    the global batch (the ``ddp`` strategy; FSDP2 reduces in its backward hooks instead).
+
+    A parameter without a gradient on this rank (a DeepSeek-V3 expert none of its tokens chose) joins
+    the buffer as zeros, so every rank reduces the same layout (the DDP unused-parameter trap, pytorch
+    #68862), and stays without one only if it had none on any rank, as in one process. Parameters
+    marked ``expert_parallel`` (``models.expert_parallel``) are skipped: their owner's gradient is
+    already the whole batch's."""
     if not env.enabled or env.strategy == "fsdp2":
         return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
     for p in params:
-        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        if not getattr(p, "expert_parallel", False):
+            by_dtype.setdefault(p.dtype, []).append(p)
+    for group in by_dtype.values():
+        present = torch.tensor([p.grad is not None for p in group], dtype=group[0].dtype, device=group[0].device)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group]
+                         + [present])
         dist.all_reduce(flat)
         offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        for p, seen in zip(group, flat[-len(group):].tolist()):
+            summed = flat[offset:offset + p.numel()].view_as(p)
+            if not seen:
+                p.grad = None
+            elif p.grad is None:
+                p.grad = summed.clone()
+            else:
+                p.grad.copy_(summed)
+            offset += p.numel()
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -263,9 +281,22 @@ def full_state_dict(model: torch.nn.Module, env: DistEnv) -> dict[str, torch.Ten
 
 def clip_grad_norm(params: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """``clip_grad_norm_`` (max_norm <= 0: no clipping) returning the global norm as a plain tensor
-    (FSDP2's sharded gradients give a DTensor norm, reduced over ranks)."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    (FSDP2's sharded gradients give a DTensor norm, reduced over ranks). With expert-parallel
+    parameters (each rank holds different experts) the squared norm is the replicated part plus the
+    experts' squares summed over ranks, so every rank clips by the same factor."""
+    max_norm = max_norm if max_norm > 0 else float("inf")
+    params = [p for p in params if p.grad is not None]
+    experts = [p.grad for p in params if getattr(p, "expert_parallel", False)]
+    if not experts:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    replicated = [p.grad for p in params if not getattr(p, "expert_parallel", False)]
+    squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in experts]).sum()
+    dist.all_reduce(squares)
+    squares = squares + sum(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in replicated)
+    norm = squares.sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 def barrier(env: DistEnv) -> None:

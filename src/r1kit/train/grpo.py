@@ -43,7 +43,8 @@ from r1kit.models.loading import resolve_bf16
 from r1kit.rewards.base import Verdict
 from r1kit.rollout.base import Completion, SamplingEngine, SamplingParams
 from r1kit.train import distributed
-from r1kit.train.loop import DataCursor, TrainLoop, is_peft, lr_lambda, make_optimizer, merged_for_save
+from r1kit.train.loop import (DataCursor, TrainLoop, enable_gradient_checkpointing, is_peft, lr_lambda, make_optimizer,
+                              merged_weights_view)
 from r1kit.train.losses import (ImportanceWeights, LossNormalizer, aggregate_loss, entropy_from_logits,
                                 group_advantages, policy_loss_terms, rollout_importance_weights,
                                 selective_log_softmax)
@@ -165,7 +166,7 @@ def collate(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int
 
 
 def completion_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: float, bf16: bool,
-                        with_entropy: bool = False, padding_free: bool = False
+                        with_entropy: bool = False, padding_free: bool = False, prefix_cache: bool = True
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log π(o_t | q, o_<t) of the completion tokens under softmax(logits / T).
 
@@ -179,6 +180,10 @@ def completion_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: flo
     (``packed_logprobs``), so no pad token and no prompt position reaches a matmul or the lm_head:
     u·P + Σ C_i tokens instead of u·P + m·C. Same values and gradients (tested in float64).
 
+    ``prefix_cache`` False (activation checkpointing, which recomputes a block in the backward and so
+    cannot keep a KV cache the forward appended to): one forward over the (m, P+C) concatenation
+    (``full_sequence_logits``) where the padding-free path does not apply.
+
     Returns (logps (m, C) float32, entropy (m, C) or None); positions past a completion's end hold 0
     on the padding-free path and unspecified values otherwise (callers mask them).
     """
@@ -186,8 +191,11 @@ def completion_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: flo
         with autocast(bf16):
             return packed_logprobs(model, mb, temperature, with_entropy)
     with autocast(bf16):
-        last, rest = (v3_prefix_logits if isinstance(model, DeepseekV3ForCausalLM) else hf_prefix_logits)(model, mb)
-    logits = torch.cat([last[mb.prompt_of], rest[:, :-1]], dim=1)                     # (m, C, V)
+        if prefix_cache:
+            last, rest = (v3_prefix_logits if isinstance(model, DeepseekV3ForCausalLM) else hf_prefix_logits)(model, mb)
+            logits = torch.cat([last[mb.prompt_of], rest[:, :-1]], dim=1)             # (m, C, V)
+        else:
+            logits = full_sequence_logits(model, mb)
     logps = selective_log_softmax(logits, mb.completion_ids, temperature)
     return logps, (entropy_from_logits(logits, temperature) if with_entropy else None)
 
@@ -318,6 +326,21 @@ def hf_prefix_logits(model: torch.nn.Module, mb: MicroBatch) -> tuple[torch.Tens
     return first.logits, rest
 
 
+def full_sequence_logits(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
+    """(m, C, V) logits predicting every completion token from one forward over each completion behind
+    its own copy of its (left-padded) prompt, no KV cache: m·(P+C) tokens, the head on the last C+1."""
+    ids = torch.cat([mb.prompt_ids[mb.prompt_of], mb.completion_ids], dim=1)           # (m, P+C)
+    attn = torch.cat([mb.prompt_mask[mb.prompt_of], mb.completion_attn], dim=1)
+    pos = torch.cat([mb.prompt_pos[mb.prompt_of], mb.completion_pos], dim=1)
+    keep = mb.completion_ids.shape[1] + 1
+    if isinstance(model, DeepseekV3ForCausalLM):
+        logits = model(ids, attention_mask=attn, position_ids=pos, run_mtp=False, logits_to_keep=keep).logits
+    else:
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                       logits_to_keep=keep).logits
+    return logits[:, :-1]
+
+
 def v3_prefix_logits(model: DeepseekV3ForCausalLM, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """r1kit's DeepSeek-V3: as ``hf_prefix_logits`` on its naive-MLA KVCache (the training path; the
     absorbed path is for decoding), without the MTP modules, which GRPO does not train."""
@@ -434,6 +457,8 @@ class GRPOTrainer(TrainLoop):
         self.fsdp = env.enabled and env.strategy == "fsdp2"
         # FSDP2 gathers the root's weights in the model's own forward: the padding-free path calls the decoder.
         self.padding_free = cfg.padding_free and not self.fsdp
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(policy)
         for model in (policy, self.reference):
             if model is not None:
                 distributed.shard_model(model, env)
@@ -677,7 +702,7 @@ class GRPOTrainer(TrainLoop):
         loss_lens = [ro.loss_mask_len(i, c.mask_truncated_completions) for i in idx]
         mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id, loss_lens)
         logps, entropy = completion_logprobs(self.policy, mb, c.temperature, self.bf16, with_entropy=True,
-                                             padding_free=self.padding_free)
+                                             padding_free=self.padding_free, prefix_cache=not c.gradient_checkpointing)
         # With μ = 1 and one optimizer step per round the policy has not moved yet: π_old = π_θ.
         old = self._stack(ro.old_logps, idx, logps) if ro.old_logps is not None else logps.detach()
         if keep_old is not None:
@@ -712,7 +737,8 @@ class GRPOTrainer(TrainLoop):
         """A forward/backward that adds exactly 0 to every gradient: FSDP2 ranks with fewer micro-batches
         in an update run these so that every rank joins each all-gather and reduce-scatter."""
         mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id)
-        logps, _ = completion_logprobs(self.policy, mb, self.cfg.temperature, self.bf16, padding_free=False)
+        logps, _ = completion_logprobs(self.policy, mb, self.cfg.temperature, self.bf16, padding_free=False,
+                                       prefix_cache=not self.cfg.gradient_checkpointing)
         (logps.sum() * 0.0).backward()
 
     def _importance_weights(self, ro: Rollout, idx: list[int], old: torch.Tensor,
@@ -879,8 +905,8 @@ class GRPOTrainer(TrainLoop):
         return rows
 
     def refresh_engine(self) -> None:
-        """Give the rollout engine the current weights (a LoRA policy: merged, see ``merged_for_save``)."""
-        self.engine.update_weights(merged_for_save(self.policy))
+        """Give the rollout engine the current weights (a LoRA policy: merged, ``merged_weights_view``)."""
+        self.engine.update_weights(merged_weights_view(self.policy))
 
     # ----- TrainLoop hooks -----
     def progress_postfix(self, m: dict[str, float]) -> dict[str, str]:

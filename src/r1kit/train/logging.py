@@ -28,6 +28,7 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.samples_path = self.run_dir / "samples.jsonl"
+        self.step_logs = [self.metrics_path, self.samples_path]   # JSONL files keyed by "step", cut on resume
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -35,8 +36,9 @@ class MetricsLogger:
             self.tb = SummaryWriter(str(self.run_dir / "tb"))
 
     def truncate_after(self, step: int) -> None:
-        """Drop logged lines for steps > ``step`` (used on resume, so curves have no duplicates)."""
-        for path in (self.metrics_path, self.samples_path):
+        """Drop lines for steps > ``step`` from every file of ``step_logs`` (used on resume, so curves and
+        per-step logs such as ``ray_groups.jsonl`` have no duplicates)."""
+        for path in self.step_logs:
             if path.is_file():
                 kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
                 path.write_text("".join(ln + "\n" for ln in kept))

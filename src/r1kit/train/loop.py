@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from r1kit.config import config_yaml, save_config
-from r1kit.errors import R1kitError
+from r1kit.errors import ConfigError, R1kitError
 from r1kit.train import checkpoint as ckpt
 from r1kit.train import distributed
 from r1kit.train.logging import MetricsLogger
@@ -102,6 +102,22 @@ def apply_lora(policy: torch.nn.Module, cfg: Any) -> torch.nn.Module:
         raise ConfigError(f"lora_target_modules={targets}: {err}") from None
 
 
+def enable_gradient_checkpointing(policy: torch.nn.Module) -> None:
+    """Activation checkpointing (``gradient_checkpointing``): each decoder block keeps only its input
+    and is recomputed in the backward (non-reentrant ``torch.utils.checkpoint``), through the model's
+    own ``activation_checkpointing_enable`` (transformers models, PEFT-wrapped or not, and r1kit's
+    DeepSeek-V3, per block). Gradients are unchanged (tested); compute grows by about one forward.
+
+    Raises:
+        ConfigError: the model has no such method (names the setting and the fix).
+    """
+    enable = getattr(policy, "activation_checkpointing_enable", None)
+    if enable is None:
+        raise ConfigError(f"gradient_checkpointing: {type(policy).__name__} has no activation_checkpointing_enable; "
+                          "set --gradient-checkpointing false")
+    enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
@@ -112,6 +128,56 @@ def merged_for_save(policy: torch.nn.Module) -> torch.nn.Module:
     if not is_peft(policy):
         return policy
     return copy.deepcopy(policy).merge_and_unload()
+
+
+def merged_weights_view(policy: torch.nn.Module) -> torch.nn.Module:
+    """The weights ``merged_for_save`` gives, for a consumer that copies them (the rollout engines'
+    ``update_weights``, every GRPO step), without copying the model: a shallow copy of the PEFT
+    policy's base model in which each plain LoRA ``Linear`` is a ``_MergedLinear`` holding
+    W + scale·BA (PEFT's own ``get_delta_weight``, added in ``merge``'s order, so bit-equal to
+    ``merge_and_unload``; tested) and every other module and tensor is the policy's own, shared. Same
+    parameter names and order as the merged copy. A policy that is no PEFT model comes back as is;
+    one with anything but plain LoRA on linear layers (DoRA and other variants, ``lora_bias``, LoRA on
+    embeddings, ``modules_to_save``) gets ``merged_for_save``. Read-only: do not train or cast it."""
+    if not is_peft(policy):
+        return policy
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    wrapped = [m for m in policy.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+    if not all(type(m) is LoraLinear and not m.lora_variant and not any(m.lora_bias.values()) for m in wrapped):
+        return merged_for_save(policy)
+
+    def view(module: torch.nn.Module) -> torch.nn.Module:
+        if isinstance(module, LoraLinear):
+            return _MergedLinear(module)
+        if not any(isinstance(m, LoraLinear) for m in module.modules()):
+            return module                                        # no adapter below: shared as is
+        clone = copy.copy(module)                                # its own _modules dict, the same parameters
+        clone.__dict__["_modules"] = {name: view(child) for name, child in module._modules.items()}
+        return clone
+
+    with torch.no_grad():
+        return view(policy.get_base_model())
+
+
+class _MergedLinear(torch.nn.Module):
+    """A LoRA ``Linear`` merged out of place: ``weight`` = W + Σ scale·B·A over the active adapters not
+    yet merged (the order ``LoraLayer.merge`` adds them in), ``bias`` the base layer's own."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        base = layer.get_base_layer()
+        weight = base.weight
+        for name in layer.active_adapters:
+            if name in layer.lora_A and name not in layer.merged_adapters:
+                weight = weight + layer.get_delta_weight(name)
+        self.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)  # (out, in)
+        self.bias = base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 class TrainLoop:
@@ -191,21 +257,24 @@ class TrainLoop:
         return full, tmp
 
     def resume_from(self, path: Path) -> None:
-        """Restore weights, optimizer, scheduler, RNG and the trainer state from a checkpoint directory
-        (an FSDP2 checkpoint on any number of ranks and strategy; a ddp one under ddp).
+        """Restore weights, optimizer, scheduler, RNG and the trainer state from a checkpoint directory,
+        on any number of ranks: an FSDP2 checkpoint (``dcp/``) under either strategy, a whole one
+        (ddp, or one process) under ddp, or under FSDP2, where every rank takes its shards of it.
 
         Raises:
-            R1kitError: a ddp checkpoint resumed with data_parallel=fsdp2 on several ranks.
+            R1kitError: the checkpoint is incomplete or another model or config wrote it.
         """
         fsdp = self.dist.enabled and self.dist.strategy == "fsdp2"
-        if fsdp and not (path / "dcp").is_dir():
-            raise R1kitError(f"{path} is a ddp checkpoint (no dcp/): resume it with --data-parallel ddp")
-        if fsdp:
+        whole_into_shards = fsdp and not (path / "dcp").is_dir()
+        if fsdp and not whole_into_shards:
             ckpt.load_sharded(path / "dcp", self.policy, self.optimizer, with_model=True)
+        elif whole_into_shards:
+            ckpt.load_whole_into_shards(self.policy, path / "policy")
         else:
             ckpt.load_policy_weights(self.policy, path / "policy")
         self.after_resume(path)
-        self.load_state(ckpt.load_training_state(path, self.optimizer, self.scheduler, model=self.policy))
+        self.load_state(ckpt.load_training_state(path, self.optimizer, self.scheduler, model=self.policy,
+                                                 sharded=whole_into_shards))
         if self.dist.is_main:
             self.logger.truncate_after(self.step)
 

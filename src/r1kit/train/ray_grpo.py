@@ -17,10 +17,14 @@ Weights are published once per step as one object (``ray.put`` of the merged sta
 number (= optimizer steps taken); every group carries the version it was drawn with, and staleness
 (trainer step − sample version) is logged. Every wait has ``ray_sync_timeout``.
 
-Faults: a worker that dies (``ray.kill``, out of memory: ``RayActorError``) is replaced by a fresh actor
+Faults: a worker that dies (``ray.kill``: ``RayActorError``; killed by Ray's memory monitor:
+``OutOfMemoryError``, see ``RayCluster.dead``) is replaced by a fresh actor
 that loads the latest weights, and its unfinished groups are re-issued; each group's result is taken
 once (by group index), so a step has every group exactly once. ``ray_groups.jsonl`` in the run
-directory logs (step, round, group, prompt id, worker, version, attempts) of every group.
+directory logs (step, round, group, prompt id, rollout and reward worker, version, attempts) of every group;
+``--resume`` drops its rows of the steps after the checkpoint, like ``metrics.jsonl``. The checkpoints are
+``GRPOTrainer``'s, so a run whose driver was killed resumes from its last one (the workers of the dead
+driver are Ray's to clean up: they die with their job).
 
 Overlap (``ray_overlap``): the round of step t+1 is sampled (with the weights of version t) while step
 t trains, so every sample is one step stale; the rollout importance-sampling correction
@@ -32,6 +36,7 @@ prefetched round, so a resumed run draws that step's problems again (with the sa
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -125,25 +130,56 @@ class RewardWorker:
 
 # ----- the cluster -----
 
-def connect(address: str | None, num_cpus: int | None, timeout: float = 10.0) -> None:
-    """``ray.init(address)`` for an existing cluster, else a local cluster of ``num_cpus`` logical CPUs
-    (default ``os.cpu_count()``). A host:port address is probed first, so an unreachable one fails in
-    ``timeout`` s instead of hanging.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")   # + empty SETTINGS
+
+
+def probe_address(address: str, timeout: float = 10.0) -> None:
+    """Check within ``timeout`` s that ``address`` (host:port or ray://host:port) is a gRPC server, as a
+    Ray GCS (port 6379 by default) and the Ray Client server (10001) are: it must accept a TCP connection
+    and answer the HTTP/2 client preface with a SETTINGS frame (RFC 9113 §3.4). ``ray.init`` itself
+    retries an unreachable or wrong port for minutes. Skipped under RAY_USE_TLS (the handshake is TLS).
 
     Raises:
-        ConfigError: ray missing, the address unreachable, or ``ray.init`` refusing it.
+        ConfigError: malformed address, refused or timed-out connection, or a server that is not gRPC.
+    """
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"ray_address {address!r} must be host:port, ray://host:port or auto")
+    fix = ("start the cluster (`ray start --head`), give the head's GCS address (HEAD_IP:6379, printed by `ray "
+           "start`) or ray://HEAD_IP:10001, or leave ray_address unset for a local cluster")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return
+            sock.settimeout(timeout)
+            sock.sendall(_H2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = sock.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+    except socket.timeout:
+        raise ConfigError(f"ray_address {address!r} did not answer within {timeout:g} s: {fix}") from None
+    except OSError as err:
+        raise ConfigError(f"ray_address {address!r} is unreachable ({err}): {fix}") from None
+    if len(head) < 9 or head[3] != 0x4:
+        raise ConfigError(f"ray_address {address!r} answered, but not as a Ray GCS or Ray Client server (gRPC): "
+                          f"wrong port? {fix}")
+
+
+def connect(address: str | None, num_cpus: int | None, timeout: float = 10.0) -> None:
+    """``ray.init(address)`` for an existing cluster, else a local cluster of ``num_cpus`` logical CPUs
+    (default ``os.cpu_count()``). A host:port address is probed first (``probe_address``), so an
+    unreachable or wrong one fails in ``timeout`` s instead of hanging.
+
+    Raises:
+        ConfigError: ray missing, the address unreachable or not Ray's, or ``ray.init`` refusing it.
     """
     ray = _ray()
     if address and address != "auto":
-        hostport = address.split("://", 1)[-1].rstrip("/")
-        host, _, port = hostport.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"ray_address {address!r} must be host:port, ray://host:port or auto")
-        try:
-            socket.create_connection((host, int(port)), timeout=timeout).close()
-        except OSError as err:
-            raise ConfigError(f"ray_address {address!r} is unreachable ({err}): start the cluster (`ray start "
-                              "--head`), fix the address, or leave ray_address unset for a local cluster") from None
+        probe_address(address, timeout)
     if ray.is_initialized():
         return
     try:
@@ -194,21 +230,27 @@ class RayCluster:
         rollout_dtype: the engines' weight dtype.
 
     Raises:
-        ConfigError: the workers need more logical CPUs than the cluster has (checked before creating
-            any actor: Ray would wait forever, verl #503), or they did not start within ray_sync_timeout.
+        ConfigError: the workers need more logical CPUs than the cluster has (an existing one, or a local
+            one of --ray-num-cpus; checked before creating any actor: Ray would wait forever, verl #503),
+            or they did not start within ray_sync_timeout.
     """
 
     def __init__(self, cfg, model: torch.nn.Module, tokenizer, scorer: RewardScorer,
                  rollout_dtype: torch.dtype | None):
         ray = _ray()
         self.ray, self.cfg = ray, cfg
-        connect(cfg.ray_address, cfg.ray_num_cpus)
         need = (cfg.rollout_workers + cfg.reward_workers) * cfg.ray_worker_cpus
+        # a local cluster started here gets at least the logical CPUs its workers reserve (they may exceed the
+        # cores: the workers then share them); an existing cluster, or --ray-num-cpus, is checked as it is
+        connect(cfg.ray_address, cfg.ray_num_cpus or max(os.cpu_count() or 1, math.ceil(need)))
         have = ray.cluster_resources().get("CPU", 0.0)
         if need > have:
             raise ConfigError(f"rollout_workers={cfg.rollout_workers} + reward_workers={cfg.reward_workers} at "
                               f"ray_worker_cpus={cfg.ray_worker_cpus:g} need {need:g} CPUs but the Ray cluster has "
                               f"{have:g}: lower the worker counts or --ray-worker-cpus, or add nodes")
+        # what a dead worker's pending call raises: killed (ray.kill, node or process death) or killed by
+        # Ray's memory monitor when the node runs low on memory (OutOfMemoryError is no RayActorError)
+        self.dead = (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError)
         opts = dict(num_cpus=cfg.ray_worker_cpus, max_restarts=0)
         rollout_cls, reward_cls = ray.remote(**opts)(RolloutWorker), ray.remote(**opts)(RewardWorker)
         model_ref, tok_ref, scorer_ref = ray.put(model), ray.put(tokenizer), ray.put(scorer)
@@ -220,7 +262,7 @@ class RayCluster:
         try:
             self._wait([h.ready.remote() for h in self.rollout.handles + self.reward.handles], "start the workers",
                        error=ConfigError)
-        except ray.exceptions.RayActorError as err:
+        except self.dead as err:
             raise ConfigError(f"a Ray worker failed to start: {err}") from None
         self.weights_ref, self.version = None, -1
         self.pending_loads: list = []
@@ -259,7 +301,7 @@ class RayCluster:
             try:
                 _, seconds = self._wait(ref, f"load weights version {self.version}")
                 self.load_seconds.append(seconds)
-            except self.ray.exceptions.RayActorError:
+            except self.dead:
                 pass
 
     def _replace_rollout(self, slot: int, dead) -> Any:
@@ -298,6 +340,7 @@ class RayCluster:
         score_calls: dict = {}
         samples: dict[int, dict] = {}
         scores: dict[int, dict] = {}
+        self.score_attempts: dict[int, int] = {}
         n_groups, next_reward = len(pending["groups"]), 0
         while len(scores) < n_groups:
             refs = list(gen_calls) + list(score_calls)
@@ -311,7 +354,7 @@ class RayCluster:
                 gid, slot, handle, attempt = gen_calls.pop(ref)
                 try:
                     out = ray.get(ref)
-                except ray.exceptions.RayActorError:
+                except self.dead:
                     handle = self._replace_rollout(slot, handle)
                     _, pids, params = pending["groups"][gid]
                     gen_calls[handle.generate_group.remote(gid, pids, params)] = (gid, slot, handle, attempt + 1)
@@ -331,8 +374,10 @@ class RayCluster:
             else:
                 gid, slot_r, handle, retries = score_calls.pop(ref)
                 try:
-                    scores[gid] = ray.get(ref)
-                except ray.exceptions.RayActorError:
+                    result = ray.get(ref)
+                    if gid not in scores:                  # never count a group's rewards twice
+                        scores[gid] = result
+                except self.dead:
                     if self.reward.handles[slot_r] is handle:
                         self._check_restarts(self.reward.names[slot_r])
                         self.reward.replace(slot_r)
@@ -343,7 +388,9 @@ class RayCluster:
                     msg = str(cause) if cause else f"reward worker {self.reward.names[slot_r]} failed on prompt " \
                                                    f"{examples[gid].id!r} (group {gid}): {err}"
                     if retries >= self.cfg.ray_reward_retries:
-                        raise RayWorkerError(f"{msg}; stopping (ray_reward_retries={self.cfg.ray_reward_retries})") from None
+                        raise RayWorkerError(f"{msg}; stopping (ray_reward_retries={self.cfg.ray_reward_retries}): fix the "
+                                             "reward function, or raise --ray-reward-retries to re-score on "
+                                             "another worker first") from None
                     slot_r = (slot_r + 1) % len(self.reward.handles)
                     score_calls[self._score(slot_r, gid, examples[gid], samples[gid])] = (
                         gid, slot_r, self.reward.handles[slot_r], retries + 1)
@@ -357,10 +404,13 @@ class RayCluster:
             verdicts += scores[gid]["verdicts"]
             versions += [s["version"]] * len(s["completions"])
             log.append({"group": gid, "prompt_id": examples[gid].id, "worker": s["worker"],
-                        "reward_worker": scores[gid]["worker"], "version": s["version"], "attempts": s["attempts"]})
+                        "reward_worker": scores[gid]["worker"], "version": s["version"], "attempts": s["attempts"],
+                        "reward_attempts": self.score_attempts[gid]})
         return SampledRound(comps, texts, torch.cat(rpf), verdicts, versions)
 
     def _score(self, slot: int, gid: int, example: Example, sample: dict):
+        """Submit one group's scoring to reward worker ``slot`` (counted in ``score_attempts``)."""
+        self.score_attempts[gid] = self.score_attempts.get(gid, 0) + 1
         comps = sample["completions"]
         return self.reward.handles[slot].score_group.remote(gid, example, sample["texts"],
                                                             [len(o.token_ids) for o in comps],
@@ -390,6 +440,8 @@ class RayGRPOTrainer(GRPOTrainer):
         self.prefetched: tuple | None = None
         self.in_step = False
         self.round_log: list[dict] = []
+        self.groups_path = self.run_dir / "ray_groups.jsonl"
+        self.logger.step_logs.append(self.groups_path)       # --resume drops the rows of steps after the checkpoint
 
     # ----- the seam -----
     def _dispatch(self, exs: list[Example], pids: list[list[int]], round_index: int, step: int) -> dict:
@@ -467,7 +519,7 @@ class RayGRPOTrainer(GRPOTrainer):
         for i in range(self.cfg.rollout_workers):
             tok, sec = self.cluster.worker_stats.get(f"rollout{i}", [0.0, 0.0])
             m[f"ray/rollout{i}/tokens_per_s"] = tok / sec if sec > 0 else float("nan")
-        with open(self.run_dir / "ray_groups.jsonl", "a") as f:
+        with open(self.groups_path, "a") as f:
             for row in self.round_log:
                 f.write(json.dumps(row) + "\n")
         return m

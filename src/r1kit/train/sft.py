@@ -44,7 +44,7 @@ from r1kit.train import checkpoint as ckpt
 from r1kit.train import distributed
 from r1kit.train.grpo import autocast, can_pack, decoder_logits
 from r1kit.train.losses import entropy_from_logits
-from r1kit.train.loop import DataCursor, TrainLoop, lr_lambda, make_optimizer
+from r1kit.train.loop import DataCursor, TrainLoop, enable_gradient_checkpointing, lr_lambda, make_optimizer
 
 #: metrics.jsonl keys of every SFT step (TRL's names where it has one).
 SFT_METRICS = ("loss", "mean_token_accuracy", "entropy", "grad_norm", "learning_rate", "num_tokens",
@@ -190,6 +190,8 @@ class SFTTrainer(TrainLoop):
         if cfg.packing and env.enabled and env.strategy == "fsdp2":
             raise ConfigError("packing calls the decoder with a block mask, which FSDP2's root hook does not see; "
                               "set --packing false or --data-parallel ddp")
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(policy)
         distributed.shard_model(policy, env)
         self.policy, self.tokenizer, self.examples = policy, tokenizer, examples
         self.examples_dropped = examples_dropped

@@ -29,9 +29,17 @@ the CPU time of the process that spends it); then ``distill`` and the report.
    paired-bootstrap difference of ``distill`` against ``rl`` (its "Δ vs previous"), and the
    constant-answer baselines (``eval_report``).
 
-The task's answers need no intermediate step (``"37+48="`` → ``"85"``): what the student inherits is
-the teacher's answers, not its reasoning. The comparison is at equal *student* CPU time; the
-teacher's own cost (pretraining, GRPO, sampling) is reported beside it, as R1 reports its teacher's.
+With ``task="arithmetic"`` (preset ``cpu``) the answers need no intermediate step (``"37+48="`` →
+``"85"``): what the student inherits is the teacher's answers, not its reasoning. With
+``task="arithmetic_chain"`` (preset ``chain``) every completion is a worked trace (``"12+34+56="`` →
+``"46+56=102"``): both models learn the step format in pretraining (``v3_pretrain`` on generated
+traces), the teacher's GRPO and sampling are rewarded and filtered on the final answer only (the
+task's verifier, the object reward and evaluation use), and the student is fine-tuned on the
+teacher's whole traces; the report counts the kept traces whose every step is right and, for
+every model's held-out completions, how often the steps are right and the answer follows from them.
+
+The comparison is at equal *student* CPU time; the teacher's own cost (pretraining, GRPO, sampling)
+is reported beside it, as R1 reports its teacher's.
 """
 
 from __future__ import annotations
@@ -68,12 +76,24 @@ SAMPLE_STAGE: dict[str, Any] = dict(
 )
 
 
+# Preset ``chain``: the same experiment on ``arithmetic_chain`` (a±b±c=, operands in [0, 29]), whose
+# completions are worked traces (about twice the tokens of a±b). Budgets (about 650 CPU s in all) sized
+# to the wall time left on a 2-core machine shared with many jobs, never from any held-out score; the
+# teacher's GRPO budget was cut from 120 to 40 CPU s for that reason before its GRPO started in the
+# measured run. Every other setting is the ``cpu`` preset's.
+CHAIN_BUDGETS: dict[str, Any] = dict(
+    task="arithmetic_chain", teacher_pretrain_seconds=240.0, student_pretrain_seconds=60.0,
+    teacher_grpo_seconds=40.0, student_seconds=100.0, sample_limit=1000,
+)
+
+
 @dataclass
 class V3DistillConfig:
     """What ``run_v3_distill`` runs. The defaults (preset ``cpu``) spend about 1,050 CPU seconds at one
     thread: about 20 minutes on an idle 2-core machine, about 35 on one shared with 5 other jobs."""
 
     output: str = "runs/v3-distill"  # run directory (models/, one stage directory each, report.md/png)
+    task: str = "arithmetic"  # "arithmetic" (a±b=, bare answers) or "arithmetic_chain" (a±b±c=, worked traces)
     model_preset: str = "tiny-2m"  # model shape of the teacher (models/presets)
     student_overrides: dict = field(default_factory=lambda: {"num_hidden_layers": 2})  # the student: 1 dense + 1 MoE layer
     teacher_pretrain_seconds: float = 330.0  # teacher pretraining budget (CPU s)
@@ -94,7 +114,21 @@ class V3DistillConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},  # the defaults: about 1,050 CPU s (20 minutes on an idle 2-core machine)
+    # a±b±c= answered by a worked trace ("12+34+56=" → "46+56=102"): what the student gets is the
+    # teacher's steps, verified by the final answer only. Budgets: CHAIN_BUDGETS.
+    "chain": CHAIN_BUDGETS,
 }
+
+
+def task_settings(task: str) -> dict[str, Any]:
+    """The completion length (tokens) every stage of ``task`` uses: GRPO's ``max_completion_length``,
+    the sampler's and the evaluation's ``max_tokens`` (``arithmetic.MAX_COMPLETION_TOKENS``).
+    Raises ConfigError for a task without a generated corpus."""
+    from r1kit.data.arithmetic import MAX_COMPLETION_TOKENS
+
+    if task not in MAX_COMPLETION_TOKENS:
+        raise ConfigError(f"task must be one of {', '.join(MAX_COMPLETION_TOKENS)} (a generated corpus), got {task!r}")
+    return {"task": task, "max_tokens": MAX_COMPLETION_TOKENS[task]}
 
 
 def pretrain_once(out: Path, preset: str, seconds: float, overrides: dict, cfg: V3DistillConfig) -> Path:
@@ -108,11 +142,11 @@ def pretrain_once(out: Path, preset: str, seconds: float, overrides: dict, cfg: 
         return out
     tok = char_tokenizer()
     pre = PretrainConfig(preset=preset, steps=cfg.max_steps, max_seconds=seconds, batch_size=cfg.batch_size, seed=cfg.seed,
-                         overrides={**cfg.model_overrides, **overrides})
+                         task=cfg.task, overrides={**cfg.model_overrides, **overrides})
     print(f"pretraining {out.name} ({preset}, overrides {pre.overrides}) for {seconds:.0f} CPU s...", flush=True)
     model, history = pretrain(pre, tok)
     history["parameters"] = sum(p.numel() for p in model.parameters())
-    history["heldout_greedy_accuracy"] = heldout_accuracy(model, tok, cfg.eval_limit)
+    history["heldout_greedy_accuracy"] = heldout_accuracy(model, tok, cfg.eval_limit, cfg.task)
     history["config"] = dataclasses.asdict(pre)
     save_pretrained_atomic(model, tok, out)
     from r1kit.eval.evaluate import write_atomic
@@ -127,14 +161,15 @@ def pretrain_once(out: Path, preset: str, seconds: float, overrides: dict, cfg: 
 def v3_distill_stages(cfg: V3DistillConfig, teacher: Path):
     from r1kit.pipeline.stages import Stage
 
-    grpo = dict(GRPO_STAGE, seed=cfg.seed, max_steps=cfg.max_steps)
+    lengths = task_settings(cfg.task)
+    grpo = dict(GRPO_STAGE, seed=cfg.seed, max_steps=cfg.max_steps, task=cfg.task, max_completion_length=lengths["max_tokens"])
     return [
         Stage("student", "1_student", "eval", description="the student, pretrained only"),
         Stage("teacher", "2_teacher", "grpo", model=str(teacher),
               overrides={**grpo, "max_train_cpu_seconds": cfg.teacher_grpo_seconds},
               description=f"the teacher: GRPO on the larger pretrained V3 ({cfg.teacher_grpo_seconds:.0f} CPU s)"),
         Stage("samples", "3_samples", "sample", model="teacher", evaluate=False,
-              overrides={**SAMPLE_STAGE, "limit": cfg.sample_limit, "seed": cfg.seed},
+              overrides={**SAMPLE_STAGE, "limit": cfg.sample_limit, "seed": cfg.seed, **lengths},
               description="the RL teacher samples the train prompts; the verifier keeps correct answers"),
         Stage("rl", "4_rl", "grpo", overrides={**grpo, "max_train_cpu_seconds": cfg.student_seconds},
               description=f"(b) GRPO on the student alone ({cfg.student_seconds:.0f} CPU s)"),
@@ -159,6 +194,7 @@ def run_v3_distill(cfg: V3DistillConfig, progress: bool | None = None) -> Path:
     from r1kit.pipeline.stages import run_stages
 
     out = Path(cfg.output)
+    task_settings(cfg.task)
     for name in ("teacher_pretrain_seconds", "student_pretrain_seconds", "teacher_grpo_seconds", "student_seconds"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be > 0 CPU seconds, got {getattr(cfg, name)}")
@@ -183,23 +219,25 @@ def run_v3_distill(cfg: V3DistillConfig, progress: bool | None = None) -> Path:
     student_chain(cfg, only_pretrain=True)
     stages, ctx = stage_context(cfg, progress)
     run_stages(stages, ctx, record=dataclasses.asdict(cfg))  # skips every stage already complete
-    report = write_report(stages, ctx, title="Distillation vs RL at equal student size: DeepSeek-V3 from scratch, a±b",
-                          train_golds=[e.gold for e in load_task("arithmetic", "train")])
-    write_atomic(report, report.read_text() + models_section(out))
+    what = "a±b±c with worked traces" if cfg.task == "arithmetic_chain" else "a±b"
+    report = write_report(stages, ctx, title=f"Distillation vs RL at equal student size: DeepSeek-V3 from scratch, {what}",
+                          train_golds=[e.gold for e in load_task(cfg.task, "train")])
+    write_atomic(report, report.read_text() + models_section(out) + traces_section(out, cfg.task))
     return report
 
 
 def stage_context(cfg: V3DistillConfig, progress: bool | None = None):
     """(stages, PipelineContext) of the run: the student (``DIR/models/student``) is the base; every
-    stage renders with the bare template; held-out evaluation on the arithmetic test split."""
+    stage renders with the bare template; held-out evaluation on the test split of ``cfg.task``."""
     from r1kit.pipeline.stages import EvalSettings, PipelineContext
 
     out = Path(cfg.output)
+    lengths = task_settings(cfg.task)
     shared = dict(template="bare", answer_extraction="any", seed=cfg.seed)
-    common = {"grpo": dict(shared, task="arithmetic"), "sft": dict(template="bare", seed=cfg.seed),
-              "sample": dict(shared, task="arithmetic")}
-    ev = EvalSettings(task="arithmetic", split="test", limit=cfg.eval_limit, k=cfg.eval_k, temperature=0.6,
-                      top_p=0.95, max_tokens=6, template="bare", answer_extraction="any", seed=cfg.seed)
+    common = {"grpo": dict(shared, task=cfg.task), "sft": dict(template="bare", seed=cfg.seed),
+              "sample": dict(shared, task=cfg.task)}
+    ev = EvalSettings(task=cfg.task, split="test", limit=cfg.eval_limit, k=cfg.eval_k, temperature=0.6,
+                      top_p=0.95, max_tokens=lengths["max_tokens"], template="bare", answer_extraction="any", seed=cfg.seed)
     ctx = PipelineContext(output=out, base_model=str(out / "models" / "student"), common=common, eval=ev,
                           num_threads=cfg.threads, progress=cfg.progress if progress is None else progress)
     return v3_distill_stages(cfg, out / "models" / "teacher"), ctx
@@ -232,3 +270,46 @@ def models_section(out: Path) -> str:
         lines.append(f"| {name} | {h['parameters']:,} | {h['steps']} | {h['cpu_seconds']:.0f} | "
                      f"{100 * h['heldout_greedy_accuracy']:.1f}% |")
     return "\n".join(lines) + "\n"
+
+
+def traces_section(out: Path, task: str) -> str:
+    """For ``arithmetic_chain``, as markdown: how many of the teacher's kept samples (verified by their
+    final answer only) have every step right (equal to ``worked_trace``), and, for every evaluated
+    stage's held-out completions (``<stage dir>/eval.json``), the share whose first step is right, whose
+    last step follows from the intermediate it wrote, and whose whole trace is right. "" for other tasks."""
+    if task != "arithmetic_chain":
+        return ""
+    from r1kit.data.arithmetic import worked_trace
+
+    rows = [json.loads(line) for f in sorted((out / "3_samples" / "run" / "shards").glob("*.jsonl"))
+            for line in f.read_text().splitlines() if line.strip()]
+    exact = sum(r["completion"].strip() == worked_trace(r["prompt"]) for r in rows)
+    text = (f"\n## The traces\n\n{len(rows):,} kept samples of the teacher (final answer verified); {exact:,} of them "
+            f"({100 * exact / max(len(rows), 1):.1f}%) have every intermediate step right (equal to the worked trace).\n\n"
+            "Held-out completions:\n\n| stage | completions | first step right | last step follows from the written "
+            "intermediate | whole trace right |\n|---|---|---|---|---|\n")
+    for path in sorted(out.glob("[0-9]_*/eval.json")):
+        counts = [0, 0, 0, 0]
+        for problem in json.loads(path.read_text())["per_problem"]:
+            trace = worked_trace(problem["id"].split("/", 2)[2] + "=")
+            for completion in problem["completions"]:
+                steps = completion.strip().split("=")
+                counts[0] += 1
+                counts[1] += steps[0] == trace.split("=")[0]
+                counts[2] += len(steps) == 2 and _step_holds(steps[0], steps[1])
+                counts[3] += completion.strip() == trace
+        n = max(counts[0], 1)
+        text += (f"| {path.parent.name.split('_', 1)[1]} | {counts[0]:,} | {100 * counts[1] / n:.1f}% | "
+                 f"{100 * counts[2] / n:.1f}% | {100 * counts[3] / n:.1f}% |\n")
+    return text
+
+
+def _step_holds(expression: str, result: str) -> bool:
+    """Whether the written step ``expression`` (``"46+56"``, ``"-22+5"``) equals ``result``."""
+    from r1kit.data.arithmetic import chain_answer
+    from r1kit.errors import DataError
+
+    try:
+        return chain_answer(("0" if expression.startswith("-") else "") + expression + "=") == result
+    except DataError:  # not a chain ("4x", "")
+        return False

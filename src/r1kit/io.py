@@ -1,0 +1,75 @@
+"""Atomic writes, the one place for them: every artifact r1kit writes (reports, manifests, checkpoints,
+model directories, GGUF files) is written to a hidden temporary sibling and renamed into place, so a
+reader never sees a half-written artifact and a failure or a kill while writing keeps the previous one.
+
+``atomic_file`` and ``atomic_dir`` hand the caller the temporary path to write; ``write_atomic`` is the
+text-file case. Temporaries are created by a plain ``open``/``mkdir`` mode (the umask's), never
+tempfile's owner-only 0o600/0o700, so a server or container running as another user reads the result.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def apply_umask(path: Path) -> Path:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would (0o666 / 0o777 less the umask).
+    ``tempfile.mkdtemp``/``mkstemp`` create 0o700 / 0o600, and an artifact renamed from them would be
+    unreadable to a server or container running as another user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
+    return Path(path)
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of the file ``path`` (``.<name>.<pid>.tmp``, hidden, a name a resuming
+    sampler sweeps) for the caller to create; when the block ends without error it is renamed over
+    ``path``. On an error it is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to the file ``path`` through ``atomic_file``. Returns ``path``."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+@contextmanager
+def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a fresh empty temporary sibling directory of ``out_dir`` (``.<name>.tmp*``) for the caller
+    to fill; when the block ends without error it replaces ``out_dir``. A previous ``out_dir`` is first
+    renamed aside (``.<name>.old*``) and removed only once the new one is in place, so no moment leaves
+    neither. On an error the temporary directory is removed and the previous ``out_dir`` is untouched."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = apply_umask(Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent)))
+    try:
+        yield tmp
+        if out_dir.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old", dir=out_dir.parent))
+            os.replace(out_dir, aside)  # onto an empty directory: allowed by rename(2)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(aside, out_dir)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
