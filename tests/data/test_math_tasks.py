@@ -29,7 +29,7 @@ def test_registered_names():
 
 def test_gsm8k_rows_and_golds(gsm8k_train):
     test = load_task("gsm8k", "test")
-    assert (len(gsm8k_train), len(test)) == (7473, 1319)
+    assert (len(gsm8k_train), len(test)) == (7273, 1319)  # 7,473 in the file, less the 200 dev rows
     first = gsm8k_train[0]
     assert (first.id, first.gold, first.meta["calc_steps"]) == ("gsm8k/train/0", "72", 2)
     assert first.prompt.startswith("Natalia sold clips to 48 of her friends")
@@ -39,7 +39,27 @@ def test_gsm8k_rows_and_golds(gsm8k_train):
     # numbers take the loader's fast path; math-verify reads a spread of them to the same value
     for ex in gsm8k_train[::500]:
         assert parse_gold(ex.gold)[0] == pd.to_numeric(ex.gold)
-    assert len({ex.id for ex in gsm8k_train}) == 7473
+    assert len({ex.id for ex in gsm8k_train}) == 7273
+
+
+def test_gsm8k_dev_split_is_held_out_of_train(gsm8k_train):
+    from r1kit.data.rows import read_rows
+    from r1kit.data.sft_data import load_sft_rows
+
+    dev = load_task("gsm8k", "dev")
+    file_rows = read_rows(data_dir() / "gsm8k" / "train.jsonl")
+    assert len(file_rows) == 7473 and len(dev) == 200
+    # the last 200 rows of the train file, ids = their file positions, disjoint from train
+    assert [ex.id for ex in dev] == [f"gsm8k/train/{i}" for i in range(7273, 7473)]
+    assert dev[-1].prompt == file_rows[-1][1]["question"] and dev[0].prompt == file_rows[7273][1]["question"]
+    assert not {ex.id for ex in dev} & {ex.id for ex in gsm8k_train}
+    assert sorted(ex.id for ex in dev + gsm8k_train) == sorted(f"gsm8k/train/{i}" for i in range(7473))
+    # what trains reads "train": the easy RL prompts and the SFT worked solutions exclude dev
+    dev_questions = {ex.prompt for ex in dev}
+    assert not dev_questions & {ex.prompt for ex in load_task("gsm8k_easy", "train")}
+    assert not dev_questions & {r.prompt for r in load_sft_rows("gsm8k")}
+    easy_dev = load_task("gsm8k_easy", "dev")
+    assert [ex.id for ex in easy_dev] == [ex.id for ex in dev if ex.meta["calc_steps"] <= 2] and len(easy_dev) == 82
 
 
 def test_gsm8k_thousands_separator_removed(gsm8k_train):
@@ -52,10 +72,10 @@ def test_gsm8k_calc_steps_filter(gsm8k_train):
     easy = load_task("gsm8k_easy", "train")
     expected = [ex.id for ex in gsm8k_train if ex.meta["solution"].count("<<") <= 2]
     assert [ex.id for ex in easy] == expected
-    assert len(easy) == 2674
+    assert len(easy) == 2592
     assert len(load_task("gsm8k", "test", max_calc_steps=2)) == len(load_task("gsm8k_easy", "test")) == 440
     no_calculator = load_task("gsm8k", "train", max_calc_steps=0)
-    assert len(no_calculator) == 95 and all("<<" not in ex.meta["solution"] for ex in no_calculator)
+    assert len(no_calculator) == 91 and all("<<" not in ex.meta["solution"] for ex in no_calculator)
     with pytest.raises(ConfigError, match="max_calc_steps must be >= 0"):
         load_task("gsm8k", max_calc_steps=-1)
 
@@ -93,8 +113,8 @@ def test_svamp_split_fixed_disjoint_deterministic():
 
 
 def test_unknown_split_task_and_option():
-    with pytest.raises(DataError, match="task 'gsm8k' has no split 'dev'; splits: train, test"):
-        load_task("gsm8k", "dev")
+    with pytest.raises(DataError, match="task 'gsm8k' has no split 'validation'; splits: train, dev, test"):
+        load_task("gsm8k", "validation")
     with pytest.raises(DataError, match="unknown task 'gsm9k'; known tasks: .*gsm8k"):
         load_task("gsm9k")
     with pytest.raises(ConfigError, match="task 'math500' does not take options \\['max_calc_steps'\\]"):
@@ -170,9 +190,12 @@ def test_missing_fields(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"m\.jsonl row 1: no field 'text' for the prompt"):
         load_task(path, prompt_field="text")
     (tmp_path / "gsm8k").mkdir()
-    write_jsonl(tmp_path / "gsm8k" / "train.jsonl", [{"question": "q", "answer": "#### 1"}, {"answer": "#### 2"}])
+    write_jsonl(tmp_path / "gsm8k" / "test.jsonl", [{"question": "q", "answer": "#### 1"}, {"answer": "#### 2"}])
+    write_jsonl(tmp_path / "gsm8k" / "train.jsonl", [{"question": "q", "answer": "#### 1"}] * 200)
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
-    with pytest.raises(DataError, match=r"train\.jsonl row 2: field 'question' is missing or empty"):
+    with pytest.raises(DataError, match=r"test\.jsonl row 2: field 'question' is missing or empty"):
+        load_task("gsm8k", "test")
+    with pytest.raises(DataError, match=r"train\.jsonl has 200 rows; GSM8K's dev split holds out the last 200"):
         load_task("gsm8k", "train")
 
 

@@ -18,6 +18,7 @@ from r1kit.data.rows import check_gold, data_dir, final_answer, format_number, g
 from r1kit.errors import ConfigError, DataError
 
 GSM8K_EASY_MAX_CALC_STEPS = 2
+GSM8K_DEV_SIZE = 200  # the last rows of GSM8K's train file form the dev split (held out from "train")
 SVAMP_TEST_SIZE = 300
 SVAMP_SPLIT_SALT = "r1kit-svamp-split-v1:"
 
@@ -44,22 +45,33 @@ def _read_task(
 
 @register_task("gsm8k", verifier="math")
 def gsm8k(split: str = "train", max_calc_steps: int | None = None) -> list[Example]:
-    """GSM8K (Cobbe et al. 2021): 7,473 train / 1,319 test grade-school word problems.
+    """GSM8K (Cobbe et al. 2021): 7,473 train / 1,319 test grade-school word problems; r1kit holds
+    the last ``GSM8K_DEV_SIZE`` (200) rows of the train file out as ``dev``, so ``train`` has 7,273.
 
     Args:
-        split: ``"train"`` or ``"test"``.
+        split: ``"train"`` (train-file rows 0-7272), ``"dev"`` (rows 7273-7472: for choosing settings
+            without touching test, never trained on by anything that reads ``train``) or ``"test"``.
         max_calc_steps: keep only problems whose reference solution has at most this many
             ``<<…>>`` calculator annotations (a proxy for the number of arithmetic steps); None keeps all.
 
-    The gold is the number after ``####`` with thousands separators removed; ``meta`` holds the
-    worked ``solution`` and its ``calc_steps``. Raises DataError for a bad split or row, ConfigError
+    Ids are ``gsm8k/train/<row>`` for both train and dev (the row of the train file), ``gsm8k/test/<row>``
+    for test. The gold is the number after ``####`` with thousands separators removed; ``meta`` holds
+    the worked ``solution`` and its ``calc_steps``. Raises DataError for a bad split or row, ConfigError
     for a negative ``max_calc_steps``.
     """
     if max_calc_steps is not None and max_calc_steps < 0:
         raise ConfigError(f"max_calc_steps must be >= 0 or None, got {max_calc_steps}")
-    path = _split_file("gsm8k", split, {"train": "train.jsonl", "test": "test.jsonl"})
+    path = _split_file("gsm8k", split, {"train": "train.jsonl", "dev": "train.jsonl", "test": "test.jsonl"})
+    rows = list(enumerate(read_rows(path)))  # (0-based position, (row number, row))
+    if split != "test":
+        cut = len(rows) - GSM8K_DEV_SIZE
+        if cut < 1:
+            raise DataError(f"{path} has {len(rows)} rows; GSM8K's dev split holds out the last {GSM8K_DEV_SIZE}, "
+                            f"so the train file needs more than {GSM8K_DEV_SIZE}")
+        rows = rows[:cut] if split == "train" else rows[cut:]
+    id_split = "test" if split == "test" else "train"
     examples = []
-    for index, (row_no, row) in enumerate(read_rows(path)):
+    for index, (row_no, row) in rows:
         question = get_field(row, "question", path, row_no)
         solution = get_field(row, "answer", path, row_no)
         if "####" not in solution:
@@ -69,7 +81,7 @@ def gsm8k(split: str = "train", max_calc_steps: int | None = None) -> list[Examp
             continue
         gold = check_gold(final_answer(solution).replace(",", ""), path, row_no, "answer")
         meta = {"solution": solution, "calc_steps": steps}
-        examples.append(Example(f"gsm8k/{split}/{index}", question, gold, meta))
+        examples.append(Example(f"gsm8k/{id_split}/{index}", question, gold, meta))
     return examples
 
 

@@ -75,7 +75,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # (gsm8k_easy: a 135M model solves some, so groups carry reward variance and samples verify); both
 # SFT stages see the same first 480 GSM8K-train worked solutions. Learning rates: SFT 1e-4, the
 # spec's R1-Distill rate for its smallest student (DISTILL_SPEC §6), cosine to 0.1×; GRPO 2e-5 with
-# the DAPO loss, as the CPU GRPO demos. Nothing here was tuned on test problems.
+# the DAPO loss, as the CPU GRPO demos. Nothing here was tuned on test problems. GSM8K `train` excludes
+# the 200-row dev split (r1kit.data.math_tasks.gsm8k), so no stage trains on it.
 _CPU_SFT = dict(preset="cold_start", learning_rate=1e-4, min_lr_ratio=0.1, warmup_ratio=0.05, max_length=512,
                 per_device_train_batch_size=8, gradient_accumulation_steps=1, bf16="auto", save_steps=5,
                 save_total_limit=1, num_train_epochs=1.0)
@@ -93,7 +94,6 @@ PRESETS["cpu_r1"] = dict(
     rejection_sft=dict(_CPU_SFT, max_steps=24),
     final_rl=dict(_CPU_GRPO, reward_funcs=["accuracy", "format"], temperature=0.7, max_steps=2),
 )
-
 
 def preset_names() -> list[str]:
     return sorted(PRESETS)
