@@ -1,8 +1,10 @@
 """Run configuration: every preset resolves and validates; the demo presets hold what the README says."""
 
+import re
+
 import pytest
 
-from r1kit.config import PRESETS, load_config
+from r1kit.config import PRESETS, GRPOConfig, SFTConfig, load_config
 from r1kit.errors import ConfigError
 
 
@@ -37,3 +39,22 @@ def test_stop_on_the_command_line_unescapes_newlines():
     assert load_config(overrides={"stop": "\\n"}).stop == ["\n"]
     assert load_config(overrides={"stop": "\\n\\n,Q:"}).stop == ["\n\n", "Q:"]
     assert load_config("cpu_demo").stop == ["\n"]
+
+
+@pytest.mark.parametrize("cls, field, value, needle", [
+    (GRPOConfig, "learning_rate", float("nan"), "learning_rate must be a finite number, got nan"),
+    (GRPOConfig, "learning_rate", -1.0, "learning_rate must be > 0, got -1.0"),
+    (GRPOConfig, "beta", float("nan"), "beta must be a finite number"),
+    (GRPOConfig, "epsilon", -1.0, "epsilon must be >= 0"),
+    (GRPOConfig, "adam_beta2", float("nan"), "adam_beta2 must be a finite number"),
+    (GRPOConfig, "warmup_steps", -5, "warmup_steps must be >= 0"),
+    (GRPOConfig, "seed", -1, "seed must be >= 0"),
+    (SFTConfig, "adam_beta1", 2.0, "adam_beta1 must be in [0, 1)"),
+    (SFTConfig, "weight_decay", -1.0, "weight_decay must be >= 0"),
+    (SFTConfig, "max_grad_norm", float("nan"), "max_grad_norm must be a finite number"),
+])
+def test_optimizer_and_float_fields_are_refused_out_of_range(cls, field, value, needle):
+    """A fresh user's `--learning-rate -1` was a torch traceback and `--beta nan` a 'non-finite loss'
+    at step 1 advising a lower learning rate."""
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(overrides={field: value}, cls=cls)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -195,6 +196,7 @@ class GRPOConfig:
             raise ConfigError("overlong_buffer must be smaller than max_completion_length")
         self._validate_importance_sampling()
         self._validate_ray()
+        validate_numbers(self)
         validate_lora(self)
         validate_distributed(self)
 
@@ -282,6 +284,28 @@ PRESETS["cpu_demo_gsm8k"] = dict(
     PRESETS["cpu_demo"], task="gsm8k", template="chat_boxed", max_prompt_length=512, max_completion_length=128, stop=[],
     max_steps=40, max_train_minutes=15.0, eval_limit=200, eval_k=1,
 )
+
+
+def validate_numbers(cfg: Any) -> None:
+    """Fields every trainer shares: each float finite (a NaN passed every ``<``/``>`` check and failed
+    at step 1 as a "non-finite loss"), the optimizer's in range, seeds and step counts not negative.
+
+    Raises:
+        ConfigError: naming the field, its value and the allowed range.
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
+    checks = [("learning_rate", lambda v: v > 0, "> 0"), ("weight_decay", lambda v: v >= 0, ">= 0"),
+              ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+              ("max_grad_norm", lambda v: v >= 0, ">= 0 (0 = no clipping)"), ("warmup_steps", lambda v: v >= 0, ">= 0"),
+              ("seed", lambda v: v >= 0, ">= 0"), ("epsilon", lambda v: v >= 0, ">= 0"),
+              ("epsilon_high", lambda v: v >= 0, ">= 0 (or none)")]
+    for name, ok, allowed in checks:
+        value = getattr(cfg, name, None)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{name} must be {allowed}, got {value}")
 
 
 def validate_distributed(cfg: Any) -> None:
@@ -409,6 +433,7 @@ class SFTConfig:
             raise ConfigError(f"max_train_cpu_seconds must be > 0 (or none), got {self.max_train_cpu_seconds}")
         if str(self.bf16).lower() not in ("auto", "true", "false", "1", "0", "yes", "no", "on", "off"):
             raise ConfigError(f"bf16 must be auto, true or false, got {self.bf16!r}")
+        validate_numbers(self)
         validate_lora(self)
         validate_distributed(self)
 
