@@ -290,3 +290,28 @@ def test_an_unknown_flag_shows_the_subcommands_usage_and_names_the_flag(capsys):
 def test_serve_token_budget_below_the_slots_is_one_error_before_loading(capsys):
     assert main(["serve", "smollm2-135m-instruct", "--max-num-seqs", "32", "--max-num-batched-tokens", "16"]) == 2
     assert "--max-num-batched-tokens must be 0 (whole prompts) or >= --max-num-seqs (32)" in _err(capsys)
+
+
+def test_nproc_that_cannot_share_the_batch_is_one_error_before_torchrun(capsys, tmp_path):
+    """It was printed once per rank, then torchrun's ChildFailedError traceback."""
+    assert main(["train", "grpo", "--preset", "cpu_demo", "--nproc", "3", "--output", str(tmp_path / "r")]) == 2
+    err = _err(capsys)
+    assert err.count("error:") == 1 and "is not divisible by the 3 processes" in err
+    assert main(["train", "sft", "--preset", "cpu_sft_demo", "--nproc", "3", "--output", str(tmp_path / "s")]) == 2
+    assert "examples_per_step (per_device_train_batch_size × gradient_accumulation_steps" in _err(capsys)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+
+
+def test_serve_on_a_port_in_use_is_one_error_before_loading(capsys):
+    """It was uvicorn's 'ERROR: [Errno 98] ... address already in use' after the model loaded, exit 3."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["serve", "smollm2-135m-instruct", "--port", str(port)]) == 2
+    err = _err(capsys)
+    assert f"--port {port} on 127.0.0.1 cannot be bound" in err and "--port 0 for a free one" in err
+    assert main(["serve", "smollm2-135m-instruct", "--shutdown-timeout", "nan"]) == 2
+    assert "--shutdown-timeout must be finite and >= 0" in _err(capsys)

@@ -36,16 +36,18 @@ def _train(args: argparse.Namespace, cls: type, run, default_output: str) -> int
     from r1kit.config import config_yaml, load_config, overrides_from_args
     from r1kit.train import distributed
 
-    if args.nproc is not None and "WORLD_SIZE" not in os.environ:
-        argv = distributed.torchrun_argv(_without_launcher_flags(args.argv), args.nproc, args.master_port)
-        sys.stdout.flush()
-        os.execv(argv[0], argv)
     overrides = overrides_from_args(args)
     if args.resume and not args.config and not args.preset:
         saved = Path(overrides.get("output", default_output)) / "config.yaml"
         if saved.is_file():
             args.config = str(saved)
     cfg = load_config(args.preset, args.config, overrides, cls=cls)
+    if args.nproc is not None and "WORLD_SIZE" not in os.environ:
+        argv = distributed.torchrun_argv(_without_launcher_flags(args.argv), args.nproc, args.master_port)
+        if not args.print_config:
+            cfg.check_world_size(args.nproc)  # once, here, rather than on every rank after torchrun starts
+            sys.stdout.flush()
+            os.execv(argv[0], argv)
     if args.print_config:
         print(config_yaml(cfg), end="")
         return 0

@@ -200,6 +200,14 @@ class GRPOConfig:
         validate_lora(self)
         validate_distributed(self)
 
+    def check_world_size(self, world_size: int) -> None:
+        """Raise ConfigError when ``world_size`` ranks cannot share a step's completions equally
+        (``distributed.check_divisible``); the CLI checks it before it launches torchrun."""
+        from r1kit.train.distributed import check_divisible
+
+        check_divisible(self.generation_batch_size, world_size, f"prompts_per_step × num_generations "
+                        f"({self.prompts_per_step} × {self.num_generations})", "change --prompts-per-step")
+
     def _validate_ray(self) -> None:
         """Worker counts >= 1; overlap only under --ray, with the rollout importance-sampling correction
         (the one-step-stale samples need it) and without dynamic sampling (which resamples inside a step)."""
@@ -407,6 +415,15 @@ class SFTConfig:
     save_total_limit: int = 2  # keep the last N checkpoints
     tensorboard: bool = False
     plot: bool = True  # PNG of loss/accuracy/entropy curves at the end
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raise ConfigError when ``world_size`` ranks cannot share a step's examples equally
+        (``distributed.check_divisible``); the CLI checks it before it launches torchrun."""
+        from r1kit.train.distributed import check_divisible
+
+        check_divisible(self.examples_per_step, world_size, f"examples_per_step (per_device_train_batch_size × "
+                        f"gradient_accumulation_steps = {self.per_device_train_batch_size} × "
+                        f"{self.gradient_accumulation_steps})", "change --gradient-accumulation-steps")
 
     def validate(self) -> None:
         """Raise ConfigError naming the field and the fix for any invalid or inconsistent value."""

@@ -88,3 +88,15 @@ def test_eval_stop_typed_on_the_command_line_decodes_escapes_like_stop():
     cfg = load_r1_config("cpu_r1", overrides={"eval_stop": "\\n,###"})
     assert cfg.eval_stop == ["\n", "###"]
     assert load_r1_config("cpu_r1", overrides={"eval_stop": ["\\n"]}).eval_stop == ["\\n"]  # YAML lists stay literal
+
+
+def test_an_output_that_is_a_file_is_one_error_before_any_work(tmp_path, capsys):
+    """`pipeline r1 --output README.md` was a FileExistsError traceback (distill the same: one runner)."""
+    from r1kit.cli import main
+
+    notes = tmp_path / "README.md"
+    notes.write_text("keep me")
+    for command in (["pipeline", "r1", "--preset", "cpu_r1"], ["distill", "--preset", "rft_svamp"]):
+        assert main([*command, "--output", str(notes), "--no-progress"]) == 2, command
+        assert f"--output {notes} is an existing file; pass a directory" in capsys.readouterr().err
+    assert notes.read_text() == "keep me"

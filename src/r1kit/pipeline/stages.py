@@ -272,6 +272,9 @@ def run_stages(stages: list[Stage], ctx: PipelineContext, from_stage: str | None
             stage's own errors.
     """
     check_stage_names(stages, {"--from": from_stage, "--until": until_stage})
+    from r1kit.models.loading import check_output_path
+
+    check_output_path(ctx.output, "dir")  # a file there: one error line, before any work
     order = [s.name for s in stages]
     lo = order.index(from_stage) if from_stage else 0
     hi = order.index(until_stage) if until_stage else len(order) - 1

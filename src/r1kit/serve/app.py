@@ -557,6 +557,28 @@ class DrainingServer:
         self.loop.stop()
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise R1kitError naming ``--port`` when ``host:port`` cannot be bound (in use, or no such
+    interface), before the model loads; port 0 (a free one) always passes. Binds as uvicorn does
+    (SO_REUSEADDR), so a port in TIME_WAIT passes."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise R1kitError(f"--host {host!r} does not resolve ({e}); pass an address such as 127.0.0.1") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise R1kitError(f"--port {port} on {host} cannot be bound ({e.strerror}): another server holds it; "
+                             "pass another --port, or --port 0 for a free one") from None
+
+
 def serve(cfg: ServeConfig) -> None:
     """Load ``cfg.model``, start the engine thread and serve until SIGTERM. Raises R1kitError for a
     model that does not load or an engine that cannot be built (KV cache over budget, ...)."""
@@ -566,10 +588,12 @@ def serve(cfg: ServeConfig) -> None:
     for name in ("max_num_seqs", "max_model_len", "max_n"):
         if getattr(cfg, name) < 1:
             raise R1kitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.max_queue < 0 or cfg.shutdown_timeout < 0:
-        raise R1kitError("--max-queue and --shutdown-timeout must be >= 0")
+    if cfg.max_queue < 0 or not cfg.shutdown_timeout >= 0 or cfg.shutdown_timeout == float("inf"):
+        raise R1kitError(f"--max-queue and --shutdown-timeout must be finite and >= 0, got {cfg.max_queue} and "
+                         f"{cfg.shutdown_timeout}")
     if not 0 <= cfg.port <= 65535:
         raise R1kitError(f"--port must be in 0..65535 (0 = any free port), got {cfg.port}")
+    check_port_free(cfg.host, cfg.port)
     if cfg.max_num_batched_tokens != 0 and not cfg.max_num_seqs <= cfg.max_num_batched_tokens:
         raise R1kitError(f"--max-num-batched-tokens must be 0 (whole prompts) or >= --max-num-seqs "
                          f"({cfg.max_num_seqs}) so a step can decode every slot and still prefill, "

@@ -440,9 +440,7 @@ class GRPOTrainer(TrainLoop):
         if not train_examples:
             raise ConfigError(f"task {cfg.task!r} split {cfg.train_split!r} has no training examples")
         env = distributed.current(cfg.data_parallel)
-        distributed.check_divisible(cfg.generation_batch_size, env.world_size,
-                                    f"prompts_per_step × num_generations ({cfg.prompts_per_step} × "
-                                    f"{cfg.num_generations})", "change --prompts-per-step")
+        cfg.check_world_size(env.world_size)
         distributed.broadcast_parameters(policy, env)
         self.cfg, self.policy, self.tokenizer, self.scorer, self.engine = cfg, policy, tokenizer, scorer, engine
         if cfg.use_lora and cfg.beta != 0.0 and cfg.ref_model_sync_steps:

@@ -182,10 +182,7 @@ class SFTTrainer(TrainLoop):
                               f"sliding window (model type {getattr(policy.config, 'model_type', '?')!r}); "
                               "set --packing false")
         env = distributed.current(cfg.data_parallel)
-        distributed.check_divisible(cfg.examples_per_step, env.world_size,
-                                    f"examples_per_step (per_device_train_batch_size × gradient_accumulation_steps"
-                                    f" = {cfg.per_device_train_batch_size} × {cfg.gradient_accumulation_steps})",
-                                    "change --gradient-accumulation-steps")
+        cfg.check_world_size(env.world_size)
         distributed.broadcast_parameters(policy, env)
         if cfg.packing and env.enabled and env.strategy == "fsdp2":
             raise ConfigError("packing calls the decoder with a block mask, which FSDP2's root hook does not see; "
