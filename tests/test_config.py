@@ -43,7 +43,7 @@ def test_stop_on_the_command_line_unescapes_newlines():
 
 @pytest.mark.parametrize("cls, field, value, needle", [
     (GRPOConfig, "learning_rate", float("nan"), "learning_rate must be a finite number, got nan"),
-    (GRPOConfig, "learning_rate", -1.0, "learning_rate must be > 0, got -1.0"),
+    (GRPOConfig, "learning_rate", -1.0, "learning_rate must be >= 0 (0 = frozen weights), got -1.0"),
     (GRPOConfig, "beta", float("nan"), "beta must be a finite number"),
     (GRPOConfig, "epsilon", -1.0, "epsilon must be >= 0"),
     (GRPOConfig, "adam_beta2", float("nan"), "adam_beta2 must be a finite number"),

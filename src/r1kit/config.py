@@ -305,7 +305,7 @@ def validate_numbers(cfg: Any) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{f.name} must be a finite number, got {value}")
-    checks = [("learning_rate", lambda v: v > 0, "> 0"), ("weight_decay", lambda v: v >= 0, ">= 0"),
+    checks = [("learning_rate", lambda v: v >= 0, ">= 0 (0 = frozen weights)"), ("weight_decay", lambda v: v >= 0, ">= 0"),
               ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
               ("max_grad_norm", lambda v: v >= 0, ">= 0 (0 = no clipping)"), ("warmup_steps", lambda v: v >= 0, ">= 0"),
               ("seed", lambda v: v >= 0, ">= 0"), ("epsilon", lambda v: v >= 0, ">= 0"),
