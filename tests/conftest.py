@@ -1,10 +1,14 @@
 """Shared fixtures: a tiny random Llama with the embedded model's tokenizer, and a toy task file."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# the tiny DeepSeek-V3 helpers (tests/models/v3_helpers.py) import as `v3_helpers` from every test directory
+sys.path.insert(0, str(Path(__file__).parent / "models"))
 
 
 @pytest.fixture(scope="session")

@@ -3,34 +3,16 @@ round (padding-free and padded paths) and one SFT step on the tiny Llama, and th
 pretraining gradients with per-block checkpointing, expert loads counted once; and it is really on:
 the forward keeps fewer saved activations."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from test_distributed import _grpo_update, _rollout, _sft_step  # the 1-process scenarios
+from v3_helpers import one_thread, tiny_model  # noqa: F401 (one_thread is an autouse fixture)
 
 from r1kit.errors import ConfigError
 from r1kit.models.deepseek_v3 import pretrain_loss
 from r1kit.models.loading import load_policy
 from r1kit.train.grpo import collate, completion_logprobs
 from r1kit.train.loop import enable_gradient_checkpointing
-
-
-def tiny_model(**kw):
-    """tests/models/v3_helpers.tiny_model (a seeded tiny DeepSeek-V3 with 8 experts and an MTP layer)."""
-    spec = importlib.util.spec_from_file_location("v3_helpers", Path(__file__).parents[1] / "models" / "v3_helpers.py")
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
-    return helpers.tiny_model(**kw)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _equal(ours: dict, ref: dict) -> None:

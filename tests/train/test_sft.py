@@ -274,12 +274,9 @@ def test_cpu_budget_stops_after_the_crossing_step_and_checkpoints(tiny_model_dir
 def test_deepseek_v3_student_loss_equals_per_example_forwards():
     """r1kit's DeepSeek-V3 model (a possible student) trains through the same padded batch: its NLL
     equals one unpadded forward per example."""
-    import importlib.util
+    from v3_helpers import tiny_model
 
-    spec = importlib.util.spec_from_file_location("v3_helpers", Path(__file__).parents[1] / "models" / "v3_helpers.py")
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
-    model = helpers.tiny_model().double()
+    model = tiny_model().double()
     examples = [TokenizedExample("a", [1, 5, 9], [4, 4, 2]), TokenizedExample("b", [3, 7, 8, 11, 12], [6, 2])]
     nll, _, _ = sft_token_terms(model, padded_batch(examples, pad_id=0))
     hand = []

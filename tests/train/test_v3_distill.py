@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from v3_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 from r1kit.cli import main
 from r1kit.errors import ConfigError, R1kitError
@@ -16,14 +17,6 @@ from r1kit.train.v3_distill import PRESETS, V3DistillConfig, run_v3_distill, sta
 # a tiny V3 (hidden 32) so that pretraining steps take milliseconds
 TINY = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_attention_heads=2, q_lora_rank=16,
             kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_stage_graph_gives_both_arms_the_student_and_the_same_budget(tmp_path):
