@@ -49,7 +49,7 @@ import torch
 from r1kit.data.base import Example
 from r1kit.errors import ConfigError, R1kitError
 from r1kit.train.grpo import GRPOTrainer, RewardScorer, SampledRound
-from r1kit.train.loop import merged_for_save
+from r1kit.train.loop import merged_for_save, merged_weights_view
 
 
 class RayWorkerError(R1kitError):
@@ -436,7 +436,7 @@ class RayGRPOTrainer(GRPOTrainer):
         self.in_step = False
         super().__init__(cfg, policy, tokenizer, train_examples, render, scorer, engine, run_dir)
         self.cluster = RayCluster(cfg, merged_for_save(policy), tokenizer, scorer, rollout_dtype)
-        self.sync_seconds = self.cluster.publish(merged_for_save(policy), self.step)
+        self.sync_seconds = self.cluster.publish(merged_weights_view(policy), self.step)
         self.prefetched: tuple | None = None
         self.in_step = False
         self.round_log: list[dict] = []
@@ -492,7 +492,7 @@ class RayGRPOTrainer(GRPOTrainer):
         """Publish the updated weights to the rollout workers as version ``step`` (the local engine, kept
         for evaluation, is refreshed by ``refresh_local_engine``). Overlap: the load is not awaited here."""
         version = self.step + 1 if self.in_step else self.step    # train_step counts the step after this
-        self.sync_seconds = self.cluster.publish(merged_for_save(self.policy), version,
+        self.sync_seconds = self.cluster.publish(merged_weights_view(self.policy), version,
                                                  wait=not self.cfg.ray_overlap)
 
     def refresh_local_engine(self) -> None:
