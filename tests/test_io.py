@@ -136,3 +136,33 @@ def test_a_gguf_export_that_fails_mid_write_keeps_the_previous_file(tiny_model_d
     with pytest.raises(MemoryError):
         export.export_gguf(model, tok, out)
     assert out.read_bytes() == b"the previous export" and os.listdir(tmp_path) == ["model.gguf"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_artifacts_get_the_plain_open_mode_not_a_temporarys_owner_only_one(tiny_model_dir, tmp_path, umask):
+    """An HF export (transformers' safetensors writer leaves ``model.safetensors`` 0o600), a directory
+    whose caller wrote owner-only files, and a file written through ``atomic_file`` all come out with
+    0o666 / 0o777 less the umask (0o644 / 0o755 under 0o022), an executable keeping its execute bits."""
+    from r1kit.models.export import export_model
+
+    old = os.umask(umask)
+    try:
+        out = export_model(str(tiny_model_dir), "hf", tmp_path / "hf")
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "sub").mkdir(mode=0o700)
+            fd = os.open(tmp / "sub" / "secret.bin", os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+            (tmp / "run.sh").write_text("#!/bin/sh\n")
+            os.chmod(tmp / "run.sh", 0o700)
+        with atomic_file(tmp_path / "f.bin") as tmp:
+            os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600))
+    finally:
+        os.umask(old)
+
+    def mode(p):
+        return os.stat(p).st_mode & 0o777
+
+    assert mode(out / "model.safetensors") == mode(out / "config.json") == 0o666 & ~umask
+    assert mode(out) == mode(tmp_path / "d") == mode(tmp_path / "d" / "sub") == 0o777 & ~umask
+    assert mode(tmp_path / "d" / "sub" / "secret.bin") == mode(tmp_path / "f.bin") == 0o666 & ~umask
+    assert mode(tmp_path / "d" / "run.sh") == 0o777 & ~umask

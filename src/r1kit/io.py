@@ -3,8 +3,10 @@ model directories, GGUF files) is written to a hidden temporary sibling and rena
 reader never sees a half-written artifact and a failure or a kill while writing keeps the previous one.
 
 ``atomic_file`` and ``atomic_dir`` hand the caller the temporary path to write; ``write_atomic`` is the
-text-file case. Temporaries are created by a plain ``open``/``mkdir`` mode (the umask's), never
-tempfile's owner-only 0o600/0o700, so a server or container running as another user reads the result.
+text-file case. Before the rename every file and directory of the artifact gets the mode a plain
+``open``/``mkdir`` gives (0o666 / 0o777 less the umask: 0o644 / 0o755 under the usual 0o022), never the
+owner-only 0o600/0o700 of ``tempfile`` or of a library's own temporary (transformers' safetensors
+writer leaves ``model.safetensors`` 0o600), so a server or container running as another user reads it.
 """
 
 from __future__ import annotations
@@ -18,13 +20,19 @@ from pathlib import Path
 
 
 def apply_umask(path: Path) -> Path:
-    """Give ``path`` the mode a plain ``open``/``mkdir`` would (0o666 / 0o777 less the umask).
-    ``tempfile.mkdtemp``/``mkstemp`` create 0o700 / 0o600, and an artifact renamed from them would be
-    unreadable to a server or container running as another user."""
+    """Give ``path`` and, for a directory, everything below it the mode a plain ``open``/``mkdir``
+    would (0o666 / 0o777 less the umask; a file with an execute bit keeps 0o777 less the umask).
+    ``tempfile.mkdtemp``/``mkstemp`` and libraries' own temporaries create 0o700 / 0o600, and an
+    artifact renamed from them would be unreadable to a server or container running as another user.
+    Symbolic links are left alone."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
-    return Path(path)
+    path = Path(path)
+    for p in [path, *(path.rglob("*") if path.is_dir() and not path.is_symlink() else ())]:
+        if not p.is_symlink():
+            executable = p.is_dir() or p.stat().st_mode & 0o111
+            os.chmod(p, (0o777 if executable else 0o666) & ~umask)
+    return path
 
 
 @contextmanager
@@ -37,6 +45,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        apply_umask(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -57,9 +66,10 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     neither. On an error the temporary directory is removed and the previous ``out_dir`` is untouched."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = apply_umask(Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent)))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
     try:
         yield tmp
+        apply_umask(tmp)
         if out_dir.exists():
             aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old", dir=out_dir.parent))
             os.replace(out_dir, aside)  # onto an empty directory: allowed by rename(2)
