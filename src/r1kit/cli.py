@@ -201,15 +201,23 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each flag's default appended, unless its help already says its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
 def _add_serve_parser(sub) -> None:
     from dataclasses import fields
 
     from r1kit.serve.app import ServeConfig
+    from r1kit.serve.runner import SERVE_BACKENDS, SERVE_DTYPES
 
     sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                         description="OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, "
                                     "/health) with the reasoning in reasoning_content; see r1kit/serve/app.py.",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=_DefaultsFormatter)
     sv.add_argument("model", help="HF dir, .gguf, r1kit run dir, or smollm2-135m-instruct")
     helps = {
         "served_model_name": "the model name clients send (default: MODEL as given)",
@@ -222,8 +230,8 @@ def _add_serve_parser(sub) -> None:
         "max_n": "the largest n a request may ask for",
         "think": "the R1 setting: prefill '<think>\\n' and fold system messages into the user turn",
         "shutdown_timeout": "seconds requests in flight get to finish after SIGTERM",
-        "dtype": "engine weights: auto (bf16 where the CPU has native bf16), bf16, fp32",
-        "backend": "auto (r1kit's engine when the model has an adapter, else hf), engine, hf",
+        "dtype": f"engine weights, one of {', '.join(SERVE_DTYPES)} (auto: bf16 where the CPU has native bf16)",
+        "backend": f"one of {', '.join(SERVE_BACKENDS)} (auto: r1kit's engine when the model has an adapter, else hf)",
     }
     for f in fields(ServeConfig):
         if f.name == "model":
@@ -404,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     psub = pre.add_subparsers(dest="recipe", required=True)
     zero = psub.add_parser("v3-zero", help="R1-Zero in miniature: a tiny DeepSeek-V3 MoE pretrained on generated "
                            "arithmetic, then GRPO with the exact-answer reward, with a report",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_DefaultsFormatter)
     d = V3ZeroDefaults()
     zero.add_argument("--output", required=True, help="run directory (must be empty or absent)")
     zero.add_argument("--max-seconds", type=float, default=d.max_seconds, help="pretraining budget in CPU seconds of this process (wall seconds on an idle core)")

@@ -581,10 +581,12 @@ def check_port_free(host: str, port: int) -> None:
 
 def serve(cfg: ServeConfig) -> None:
     """Load ``cfg.model``, start the engine thread and serve until SIGTERM. Raises R1kitError for a
-    model that does not load or an engine that cannot be built (KV cache over budget, ...)."""
+    model that does not load or an engine that cannot be built (KV cache over budget, ...), and
+    ConfigError before the model loads for a --backend or --dtype ``check_serving_choices`` refuses."""
     from r1kit.models.loading import load_policy
-    from r1kit.serve.runner import make_serving_engine
+    from r1kit.serve.runner import check_serving_choices, make_serving_engine
 
+    check_serving_choices(cfg.backend, cfg.dtype)
     for name in ("max_num_seqs", "max_model_len", "max_n"):
         if getattr(cfg, name) < 1:
             raise R1kitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")

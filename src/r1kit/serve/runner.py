@@ -31,6 +31,17 @@ from r1kit.rollout.base import SamplingParams
 from r1kit.rollout.engine import Engine, SequenceDelta
 from r1kit.serve.protocol import RequestError
 
+SERVE_BACKENDS = ("auto", "engine", "hf")  # --backend values
+SERVE_DTYPES = ("auto", "bf16", "fp32")  # --dtype values: auto = bf16 where the CPU has native bf16 matmuls, else fp32
+
+
+def check_serving_choices(backend: str, dtype: str) -> None:
+    """Raise ConfigError naming the flag and exactly the values it takes when ``backend`` is not one of
+    ``SERVE_BACKENDS`` or ``dtype`` not one of ``SERVE_DTYPES`` (called before the model loads)."""
+    for flag, value, allowed in (("--backend", backend, SERVE_BACKENDS), ("--dtype", dtype, SERVE_DTYPES)):
+        if value not in allowed:
+            raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+
 
 class OneRequestAtATime:
     """The engine request API over a batch ``SamplingEngine`` (module docstring).
@@ -84,13 +95,14 @@ class OneRequestAtATime:
                 "requests": len(self.waiting), "steps": self.steps}
 
 
-def make_serving_engine(model: torch.nn.Module, tokenizer, backend: str, dtype: torch.dtype | str,
+def make_serving_engine(model: torch.nn.Module, tokenizer, backend: str, dtype: str,
                         max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int | None = None):
     """(engine with the request API, its label): r1kit's engine when the model type has an adapter
     (``backend`` "auto" or "engine"; ``max_num_batched_tokens`` turns on its chunked prefill), else
     ``OneRequestAtATime`` over ``runtime.make_engine``.
 
-    Raises ConfigError for "engine" without an adapter, a bad backend or a KV cache over budget."""
+    Raises ConfigError for "engine" without an adapter, a backend or dtype not in ``check_serving_choices``,
+    or a KV cache over budget."""
     from r1kit.models.deepseek_v3 import DeepseekV3ForCausalLM
     from r1kit.models.loading import resolve_dtype
     from r1kit.rollout.engine import ADAPTERS
@@ -98,8 +110,7 @@ def make_serving_engine(model: torch.nn.Module, tokenizer, backend: str, dtype: 
     from r1kit.runtime import make_engine
 
     has_adapter = getattr(model.config, "model_type", None) in ADAPTERS and not isinstance(model, DeepseekV3ForCausalLM)
-    if backend not in ("auto", "engine", "hf"):
-        raise ConfigError(f"--backend must be auto, engine or hf, got {backend!r}")
+    check_serving_choices(backend, dtype)
     torch_dtype = engine_dtype("auto") if dtype == "auto" else resolve_dtype(dtype)
     if backend == "engine" or (backend == "auto" and has_adapter):
         engine = Engine(model, tokenizer, dtype=torch_dtype, max_batch=max_num_seqs, max_model_len=max_model_len,
