@@ -32,3 +32,19 @@ def test_serve_dtype_and_backend_list_exactly_the_accepted_values_before_loading
     assert _err(capsys) == f"error: {flag} must be one of {accepted}, got {value!r}"
     help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["serve"].format_help().split())
     assert f"{flag} {flag[2:].upper()} " in help_text and f"one of {accepted} " in help_text
+
+
+@pytest.mark.parametrize("name", ["README.md", "notes"])
+def test_sft_data_of_an_unsupported_format_names_the_accepted_extensions(capsys, tmp_path, tiny_model_dir, name):
+    """It said the file was 'not a file, a directory, a task or a hub dataset name'."""
+    data = tmp_path / "docs" / name
+    data.parent.mkdir()
+    data.write_text("# r1kit\n")
+    out = tmp_path / "run"
+    assert main(["train", "sft", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out),
+                 "--no-progress"]) == 2
+    kind = "a .md file" if name.endswith(".md") else "a file without an extension"
+    assert _err(capsys) == (f"error: SFT data {data}: {kind} is not a format r1kit reads; pass a .jsonl, .json, "
+                            ".parquet file, a sampler output directory, a task (gsm8k, gsm8k_easy) or a hub dataset "
+                            "name (owner/name)")
+    assert not out.exists()

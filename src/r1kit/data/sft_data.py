@@ -69,7 +69,8 @@ def load_sft_rows(spec: str, split: str = "train", limit: int | None = None) -> 
     solutions, or a Hugging Face dataset name (module docstring).
 
     Raises:
-        DataError: missing file/field, a row of no known layout, a chat row with no assistant turn, a
+        DataError: missing file/field, a file of another format (.md, .csv: names the accepted
+            extensions), a row of no known layout, a chat row with no assistant turn, a
             reasoning field on a non-assistant message, a task without worked solutions, no hub; the
             message names the file, row and field.
     """
@@ -85,6 +86,10 @@ def load_sft_rows(spec: str, split: str = "train", limit: int | None = None) -> 
         rows = [row_to_sft(r, shard, n) for shard in shards for n, r in jsonl_rows(shard)]
     elif spec.endswith(FILE_SUFFIXES):
         rows = [row_to_sft(r, path, n) for n, r in read_rows(path)]
+    elif path.is_file():
+        raise DataError(f"SFT data {spec}: {f'a {path.suffix} file' if path.suffix else 'a file without an extension'} "
+                        f"is not a format r1kit reads; pass a {', '.join(FILE_SUFFIXES)} file, a sampler output "
+                        f"directory, a task ({', '.join(SOLUTION_TASKS)}) or a hub dataset name (owner/name)")
     elif spec in task_names():
         if spec not in SOLUTION_TASKS:
             raise DataError(f"task {spec!r} has no worked solutions to train on; SFT tasks: "
