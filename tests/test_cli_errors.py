@@ -48,3 +48,37 @@ def test_sft_data_of_an_unsupported_format_names_the_accepted_extensions(capsys,
                             ".parquet file, a sampler output directory, a task (gsm8k, gsm8k_easy) or a hub dataset "
                             "name (owner/name)")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command, args, message", [
+    ("v3-distill", ["--student-seconds", "nan"], "student_seconds must be > 0 CPU seconds and finite, got nan"),
+    ("v3-distill", ["--teacher-grpo-seconds", "inf"], "teacher_grpo_seconds must be > 0 CPU seconds and finite, got inf"),
+    ("v3-distill", ["--student-pretrain-seconds", "-1"], "student_pretrain_seconds must be > 0 CPU seconds and finite, got -1.0"),
+    ("v3-distill", ["--eval-k", "0"], "eval_k must be >= 1, got 0"),
+    ("v3-distill", ["--sample-limit", "0"], "sample_limit must be >= 1, got 0"),
+    ("v3-distill", ["--model-preset", "tiny-3m"], "model_preset: unknown DeepSeek-V3 preset 'tiny-3m'; known presets: "
+                                                  "['16b', '671b', 'tiny-10m', 'tiny-2m', 'tiny-50m']"),
+    ("v3-zero", ["--max-seconds", "nan"], "max_seconds must be > 0 CPU seconds and finite, got nan"),
+    ("v3-zero", ["--max-seconds", "inf"], "max_seconds must be > 0 CPU seconds and finite, got inf"),
+    ("v3-zero", ["--eval-limit", "0"], "eval_limit must be >= 1, got 0"),
+    ("v3-zero", ["--preset", "tiny-3m"], "preset: unknown DeepSeek-V3 preset 'tiny-3m'; known presets: "
+                                         "['16b', '671b', 'tiny-10m', 'tiny-2m', 'tiny-50m']"),
+])
+def test_pretrain_budgets_counts_and_presets_are_checked_before_any_work(capfd, tmp_path, command, args, message):
+    """NaN/inf/negative budgets and --eval-k 0 were taken; a bad --model-preset printed the error, then
+    the student's child process printed its own traceback (capfd sees that process's stderr too)."""
+    out = tmp_path / "run"
+    assert main(["pretrain", command, "--output", str(out), "--no-progress", *args]) == 2
+    captured = capfd.readouterr()
+    assert captured.err.strip().splitlines() == [f"error: {message}"] and captured.out == ""
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["v3-distill", "v3-zero"])
+def test_pretrain_output_that_is_a_file_is_one_error_and_the_file_is_kept(capsys, tmp_path, command):
+    """v3-zero failed with NotADirectoryError's traceback; v3-distill started its child process first."""
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    assert main(["pretrain", command, "--output", str(out), "--no-progress"]) == 2
+    assert _err(capsys) == f"error: --output {out} is an existing file; pass a directory"
+    assert out.read_text() == "keep me"

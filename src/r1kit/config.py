@@ -316,6 +316,23 @@ def validate_numbers(cfg: Any) -> None:
             raise ConfigError(f"{name} must be {allowed}, got {value}")
 
 
+def check_budgets_and_counts(cfg: Any, seconds: tuple[str, ...] = (), counts: tuple[str, ...] = ()) -> None:
+    """Each field of ``seconds`` a finite number > 0 (NaN passes ``<= 0``, inf never ends), each of
+    ``counts`` >= 1 where it is set (None means unset/all for the fields that allow it).
+
+    Raises:
+        ConfigError: naming the field, its value and the allowed range.
+    """
+    for name in seconds:
+        value = getattr(cfg, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} must be > 0 CPU seconds and finite, got {value}")
+    for name in counts:
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+
+
 def validate_distributed(cfg: Any) -> None:
     """The torchrun settings: data_parallel is ddp or fsdp2, the collective timeout positive."""
     if cfg.data_parallel not in ("ddp", "fsdp2"):

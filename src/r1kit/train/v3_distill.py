@@ -111,6 +111,26 @@ class V3DistillConfig:
     progress: bool = True
     model_overrides: dict = field(default_factory=dict)  # DeepseekV3Config fields of both models (tests)
 
+    def validate(self) -> None:
+        """Raise ConfigError naming the field for a budget that is not a finite number > 0, a count
+        below 1, an unknown task or model preset, or an ``output`` that is an existing file; called
+        before any work (no child process started, nothing written)."""
+        from r1kit.config import check_budgets_and_counts
+        from r1kit.models.deepseek_v3 import DeepseekV3Config
+        from r1kit.models.loading import check_output_path
+
+        task_settings(self.task)
+        check_budgets_and_counts(self, seconds=("teacher_pretrain_seconds", "student_pretrain_seconds",
+                                                "teacher_grpo_seconds", "student_seconds"),
+                                 counts=("sample_limit", "batch_size", "max_steps", "eval_limit", "eval_k", "threads"))
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        try:
+            DeepseekV3Config.preset(self.model_preset)
+        except ConfigError as err:
+            raise ConfigError(f"model_preset: {err}") from None
+        check_output_path(self.output, "dir")
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},  # the defaults: about 1,050 CPU s (20 minutes on an idle 2-core machine)
@@ -183,7 +203,7 @@ def run_v3_distill(cfg: V3DistillConfig, progress: bool | None = None) -> Path:
     """Run the module docstring's steps; return the report path (``DIR/report.md``).
 
     Raises:
-        ConfigError: a budget out of range.
+        ConfigError: from ``V3DistillConfig.validate`` (before any work).
         R1kitError: from the stage runner (a stage made with another config, ...) and the stages.
     """
     import torch
@@ -194,10 +214,7 @@ def run_v3_distill(cfg: V3DistillConfig, progress: bool | None = None) -> Path:
     from r1kit.pipeline.stages import run_stages
 
     out = Path(cfg.output)
-    task_settings(cfg.task)
-    for name in ("teacher_pretrain_seconds", "student_pretrain_seconds", "teacher_grpo_seconds", "student_seconds"):
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"{name} must be > 0 CPU seconds, got {getattr(cfg, name)}")
+    cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     child = None

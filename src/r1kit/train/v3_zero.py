@@ -67,18 +67,35 @@ class V3ZeroConfig:
     progress: bool = True  # GRPO progress bar
     model_overrides: dict = dataclasses.field(default_factory=dict)  # DeepseekV3Config fields (tests)
 
+    def validate(self) -> None:
+        """Raise ConfigError naming the field for a budget that is not a finite number > 0, a count
+        below 1, an unknown model preset, or an ``output`` that is a file or a non-empty directory;
+        called before any work."""
+        from r1kit.config import check_budgets_and_counts
+        from r1kit.models.deepseek_v3 import DeepseekV3Config
+        from r1kit.models.loading import check_output_path
+
+        check_budgets_and_counts(self, seconds=("max_seconds",),
+                                 counts=("pretrain_steps", "grpo_steps", "batch_size", "eval_limit", "threads"))
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        try:
+            DeepseekV3Config.preset(self.preset)
+        except ConfigError as err:
+            raise ConfigError(f"preset: {err}") from None
+        out = check_output_path(self.output, "dir")
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"{out} is not empty; choose a new --output for a from-scratch run")
+
 
 def run_v3_zero(cfg: V3ZeroConfig) -> dict[str, Any]:
     """Run the three stages of the module docstring; returns the report dict (also in report.json).
 
     Raises:
-        ConfigError: ``output`` is not empty, or a budget is out of range.
+        ConfigError: from ``V3ZeroConfig.validate`` (before any work).
     """
+    cfg.validate()
     out = Path(cfg.output)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} is not empty; choose a new --output for a from-scratch run")
-    if cfg.max_seconds <= 0 or cfg.grpo_steps < 1:
-        raise ConfigError(f"max_seconds must be > 0 and grpo_steps >= 1, got {cfg.max_seconds} and {cfg.grpo_steps}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tok = char_tokenizer()
