@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from r1kit.errors import ConfigError, R1kitError
-from r1kit.train.v3_zero import GRPO_SETTINGS
+from r1kit.train.v3_zero import GRPO_SETTINGS, check_pretrain_settings
 
 # GRPO settings of v3_zero (chosen there on training reward only); the stage runner sets model/output
 # and does the evaluation, so GRPO's own before/after evaluation is off.
@@ -115,21 +115,10 @@ class V3DistillConfig:
         """Raise ConfigError naming the field for a budget that is not a finite number > 0, a count
         below 1, an unknown task or model preset, or an ``output`` that is an existing file; called
         before any work (no child process started, nothing written)."""
-        from r1kit.config import check_budgets_and_counts
-        from r1kit.models.deepseek_v3 import DeepseekV3Config
-        from r1kit.models.loading import check_output_path
-
         task_settings(self.task)
-        check_budgets_and_counts(self, seconds=("teacher_pretrain_seconds", "student_pretrain_seconds",
-                                                "teacher_grpo_seconds", "student_seconds"),
-                                 counts=("sample_limit", "batch_size", "max_steps", "eval_limit", "eval_k", "threads"))
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
-        try:
-            DeepseekV3Config.preset(self.model_preset)
-        except ConfigError as err:
-            raise ConfigError(f"model_preset: {err}") from None
-        check_output_path(self.output, "dir")
+        check_pretrain_settings(self, "model_preset", seconds=("teacher_pretrain_seconds", "student_pretrain_seconds",
+                                                               "teacher_grpo_seconds", "student_seconds"),
+                                counts=("sample_limit", "batch_size", "max_steps", "eval_limit", "eval_k", "threads"))
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -71,21 +71,32 @@ class V3ZeroConfig:
         """Raise ConfigError naming the field for a budget that is not a finite number > 0, a count
         below 1, an unknown model preset, or an ``output`` that is a file or a non-empty directory;
         called before any work."""
-        from r1kit.config import check_budgets_and_counts
-        from r1kit.models.deepseek_v3 import DeepseekV3Config
-        from r1kit.models.loading import check_output_path
-
-        check_budgets_and_counts(self, seconds=("max_seconds",),
-                                 counts=("pretrain_steps", "grpo_steps", "batch_size", "eval_limit", "threads"))
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
-        try:
-            DeepseekV3Config.preset(self.preset)
-        except ConfigError as err:
-            raise ConfigError(f"preset: {err}") from None
-        out = check_output_path(self.output, "dir")
+        out = check_pretrain_settings(self, "preset", seconds=("max_seconds",),
+                                      counts=("pretrain_steps", "grpo_steps", "batch_size", "eval_limit", "threads"))
         if out.exists() and any(out.iterdir()):
             raise ConfigError(f"{out} is not empty; choose a new --output for a from-scratch run")
+
+
+def check_pretrain_settings(cfg: Any, preset_field: str, seconds: tuple[str, ...], counts: tuple[str, ...]) -> Path:
+    """The checks ``V3ZeroConfig`` and ``V3DistillConfig`` share (``check_budgets_and_counts``, a seed
+    >= 0, a known ``models/presets`` name in ``preset_field``, ``cfg.output`` not a file); returns
+    ``cfg.output`` as a Path.
+
+    Raises:
+        ConfigError: naming the field.
+    """
+    from r1kit.config import check_budgets_and_counts
+    from r1kit.models.deepseek_v3 import DeepseekV3Config
+    from r1kit.models.loading import check_output_path
+
+    check_budgets_and_counts(cfg, seconds, counts)
+    if cfg.seed < 0:
+        raise ConfigError(f"seed must be >= 0, got {cfg.seed}")
+    try:
+        DeepseekV3Config.preset(getattr(cfg, preset_field))
+    except ConfigError as err:
+        raise ConfigError(f"{preset_field}: {err}") from None
+    return check_output_path(cfg.output, "dir")
 
 
 def run_v3_zero(cfg: V3ZeroConfig) -> dict[str, Any]:
