@@ -30,15 +30,18 @@ from r1kit.errors import R1kitError, TrainingStopped
 
 def _train(args: argparse.Namespace, cls: type, run, default_output: str) -> int:
     """``r1kit train grpo|sft``: resolve the config (a --resume without --preset/--config reuses the run's
-    config.yaml), print it or run ``run(cfg, resume, progress)``."""
+    config.yaml, once ``runs.check_run_kind`` has found a run of this kind there), print it or run
+    ``run(cfg, resume, progress)``."""
     import os
 
     from r1kit.config import config_yaml, load_config, overrides_from_args
+    from r1kit.runs import check_run_kind
     from r1kit.train import distributed
 
     overrides = overrides_from_args(args)
     if args.resume and not args.config and not args.preset:
         saved = Path(overrides.get("output", default_output)) / "config.yaml"
+        check_run_kind(saved.parent, f"train {args.algo}")  # an SFT run's config.yaml is no GRPO config
         if saved.is_file():
             args.config = str(saved)
     cfg = load_config(args.preset, args.config, overrides, cls=cls)

@@ -516,6 +516,49 @@ SFT_PRESETS: dict[str, dict[str, Any]] = {
 PRESETS_OF: dict[type, dict[str, dict[str, Any]]] = {GRPOConfig: PRESETS, SFTConfig: SFT_PRESETS}
 
 
+# Fields that do not change what a run makes (threads, logging and checkpoint cadence, a remote teacher's
+# client settings): a pipeline stage's key leaves them out, and a --resume may change them.
+RUNTIME_FIELDS = ("num_threads", "logging_steps", "log_completions_steps", "tensorboard", "plot", "save_steps",
+                  "save_total_limit", "request_timeout", "max_retries", "max_concurrency", "api_key_env")
+# What a --resume may change besides RUNTIME_FIELDS (``check_resume_config``, the one list): where the run
+# writes; how long it trains (a longer max_steps / num_train_epochs, each call's wall and CPU budgets); the
+# machine (collective timeout, ddp or fsdp2, gradient checkpointing: same gradients, tested; the Ray
+# cluster, its timeouts and restarts); the held-out evaluation before/after training; the warnings. Every
+# other field changes the trained result, and a resume that changes one is refused.
+RESUME_FIELDS = RUNTIME_FIELDS + (
+    "output", "max_steps", "num_train_epochs", "max_train_minutes", "max_train_cpu_seconds",
+    "dist_timeout_minutes", "data_parallel", "gradient_checkpointing", "ray_address", "ray_num_cpus",
+    "ray_worker_threads", "ray_sync_timeout", "ray_reward_retries", "ray_max_restarts",
+    "eval_task", "eval_split", "eval_limit", "eval_k", "eval_temperature", "eval_top_p", "eval_max_tokens",
+    "eval_before", "eval_after",
+    "warn_truncated_ratio", "warn_zero_std_ratio", "warn_answer_share", "warn_patience",
+)
+# SFT's answer_extraction and stop apply to its evaluation only (GRPO's shape the rewards and the sampling).
+RESUME_FIELDS_OF: dict[type, tuple[str, ...]] = {GRPOConfig: RESUME_FIELDS,
+                                                 SFTConfig: RESUME_FIELDS + ("answer_extraction", "stop")}
+
+
+def check_resume_config(cfg: Any, saved_yaml: Path) -> None:
+    """Refuse a --resume whose resolved ``cfg`` differs from the run's saved ``config.yaml`` in a field
+    that changes the result (any field outside ``RESUME_FIELDS_OF[type(cfg)]``). A field the saved config
+    lacks (written by an older r1kit) counts as its default; one this r1kit no longer has is ignored.
+
+    Raises:
+        ConfigError: listing every changed field as ``name: old → new``, and the fixes.
+    """
+    saved = read_yaml_mapping(str(saved_yaml), "saved config")
+    new = yaml.safe_load(config_yaml(cfg))             # the values as config.yaml holds them (lists, None)
+    defaults = yaml.safe_load(config_yaml(type(cfg)()))
+    allowed = RESUME_FIELDS_OF[type(cfg)]
+    changed = [f"{name}: {saved.get(name, defaults[name])!r} → {value!r}" for name, value in new.items()
+               if name not in allowed and saved.get(name, defaults[name]) != value]
+    if changed:
+        raise ConfigError(f"--resume of {saved_yaml.parent} with settings that change the result: {'; '.join(changed)}. "
+                          f"Resume with the run's own settings (--resume without --preset/--config reuses "
+                          f"{saved_yaml}), or start a new run with another --output (r1kit/config.py "
+                          "RESUME_FIELDS lists what a resume may change)")
+
+
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Convert a YAML/command-line value to the field's annotated type; ConfigError names the field."""
     origin = typing.get_origin(tp)

@@ -410,6 +410,16 @@ def test_resume_with_another_model_is_one_clear_error(tiny_model_dir, straight_s
     shutil.copytree(straight_sft, run)
     shutil.rmtree(run / "final")
     before = [(run / f).read_bytes() for f in ("checkpoint-4/policy/model.safetensors", "config.yaml")]
+    assert main(_sft_args(other, run, steps=5) + ["--resume"]) == 2  # another --model than config.yaml's
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --resume of {run} with settings that change the result: model: {str(tiny_model_dir)!r} → "
+                   f"{str(other)!r}. Resume with the run's own settings (--resume without --preset/--config reuses "
+                   f"{run / 'config.yaml'}), or start a new run with another --output (r1kit/config.py RESUME_FIELDS "
+                   "lists what a resume may change)"]
+    assert [(run / f).read_bytes() for f in ("checkpoint-4/policy/model.safetensors", "config.yaml")] == before
+    # the same --model path as config.yaml's, but the directory now holds a model of another shape
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(str(tiny_model_dir), str(other)))
+    before = [(run / f).read_bytes() for f in ("checkpoint-4/policy/model.safetensors", "config.yaml")]
     assert main(_sft_args(other, run, steps=5) + ["--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {run / 'checkpoint-4' / 'policy'} was written by a "

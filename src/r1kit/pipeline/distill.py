@@ -129,7 +129,8 @@ def run_distill(cfg: DistillConfig, from_stage: str | None = None, until_stage: 
     shared = dict(template=cfg.template, seed=cfg.seed)
     common = {"sft": dict(shared), "sample": {**shared, "task": cfg.task, "answer_extraction": cfg.answer_extraction}}
     ctx = PipelineContext(output=Path(cfg.output), base_model=cfg.student, common=common,
-                          eval=cfg.eval_settings(cfg.task), num_threads=cfg.num_threads, progress=progress)
+                          eval=cfg.eval_settings(cfg.task), num_threads=cfg.num_threads, progress=progress,
+                          run_kind="distill")
     stages = distill_stages(cfg)
     names = [s.name for s in stages]
     check_stage_names(stages, {"--from": from_stage, "--until": until_stage})

@@ -138,7 +138,7 @@ def r1_context(cfg: R1PipelineConfig, progress: bool = True):
               "sft": dict(shared),
               "sample": {**shared, "task": cfg.task, "answer_extraction": cfg.answer_extraction}}
     return PipelineContext(output=Path(cfg.output), base_model=cfg.model, common=common, eval=cfg.eval_settings(cfg.task),
-                           num_threads=cfg.num_threads, progress=progress)
+                           num_threads=cfg.num_threads, progress=progress, run_kind="pipeline r1")
 
 
 def resolve_stage_flag(value: str | None, numbers: dict[str, str]) -> str | None:

@@ -497,7 +497,9 @@ def _plan(cfg: SampleConfig, out: Path, resume: bool):
     Raises ConfigError: ``out`` holds something else, or a started run with other settings; R1kitError: every
     prompt is contaminated, or the task has none."""
     from r1kit.data.loading import load_task
+    from r1kit.runs import check_run_kind
 
+    check_run_kind(out, "sample")
     plan_path = out / "plan.json"
     # A run that failed before its first shard (a teacher URL that refuses) holds only its plan: nothing
     # sampled would be lost, so a rerun starts afresh with its own settings.

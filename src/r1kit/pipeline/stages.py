@@ -27,14 +27,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from r1kit.config import RUNTIME_FIELDS  # left out of the stage key, so a rerun may change them
 from r1kit.errors import ConfigError, R1kitError
 from r1kit.pipeline.manifest import canonical_sha256, changed_fields, read_manifest, sha256_path, write_manifest
 
 STAGE_KINDS = ("eval", "sft", "grpo", "sample")
-# Config fields that do not change what a stage makes (threads, logging, checkpoint cadence): left out
-# of the stage key, so a rerun may change them.
-RUNTIME_FIELDS = ("num_threads", "logging_steps", "log_completions_steps", "tensorboard", "plot", "save_steps",
-                  "save_total_limit", "request_timeout", "max_retries", "max_concurrency", "api_key_env")
 # Config fields the pipeline sets from its graph: a stage section naming one is refused.
 GRAPH_FIELDS = {"eval": (), "sft": ("model", "output", "data"), "grpo": ("model", "output"),
                 "sample": ("teacher", "output")}
@@ -100,6 +97,7 @@ class PipelineContext:
     num_threads: int | None = None
     progress: bool = True
     stage_hooks: dict[str, Callable] = field(default_factory=dict)  # kind → runner (tests may add kinds)
+    run_kind: str = "pipeline"  # the command writing ``output`` (a ``runs.KINDS`` key): pipeline r1, distill, ...
 
     def stage_dir(self, stage: Stage) -> Path:
         return self.output / stage.dirname
@@ -267,7 +265,8 @@ def run_stages(stages: list[Stage], ctx: PipelineContext, from_stage: str | None
     check has passed.
 
     Raises:
-        ConfigError: an unknown stage name, a bad stage config (all checked before any work).
+        ConfigError: an unknown stage name, a bad stage config, an output holding a run of another
+            kind (``runs.check_run_kind``), all checked before any work.
         R1kitError: a missing input artifact or model, a stage made with another config, or the
             stage's own errors.
     """
@@ -275,6 +274,9 @@ def run_stages(stages: list[Stage], ctx: PipelineContext, from_stage: str | None
     from r1kit.models.loading import check_output_path
 
     check_output_path(ctx.output, "dir")  # a file there: one error line, before any work
+    from r1kit.runs import check_run_kind
+
+    check_run_kind(ctx.output, ctx.run_kind)  # a GRPO/SFT/sample run or another pipeline there
     order = [s.name for s in stages]
     lo = order.index(from_stage) if from_stage else 0
     hi = order.index(until_stage) if until_stage else len(order) - 1

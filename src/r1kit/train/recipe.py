@@ -76,12 +76,20 @@ def run_complete(run_dir: Path, total_steps: int, eval_after: bool) -> bool:
             and (not eval_after or (run_dir / "eval" / "report.md").is_file()))
 
 
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Refuse an --output that is a file (or under one), and a fresh run over one that holds
-    checkpoints (R1kitError names --resume)."""
+def check_run_dir(run_dir: Path, resume: bool, cfg) -> None:
+    """The run-directory checks GRPO and SFT share, before any work: refuse an --output that is a file
+    (or under one), one holding a run of another kind (``runs.check_run_kind``), a fresh run over one
+    that holds checkpoints (R1kitError names --resume), and a --resume whose ``cfg`` changes a field
+    of the run's saved config.yaml that changes the result (``config.check_resume_config``)."""
+    from r1kit.config import GRPOConfig, check_resume_config
+    from r1kit.runs import check_run_kind
+
     check_output_path(run_dir, "dir")
+    check_run_kind(run_dir, "train grpo" if isinstance(cfg, GRPOConfig) else "train sft")
     if run_dir.exists() and any(run_dir.iterdir()) and not resume and ckpt.list_checkpoints(run_dir):
         raise R1kitError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose another --output")
+    if resume and (run_dir / "config.yaml").is_file():
+        check_resume_config(cfg, run_dir / "config.yaml")
 
 
 def say_complete(run_dir: Path, total_steps: int) -> None:
@@ -177,7 +185,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
         raise ConfigError("data_parallel=fsdp2 is not yet wired to the GRPO rollout engine (it samples from whole "
                           "weights); use --data-parallel ddp for GRPO runs")
     run_dir = Path(cfg.output)
-    check_run_dir(run_dir, resume)
+    check_run_dir(run_dir, resume, cfg)
     if resume and run_complete(run_dir, cfg.max_steps, cfg.eval_after):
         say_complete(run_dir, cfg.max_steps)
         return run_dir

@@ -308,7 +308,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> Path
     cfg.validate()
     env = distributed.init_distributed(cfg.dist_timeout_minutes, cfg.data_parallel)
     run_dir = Path(cfg.output)
-    check_run_dir(run_dir, resume)
+    check_run_dir(run_dir, resume, cfg)
     total = sft_total_steps(cfg, run_dir)
     if resume and total is not None and run_complete(run_dir, total, cfg.eval_after):
         say_complete(run_dir, total)

@@ -113,12 +113,16 @@ class V3DistillConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the field for a budget that is not a finite number > 0, a count
-        below 1, an unknown task or model preset, or an ``output`` that is an existing file; called
-        before any work (no child process started, nothing written)."""
+        below 1, an unknown task or model preset, an ``output`` that is an existing file or holds a run
+        of another kind (``runs.check_run_kind``); called before any work (no child process started,
+        nothing written)."""
+        from r1kit.runs import check_run_kind
+
         task_settings(self.task)
         check_pretrain_settings(self, "model_preset", seconds=("teacher_pretrain_seconds", "student_pretrain_seconds",
                                                                "teacher_grpo_seconds", "student_seconds"),
                                 counts=("sample_limit", "batch_size", "max_steps", "eval_limit", "eval_k", "threads"))
+        check_run_kind(self.output, "pretrain v3-distill")  # before the pretraining, not at the stages
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -245,7 +249,8 @@ def stage_context(cfg: V3DistillConfig, progress: bool | None = None):
     ev = EvalSettings(task=cfg.task, split="test", limit=cfg.eval_limit, k=cfg.eval_k, temperature=0.6,
                       top_p=0.95, max_tokens=lengths["max_tokens"], template="bare", answer_extraction="any", seed=cfg.seed)
     ctx = PipelineContext(output=out, base_model=str(out / "models" / "student"), common=common, eval=ev,
-                          num_threads=cfg.threads, progress=cfg.progress if progress is None else progress)
+                          num_threads=cfg.threads, progress=cfg.progress if progress is None else progress,
+                          run_kind="pretrain v3-distill")
     return v3_distill_stages(cfg, out / "models" / "teacher"), ctx
 
 
