@@ -140,8 +140,11 @@ def test_humaneval_failures(verifier, humaneval, completion, reason):
 
 
 def test_verify_batch_checks_lengths(verifier):
-    with pytest.raises(ConfigError, match="2 completions for 1 examples"):
+    """The same ConfigError as the math verifier's (``rewards.base.batch_flags``), truncation flags counted."""
+    with pytest.raises(ConfigError, match="^verify_batch got 2 completions for 1 examples and 2 truncation flags$"):
         verifier.verify_batch(["", ""], [ADD])
+    with pytest.raises(ConfigError, match="^verify_batch got 1 completions for 1 examples and 3 truncation flags$"):
+        verifier.verify_batch([""], [ADD], truncated=[False] * 3)
 
 
 def test_math_examples_are_a_config_error(verifier):

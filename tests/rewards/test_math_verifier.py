@@ -165,7 +165,7 @@ def test_truncated_completion_has_no_last_number_answer():
     assert MathVerifier().verify(boxed, example("12"), truncated=True).correct
     verdicts = direct.verify_batch([cut, cut], [example("1"), example("1")], truncated=[False, True])
     assert [v.reason for v in verdicts] == ["ok", "truncated"]
-    with pytest.raises(ValueError, match="and 1 truncation flags"):
+    with pytest.raises(ConfigError, match="and 1 truncation flags"):
         direct.verify_batch([cut, cut], [example("1"), example("1")], truncated=[True])
 
 
@@ -177,7 +177,7 @@ def test_verify_batch_and_accuracy_reward(verifier):
     reward = AccuracyReward(verifier)
     assert reward.name == "accuracy"
     assert reward(completions, golds) == [1.0, 1.0, 0.0]
-    with pytest.raises(ValueError, match="2 completions for 3 examples and 2 truncation flags"):
+    with pytest.raises(ConfigError, match="verify_batch got 2 completions for 3 examples and 2 truncation flags"):
         verifier.verify_batch(completions[:2], golds)
 
 

@@ -15,6 +15,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 from r1kit.data.base import Example
 from r1kit.data.reasoning import THINK_CLOSE
+from r1kit.errors import ConfigError
 
 
 def answer_region(completion: str) -> str:
@@ -41,6 +42,20 @@ class Verdict:
     score: float
     reason: str
     extracted: str | None = None
+
+
+def batch_flags(completions: Sequence[str], examples: Sequence[Example],
+                truncated: Sequence[bool] | None = None) -> list[bool]:
+    """The truncation flags of a ``verify_batch`` call (all False for None), once the lengths agree.
+
+    Raises:
+        ConfigError: the completions, examples and flags are not equally many (names the three counts).
+    """
+    flags = [False] * len(completions) if truncated is None else list(truncated)
+    if not len(completions) == len(examples) == len(flags):
+        raise ConfigError(f"verify_batch got {len(completions)} completions for {len(examples)} examples "
+                          f"and {len(flags)} truncation flags")
+    return flags
 
 
 @runtime_checkable

@@ -62,7 +62,7 @@ from typing import Sequence
 
 from r1kit.data.base import Example
 from r1kit.errors import ConfigError
-from r1kit.rewards.base import Verdict, answer_region
+from r1kit.rewards.base import Verdict, answer_region, batch_flags
 from r1kit.rewards.registry import register_verifier
 from r1kit.rewards.sandbox import ExecResult, Limits, Sandbox, SandboxPool
 
@@ -516,10 +516,9 @@ class CodeVerifier:
         written (an unclosed code block fails on its own).
 
         Never raises for a bad completion: failures come back as ``Verdict(correct=False, reason=r)``
-        with ``r`` in ``REASONS``. Raises ConfigError if the lengths differ or an example has no
+        with ``r`` in ``REASONS``. Raises ConfigError if the lengths differ (``base.batch_flags``) or an example has no
         code tests (a task whose verifier is not ``"code"``) or malformed ``io_tests``."""
-        if len(completions) != len(examples):
-            raise ConfigError(f"verify_batch got {len(completions)} completions for {len(examples)} examples")
+        batch_flags(completions, examples, truncated)
         for example in examples:
             if "io_tests" in example.meta:
                 check_io_meta(example)

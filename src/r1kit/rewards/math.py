@@ -32,7 +32,7 @@ from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, veri
 
 from r1kit.data.base import Example
 from r1kit.errors import ConfigError, DataError
-from r1kit.rewards.base import Verdict, answer_region
+from r1kit.rewards.base import Verdict, answer_region, batch_flags
 from r1kit.rewards.numeric import hardened
 from r1kit.rewards.registry import register_verifier
 
@@ -412,11 +412,8 @@ class MathVerifier:
     def verify_batch(self, completions: Sequence[str], examples: Sequence[Example],
                      truncated: Sequence[bool] | None = None) -> list[Verdict]:
         """Verify ``completions[i]`` against ``examples[i]`` (``truncated[i]``: it hit the token limit).
-        Raises ValueError on a length mismatch."""
-        truncated = [False] * len(completions) if truncated is None else list(truncated)
-        if not len(completions) == len(examples) == len(truncated):
-            raise ValueError(f"{len(completions)} completions for {len(examples)} examples "
-                             f"and {len(truncated)} truncation flags")
+        Raises ConfigError on a length mismatch (``base.batch_flags``)."""
+        truncated = batch_flags(completions, examples, truncated)
         return [self.verify(c, e, t) for c, e, t in zip(completions, examples, truncated)]
 
 
