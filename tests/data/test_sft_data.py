@@ -127,3 +127,17 @@ def test_over_long_examples_are_dropped_or_refused_never_cut(tok):
     assert kept[0].completion_ids[-1] == tok.eos_token_id
     with pytest.raises(DataError, match=r"example long has \d+ tokens .* > max_length=\d+; raise --max-length"):
         tokenize_rows([short, long], tok, "chat_think", max_length=n_short, overlong="error")
+
+
+def test_render_completion_is_the_one_think_wrapping_sft_and_the_sampler_share():
+    """The sampler rebuilt an endpoint's reasoning_content + content by hand; it now calls this. A null
+    content (the reasoning never ended) leaves the think block open, as split_reasoning expects."""
+    from r1kit.data.reasoning import ReasoningSplit, split_reasoning
+    from r1kit.data.sft_data import render_completion
+
+    assert render_completion("3 + 4 = 7", "\\boxed{7}", False) == "<think>\n3 + 4 = 7\n</think>\n\n\\boxed{7}"
+    assert render_completion("3 + 4 = 7", "\\boxed{7}", True) == "3 + 4 = 7\n</think>\n\n\\boxed{7}"
+    assert render_completion(None, "\\boxed{7}", False) == "\\boxed{7}"
+    assert render_completion("", "\\boxed{7}", False) == "<think>\n\n</think>\n\n\\boxed{7}"
+    cut = render_completion("3 + 4 is", None, False)
+    assert cut == "<think>\n3 + 4 is" and split_reasoning(cut, False) == ReasoningSplit("3 + 4 is", None)

@@ -231,16 +231,19 @@ def assistant_parts(message: dict[str, Any], where: str) -> tuple[str | None, st
 
 
 # ----- rendering -----
-def render_completion(reasoning: str | None, answer: str, think_in_prompt: bool) -> str:
+def render_completion(reasoning: str | None, answer: str | None, think_in_prompt: bool) -> str:
     """The assistant text after the rendered prompt (end-of-turn token not included).
 
     A prompt that ends in an open ``<think>`` (``chat_think``'s prefill, or a chat template that writes
     it, as DeepSeek-R1's does): ``reasoning + "\\n</think>\\n\\n" + answer``; otherwise
     ``"<think>\\n" + reasoning + "\\n</think>\\n\\n" + answer`` when there is reasoning, the answer
-    alone when not."""
+    alone when not. ``answer`` None: the reasoning never ended (an endpoint's null content after its
+    ``reasoning_content``), so no ``</think>`` is written after it."""
     if reasoning is None and not think_in_prompt:
-        return answer
+        return answer or ""
     opening = "" if think_in_prompt else f"{THINK_OPEN}\n"
+    if answer is None:
+        return f"{opening}{reasoning or ''}"
     return f"{opening}{reasoning or ''}\n{THINK_CLOSE}\n\n{answer}"
 
 

@@ -341,8 +341,10 @@ class EndpointTeacher:
         reasoning = next((v for v in (_message_field(choice.message, k) for k in ("reasoning_content", "reasoning"))
                           if v is not None), None)
         text = choice.message.content
-        if reasoning is not None:  # no content after a reasoning: it never closed
-            text = f"<think>\n{reasoning}" + ("" if text is None else f"\n</think>\n\n{text}")
+        if reasoning is not None:  # no content after a reasoning (None): it never closed
+            from r1kit.data.sft_data import render_completion
+
+            text = render_completion(reasoning, text, think_in_prompt=False)  # the chat API prefills nothing
         return Drawn(text or "", choice.finish_reason or "stop", seed)
 
     def sample(self, examples: Sequence[Example], cfg: SampleConfig, seed: int) -> list[list[Drawn]]:
