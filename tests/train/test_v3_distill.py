@@ -2,6 +2,7 @@
 tiny end-to-end run up to the teacher's samples (a barely pretrained teacher keeps none: one clear
 error, the stages already made kept), and a rerun that reuses them."""
 
+import dataclasses
 import json
 
 import pytest
@@ -101,3 +102,8 @@ def test_tiny_run_makes_both_models_and_stages_then_reuses_them(tmp_path, capfd,
     assert "teacher: pretrained already, reused" in log and "student: pretrained already, reused" in log
     assert "[student] complete" in log and "[teacher] complete" in log and "[rl] complete" in log
     assert before == {d: (out / d / "manifest.json").read_text() for d in before}
+    if task == "arithmetic":  # a rerun with another student budget: the second process's stage rl refuses it
+        with pytest.raises(R1kitError, match="failed verification"):
+            run_v3_distill(dataclasses.replace(cfg, student_seconds=cfg.student_seconds + 1))
+        err = capfd.readouterr().err
+        assert "Traceback" not in err and f"error: stage rl in {out / '4_rl'} was made with another config" in err

@@ -214,7 +214,8 @@ def run_v3_distill(cfg: V3DistillConfig, progress: bool | None = None) -> Path:
     if cfg.parallel:  # the student's chain needs nothing of the teacher's: a second core runs it meanwhile
         import multiprocessing
 
-        child = multiprocessing.get_context("spawn").Process(target=student_chain, args=(cfg,), name="student-chain")
+        child = multiprocessing.get_context("spawn").Process(target=student_chain_process, args=(cfg,),
+                                                             name="student-chain")
         child.start()
     teacher = pretrain_once(out / "models" / "teacher", cfg.model_preset, cfg.teacher_pretrain_seconds, {}, cfg)
     if child is not None:
@@ -270,6 +271,19 @@ def student_chain(cfg: V3DistillConfig, only_pretrain: bool = False) -> None:
         stages, ctx = stage_context(cfg, progress=False)
         run_stages(stages, ctx, until_stage="student")
         run_stages(stages, ctx, from_stage="rl", until_stage="rl")
+
+
+def student_chain_process(cfg: V3DistillConfig) -> None:
+    """``student_chain`` as the second process runs it: an R1kitError (bad input a user can fix: a stage
+    made with another config, ...) is printed as one ``error:`` line and exits with status 2, as the CLI
+    does (a bug keeps its traceback); the first process then names the failed chain."""
+    import sys
+
+    try:
+        student_chain(cfg)
+    except R1kitError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def models_section(out: Path) -> str:
