@@ -16,7 +16,8 @@ def test_serve_help_shows_each_default_once(capsys):
     """`--served-model-name` read '(default: MODEL as given) (default: None)'."""
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
-    flags = " ".join(capsys.readouterr().out.split()).split(" --")[1:]
+    options = " ".join(capsys.readouterr().out.split("options:")[1].split())
+    flags = options.split(" --")[1:]                     # one entry per flag: its name, metavar and help
     assert len(flags) == 14 and all(f.count("default") <= 1 for f in flags), flags
     assert any(f.startswith("served-model-name") and f.endswith("(default: MODEL as given)") for f in flags)
 
