@@ -375,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--preset",
                             help=f"named preset applied before --config and flags: {', '.join(preset_names(cls))}")
         parser.add_argument("--config", help="YAML file of config fields")
-        parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+        parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output (without --preset/--config: with "
+                                 "its config.yaml); a flag that changes the result is refused, config.py "
+                                 "RESUME_FIELDS lists what may change")
         parser.add_argument("--print-config", action="store_true",
                             help="print the resolved config (defaults, preset, --config, flags) as YAML and exit; "
                                  "loads no model")

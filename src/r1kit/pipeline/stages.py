@@ -272,10 +272,9 @@ def run_stages(stages: list[Stage], ctx: PipelineContext, from_stage: str | None
     """
     check_stage_names(stages, {"--from": from_stage, "--until": until_stage})
     from r1kit.models.loading import check_output_path
-
-    check_output_path(ctx.output, "dir")  # a file there: one error line, before any work
     from r1kit.runs import check_run_kind
 
+    check_output_path(ctx.output, "dir")  # a file there: one error line, before any work
     check_run_kind(ctx.output, ctx.run_kind)  # a GRPO/SFT/sample run or another pipeline there
     order = [s.name for s in stages]
     lo = order.index(from_stage) if from_stage else 0
