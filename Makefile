@@ -3,7 +3,7 @@ VENV  := .venv
 STAMP := $(VENV)/.r1kit-setup
 RUN   ?= runs/demo
 
-.PHONY: setup demo demo-svamp demo-rft demo-pipeline test smoke bench clean
+.PHONY: setup demo demo-grpo-gsm8k demo-svamp demo-rft demo-pipeline test smoke bench clean
 
 setup: $(STAMP)
 
@@ -11,13 +11,19 @@ $(STAMP): pyproject.toml constraints.txt scripts/setup.sh $(wildcard scripts/set
 	bash scripts/setup.sh
 	touch $@
 
-# The main job: GRPO on GSM8K train, evaluated before/after on 200 GSM8K test problems.
+# The main job, the GSM8K target: cold-start SFT of the embedded model on 1,024 GSM8K-train worked
+# solutions (`r1kit train sft --preset cpu_gsm8k`), evaluated before/after, greedily, on all 1,319
+# GSM8K test problems. Report: $(RUN)/eval/report.md; rerunning resumes where it stopped.
 demo: setup
-	bash scripts/demo.sh $(RUN) cpu_demo_gsm8k
+	bash scripts/demo.sh $(RUN) cpu_gsm8k sft
 
-# The second real-data demo: SVAMP one-step word problems (700 train / 300 held out).
+# GRPO alone on GSM8K (the main job before SFT existed): evaluated on 200 GSM8K test problems.
+demo-grpo-gsm8k: setup
+	bash scripts/demo.sh $(RUN)-grpo-gsm8k cpu_demo_gsm8k grpo
+
+# GRPO alone on SVAMP one-step word problems (700 train / 300 held out).
 demo-svamp: setup
-	bash scripts/demo.sh $(RUN)-svamp cpu_demo
+	bash scripts/demo.sh $(RUN)-svamp cpu_demo grpo
 
 # Rejection-sampling fine-tuning on SVAMP (`r1kit distill --preset rft_svamp`, R1 stage 3 in miniature):
 # the embedded model samples the train problems, its verified answers fine-tune it, evaluated before and
