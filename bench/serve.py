@@ -14,14 +14,16 @@ arrive together seconds later; ``early_itl`` (the first quarter's inter-token ga
 the burst's prefill stalls streams already running, what chunked prefill bounds.
 
 Our server runs once per ``--max-num-batched-tokens`` value (default ``0 512``: whole-prompt prefill,
-then chunked prefill, i.e. before -> after in one run). Then, when ``llama-cpp-python[server]`` is
+then chunked prefill, i.e. before -> after in one run). ``--before REV`` first runs, per value, the
+server as it was at git revision REV (its ``src`` exported with ``git archive``), so a change to the
+engine or server is measured before -> after in one run. Then, when ``llama-cpp-python[server]`` is
 installed, llama.cpp's own server (``python -m llama_cpp.server``) on the model's GGUF written by
 ``r1kit export`` (``--gguf-dtype``, bf16 by default: the dtype our engine computes in on a CPU with
 native bf16), with the same prompts and lengths. The last lines give per server
 ``batching_gain=<output tok/s at the largest c / at the smallest>`` (target >= 8 at 32) and ours
 over llama.cpp's at the largest c (target >= 1).
 
-    PYTHONPATH=src python bench/serve.py [--concurrency 1 8 32] [--max-tokens 128] [--llama-cpp auto|off|URL]
+    PYTHONPATH=src python bench/serve.py [--concurrency 1 8 32] [--max-tokens 128] [--llama-cpp auto|off|URL] [--before REV]
 """
 
 from __future__ import annotations
@@ -155,8 +157,9 @@ def wait_for_line(proc: subprocess.Popen, pattern: str, what: str) -> str:
     raise SystemExit(f"{what} did not start (exit {proc.wait()})")
 
 
-def start_server(args, max_num_batched_tokens: int) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PYTHONUNBUFFERED="1")
+def start_server(args, max_num_batched_tokens: int, src: Path = ROOT / "src") -> tuple[subprocess.Popen, str]:
+    """``r1kit serve`` from the package in ``src`` on a free port; returns (process, its /v1 base)."""
+    env = dict(os.environ, PYTHONPATH=str(src), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "r1kit.cli", "serve", args.model, "--port", "0", "--max-num-seqs",
            str(max(args.concurrency)), "--max-model-len", str(args.max_model_len), "--dtype", args.dtype,
            "--max-num-batched-tokens", str(max_num_batched_tokens)]
@@ -187,6 +190,13 @@ def start_llama_cpp(args, workdir: Path) -> tuple[subprocess.Popen, str]:
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     wait_for_line(proc, r"(Uvicorn running on)", "llama-cpp-python's server")
     return proc, f"http://127.0.0.1:{port}/v1"
+
+
+def export_src(rev: str, workdir: Path) -> Path:
+    """The package source as it was at git revision ``rev``, exported under ``workdir``; returns its src."""
+    archive = subprocess.run(["git", "archive", rev, "src"], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(workdir)], input=archive, check=True)
+    return workdir / "src"
 
 
 def run_levels(name: str, url: str, model: str | None, args, burst: bool = True) -> list[dict]:
@@ -239,19 +249,23 @@ def main() -> None:
                          "this many seconds later (0 = skip): early_itl shows how long the burst stalls their streams")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--before", default=None, help="also run the server as it was at this git revision, first")
     args = ap.parse_args()
     print(cpu_line(), f"uptime_load={' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     results: dict[str, list[dict]] = {}
     if args.url:
         results["r1kit"] = run_levels("r1kit", args.url, None, args)
     else:
-        for budget in args.max_num_batched_tokens:
-            name = f"r1kit[max_num_batched_tokens={budget or 'whole'}]"
-            proc, url = start_server(args, budget)
-            try:
-                results[name] = run_levels(name, url, args.model, args)
-            finally:
-                stop(proc)
+        with tempfile.TemporaryDirectory() as tmp:
+            sources = ([(f"r1kit@{args.before}", export_src(args.before, Path(tmp)))] if args.before else [])
+            for label, src in sources + [("r1kit", ROOT / "src")]:
+                for budget in args.max_num_batched_tokens:
+                    name = f"{label}[max_num_batched_tokens={budget or 'whole'}]"
+                    proc, url = start_server(args, budget, src)
+                    try:
+                        results[name] = run_levels(name, url, args.model, args)
+                    finally:
+                        stop(proc)
     if args.llama_cpp != "off":
         if args.llama_cpp.startswith("http"):
             results["llama.cpp"] = run_levels("llama.cpp", args.llama_cpp, "default", args, burst=False)
