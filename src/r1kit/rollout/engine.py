@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from r1kit.errors import ConfigError
+from r1kit.models.loading import native_bf16, resolve_dtype
 from r1kit.rollout.base import Completion, SamplingParams
+from r1kit.rollout.sampling import truncated_candidates
 
-TOP_P_CANDIDATES = 1024  # tokens kept before the exact top-p cut; a full sort is the fallback
 SHARED_PREFIX_MIN = 16  # prompts admitted together that share this many leading tokens prefill them once
 DRAW_BLOCK = 256  # vocabulary entries per block of the two-level inverse-CDF draw
 CACHE_BLOCK = 64  # a growable cache holds a multiple of this many positions (grown and shrunk in these steps)
@@ -155,24 +156,6 @@ ADAPTERS: dict[str, Callable[[torch.nn.Module, torch.dtype], ModelAdapter]] = {}
 def register_adapter(model_type: str, factory: Callable[[torch.nn.Module, torch.dtype], ModelAdapter]) -> None:
     """Serve models whose ``config.model_type`` is ``model_type`` with ``factory(model, dtype)``."""
     ADAPTERS[model_type] = factory
-
-
-def native_bf16() -> bool:
-    """True when this CPU has bf16 matrix instructions (AVX512-BF16 / AMX); without them torch
-    emulates bf16 matmuls, several times slower than fp32."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """``"auto"`` -> bf16 where the CPU has native bf16 matmuls, else fp32; a dtype passes through.
-
-    Raises ConfigError for anything but "auto", float32 or bfloat16.
-    """
-    if dtype == "auto":
-        return torch.bfloat16 if native_bf16() else torch.float32
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ConfigError(f"dtype must be 'auto', torch.float32 or torch.bfloat16, got {dtype!r}")
-    return dtype
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -453,27 +436,9 @@ def sample(
         tokens = draw(probs, generator)
         return tokens, probs.gather(1, tokens[:, None])[:, 0].log()
     logp = scaled.log_softmax(-1)
-    tokens = _sample_truncated(logp, params.top_k, params.top_p, generator)
+    ids, weights = truncated_candidates(logp, params.top_k, params.top_p)
+    tokens = ids.gather(1, draw(weights, generator)[:, None])[:, 0]
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
-
-
-def _sample_truncated(logp: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Sample from the top-k, then top-p, truncation of ``logp`` (b, V). Top-p alone looks at the
-    ``TOP_P_CANDIDATES`` most likely tokens and sorts the full vocabulary only for a batch where
-    they hold less than ``top_p`` of the mass."""
-    vocab = logp.shape[-1]
-    k = min(top_k or TOP_P_CANDIDATES, vocab)
-    cand_logp, cand_ids = logp.topk(k, dim=-1)  # (b, k), sorted descending
-    if top_k:
-        cand_logp = cand_logp.log_softmax(-1)  # top-p acts on the renormalized top-k mass
-    probs = cand_logp.exp()
-    if top_p < 1:
-        if not top_k and bool((probs.sum(-1) < top_p).any()):
-            cand_logp, cand_ids = logp.sort(dim=-1, descending=True)
-            probs = cand_logp.exp()
-        mass_before = probs.cumsum(-1) - probs  # keep a token while the mass above it is < top_p
-        probs = probs.masked_fill(mass_before >= top_p, 0.0)
-    return cand_ids.gather(1, draw(probs, generator)[:, None])[:, 0]
 
 
 def draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -549,7 +514,8 @@ class Engine:
             "llama" is built in). Its weights are copied; call ``update_weights`` after training.
         tokenizer_or_eos_ids: a tokenizer (EOS ids and stop strings) or a list of EOS ids (stop
             strings then unsupported). Pass ``[]`` to never stop on EOS (benchmarks).
-        dtype: weight precision; "auto" = bf16 where the CPU has native bf16 matmuls, else fp32.
+        dtype: weight precision; "auto" = bf16 where the CPU has native bf16 matmuls (or CUDA is
+            present: ``r1kit.models.loading.resolve_dtype``), else fp32.
             Matmuls and the cache run in ``compute_dtype(dtype)`` (bf16 only where native).
         max_batch: cache slots, i.e. sequences decoded together.
         max_cache_bytes: KV-cache budget in bytes (default: half the available memory).
@@ -584,6 +550,8 @@ class Engine:
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         self.dtype = resolve_dtype(dtype)
+        if self.dtype not in (torch.float32, torch.bfloat16):
+            raise ConfigError(f"dtype must be 'auto', float32 or bfloat16, got {dtype!r}")
         self.compute_dtype = compute_dtype(self.dtype)
         self.adapter = ADAPTERS[model_type](model, self.dtype)
         self.eos_ids, self.tokenizer = eos_ids_of(model, tokenizer_or_eos_ids)
