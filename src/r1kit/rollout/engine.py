@@ -4,7 +4,8 @@ The engine owns the loop (``Scheduler``: admission, sampling, stops, slot reuse)
 the batch call ``Engine.generate`` (RL, evaluation, distillation) or request by request
 (``add_request`` / ``step`` / ``abort``: the server's continuous batching across requests, each with
 its own sampling settings and seed); a small per-model *adapter* owns the forward: ``prefill`` a
-batch of prompts into cache slots and ``decode`` one token for every slot. ``LlamaAdapter`` runs HF
+batch of prompts into cache slots, ``decode`` one token for every slot, or both in one ``forward``
+(chunked prefill: the running decodes and prompt chunks share a model call). ``LlamaAdapter`` runs HF
 Llama-family models with its own forward over the HF module's weights (fused QKV and gate/up
 projections prepacked for oneDNN, a per-slot KV cache grown in blocks so decode attention is two
 batched matmuls over one contiguous block per layer, prefill without padding, no per-token HF
