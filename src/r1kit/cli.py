@@ -143,7 +143,7 @@ def _eval(args: argparse.Namespace) -> int:
     from r1kit.config import load_config
     from r1kit.data.loading import load_task
     from r1kit.eval.evaluate import eval_report, evaluate, save_report, save_result
-    from r1kit.models.loading import load_policy, resolve_bf16, resolve_dtype
+    from r1kit.models.loading import load_policy, resolve_dtype
     from r1kit.runtime import make_engine, make_render, make_verifier
 
     _check_eval_args(args)
@@ -163,7 +163,7 @@ def _eval(args: argparse.Namespace) -> int:
     model, tok = load_policy(args.model, dtype=torch.float32)
     render, _ = make_render(template, tok)
     verifier = make_verifier(args.task, extraction)
-    dtype = (torch.bfloat16 if resolve_bf16("auto") else torch.float32) if args.dtype == "auto" else resolve_dtype(args.dtype)
+    dtype = resolve_dtype(args.dtype)
     engine = make_engine(model, tok, args.backend, dtype)
     print(f"evaluating {len(examples)} problems × k={args.k} (template {template}, max {max_tokens} tokens)...",
           flush=True)

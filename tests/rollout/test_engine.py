@@ -255,7 +255,10 @@ def test_cache_over_budget_is_refused_with_its_size(tiny):
 
 def test_unknown_model_type_and_dtype_are_refused(tiny):
     with pytest.raises(ConfigError, match="float16"):
-        resolve_dtype(torch.float16)
+        Engine(tiny, [], dtype=torch.float16)
+    with pytest.raises(ConfigError, match="unknown dtype 'fp8'"):
+        resolve_dtype("fp8")
+    assert resolve_dtype("auto") == (torch.bfloat16 if native_bf16() or torch.cuda.is_available() else torch.float32)
     tiny.config.model_type = "gpt2"
     try:
         with pytest.raises(ConfigError, match="register_adapter"):

@@ -10,7 +10,7 @@ import torch
 
 from r1kit.errors import ConfigError
 from r1kit.rollout.base import SamplingParams
-from r1kit.rollout.engine import Engine
+from r1kit.rollout.engine import Chunks, Engine, SlotCache
 
 from test_engine import PROMPTS, full_forward_logprobs, hf_greedy, tiny_llama
 
@@ -163,6 +163,66 @@ def test_chunked_prefill_changes_no_token_and_keeps_decodes_flowing(tiny):
     assert run_until_done(chunked)[("pair", 1)][0] == hf_greedy(tiny, LONG, 5)
     with pytest.raises(ConfigError, match="max_num_batched_tokens"):
         Engine(tiny, [], max_batch=8, max_num_batched_tokens=4)
+
+
+def test_decode_and_prompt_chunks_run_in_one_model_call(tiny, monkeypatch):
+    """With a token budget a step is one adapter call: the running decodes plus up to budget - decodes
+    prompt tokens (vLLM's chunked prefill); the long prompt goes in over several such steps and every
+    greedy completion still equals HF generate."""
+    engine = Engine(tiny, [], dtype=torch.float32, max_batch=4, max_model_len=128, max_num_batched_tokens=20)
+    adapter, calls = engine.adapter, []
+    real_forward = adapter.forward
+
+    def spy(cache, tokens=None, positions=None, span=0, rows=None, chunks=None):
+        calls.append((None if rows is None else len(rows), None if chunks is None else chunks.lengths.tolist(),
+                      None if chunks is None else chunks.starts.tolist()))
+        return real_forward(cache, tokens, positions, span, rows, chunks)
+
+    monkeypatch.setattr(adapter, "forward", spy)
+    for name in ("prefill", "decode"):
+        monkeypatch.setattr(adapter, name, lambda *a, **k: pytest.fail("a separate prefill or decode call"))
+    engine.add_request("a", PROMPTS[0], SamplingParams(max_tokens=14, temperature=0))
+    (first,) = engine.step()
+    engine.add_request("long", LONG, SamplingParams(max_tokens=6, temperature=0))
+    engine.add_request("b", PROMPTS[2], SamplingParams(max_tokens=7, temperature=0))
+    got = run_until_done(engine)
+    got[("a", 0)] = (first.token_ids + got[("a", 0)][0],)
+    assert calls[0] == (None, [len(PROMPTS[0])], [0])  # "a" alone: one chunk, no decode rows
+    # "a" decodes (1 row) beside 19 prompt tokens of "long", then 19 more, ...; "long"'s last 14 and the
+    # first 5 of "b" go in one call (chunks at starts 76 and 0), "b"'s last 2 beside 2 decodes.
+    assert calls[1:7] == [(1, [19], [0]), (1, [19], [19]), (1, [19], [38]), (1, [19], [57]),
+                          (1, [14, 5], [76, 0]), (2, [2], [5])]
+    assert calls[7] == (3, None, None)  # then all three decode
+    for rid, prompt, n in (("a", PROMPTS[0], 14), ("long", LONG, 6), ("b", PROMPTS[2], 7)):
+        assert got[(rid, 0)][0] == hf_greedy(tiny, prompt, n), rid
+    assert engine.stats()["slots_in_use"] == 0
+
+
+def test_one_call_equals_a_decode_then_a_prefill(tiny):
+    """``forward`` with decode rows and chunks at different starts gives the logits and the cache of a
+    ``decode`` followed by one ``prefill`` per chunk start (fp32)."""
+    engine = Engine(tiny, [], dtype=torch.float32, max_batch=4, max_model_len=64)
+    adapter = engine.adapter
+    cache = adapter.new_cache(4, 64)
+    # Slots 0, 1 decode (prompts of 5 and 9 tokens in); slot 2 has 6 prompt tokens in, slot 3 none.
+    for slot, prompt in ((0, PROMPTS[1][:5]), (1, PROMPTS[1][:9]), (2, LONG[:6])):
+        adapter.prefill(torch.tensor([prompt]), torch.tensor([len(prompt)]), cache, torch.tensor([slot]))
+    tokens, positions = torch.tensor([11, 12, 13, 0]), torch.tensor([5, 9, len(LONG[:10]) - 1, 0])
+    chunk_tokens = torch.tensor([LONG[6:10], [7, 8, 9, 0]])
+    chunks = Chunks(chunk_tokens, torch.tensor([4, 3]), torch.tensor([2, 3]), torch.tensor([6, 0]))
+    rows = torch.tensor([0, 1])
+    one = SlotCache([t.clone() for t in cache.tensors], cache.position_dim, cache.limit)
+    dec, pre = adapter.forward(one, tokens, positions, 10, rows, chunks)
+    ref_dec = adapter.decode(tokens, positions, cache, 10, rows)
+    ref_a = adapter.prefill(chunk_tokens[:1], torch.tensor([4]), cache, torch.tensor([2]), start=6)
+    ref_b = adapter.prefill(chunk_tokens[1:, :3], torch.tensor([3]), cache, torch.tensor([3]))
+    torch.testing.assert_close(dec, ref_dec, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pre, torch.cat([ref_a, ref_b]), atol=1e-5, rtol=1e-5)
+    for got, ref in zip(one.tensors, cache.tensors):  # slot 2's last-position write is the chunk's
+        torch.testing.assert_close(got[:, :, :, :10], ref[:, :, :, :10], atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # and the chunk's last logits are HF's at that prompt position
+        hf = tiny(torch.tensor([LONG[:10]])).logits[0, -1]
+    torch.testing.assert_close(pre[0], hf, atol=1e-4, rtol=1e-4)
 
 
 def test_request_api_refuses_bad_requests(tiny):

@@ -1,6 +1,7 @@
 """Engine adapters for Qwen2/Qwen2.5, Qwen3 and Mistral: greedy token for token equal to HF ``generate``
 (fp32) and sampling logprobs equal to a full forward, on tiny random configs; sliding-window models
-capped at their window; ``make_engine("auto")`` picks r1kit's engine for each."""
+capped at their window; chunked prefill inside the decode step exact; ``make_engine("auto")`` picks
+r1kit's engine for each."""
 
 from __future__ import annotations
 
@@ -67,6 +68,20 @@ def test_sampling_logprobs_equal_a_full_forward(family):
     for c in Engine(family, [], dtype=torch.float32).generate(PROMPTS[:2], params):
         ref = full_forward_logprobs(family, PROMPTS[c.prompt_index], c.token_ids, 0.8)
         torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_prefill_inside_the_decode_step_equals_hf_generate(family):
+    """Request API with a token budget: a 40-token prompt goes in as chunks riding in the decode steps
+    of a running request (one model call per step); both stay token for token equal to HF generate."""
+    engine = Engine(family, [], dtype=torch.float32, max_batch=2, max_model_len=96, max_num_batched_tokens=12)
+    engine.add_request("short", PROMPTS[0], SamplingParams(max_tokens=10, temperature=0))
+    got = {"short": [d.token_ids[0] for d in engine.step()]}
+    engine.add_request("long", PROMPTS[1], SamplingParams(max_tokens=6, temperature=0))
+    while engine.has_unfinished():
+        for d in engine.step():
+            got.setdefault(d.request_id, []).extend(d.token_ids)
+    assert got["short"] == hf_greedy(family, PROMPTS[0], 10)
+    assert got["long"] == hf_greedy(family, PROMPTS[1], 6)
 
 
 def test_the_family_changes_the_output():

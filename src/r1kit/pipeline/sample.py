@@ -250,13 +250,12 @@ class EngineTeacher:
     def __init__(self, cfg: SampleConfig):
         import torch
 
-        from r1kit.models.loading import load_policy, resolve_bf16, resolve_dtype
+        from r1kit.models.loading import load_policy, resolve_dtype
         from r1kit.runtime import make_engine, make_render
 
         model, self.tokenizer = load_policy(cfg.teacher, dtype=torch.float32)
         self.render, self.template = make_render(cfg.template, self.tokenizer)
-        dtype = (torch.bfloat16 if resolve_bf16("auto") else torch.float32) if cfg.dtype == "auto" \
-            else resolve_dtype(cfg.dtype)
+        dtype = resolve_dtype(cfg.dtype)
         self.engine = make_engine(model, self.tokenizer, cfg.backend, dtype)
         self.name = cfg.teacher
         self.weights_sha256 = state_sha256(model)

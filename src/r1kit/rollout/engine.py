@@ -4,7 +4,8 @@ The engine owns the loop (``Scheduler``: admission, sampling, stops, slot reuse)
 the batch call ``Engine.generate`` (RL, evaluation, distillation) or request by request
 (``add_request`` / ``step`` / ``abort``: the server's continuous batching across requests, each with
 its own sampling settings and seed); a small per-model *adapter* owns the forward: ``prefill`` a
-batch of prompts into cache slots and ``decode`` one token for every slot. ``LlamaAdapter`` runs HF
+batch of prompts into cache slots, ``decode`` one token for every slot, or both in one ``forward``
+(chunked prefill: the running decodes and prompt chunks share a model call). ``LlamaAdapter`` runs HF
 Llama-family models with its own forward over the HF module's weights (fused QKV and gate/up
 projections prepacked for oneDNN, a per-slot KV cache grown in blocks so decode attention is two
 batched matmuls over one contiguous block per layer, prefill without padding, no per-token HF
@@ -30,9 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from r1kit.errors import ConfigError
+from r1kit.models.loading import native_bf16, resolve_dtype
 from r1kit.rollout.base import Completion, SamplingParams
+from r1kit.rollout.sampling import truncated_candidates
 
-TOP_P_CANDIDATES = 1024  # tokens kept before the exact top-p cut; a full sort is the fallback
 SHARED_PREFIX_MIN = 16  # prompts admitted together that share this many leading tokens prefill them once
 DRAW_BLOCK = 256  # vocabulary entries per block of the two-level inverse-CDF draw
 CACHE_BLOCK = 64  # a growable cache holds a multiple of this many positions (grown and shrunk in these steps)
@@ -88,6 +90,23 @@ class SlotCache:
             t[:, dst] = t[:, src]
 
 
+@dataclass
+class Chunks:
+    """Prompt pieces prefilled in one forward: u chunks, chunk j holding tokens at cache positions
+    ``starts[j]`` .. ``starts[j] + lengths[j] - 1`` of cache slot ``slots[j]``, whose earlier positions
+    already hold that prompt's start (a shared prefix or its earlier chunks).
+
+    Attributes:
+        tokens: (u, s) int64, right-padded to s; lengths: (u,) true lengths; slots: (u,) cache
+            slots; starts: (u,) first cache position of each chunk.
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    slots: torch.Tensor
+    starts: torch.Tensor
+
+
 class ModelAdapter(Protocol):
     """The per-model forward the engine drives. Logits are float32 (b, V) at the given rows."""
 
@@ -116,6 +135,17 @@ class ModelAdapter(Protocol):
         slots still generating (None = all w)."""
         ...
 
+    def forward(self, cache: SlotCache, tokens: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                span: int = 0, rows: torch.Tensor | None = None,
+                chunks: Chunks | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One model call for a decode step and prompt chunks together (vLLM's chunked prefill): the
+        decode rows as in ``decode`` (None when ``tokens`` is None) and ``chunks`` as in ``prefill``,
+        each chunk attending to its slot's cached positions and causally within itself; a chunk's
+        writes land after the decode rows' (a prefilling slot's dummy decode row writes its last
+        prompt position, which the last chunk overwrites). Returns (decode logits (r, V) or None,
+        logits (u, V) at each chunk's last token or None)."""
+        ...
+
     def load(self, model: torch.nn.Module) -> None:
         """(Re)load weights from ``model``."""
         ...
@@ -127,24 +157,6 @@ ADAPTERS: dict[str, Callable[[torch.nn.Module, torch.dtype], ModelAdapter]] = {}
 def register_adapter(model_type: str, factory: Callable[[torch.nn.Module, torch.dtype], ModelAdapter]) -> None:
     """Serve models whose ``config.model_type`` is ``model_type`` with ``factory(model, dtype)``."""
     ADAPTERS[model_type] = factory
-
-
-def native_bf16() -> bool:
-    """True when this CPU has bf16 matrix instructions (AVX512-BF16 / AMX); without them torch
-    emulates bf16 matmuls, several times slower than fp32."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """``"auto"`` -> bf16 where the CPU has native bf16 matmuls, else fp32; a dtype passes through.
-
-    Raises ConfigError for anything but "auto", float32 or bfloat16.
-    """
-    if dtype == "auto":
-        return torch.bfloat16 if native_bf16() else torch.float32
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ConfigError(f"dtype must be 'auto', torch.float32 or torch.bfloat16, got {dtype!r}")
-    return dtype
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -300,76 +312,99 @@ class LlamaAdapter:
 
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cache: SlotCache, slots: torch.Tensor,
                 start: int = 0) -> torch.Tensor:
-        u, s = tokens.shape
-        H, K, d = self.n_heads, self.n_kv, self.head_dim
-        cache.fit(start + s)
-        keys, values = cache.tensors
-        # Everything runs on the n real tokens only, packed (no padding): projections and MLP on all
-        # of them at once, attention prompt by prompt (on right-padded (u, s) grids the CPU kernels
-        # spent half their time on pads: 2.6x slower for GSM8K chat prompts of 32-134 tokens).
-        lens = lengths.tolist()
-        ends = lengths.cumsum(0).tolist()
-        real = (torch.arange(s)[None] < lengths[:, None]).flatten().nonzero()[:, 0]  # (n,) into u*s
-        positions = start + real % s  # (n,) cache position of each token
-        token_slots = slots[real // s]  # (n,) cache slot of each token
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (n, 1, d)
-        # Query i sees the shared prefix and suffix positions <= i (bottom-right causal).
-        visible = torch.arange(start + s)[None] <= torch.arange(s)[:, None] + start  # (s, start+s)
-        x = self.embed[tokens.flatten()[real]]  # (n, D)
-        for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(rms_norm(x, layer.attn_norm, self.eps)).view(-1, H + 2 * K, d)
-            qk = rotate(qkv[:, : H + K], cos, sin)  # (n, H+K, d)
-            keys[i, token_slots, :, positions] = qk[:, H:]
-            values[i, token_slots, :, positions] = qkv[:, H + K :]
-            parts = []
-            for row, (length, end) in enumerate(zip(lens, ends)):
-                q = qk[end - length : end, :H].transpose(0, 1)[None]  # (1, H, length, d)
-                if start:  # the prefix is in the cache: attend over the slot's first start+length positions
-                    k = keys[i, slots[row], :, : start + length][None]  # (1, K, start+length, d)
-                    v = values[i, slots[row], :, : start + length][None]
-                    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:length, : start + length],
-                                                          enable_gqa=True)
-                else:
-                    k = qk[end - length : end, H:].transpose(0, 1)[None]  # (1, K, length, d)
-                    v = qkv[end - length : end, H + K :].transpose(0, 1)[None]
-                    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-                parts.append(attn[0].transpose(0, 1).reshape(length, H * d))
-            x = x + layer.o(torch.cat(parts) if u > 1 else parts[0])  # (n, H*d) -> (n, D)
-            x = self._mlp(x, layer)
-        return self._logits(x[lengths.cumsum(0) - 1])  # last prompt token of each row
+        chunks = Chunks(tokens, lengths, slots, torch.full_like(lengths, start))
+        return self.forward(cache, chunks=chunks)[1]
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: SlotCache, span: int,
                rows: torch.Tensor | None = None) -> torch.Tensor:
-        w = tokens.shape[0]
+        return self.forward(cache, tokens, positions, span, rows)[0]
+
+    def forward(self, cache: SlotCache, tokens: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                span: int = 0, rows: torch.Tensor | None = None,
+                chunks: Chunks | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        w = 0 if tokens is None else tokens.shape[0]
         H, K, d = self.n_heads, self.n_kv, self.head_dim
         G = H // K
-        cache.fit(span, shrink=True)  # every position >= span is dead: the cache shrinks after long sequences
+        needed = span if chunks is None else max(span, int((chunks.starts + chunks.lengths).max()))
+        # With decode rows, span covers every live position (a prefilling slot rides at its last prompt
+        # position): every position >= needed is dead and the cache shrinks after long sequences.
+        cache.fit(needed, shrink=w > 0)
         keys, values = cache.tensors
-        T = cache.positions
-        slots = torch.arange(w)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (w, 1, d)
-        hidden = torch.arange(T)[None] > positions[:, None]  # (w, T): positions a slot does not see
-        bias = torch.zeros(w, 1, 1, T, dtype=self.compute).masked_fill_(hidden[:, None, None], float("-inf"))
-        bias = bias.expand(w, K, G, T).reshape(w * K, G, T)  # 0 or -inf, exact in bf16
-        x = self.embed[tokens]  # (w, D)
+        x, cos, sin = [], [], []
+        if w:
+            T = cache.positions
+            slots = torch.arange(w)
+            cos.append(self.cos[positions])
+            sin.append(self.sin[positions])
+            hidden = torch.arange(T)[None] > positions[:, None]  # (w, T): positions a slot does not see
+            bias = torch.zeros(w, 1, 1, T, dtype=self.compute).masked_fill_(hidden[:, None, None], float("-inf"))
+            bias = bias.expand(w, K, G, T).reshape(w * K, G, T)  # 0 or -inf, exact in bf16
+            x.append(self.embed[tokens])  # (w, D)
+        if chunks is not None:
+            # Prompt tokens run packed (no padding): projections and MLP on all of them at once,
+            # attention prompt by prompt (on right-padded (u, s) grids the CPU kernels spent half their
+            # time on pads: 2.6x slower for GSM8K chat prompts of 32-134 tokens).
+            s = chunks.tokens.shape[1]
+            lens, starts = chunks.lengths.tolist(), chunks.starts.tolist()
+            ends = chunks.lengths.cumsum(0).tolist()
+            real = (torch.arange(s)[None] < chunks.lengths[:, None]).flatten().nonzero()[:, 0]  # (n,) into u*s
+            chunk_pos = chunks.starts[real // s] + real % s  # (n,) cache position of each token
+            token_slots = chunks.slots[real // s]  # (n,) cache slot of each token
+            cos.append(self.cos[chunk_pos])
+            sin.append(self.sin[chunk_pos])
+            # Query i of a chunk at start sees the slot's positions <= start + i (bottom-right causal).
+            visible = [torch.arange(a + n)[None] <= torch.arange(n)[:, None] + a if a else None
+                       for a, n in zip(starts, lens)]
+            x.append(self.embed[chunks.tokens.flatten()[real]])  # (n, D)
+        x = torch.cat(x) if len(x) > 1 else x[0]  # (w + n, D)
+        cos = (torch.cat(cos) if len(cos) > 1 else cos[0])[:, None]  # (w + n, 1, d)
+        sin = (torch.cat(sin) if len(sin) > 1 else sin[0])[:, None]
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(rms_norm(x, layer.attn_norm, self.eps)).view(w, H + 2 * K, d)
-            qk = rotate(qkv[:, : H + K], cos, sin)  # (w, H+K, d)
-            keys[i, slots, :, positions] = qk[:, H:]
-            values[i, slots, :, positions] = qkv[:, H + K :]
-            # The G query heads sharing a KV head ride as G query rows of that head, against the
-            # contiguous (w·K, T, d) cache block: two batched matmuls (the CPU flash kernel of
-            # scaled_dot_product_attention was 2-3x slower on these (G x d)(d x T) blocks, a strided
-            # [:span] slice 3-5x slower in bf16). Softmax in fp32 (HF eager attention's softmax
-            # dtype); in bf16 the scores are rounded to bf16 first, as in HF eager attention.
-            q = qk[:, :H].reshape(w * K, G, d)
-            scores = torch.baddbmm(bias, q, keys[i, :w].view(w * K, T, d).transpose(1, 2), alpha=self.scale)
-            probs = torch.softmax(scores, -1, dtype=torch.float32).to(x.dtype)  # (w·K, G, T)
-            attn = torch.bmm(probs, values[i, :w].view(w * K, T, d))  # (w·K, G, d)
-            x = x + layer.o(attn.view(w, H * d))
+            qkv = layer.qkv(rms_norm(x, layer.attn_norm, self.eps)).view(-1, H + 2 * K, d)
+            qk = rotate(qkv[:, : H + K], cos, sin)  # (w + n, H+K, d)
+            parts = []
+            if w:
+                keys[i, slots, :, positions] = qk[:w, H:]
+                values[i, slots, :, positions] = qkv[:w, H + K :]
+            if chunks is not None:  # after the decode rows: a prefilling slot's dummy row wrote its last position
+                keys[i, token_slots, :, chunk_pos] = qk[w:, H:]
+                values[i, token_slots, :, chunk_pos] = qkv[w:, H + K :]
+            if w:
+                # The G query heads sharing a KV head ride as G query rows of that head, against the
+                # contiguous (w·K, T, d) cache block: two batched matmuls (the CPU flash kernel of
+                # scaled_dot_product_attention was 2-3x slower on these (G x d)(d x T) blocks, a strided
+                # [:span] slice 3-5x slower in bf16). Softmax in fp32 (HF eager attention's softmax
+                # dtype); in bf16 the scores are rounded to bf16 first, as in HF eager attention.
+                q = qk[:w, :H].reshape(w * K, G, d)
+                scores = torch.baddbmm(bias, q, keys[i, :w].view(w * K, T, d).transpose(1, 2), alpha=self.scale)
+                probs = torch.softmax(scores, -1, dtype=torch.float32).to(x.dtype)  # (w·K, G, T)
+                parts.append(torch.bmm(probs, values[i, :w].view(w * K, T, d)).view(w, H * d))  # (w, H*d)
+            if chunks is not None:
+                for row, (length, end, a) in enumerate(zip(lens, ends, starts)):
+                    q = qk[w + end - length : w + end, :H].transpose(0, 1)[None]  # (1, H, length, d)
+                    if a:  # earlier positions are in the cache: attend over the slot's first a+length
+                        slot = chunks.slots[row]
+                        k = keys[i, slot, :, : a + length][None]  # (1, K, a+length, d)
+                        v = values[i, slot, :, : a + length][None]
+                        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[row], enable_gqa=True)
+                    else:
+                        k = qk[w + end - length : w + end, H:].transpose(0, 1)[None]  # (1, K, length, d)
+                        v = qkv[w + end - length : w + end, H + K :].transpose(0, 1)[None]
+                        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                    parts.append(attn[0].transpose(0, 1).reshape(length, H * d))
+            x = x + layer.o(torch.cat(parts) if len(parts) > 1 else parts[0])  # (w + n, H*d) -> (w + n, D)
             x = self._mlp(x, layer)
-        return self._logits(x if rows is None or len(rows) == w else x[rows])
-
+        picked = []  # rows whose logits are asked for: decode rows, then each chunk's last token
+        if w:
+            picked.append(torch.arange(w) if rows is None else rows)
+        if chunks is not None:
+            picked.append(w + chunks.lengths.cumsum(0) - 1)
+        r = len(picked[0]) if w else 0
+        if w and chunks is None and r == w:
+            logits = self._logits(x)
+        else:
+            logits = self._logits(x[torch.cat(picked) if len(picked) > 1 else picked[0]])
+        return (logits[:r] if w else None), (logits[r:] if chunks is not None else None)
 
 register_adapter("llama", LlamaAdapter)
 
@@ -402,27 +437,9 @@ def sample(
         tokens = draw(probs, generator)
         return tokens, probs.gather(1, tokens[:, None])[:, 0].log()
     logp = scaled.log_softmax(-1)
-    tokens = _sample_truncated(logp, params.top_k, params.top_p, generator)
+    ids, weights = truncated_candidates(logp, params.top_k, params.top_p)
+    tokens = ids.gather(1, draw(weights, generator)[:, None])[:, 0]
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
-
-
-def _sample_truncated(logp: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Sample from the top-k, then top-p, truncation of ``logp`` (b, V). Top-p alone looks at the
-    ``TOP_P_CANDIDATES`` most likely tokens and sorts the full vocabulary only for a batch where
-    they hold less than ``top_p`` of the mass."""
-    vocab = logp.shape[-1]
-    k = min(top_k or TOP_P_CANDIDATES, vocab)
-    cand_logp, cand_ids = logp.topk(k, dim=-1)  # (b, k), sorted descending
-    if top_k:
-        cand_logp = cand_logp.log_softmax(-1)  # top-p acts on the renormalized top-k mass
-    probs = cand_logp.exp()
-    if top_p < 1:
-        if not top_k and bool((probs.sum(-1) < top_p).any()):
-            cand_logp, cand_ids = logp.sort(dim=-1, descending=True)
-            probs = cand_logp.exp()
-        mass_before = probs.cumsum(-1) - probs  # keep a token while the mass above it is < top_p
-        probs = probs.masked_fill(mass_before >= top_p, 0.0)
-    return cand_ids.gather(1, draw(probs, generator)[:, None])[:, 0]
 
 
 def draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -498,7 +515,8 @@ class Engine:
             "llama" is built in). Its weights are copied; call ``update_weights`` after training.
         tokenizer_or_eos_ids: a tokenizer (EOS ids and stop strings) or a list of EOS ids (stop
             strings then unsupported). Pass ``[]`` to never stop on EOS (benchmarks).
-        dtype: weight precision; "auto" = bf16 where the CPU has native bf16 matmuls, else fp32.
+        dtype: weight precision; "auto" = bf16 where the CPU has native bf16 matmuls (or CUDA is
+            present: ``r1kit.models.loading.resolve_dtype``), else fp32.
             Matmuls and the cache run in ``compute_dtype(dtype)`` (bf16 only where native).
         max_batch: cache slots, i.e. sequences decoded together.
         max_cache_bytes: KV-cache budget in bytes (default: half the available memory).
@@ -533,6 +551,8 @@ class Engine:
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         self.dtype = resolve_dtype(dtype)
+        if self.dtype not in (torch.float32, torch.bfloat16):
+            raise ConfigError(f"dtype must be 'auto', float32 or bfloat16, got {dtype!r}")
         self.compute_dtype = compute_dtype(self.dtype)
         self.adapter = ADAPTERS[model_type](model, self.dtype)
         self.eos_ids, self.tokenizer = eos_ids_of(model, tokenizer_or_eos_ids)
@@ -742,10 +762,12 @@ class Scheduler:
     into free slots (their prompts are prefilled whole, once per request, and the cache copied to the
     slots of its other sequences; a prefix shared by the admitted prompts is prefilled once) or decodes
     one token for every slot in use. With a budget B (chunked prefill, vLLM's
-    ``max_num_batched_tokens``), each step decodes one token for every decoding sequence (w tokens) and
-    then prefills at most B - w prompt tokens, first come first served, so a long prompt (or many new
-    ones) delays each running decode by one bounded chunk instead of stalling it for the whole prefill;
-    a prompt's first token is sampled when its last chunk is in. A finished or aborted sequence frees
+    ``max_num_batched_tokens``), each step gives waiting sequences free slots and then, in ONE model
+    call (``ModelAdapter.forward``), decodes one token for every decoding sequence (w tokens) and
+    prefills at most B - w prompt tokens, first come first served, so a long prompt (or many new ones)
+    makes each running decode step longer by one bounded chunk instead of stalling it for the whole
+    prefill, and the chunk shares the step's weight reads; a prompt's first token is sampled when its
+    last chunk is in. A finished or aborted sequence frees
     its slot at once; when nothing waits or prefills and half the slots are idle, the busy ones are
     compacted to the front so the tail decodes narrow.
 
@@ -792,14 +814,13 @@ class Scheduler:
             decoding = sum(q is not None and q.job is None for q in self.seq[: self.width])
             if decoding:
                 self._compact()
-                self._decode()
             budget = self.budget - decoding
-            self._prefill_chunks(budget - self._reserve(budget))
+            self._forward(decoding > 0, self._plan_chunks(budget - self._reserve(budget)))
         elif self.waiting and None in self.seq:
             self._admit()
         elif self.width:
             self._compact()
-            self._decode()
+            self._forward(True, [])
         self.steps += 1
         return self.out
 
@@ -864,27 +885,45 @@ class Scheduler:
             job.done = start
         return start
 
-    def _prefill_chunks(self, budget: int) -> None:
-        """Prefill up to ``budget`` prompt tokens of the open jobs, oldest first (one adapter call per
-        chunk start position); jobs whose last chunk went in sample their first token."""
-        plan: dict[int, list[tuple[PrefillJob, int]]] = {}  # chunk start -> (job, chunk length)
+    def _plan_chunks(self, budget: int) -> list[tuple[PrefillJob, int]]:
+        """Up to ``budget`` prompt tokens of the open jobs, oldest first: (job, chunk length) pairs."""
+        plan = []
         for job in self.jobs:
             if budget <= 0:
                 break
             take = min(len(job.request.prompt_ids) - job.done, budget)
-            plan.setdefault(job.done, []).append((job, take))
+            plan.append((job, take))
             budget -= take
+        return plan
+
+    def _forward(self, decode: bool, plan: list[tuple[PrefillJob, int]]) -> None:
+        """One model call for a decode step of every slot in use (when ``decode``) and the ``plan``'s
+        prompt chunks; samples the decoded tokens, then the first token of the jobs whose last chunk
+        went in."""
+        if not decode and not plan:
+            return
+        chunks = None
+        if plan:
+            tokens, lengths = self._padded([j.request.prompt_ids[j.done : j.done + take] for j, take in plan])
+            chunks = Chunks(tokens, lengths, torch.tensor([j.seqs[0].slot for j, _ in plan]),
+                            torch.tensor([j.done for j, _ in plan]))
+        if decode:
+            w = self.width
+            span = int(self.pos[:w].max()) + 1
+            busy = torch.tensor([q is not None and q.job is None for q in self.seq[:w]]).nonzero()[:, 0]
+            logits, chunk_logits = self.adapter.forward(self.cache, self.last[:w], self.pos[:w], span, busy, chunks)
+            self.pos[busy] += 1  # idle slots stay at position 0
+            self._sample(busy, logits)
+        else:
+            _, chunk_logits = self.adapter.forward(self.cache, chunks=chunks)
         finished: list[tuple[PrefillJob, torch.Tensor]] = []
-        for start, group in plan.items():
-            tokens, lengths = self._padded([j.request.prompt_ids[start : start + take] for j, take in group])
-            homes = torch.tensor([j.seqs[0].slot for j, _ in group])
-            logits = self.adapter.prefill(tokens, lengths, self.cache, homes, start)
-            for row, (job, take) in enumerate(group):
-                job.done += take
-                if job.done == len(job.request.prompt_ids):
-                    finished.append((job, logits[row]))
+        for row, (job, take) in enumerate(plan):
+            job.done += take
+            if job.done == len(job.request.prompt_ids):
+                finished.append((job, chunk_logits[row]))
         if not finished:
             return
+        # Siblings of a request get its home slot's prompt cache; all start decoding next step.
         copies = [(job.seqs[0].slot, q.slot) for job, _ in finished for q in job.seqs[1:]]
         if copies:
             src, dst = torch.tensor(copies).T
@@ -929,14 +968,6 @@ class Scheduler:
         for row, p in enumerate(prompts):
             tokens[row, : lengths[row]] = torch.tensor(p[start:])
         return tokens, lengths
-
-    def _decode(self) -> None:
-        w = self.width
-        span = int(self.pos[:w].max()) + 1
-        busy = torch.tensor([q is not None and q.job is None for q in self.seq[:w]]).nonzero()[:, 0]
-        logits = self.adapter.decode(self.last[:w], self.pos[:w], self.cache, span, busy)  # (b, V)
-        self.pos[busy] += 1  # idle slots stay at position 0
-        self._sample(busy, logits)
 
     def _sample(self, slots: torch.Tensor, logits: torch.Tensor) -> None:
         """Sample the next token of the sequences in ``slots`` (n,) from ``logits`` (n, V), one draw per

@@ -106,12 +106,11 @@ def make_serving_engine(model: torch.nn.Module, tokenizer, backend: str, dtype: 
     from r1kit.models.deepseek_v3 import DeepseekV3ForCausalLM
     from r1kit.models.loading import resolve_dtype
     from r1kit.rollout.engine import ADAPTERS
-    from r1kit.rollout.engine import resolve_dtype as engine_dtype
     from r1kit.runtime import make_engine
 
     has_adapter = getattr(model.config, "model_type", None) in ADAPTERS and not isinstance(model, DeepseekV3ForCausalLM)
     check_serving_choices(backend, dtype)
-    torch_dtype = engine_dtype("auto") if dtype == "auto" else resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
     if backend == "engine" or (backend == "auto" and has_adapter):
         engine = Engine(model, tokenizer, dtype=torch_dtype, max_batch=max_num_seqs, max_model_len=max_model_len,
                         max_num_batched_tokens=max_num_batched_tokens)
