@@ -386,6 +386,7 @@ class SFTConfig:
     max_length: int = 1024  # tokens of prompt + completion at most; longer examples are dropped or an error
     overlong: str = "drop"  # drop (counted in examples_dropped) | error: what an over-long example does
     packing: bool = False  # pack examples into rows with a block-diagonal mask and per-document positions
+    pad_to_multiple_of: int = 32  # round row lengths and trained-token counts up to this (TRL): few shapes, flat RSS; 1 = off
     use_lora: bool = False  # train LoRA adapters through PEFT; final/ is saved merged
     lora_r: int = 16  # LoRA rank
     lora_alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
@@ -447,7 +448,7 @@ class SFTConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the field and the fix for any invalid or inconsistent value."""
         for name in ("max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "eval_k",
-                     "eval_max_tokens"):
+                     "eval_max_tokens", "pad_to_multiple_of"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:

@@ -176,6 +176,7 @@ def test_grpo_run_with_importance_correction_logs_its_ratios(tiny_model_dir, toy
         assert abs(r[f"{key}/mean"] - 1) < 1e-4 and abs(r[f"{key}/min"] - 1) < 1e-3 and abs(r[f"{key}/max"] - 1) < 1e-3
         assert r[f"{key}/clipped_fraction"] == 0.0
         assert r["logprob_mismatch/max"] < 1e-3
+        assert 50 < r["rss_mb"] < 1e6                                     # MiB of this process after the step
 
 
 def _cli(args, env=None, **kw):

@@ -138,6 +138,36 @@ def _data_file(tmp_path: Path, n: int = 12) -> Path:
     return path
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_pad_to_multiple_of_rounds_shapes_and_keeps_values(tiny64, packing):
+    """Rows and trained-token counts rounded up to 32 (bounded shapes: flat RSS) give the same NLL,
+    accuracy, entropy and gradients as the exact shapes (float64)."""
+    model, tok = tiny64
+    examples = _examples(tok, 5)
+    budget = max(len(e) for e in examples) * 2
+    def make(multiple):
+        return packed_batch(examples, budget, multiple) if packing else padded_batch(examples, tok.pad_token_id, multiple)
+
+    exact, rounded = make(1), make(32)
+    n = sum(len(e.completion_ids) for e in examples)
+    assert exact.input_ids.shape[1] % 32 != 0 and rounded.input_ids.shape[1] % 32 == 0
+    assert rounded.input_ids.shape[1] - exact.input_ids.shape[1] < 32
+    assert len(exact.src_row) == n != len(rounded.src_row) and len(rounded.src_row) % 32 == 0
+    assert len(rounded.target) == n
+    out = []
+    for batch in (exact, rounded):
+        model.zero_grad(set_to_none=True)
+        nll, correct, entropy = sft_token_terms(model, batch)
+        nll.sum().backward()
+        out.append((nll.detach(), correct, entropy.detach(), _grads(model)))
+    assert out[1][0].shape == (n,)
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=1e-12)
+    assert torch.equal(out[0][1], out[1][1])
+    torch.testing.assert_close(out[0][2], out[1][2], rtol=0, atol=1e-12)
+    for a, b in zip(out[0][3], out[1][3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_resume_is_bit_exact(tiny_model_dir, tmp_path):
     from r1kit.train.recipe import resume_latest
 
@@ -162,6 +192,7 @@ def test_resume_is_bit_exact(tiny_model_dir, tmp_path):
         finals.append({k: v.clone() for k, v in model.state_dict().items()})
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2, 3, 4]
+        assert all(50 < r["rss_mb"] < 1e6 for r in rows)                  # MiB of this process, every step
     for k in finals[0]:
         assert torch.equal(finals[0][k], finals[1][k]), k
 

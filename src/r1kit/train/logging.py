@@ -4,7 +4,8 @@ Every step appends one JSON line ``{"step": N, "<metric>": value, ...}`` to ``me
 names follow TRL where one exists (``reward``, ``reward_std``, ``rewards/<fn>/mean``, ``kl``,
 ``clip_ratio/low_mean``, ``entropy``, ``completions/mean_length``, ``frac_reward_zero_std``, ...).
 Every row of a run has the same keys; a statistic a step did not measure (entropy on a step that
-forwarded no completion) and any other non-finite value is written as null.
+forwarded no completion) and any other non-finite value is written as null. Both trainers add
+``rss_mb``: the process's resident memory (MiB, VmRSS) after the step (``r1kit.train.loop.rss_mb``).
 """
 
 from __future__ import annotations

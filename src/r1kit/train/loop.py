@@ -7,6 +7,8 @@ its metrics) and ``progress_postfix``; the skeleton owns everything around it:
   * the step loop up to ``total_steps``, with ``max_train_minutes`` of wall time and
     ``max_train_cpu_seconds`` of process CPU time per call (the step that crosses a budget is finished
     and checkpointed, so ``--resume`` continues from it);
+  * after each step, the freed heap handed back to the OS (``release_free_memory``) and the
+    process's resident memory in the metrics (``rss_mb``);
   * ``metrics.jsonl`` every ``logging_steps`` (``MetricsLogger``), checkpoints every ``save_steps``
     and at the end (``checkpoint.save_checkpoint``: policy, optimizer, scheduler, RNG, trainer state);
   * resume: weights, optimizer, scheduler, RNG, the data cursor and the trainer's own state;
@@ -52,6 +54,38 @@ def lr_lambda(kind: str, warmup_steps: int, total_updates: int, min_ratio: float
         return min_ratio + (1.0 - min_ratio) * decay
 
     return f
+
+
+def release_free_memory() -> None:
+    """Hand glibc's free heap pages back to the OS (``malloc_trim(0)``; a no-op without glibc).
+    Activations of ever-different sizes, below glibc's dynamic mmap threshold (up to 32 MiB), are
+    served from the heap and, once freed, stay resident as fragments: after 40 SFT steps of the 135M
+    model at batch 1, RSS was 3954 MiB without and 2849 MiB with this call (``bench/sft_memory.py``)."""
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        lib = ctypes.CDLL(name) if name else None
+        _LIBC = lib if lib is not None and hasattr(lib, "malloc_trim") else False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
+def rss_mb() -> float:
+    """This process's resident set size now, MiB (``VmRSS`` of /proc/self/status; NaN where absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return math.nan
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: Any) -> torch.optim.AdamW:
@@ -319,6 +353,8 @@ class TrainLoop:
                         self.save()
                     break
                 m = self.train_step()
+                release_free_memory()
+                m["rss_mb"] = rss_mb()
                 done += 1
                 history.append(m)
                 if self.step % c.logging_steps == 0 and main:

@@ -60,8 +60,17 @@ class TokenBatch:
     Attributes:
         input_ids, position_ids: (r, L) rows (padded batch: one example per row; packed: several).
         attention: (r, L) 1/0 padding mask, or (r, 1, L, L) bool block-diagonal causal mask (packed).
-        src_row, src_pos: (n,) row and position whose output predicts each trained token.
+        src_row, src_pos: (n',) row and position whose output predicts each trained token; n' is n
+            rounded up to ``pad_to_multiple_of``, the n' − n extra entries point at (0, 0) and their
+            logits are dropped (``trained_token_logits``).
         target: (n,) the trained token ids.
+
+    Why the rounding: bf16 matmuls on CPU go through oneDNN, whose primitive caches (ideep's
+    ``LRU_CACHE_CAPACITY`` and oneDNN's ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, 1024 entries each) keep
+    one entry per matmul shape: measured +12 MB of RSS per new sequence length (forward + backward,
+    SmolLM2-135M; flat with both caches off, and in fp32), and glibc's heap fragments under
+    ever-new tensor sizes; rounding L and n bounds the shapes a run sees (``bench/sft_memory.py``).
+    Pads are masked and never scored: the loss is unchanged (tested).
     """
 
     input_ids: torch.Tensor
@@ -72,35 +81,44 @@ class TokenBatch:
     target: torch.Tensor
 
 
-def _targets(examples: list[TokenizedExample], starts: list[tuple[int, int]]) -> tuple[list[int], list[int], list[int]]:
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (≥ 1)."""
+    return -(-n // multiple) * multiple
+
+
+def _targets(examples: list[TokenizedExample], starts: list[tuple[int, int]], multiple: int = 1
+             ) -> tuple[list[int], list[int], list[int]]:
     """(src_row, src_pos, target) for examples placed at (row, offset): completion token j of an
-    example with prompt length p is predicted at offset + p + j − 1."""
+    example with prompt length p is predicted at offset + p + j − 1; src_row/src_pos are padded with
+    (0, 0) to a multiple of ``multiple``."""
     src_row, src_pos, target = [], [], []
     for ex, (r, off) in zip(examples, starts):
         p, c = len(ex.prompt_ids), len(ex.completion_ids)
         src_row += [r] * c
         src_pos += range(off + p - 1, off + p + c - 1)
         target += ex.completion_ids
-    return src_row, src_pos, target
+    extra = round_up(len(target), multiple) - len(target)
+    return src_row + [0] * extra, src_pos + [0] * extra, target
 
 
-def padded_batch(examples: list[TokenizedExample], pad_id: int) -> TokenBatch:
-    """One right-padded row per example (r = m, L = S)."""
-    L = max(len(e) for e in examples)
+def padded_batch(examples: list[TokenizedExample], pad_id: int, multiple: int = 1) -> TokenBatch:
+    """One right-padded row per example (r = m, L = S rounded up to ``multiple``)."""
+    L = round_up(max(len(e) for e in examples), multiple)
     ids = torch.full((len(examples), L), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), L), dtype=torch.long)
     for r, e in enumerate(examples):
         ids[r, :len(e)] = torch.tensor(e.prompt_ids + e.completion_ids)
         mask[r, :len(e)] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    rows, cols, target = _targets(examples, [(r, 0) for r in range(len(examples))])
+    rows, cols, target = _targets(examples, [(r, 0) for r in range(len(examples))], multiple)
     return TokenBatch(ids, pos, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(target))
 
 
-def packed_batch(examples: list[TokenizedExample], budget: int) -> TokenBatch:
-    """Examples laid end to end (first fit, in order) in rows of at most ``budget`` tokens; each
-    attends only to its own earlier tokens (block-diagonal causal mask) and its positions start at 0.
-    Pad positions attend to themselves only and are never scored."""
+def packed_batch(examples: list[TokenizedExample], budget: int, multiple: int = 1) -> TokenBatch:
+    """Examples laid end to end (first fit, in order) in rows of at most ``budget`` tokens, the row
+    length then rounded up to ``multiple``; each attends only to its own earlier tokens
+    (block-diagonal causal mask) and its positions start at 0. Pad positions attend to themselves
+    only and are never scored."""
     rows: list[list[int]] = []
     used: list[int] = []
     starts: list[tuple[int, int]] = []
@@ -113,7 +131,7 @@ def packed_batch(examples: list[TokenizedExample], budget: int) -> TokenBatch:
         starts.append((r, used[r]))
         rows[r].append(i)
         used[r] += len(e)
-    L = max(used)
+    L = round_up(max(used), multiple)
     ids = torch.zeros((len(rows), L), dtype=torch.long)
     pos = torch.zeros((len(rows), L), dtype=torch.long)
     allowed = torch.eye(L, dtype=torch.bool).repeat(len(rows), 1, 1, 1)                # (r, 1, L, L)
@@ -123,7 +141,7 @@ def packed_batch(examples: list[TokenizedExample], budget: int) -> TokenBatch:
         ids[r, off:off + n] = torch.tensor(e.prompt_ids + e.completion_ids)
         pos[r, off:off + n] = torch.arange(n)
         allowed[r, 0, off:off + n, off:off + n] = torch.ones(n, n, dtype=torch.bool).tril()
-    src_row, src_pos, target = _targets(examples, starts)
+    src_row, src_pos, target = _targets(examples, starts, multiple)
     return TokenBatch(ids, pos, allowed, torch.tensor(src_row), torch.tensor(src_pos), torch.tensor(target))
 
 
@@ -131,16 +149,19 @@ def trained_token_logits(model: torch.nn.Module, batch: TokenBatch, whole_model:
     """(n, V) logits that predict the trained tokens. Models with a plain lm_head (``can_pack``-able
     transformers models) run the head on those n positions only; others produce all logits and are
     indexed (a packed batch needs a plain head: the block mask goes to the decoder). ``whole_model``:
-    always call the model itself (FSDP2 gathers the root's weights in the model's forward hook)."""
+    always call the model itself (FSDP2 gathers the root's weights in the model's forward hook). The
+    head runs on all n' rounded-up positions (one shape per bucket); the extra n' − n rows are dropped."""
+    n = len(batch.target)
     if isinstance(model, DeepseekV3ForCausalLM):
         logits = model(batch.input_ids, attention_mask=batch.attention, position_ids=batch.position_ids,
                        run_mtp=False).logits
-        return logits[batch.src_row, batch.src_pos]
+        return logits[batch.src_row, batch.src_pos][:n]
     if can_pack(model) and not whole_model:
-        return decoder_logits(model, batch.input_ids, batch.position_ids, batch.attention, batch.src_row, batch.src_pos)
+        return decoder_logits(model, batch.input_ids, batch.position_ids, batch.attention, batch.src_row,
+                              batch.src_pos)[:n]
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention, position_ids=batch.position_ids,
                    use_cache=False).logits
-    return logits[batch.src_row, batch.src_pos]
+    return logits[batch.src_row, batch.src_pos][:n]
 
 
 def sft_token_terms(model: torch.nn.Module, batch: TokenBatch, bf16: bool = False, whole_model: bool = False
@@ -209,9 +230,10 @@ class SFTTrainer(TrainLoop):
     def micro_batches(self, batch: list[TokenizedExample]) -> list[TokenBatch]:
         size = self.cfg.per_device_train_batch_size
         chunks = [batch[i:i + size] for i in range(0, len(batch), size)]
+        multiple = self.cfg.pad_to_multiple_of
         if self.cfg.packing:
-            return [packed_batch(ch, self.cfg.max_length) for ch in chunks]
-        return [padded_batch(ch, self.pad_id) for ch in chunks]
+            return [packed_batch(ch, self.cfg.max_length, multiple) for ch in chunks]
+        return [padded_batch(ch, self.pad_id, multiple) for ch in chunks]
 
     def accumulate(self, batch: list[TokenizedExample]) -> dict[str, float]:
         """Forward/backward of one optimizer step's examples into ``.grad`` (not zeroed here), each
