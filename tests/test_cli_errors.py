@@ -83,3 +83,21 @@ def test_pretrain_output_that_is_a_file_is_one_error_and_the_file_is_kept(capsys
     assert main(["pretrain", command, "--output", str(out), "--no-progress"]) == 2
     assert _err(capsys) == f"error: --output {out} is an existing file; pass a directory"
     assert out.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("trainer, preset", [("sft", "cpu_gsm8k"), ("grpo", "cpu_demo")])
+def test_resume_without_a_checkpoint_fails_before_any_work(capsys, tmp_path, trainer, preset):
+    """`--resume` of a directory with only config.yaml ran the full before-evaluation, wrote
+    eval/before.json, then failed; of a directory that did not exist, it created it."""
+    missing = tmp_path / "missing"
+    assert main(["train", trainer, "--preset", preset, "--resume", "--output", str(missing),
+                 "--eval-before", "true", "--eval-limit", "2"]) == 2
+    assert "no complete checkpoint" in _err(capsys) and not missing.exists()
+    started = tmp_path / "started"
+    assert main(["train", trainer, "--preset", preset, "--output", str(started), "--print-config"]) == 0
+    started.mkdir()
+    (started / "config.yaml").write_text(capsys.readouterr().out)
+    before = sorted(p.name for p in started.rglob("*"))
+    assert main(["train", trainer, "--resume", "--output", str(started), "--eval-before", "true", "--eval-limit", "2"]) == 2
+    assert "no complete checkpoint" in _err(capsys)
+    assert sorted(p.name for p in started.rglob("*")) == before

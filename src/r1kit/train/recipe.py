@@ -79,7 +79,7 @@ def run_complete(run_dir: Path, total_steps: int, eval_after: bool) -> bool:
 def check_run_dir(run_dir: Path, resume: bool, cfg) -> None:
     """The run-directory checks GRPO and SFT share, before any work: refuse an --output that is a file
     (or under one), one holding a run of another kind (``runs.check_run_kind``), a fresh run over one
-    that holds checkpoints (R1kitError names --resume), and a --resume whose ``cfg`` changes a field
+    that holds checkpoints (R1kitError names --resume), a --resume with no complete checkpoint, and a --resume whose ``cfg`` changes a field
     of the run's saved config.yaml that changes the result (``config.check_resume_config``)."""
     from r1kit.config import GRPOConfig, check_resume_config
     from r1kit.runs import check_run_kind
@@ -88,6 +88,8 @@ def check_run_dir(run_dir: Path, resume: bool, cfg) -> None:
     check_run_kind(run_dir, "train grpo" if isinstance(cfg, GRPOConfig) else "train sft")
     if run_dir.exists() and any(run_dir.iterdir()) and not resume and ckpt.list_checkpoints(run_dir):
         raise R1kitError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose another --output")
+    if resume and ckpt.latest_checkpoint(run_dir) is None:  # before any evaluation or directory is made
+        raise R1kitError(f"--resume: no complete checkpoint in {run_dir}; run without --resume to start it")
     if resume and (run_dir / "config.yaml").is_file():
         check_resume_config(cfg, run_dir / "config.yaml")
 
