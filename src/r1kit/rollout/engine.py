@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from r1kit.errors import ConfigError
 from r1kit.models.loading import native_bf16, resolve_dtype
+from r1kit.rollout import native
 from r1kit.rollout.base import Completion, SamplingParams
 from r1kit.rollout.sampling import truncated_candidates
 
@@ -254,6 +255,8 @@ class LlamaAdapter:
         self.eps = cfg.rms_norm_eps
         self.vocab_size = cfg.vocab_size
         self.max_context = cfg.max_position_embeddings
+        # Decode attention in C over each slot's own positions (r1kit/rollout/native.py), else torch.
+        self.attend = native.kernel(self.compute, self.head_dim)
         self.load(model)
 
     def load(self, model: torch.nn.Module) -> None:
@@ -336,9 +339,12 @@ class LlamaAdapter:
             slots = torch.arange(w)
             cos.append(self.cos[positions])
             sin.append(self.sin[positions])
-            hidden = torch.arange(T)[None] > positions[:, None]  # (w, T): positions a slot does not see
-            bias = torch.zeros(w, 1, 1, T, dtype=self.compute).masked_fill_(hidden[:, None, None], float("-inf"))
-            bias = bias.expand(w, K, G, T).reshape(w * K, G, T)  # 0 or -inf, exact in bf16
+            if self.attend is None:
+                hidden = torch.arange(T)[None] > positions[:, None]  # (w, T): positions a slot does not see
+                bias = torch.zeros(w, 1, 1, T, dtype=self.compute).masked_fill_(hidden[:, None, None], float("-inf"))
+                bias = bias.expand(w, K, G, T).reshape(w * K, G, T)  # 0 or -inf, exact in bf16
+            else:
+                lengths = positions + 1  # (w,): a slot sees its positions 0..pos
             x.append(self.embed[tokens])  # (w, D)
         if chunks is not None:
             # Prompt tokens run packed (no padding): projections and MLP on all of them at once,
@@ -369,7 +375,10 @@ class LlamaAdapter:
             if chunks is not None:  # after the decode rows: a prefilling slot's dummy row wrote its last position
                 keys[i, token_slots, :, chunk_pos] = qk[w:, H:]
                 values[i, token_slots, :, chunk_pos] = qkv[w:, H + K :]
-            if w:
+            if w and self.attend is not None:
+                q = qk[:w, :H].reshape(w, K, G, d)
+                parts.append(self.attend(q, keys[i], values[i], lengths, self.scale).view(w, H * d))
+            elif w:
                 # The G query heads sharing a KV head ride as G query rows of that head, against the
                 # contiguous (w·K, T, d) cache block: two batched matmuls (the CPU flash kernel of
                 # scaled_dot_product_attention was 2-3x slower on these (G x d)(d x T) blocks, a strided

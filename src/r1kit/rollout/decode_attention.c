@@ -1,0 +1,310 @@
+/* Decode attention over a per-slot KV cache: one query token per slot, each slot reading only its own
+ * visible positions. Built and loaded by r1kit/rollout/native.py (cc -O3 -march=native -fopenmp -shared).
+ *
+ * Shapes (all contiguous, row-major): q and out (w, K, G, d): the G query heads that share KV head k;
+ * keys and values (S, K, T, d) with w <= S: one layer of the engine's cache; lengths (w,): the number of
+ * leading positions slot s sees (its position + 1). T is the cache's allocated length; positions
+ * >= lengths[s] are never read, so a slot's cost is its own length, not the longest slot's.
+ *
+ * Arithmetic (per slot s, KV head k, query head g; t < lengths[s]):
+ *   score[g, t] = round(scale * sum_j q[g, j] k[t, j])   fp32 sum; round = to the storage dtype
+ *   p[g, :]     = round(softmax(score[g, :]))            fp32 softmax
+ *   out[g, j]   = round(sum_t p[g, t] v[t, j])           fp32 sum
+ * In bf16 the two intermediate roundings are those of HF's eager attention in bf16 (the matmul
+ * output and the softmax cast back to the query dtype: transformers models/llama/modeling_llama.py
+ * eager_attention_forward); in fp32 they are the identity.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define LANES 16 /* fp32 lanes of one AVX-512 register; head_dim must be a multiple */
+#define AHEAD 16 /* rows prefetched ahead of the one read (a prefetch past the end does not fault) */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN kept quiet */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* Element i of a bf16 (bf16 = 1) or fp32 array, as fp32; and the storage rounding of an fp32 value. */
+static inline float load1(const void *a, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)a)[i]) : ((const float *)a)[i];
+}
+static inline float round1(float x, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(x)) : x; }
+
+#ifdef __AVX512F__
+/* 16 consecutive elements from i on (the first `count` of them, the rest 0) as fp32. */
+static inline __m512 load16(const void *a, int64_t i, int bf16, int count) {
+    __mmask16 m = count >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << count) - 1u);
+    if (bf16) {
+        __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)a + i);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(m, (const float *)a + i);
+}
+
+/* Round 16 fp32 values to bf16 precision (nearest even; NaN unchanged), kept as fp32. */
+static inline __m512 round16(__m512 x, int bf16) {
+    if (!bf16) return x;
+    __m512i u = _mm512_castps_si512(x);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_castsi512_ps(r), x);
+}
+
+/* exp(x) for x <= 0 (softmax after subtracting the max): x = n ln2 + r, |r| <= ln2/2, degree-7
+ * Taylor polynomial of exp(r) (relative error < 2e-8), times 2^n by scalef (underflows to 0). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+#ifdef __AVX512F__
+/* Ask for row t of a (rows, d) array of the storage type ahead of its use (no fault past the end). */
+static inline void prefetch_row(const void *a, int64_t t, int64_t d, int bf16) {
+    const char *p = (const char *)a + t * d * (bf16 ? 2 : 4);
+    for (int64_t b = 0; b < d * (bf16 ? 2 : 4); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+/* Lane i of the result = the sum of the 16 lanes of v[i]: a transposing tree of unpack/shuffle
+ * adds (45 instructions for 16 sums instead of 16 horizontal reductions). */
+static inline __m512 sum16(const __m512 v[16]) {
+    __m512 u[8], x[4], y[2];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of v[2i], v[2i+1] */
+        u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) /* per 128-bit lane j: the lane-j partial sums of v[4i..4i+3] */
+        x[i] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 2; i++) /* 128-bit lanes: [x2i L0+L1, x2i L2+L3, x2i+1 L0+L1, x2i+1 L2+L3] */
+        y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* In place: s (n,) fp32 scores -> round(softmax(s)). */
+static inline void softmax_row(float *sg, int64_t n, int bf16) {
+    __m512 peak = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; t += LANES) {
+        __mmask16 m = n - t >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1u);
+        peak = _mm512_mask_max_ps(peak, m, peak, _mm512_maskz_loadu_ps(m, sg + t));
+    }
+    __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(peak));
+    for (int64_t t = 0; t < n; t += LANES) {
+        __mmask16 m = n - t >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1u);
+        __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + t), top)));
+        total = _mm512_add_ps(total, e);
+        _mm512_mask_storeu_ps(sg + t, m, e);
+    }
+    __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+    for (int64_t t = 0; t < n; t += LANES) {
+        __mmask16 m = n - t >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1u);
+        _mm512_mask_storeu_ps(sg + t, m, round16(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, sg + t), inv), bf16));
+    }
+}
+#endif
+
+#ifdef __AVX512F__
+/* The fast path: GB query heads of head dim 16·D4 (both compile-time), their queries and output
+ * accumulators held in registers (GB·D4 + D4 <= 32 zmm), each key and value row loaded once.
+ * qf (GB, d) fp32; scores (GB, n) scratch; acc (GB, d) fp32 result. */
+#define DEFINE_ATTEND_FIXED(D4, GB)                                                                      \
+    static inline void attend_##D4##_##GB(const float *qf, const void *k, const void *v, int64_t n,     \
+                                          float scale, int bf16, float *scores, float *acc) {           \
+        const int64_t d = 16 * D4;                                                                      \
+        __m512 qr[GB][D4], a[GB][D4];                                                                   \
+        for (int g = 0; g < GB; g++)                                                                    \
+            for (int c = 0; c < D4; c++) {                                                              \
+                qr[g][c] = _mm512_loadu_ps(qf + g * d + 16 * c);                                        \
+                a[g][c] = _mm512_setzero_ps();                                                          \
+            }                                                                                           \
+        for (int64_t t = 0; t < AHEAD && t < n; t++) prefetch_row(v, t, d, bf16); /* ready after scores */ \
+        for (int64_t t0 = 0; t0 < n; t0 += LANES) {                                                     \
+            int count = n - t0 < LANES ? (int)(n - t0) : LANES;                                         \
+            __m512 dots[GB][LANES];                                                                     \
+            for (int i = 0; i < LANES; i++) {                                                           \
+                if (i >= count) {                                                                       \
+                    for (int g = 0; g < GB; g++) dots[g][i] = _mm512_setzero_ps();                      \
+                    continue;                                                                           \
+                }                                                                                       \
+                __m512 kr[D4];                                                                          \
+                prefetch_row(k, t0 + i + AHEAD, d, bf16);                                               \
+                for (int c = 0; c < D4; c++) kr[c] = load16(k, (t0 + i) * d + 16 * c, bf16, LANES);     \
+                for (int g = 0; g < GB; g++) {                                                          \
+                    __m512 dot = _mm512_mul_ps(qr[g][0], kr[0]);                                        \
+                    for (int c = 1; c < D4; c++) dot = _mm512_fmadd_ps(qr[g][c], kr[c], dot);           \
+                    dots[g][i] = dot;                                                                   \
+                }                                                                                       \
+            }                                                                                           \
+            __mmask16 m = count >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << count) - 1u);         \
+            for (int g = 0; g < GB; g++)                                                                \
+                _mm512_mask_storeu_ps(scores + g * n + t0, m,                                           \
+                                      round16(_mm512_mul_ps(_mm512_set1_ps(scale), sum16(dots[g])), bf16)); \
+        }                                                                                               \
+        for (int g = 0; g < GB; g++) softmax_row(scores + g * n, n, bf16);                              \
+        for (int64_t t = 0; t < n; t++) {                                                               \
+            prefetch_row(v, t + AHEAD, d, bf16);                                                        \
+            for (int c = 0; c < D4; c++) {                                                              \
+                __m512 vr = load16(v, t * d + 16 * c, bf16, LANES);                                     \
+                for (int g = 0; g < GB; g++)                                                            \
+                    a[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * n + t]), vr, a[g][c]);          \
+            }                                                                                           \
+        }                                                                                               \
+        for (int g = 0; g < GB; g++)                                                                    \
+            for (int c = 0; c < D4; c++) _mm512_storeu_ps(acc + g * d + 16 * c, a[g][c]);               \
+    }
+DEFINE_ATTEND_FIXED(4, 1)
+DEFINE_ATTEND_FIXED(4, 2)
+DEFINE_ATTEND_FIXED(4, 3)
+DEFINE_ATTEND_FIXED(4, 4)
+DEFINE_ATTEND_FIXED(8, 1)
+DEFINE_ATTEND_FIXED(8, 2)
+DEFINE_ATTEND_FIXED(8, 3)
+DEFINE_ATTEND_FIXED(8, 4)
+
+/* Run heads [0, G) of one item in groups of at most `most` heads through the fixed paths of D4. */
+#define ATTEND_GROUPS(D4, most)                                                                          \
+    for (int64_t g0 = 0; g0 < G; g0 += most) {                                                          \
+        int64_t gb = G - g0 < most ? G - g0 : most;                                                     \
+        const float *qg = qf + g0 * d;                                                                  \
+        float *ag = acc + g0 * d;                                                                       \
+        switch (gb) {                                                                                   \
+            case 1: attend_##D4##_1(qg, k, v, n, scale, bf16, scores, ag); break;                       \
+            case 2: attend_##D4##_2(qg, k, v, n, scale, bf16, scores, ag); break;                       \
+            case 3: attend_##D4##_3(qg, k, v, n, scale, bf16, scores, ag); break;                       \
+            default: attend_##D4##_4(qg, k, v, n, scale, bf16, scores, ag); break;                      \
+        }                                                                                               \
+    }
+#endif
+
+/* One (slot, KV head): q (G, d) and out (G, d), k and v (n, d) rows of the storage type.
+ * Scratch: scores (G, n), qf (G, d), acc (G, d), all fp32. */
+static inline void attend(const void *q, const void *k, const void *v, void *out, int64_t n, int64_t G,
+                          int64_t d, float scale, int bf16, float *scores, float *qf, float *acc) {
+    for (int64_t j = 0; j < G * d; j++) qf[j] = load1(q, j, bf16);
+#ifdef __AVX512F__
+    if (d == 64) {
+        ATTEND_GROUPS(4, 4)
+    } else if (d == 128) {
+        ATTEND_GROUPS(8, 2)
+    } else {
+    for (int64_t t = 0; t < n; t++) {
+        for (int64_t g = 0; g < G; g++) {
+            __m512 dot = _mm512_setzero_ps();
+            for (int64_t c = 0; c < d; c += LANES)
+                dot = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * d + c), load16(k, t * d + c, bf16, LANES), dot);
+            scores[g * n + t] = round1(scale * _mm512_reduce_add_ps(dot), bf16);
+        }
+    }
+    for (int64_t g = 0; g < G; g++) softmax_row(scores + g * n, n, bf16);
+    memset(acc, 0, (size_t)(G * d) * sizeof(float));
+    for (int64_t t = 0; t < n; t++) {
+        for (int64_t c = 0; c < d; c += LANES) {
+            __m512 row = load16(v, t * d + c, bf16, LANES);
+            for (int64_t g = 0; g < G; g++) {
+                float *a = acc + g * d + c;
+                _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[g * n + t]), row, _mm512_loadu_ps(a)));
+            }
+        }
+    }
+    }
+#else
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t g = 0; g < G; g++) {
+            float dot = 0;
+            for (int64_t j = 0; j < d; j++) dot += qf[g * d + j] * load1(k, t * d + j, bf16);
+            scores[g * n + t] = round1(scale * dot, bf16);
+        }
+    for (int64_t g = 0; g < G; g++) {
+        float *sg = scores + g * n, peak = -INFINITY, total = 0;
+        for (int64_t t = 0; t < n; t++) peak = sg[t] > peak ? sg[t] : peak;
+        for (int64_t t = 0; t < n; t++) total += (sg[t] = expf(sg[t] - peak));
+        for (int64_t t = 0; t < n; t++) sg[t] = round1(sg[t] / total, bf16);
+    }
+    memset(acc, 0, (size_t)(G * d) * sizeof(float));
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t j = 0; j < d; j++) acc[g * d + j] += scores[g * n + t] * load1(v, t * d + j, bf16);
+#endif
+    for (int64_t j = 0; j < G * d; j++) {
+        if (bf16) ((uint16_t *)out)[j] = f32_to_bf16(acc[j]);
+        else ((float *)out)[j] = acc[j];
+    }
+}
+
+/* 1 when the vectorized (AVX-512) loops were compiled in, 0 for the portable loops. */
+int decode_attention_simd(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* The whole step's attention for one layer. Returns 0, -1 when d is not a multiple of LANES, -2
+ * when scratch memory could not be allocated. */
+static int run(const void *q, const void *keys, const void *values, const int64_t *lengths, void *out, int64_t w,
+               int64_t K, int64_t G, int64_t T, int64_t d, float scale, int threads, int bf16) {
+    if (d % LANES) return -1;
+    size_t item = bf16 ? 2 : 4;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scratch = malloc((size_t)(G * T + 2 * G * d) * sizeof(float));
+        if (!scratch) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t i = 0; i < w * K; i++) {
+            if (!scratch) continue;
+            int64_t n = lengths[i / K];
+            n = n < 1 ? 1 : n > T ? T : n;
+            attend((const char *)q + i * G * d * item, (const char *)keys + i * T * d * item,
+                   (const char *)values + i * T * d * item, (char *)out + i * G * d * item, n, G, d, scale, bf16,
+                   scratch, scratch + G * T, scratch + G * T + G * d);
+        }
+        free(scratch);
+    }
+    return failed ? -2 : 0;
+}
+
+int decode_attention_bf16(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const int64_t *lengths,
+                          uint16_t *out, int64_t w, int64_t K, int64_t G, int64_t T, int64_t d, float scale,
+                          int threads) {
+    return run(q, keys, values, lengths, out, w, K, G, T, d, scale, threads, 1);
+}
+
+int decode_attention_f32(const float *q, const float *keys, const float *values, const int64_t *lengths, float *out,
+                         int64_t w, int64_t K, int64_t G, int64_t T, int64_t d, float scale, int threads) {
+    return run(q, keys, values, lengths, out, w, K, G, T, d, scale, threads, 0);
+}
