@@ -113,9 +113,9 @@ def test_r1kit_native_0_keeps_the_engine_on_its_torch_path(monkeypatch):
     monkeypatch.setenv("R1KIT_NATIVE", "0")
     native._loaded.cache_clear()
     try:
-        assert native.status() == "off (R1KIT_NATIVE=0)" and native.kernel(torch.float32, 64) is None
+        assert native.status() == "off (R1KIT_NATIVE=0)" and not native.available(torch.float32, 64)
         engine = Engine(model, [], dtype=torch.float32, max_batch=2)
-        assert engine.adapter.attend is None
+        assert not engine.adapter.native
         out = engine.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0))
         assert [c.token_ids for c in out] == [hf_greedy(model, p, 8) for p in PROMPTS]
     finally:
@@ -127,4 +127,86 @@ def test_the_engine_uses_the_kernel_where_it_is_on():
     from tests.rollout.test_engine import tiny_llama
 
     engine = Engine(tiny_llama(), [], dtype=torch.float32)
-    assert (engine.adapter.attend is not None) == native.status().startswith("on")
+    assert engine.adapter.native == native.status().startswith("on")
+
+
+ROWS = [1, 64, 300]  # one decode row, a batch, a prefill (the last one above the threading threshold)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", ROWS)
+@pytest.mark.parametrize("which", ["default", "portable"])
+def test_add_rms_norm_equals_the_residual_add_and_hf_rmsnorm(dtype, n, which, request):
+    from r1kit.rollout.engine import rms_norm
+
+    lib = request.getfixturevalue("portable") if which == "portable" else built()
+    g = torch.Generator().manual_seed(n)
+    x, delta = (3 * torch.randn(n, 576, generator=g)).to(dtype), torch.randn(n, 576, generator=g).to(dtype)
+    weight = (1 + torch.randn(576, generator=g) / 4).to(dtype)
+    ref_x = x + delta
+    ref = rms_norm(ref_x, weight, 1e-5)
+    ours = native.add_rms_norm(x, delta, weight, 1e-5, lib=lib)
+    assert torch.equal(x, ref_x)  # the add happened in place, rounded as torch rounds it
+    tol = dict(rtol=2**-7, atol=2**-7) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours, ref, **tol)  # fp32 mean in another summation order
+    assert dtype == torch.float32 or (ours == ref).float().mean() > 0.99  # bf16: rarely a rounding apart
+    torch.testing.assert_close(native.add_rms_norm(ref_x.clone(), None, weight, 1e-5, lib=lib), ours, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", ROWS)
+@pytest.mark.parametrize("which", ["default", "portable"])
+def test_silu_mul_equals_torch_swiglu(dtype, n, which, request):
+    lib = request.getfixturevalue("portable") if which == "portable" else built()
+    gate_up = (4 * torch.randn(n, 2 * 1544, generator=torch.Generator().manual_seed(n))).to(dtype)  # F not a multiple of 16
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp under- and overflow, zeros
+    gate, up = gate_up.chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    ours = native.silu_mul(gate_up, lib=lib)
+    tol = dict(rtol=2**-7, atol=1e-6) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours, ref, **tol)
+    assert dtype == torch.float32 or (ours == ref).float().mean() > 0.99  # bf16: rarely a rounding apart
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("which", ["default", "portable"])
+def test_rope_store_equals_hf_rotary_and_the_cache_write(dtype, which, request):
+    from r1kit.rollout.engine import rotate
+
+    lib = request.getfixturevalue("portable") if which == "portable" else built()
+    n, H, K, d, S, T = 70, 9, 3, 64, 8, 48
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(n, H + 2 * K, d, generator=g).to(dtype)
+    angles = torch.arange(T)[:, None] * 10000 ** (-torch.arange(0, d, 2) / d)  # (T, d/2)
+    cos = torch.cat((angles.cos(), angles.cos()), -1).to(dtype)
+    sin = torch.cat((angles.sin(), angles.sin()), -1).to(dtype)
+    slots, positions = torch.randint(0, S, (n,), generator=g), torch.randperm(S * T, generator=g)[:n]
+    slots, positions = positions // T, positions % T  # distinct (slot, position) pairs
+    keys, values = torch.zeros(S, K, T, d, dtype=dtype), torch.zeros(S, K, T, d, dtype=dtype)
+    q, k = native.rope_store(qkv, cos, sin, slots, positions, keys, values, lib=lib)
+    ref = rotate(qkv[:, : H + K], cos[positions][:, None], sin[positions][:, None])
+    assert torch.equal(q, ref[:, :H]) and torch.equal(k, ref[:, H:])  # the same three roundings
+    ref_keys, ref_values = torch.zeros_like(keys), torch.zeros_like(values)
+    ref_keys[slots, :, positions] = ref[:, H:]
+    ref_values[slots, :, positions] = qkv[:, H + K :]
+    assert torch.equal(keys, ref_keys) and torch.equal(values, ref_values)
+
+
+def test_bf16_engine_with_kernels_tracks_its_torch_path():
+    """The whole bf16 decode on the tiny model with the C kernels and without: the same greedy tokens
+    and logprobs within bf16 noise."""
+    from r1kit.rollout.base import SamplingParams
+    from tests.rollout.test_engine import PROMPTS, tiny_llama
+
+    built()
+    model = tiny_llama()
+    on = Engine(model, [], dtype=torch.bfloat16, max_batch=4)
+    off = Engine(model, [], dtype=torch.bfloat16, max_batch=4)
+    off.adapter.native = False
+    if not on.adapter.native:
+        pytest.skip(f"the engine does not use the kernels here: {native.status()}")
+    params = SamplingParams(max_tokens=12, temperature=0)
+    a, b = on.generate(PROMPTS, params), off.generate(PROMPTS, params)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    torch.testing.assert_close(torch.tensor([c.logprobs for c in a]), torch.tensor([c.logprobs for c in b]),
+                               atol=0.05, rtol=0)

@@ -255,8 +255,9 @@ class LlamaAdapter:
         self.eps = cfg.rms_norm_eps
         self.vocab_size = cfg.vocab_size
         self.max_context = cfg.max_position_embeddings
-        # Decode attention in C over each slot's own positions (r1kit/rollout/native.py), else torch.
-        self.attend = native.kernel(self.compute, self.head_dim)
+        # Decode attention over each slot's own positions and the elementwise steps in C
+        # (r1kit/rollout/native.py) where the kernels are built with AVX-512, else torch ops.
+        self.native = native.available(self.compute, self.head_dim)
         self.load(model)
 
     def load(self, model: torch.nn.Module) -> None:
@@ -304,14 +305,34 @@ class LlamaAdapter:
         return SlotCache([torch.zeros(shape, dtype=self.compute), torch.zeros(shape, dtype=self.compute)],
                          position_dim=3, limit=length)
 
-    def _mlp(self, x: torch.Tensor, layer: LlamaLayer) -> torch.Tensor:
-        """x + SwiGLU(RMSNorm(x)); x (..., D)."""
-        gate, up = layer.gate_up(rms_norm(x, layer.mlp_norm, self.eps)).chunk(2, dim=-1)
-        return x + layer.down(F.silu(gate) * up)
+    # The layer's elementwise steps: one C pass each where the kernels are on (native.py), else torch
+    # ops with the same roundings.
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, RMSNorm(x + delta) * weight) for x, delta (n, D); delta None: no add."""
+        if self.native:
+            return x, native.add_rms_norm(x, delta, weight, self.eps)  # x updated in place
+        x = x if delta is None else x + delta
+        return x, rms_norm(x, weight, self.eps)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(b, D) -> float32 logits (b, V)."""
-        return self.lm_head(rms_norm(x, self.final_norm, self.eps)).float()
+    def _act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SwiGLU's silu(gate) * up of gate_up (n, 2F) -> (n, F)."""
+        if self.native:
+            return native.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def _rope_store(self, qkv: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor | None,
+                    sin: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q and k of qkv (n, H+2K, d), each token at its position (torch path: cos, sin (n, 1, d)
+        already gathered), and write k and v to the layer's cache (S, K, T, d) at [slot, :, position];
+        returns q (n, H, d) and k (n, K, d)."""
+        H = self.n_heads
+        if self.native:
+            return native.rope_store(qkv, self.cos, self.sin, slots, positions, keys, values)
+        qk = rotate(qkv[:, : H + self.n_kv], cos, sin)
+        keys[slots, :, positions] = qk[:, H:]
+        values[slots, :, positions] = qkv[:, H + self.n_kv :]
+        return qk[:, :H], qk[:, H:]
 
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cache: SlotCache, slots: torch.Tensor,
                 start: int = 0) -> torch.Tensor:
@@ -333,18 +354,20 @@ class LlamaAdapter:
         # position): every position >= needed is dead and the cache shrinks after long sequences.
         cache.fit(needed, shrink=w > 0)
         keys, values = cache.tensors
-        x, cos, sin = [], [], []
+        x = []
+        # Tokens whose k and v go to the cache, as (rows, slots, positions, cos, sin): the decode rows
+        # first, then the prompt chunks (a prefilling slot's dummy decode row writes its last prompt
+        # position, which the chunk then overwrites); cos/sin gathered once for the torch path.
+        groups = []
         if w:
             T = cache.positions
-            slots = torch.arange(w)
-            cos.append(self.cos[positions])
-            sin.append(self.sin[positions])
-            if self.attend is None:
+            if not self.native:
                 hidden = torch.arange(T)[None] > positions[:, None]  # (w, T): positions a slot does not see
                 bias = torch.zeros(w, 1, 1, T, dtype=self.compute).masked_fill_(hidden[:, None, None], float("-inf"))
                 bias = bias.expand(w, K, G, T).reshape(w * K, G, T)  # 0 or -inf, exact in bf16
             else:
                 lengths = positions + 1  # (w,): a slot sees its positions 0..pos
+            groups.append((slice(0, w), torch.arange(w), positions))
             x.append(self.embed[tokens])  # (w, D)
         if chunks is not None:
             # Prompt tokens run packed (no padding): projections and MLP on all of them at once,
@@ -355,64 +378,62 @@ class LlamaAdapter:
             ends = chunks.lengths.cumsum(0).tolist()
             real = (torch.arange(s)[None] < chunks.lengths[:, None]).flatten().nonzero()[:, 0]  # (n,) into u*s
             chunk_pos = chunks.starts[real // s] + real % s  # (n,) cache position of each token
-            token_slots = chunks.slots[real // s]  # (n,) cache slot of each token
-            cos.append(self.cos[chunk_pos])
-            sin.append(self.sin[chunk_pos])
+            groups.append((slice(w, None), chunks.slots[real // s], chunk_pos))
             # Query i of a chunk at start sees the slot's positions <= start + i (bottom-right causal).
             visible = [torch.arange(a + n)[None] <= torch.arange(n)[:, None] + a if a else None
                        for a, n in zip(starts, lens)]
             x.append(self.embed[chunks.tokens.flatten()[real]])  # (n, D)
+        if not self.native:
+            groups = [(rows, slots, pos, self.cos[pos][:, None], self.sin[pos][:, None]) for rows, slots, pos in groups]
+        else:
+            groups = [(rows, slots, pos, None, None) for rows, slots, pos in groups]
         x = torch.cat(x) if len(x) > 1 else x[0]  # (w + n, D)
-        cos = (torch.cat(cos) if len(cos) > 1 else cos[0])[:, None]  # (w + n, 1, d)
-        sin = (torch.cat(sin) if len(sin) > 1 else sin[0])[:, None]
+        x, h = self._add_norm(x, None, self.layers[0].attn_norm)
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(rms_norm(x, layer.attn_norm, self.eps)).view(-1, H + 2 * K, d)
-            qk = rotate(qkv[:, : H + K], cos, sin)  # (w + n, H+K, d)
+            qkv = layer.qkv(h).view(-1, H + 2 * K, d)
+            rotated = [self._rope_store(qkv[rows], slots, pos, cos, sin, keys[i], values[i])
+                       for rows, slots, pos, cos, sin in groups]  # [(q (., H, d), k (., K, d))] per group
             parts = []
-            if w:
-                keys[i, slots, :, positions] = qk[:w, H:]
-                values[i, slots, :, positions] = qkv[:w, H + K :]
-            if chunks is not None:  # after the decode rows: a prefilling slot's dummy row wrote its last position
-                keys[i, token_slots, :, chunk_pos] = qk[w:, H:]
-                values[i, token_slots, :, chunk_pos] = qkv[w:, H + K :]
-            if w and self.attend is not None:
-                q = qk[:w, :H].reshape(w, K, G, d)
-                parts.append(self.attend(q, keys[i], values[i], lengths, self.scale).view(w, H * d))
+            if w and self.native:
+                q = rotated[0][0].view(w, K, G, d)
+                parts.append(native.decode_attention(q, keys[i], values[i], lengths, self.scale).view(w, H * d))
             elif w:
                 # The G query heads sharing a KV head ride as G query rows of that head, against the
                 # contiguous (w·K, T, d) cache block: two batched matmuls (the CPU flash kernel of
                 # scaled_dot_product_attention was 2-3x slower on these (G x d)(d x T) blocks, a strided
                 # [:span] slice 3-5x slower in bf16). Softmax in fp32 (HF eager attention's softmax
                 # dtype); in bf16 the scores are rounded to bf16 first, as in HF eager attention.
-                q = qk[:w, :H].reshape(w * K, G, d)
+                q = rotated[0][0].reshape(w * K, G, d)
                 scores = torch.baddbmm(bias, q, keys[i, :w].view(w * K, T, d).transpose(1, 2), alpha=self.scale)
                 probs = torch.softmax(scores, -1, dtype=torch.float32).to(x.dtype)  # (w·K, G, T)
                 parts.append(torch.bmm(probs, values[i, :w].view(w * K, T, d)).view(w, H * d))  # (w, H*d)
             if chunks is not None:
+                qc, kc = rotated[-1]
                 for row, (length, end, a) in enumerate(zip(lens, ends, starts)):
-                    q = qk[w + end - length : w + end, :H].transpose(0, 1)[None]  # (1, H, length, d)
+                    q = qc[end - length : end].transpose(0, 1)[None]  # (1, H, length, d)
                     if a:  # earlier positions are in the cache: attend over the slot's first a+length
                         slot = chunks.slots[row]
                         k = keys[i, slot, :, : a + length][None]  # (1, K, a+length, d)
                         v = values[i, slot, :, : a + length][None]
                         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[row], enable_gqa=True)
                     else:
-                        k = qk[w + end - length : w + end, H:].transpose(0, 1)[None]  # (1, K, length, d)
+                        k = kc[end - length : end].transpose(0, 1)[None]  # (1, K, length, d)
                         v = qkv[w + end - length : w + end, H + K :].transpose(0, 1)[None]
                         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
                     parts.append(attn[0].transpose(0, 1).reshape(length, H * d))
-            x = x + layer.o(torch.cat(parts) if len(parts) > 1 else parts[0])  # (w + n, H*d) -> (w + n, D)
-            x = self._mlp(x, layer)
+            # (w + n, H*d) -> (w + n, D), then the MLP; h is the next layer's (or the final) norm of x.
+            x, h = self._add_norm(x, layer.o(torch.cat(parts) if len(parts) > 1 else parts[0]), layer.mlp_norm)
+            after = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
+            x, h = self._add_norm(x, layer.down(self._act(layer.gate_up(h))), after)
         picked = []  # rows whose logits are asked for: decode rows, then each chunk's last token
         if w:
             picked.append(torch.arange(w) if rows is None else rows)
         if chunks is not None:
             picked.append(w + chunks.lengths.cumsum(0) - 1)
         r = len(picked[0]) if w else 0
-        if w and chunks is None and r == w:
-            logits = self._logits(x)
-        else:
-            logits = self._logits(x[torch.cat(picked) if len(picked) > 1 else picked[0]])
+        if not (w and chunks is None and r == w):
+            h = h[torch.cat(picked) if len(picked) > 1 else picked[0]]
+        logits = self.lm_head(h).float()  # (r + chunks, V)
         return (logits[:r] if w else None), (logits[r:] if chunks is not None else None)
 
 register_adapter("llama", LlamaAdapter)

@@ -1,19 +1,23 @@
-"""r1kit's one native kernel: decode attention that reads each slot's own positions only.
+"""r1kit's native kernels (``kernels.c`` beside this file): the parts of the engine's Llama-family
+decode step that eager torch ops do badly on a CPU.
 
-The engine's torch decode attention (two batched matmuls over the cache block) reads every slot's
-cache up to the longest slot's length and runs (G x d)(d x T) products that oneDNN/MKL do not
-batch well; at batch 64 it took a quarter of a bf16 decode step on two threads. ``decode_attention.c``
-(beside this file) does the same arithmetic, with the same bf16 roundings, in one OpenMP loop over
-(slot, KV head), each item reading only that slot's visible positions.
+- ``decode_attention``: the torch path (two batched matmuls over the cache block) reads every slot's
+  cache up to the longest slot's length and runs (G x d)(d x T) products that oneDNN/MKL do not
+  batch well (at batch 64, a quarter of a bf16 decode step on two threads, and it did not scale to
+  the second thread). The kernel does the same arithmetic, with the same bf16 roundings, in one
+  OpenMP loop over (slot, KV head), each item reading only that slot's visible positions.
+- ``add_rms_norm``, ``silu_mul``, ``rope_store``: the residual add + RMSNorm, SwiGLU's activation,
+  and rotary + cache write, each one pass instead of 4-10 small torch ops (and their dispatch) per
+  layer, with the roundings of the torch ops they replace.
 
 The C file is compiled on first use with the system C compiler (``$CC`` or ``cc``: ``-O3
 -march=native -fopenmp``) into ``~/.cache/r1kit/kernels`` (``$R1KIT_KERNEL_DIR``), named by a hash
 of the source, the flags, the compiler's version and the CPU's flags, written atomically and loaded
 with ``ctypes`` (which releases the GIL during the call). Its OpenMP runtime is torch's own
 (``libgomp.so.1`` is already loaded, the dynamic linker reuses it by soname), and it runs on
-``torch.get_num_threads()`` threads. The engine uses it where it was compiled with AVX-512 (its
-portable C loops, for other CPUs, are tested but slower than torch's matmuls). Without a compiler,
-without AVX-512, or with ``R1KIT_NATIVE=0``, ``kernel()`` is None and the engine keeps its torch
+``torch.get_num_threads()`` threads. The engine uses them where they were compiled with AVX-512
+(the portable C loops, for other CPUs, are tested but slower than torch's matmuls). Without a compiler,
+without AVX-512, or with ``R1KIT_NATIVE=0``, ``available()`` is False and the engine keeps its torch
 path; ``status()`` says which and why.
 """
 
@@ -29,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("decode_attention.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 LANES = 16  # the C kernel needs head_dim % LANES == 0
 
@@ -59,7 +63,7 @@ def _build(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str]:
     source = SOURCE.read_text()
     flags = [*FLAGS, *extra_flags]
     key = hashlib.sha256("\0".join([source, " ".join(flags), version, _cpu_flags()]).encode()).hexdigest()[:16]
-    target = _kernel_dir() / f"decode_attention-{key}.so"
+    target = _kernel_dir() / f"kernels-{key}.so"
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -77,10 +81,17 @@ def _build(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(target))
     except OSError as e:
         return None, f"off (could not load {target}: {e})"
-    for name in ("decode_attention_bf16", "decode_attention_f32"):
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]
+    ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    signatures = {
+        "decode_attention": (ctypes.c_int, [ptr] * 5 + [i64] * 5 + [f32, i32]),
+        "add_rms_norm": (None, [ptr] * 4 + [i64] * 2 + [f32, i32]),
+        "silu_mul": (None, [ptr] * 2 + [i64] * 2 + [i32]),
+        "rope_store": (None, [ptr] * 9 + [i64] * 5 + [i32]),
+    }
+    for name, (restype, argtypes) in signatures.items():
+        for suffix in ("bf16", "f32"):
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.restype, fn.argtypes = restype, argtypes
     if not lib.decode_attention_simd():
         return lib, f"built, not used (no AVX-512 on this CPU: its portable loops are slower than torch's) ({target.name})"
     return lib, f"on ({target.name})"
@@ -92,16 +103,15 @@ def _loaded() -> tuple[ctypes.CDLL | None, str]:
 
 
 def status() -> str:
-    """'on (file)' or 'off (why)': whether the engine's decode attention runs the C kernel."""
+    """'on (file)', 'built, not used (why)' or 'off (why)': whether the engine runs the C kernels."""
     return _loaded()[1]
 
 
-def kernel(dtype: torch.dtype, head_dim: int):
-    """``decode_attention`` when the C kernel is built and handles ``dtype`` and ``head_dim``, else None."""
-    lib, state = _loaded()
-    if not state.startswith("on") or dtype not in (torch.bfloat16, torch.float32) or head_dim % LANES:
-        return None
-    return decode_attention
+def available(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the engine runs its decode attention and elementwise steps in C for ``dtype`` and
+    ``head_dim``: the kernels are built with AVX-512 (``status()`` "on"), the dtype is bf16 or fp32
+    and head_dim a multiple of 16."""
+    return status().startswith("on") and dtype in (torch.bfloat16, torch.float32) and head_dim % LANES == 0
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
@@ -142,3 +152,60 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     if code:
         raise RuntimeError("decode attention kernel: out of memory for its scratch buffers")
     return out
+
+
+def _fn(lib: ctypes.CDLL | None, name: str, dtype: torch.dtype):
+    lib = lib or _loaded()[0]
+    if lib is None:
+        raise RuntimeError(f"the engine's C kernels are {status()}")
+    return getattr(lib, f"{name}_{'bf16' if dtype == torch.bfloat16 else 'f32'}")
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """The residual add then RMSNorm of a decoder layer, in one pass: ``x += delta`` in place (when
+    ``delta`` is given), then returns ``weight * rms_norm(x)`` (HF ``LlamaRMSNorm``: statistics in
+    fp32, the normalized rows rounded to the dtype before the weight).
+
+    Args: x (n, D) contiguous, bf16 or fp32 (modified); delta (n, D) like x, or None; weight (D,).
+    Returns: (n, D), x's dtype.
+    """
+    n, D = x.shape
+    out = torch.empty_like(x)
+    _fn(lib, "add_rms_norm", x.dtype)(x.data_ptr(), None if delta is None else delta.contiguous().data_ptr(),
+                                       weight.data_ptr(), out.data_ptr(), n, D, eps, torch.get_num_threads())
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """SwiGLU's activation ``silu(gate) * up`` of gate_up (n, 2F) = [gate | up] (contiguous), each op
+    rounded to the dtype as torch does; returns (n, F)."""
+    n, two_f = gate_up.shape
+    out = gate_up.new_empty(n, two_f // 2)
+    _fn(lib, "silu_mul", gate_up.dtype)(gate_up.data_ptr(), out.data_ptr(), n, two_f // 2, torch.get_num_threads())
+    return out
+
+
+def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+               positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               lib: ctypes.CDLL | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q and k (HF ``apply_rotary_pos_emb``, half-split, each op rounded to the
+    dtype) and the cache write of k and v, in one pass over the rows.
+
+    Args:
+        qkv: (n, H + 2K, d) contiguous projections of n tokens.
+        cos, sin: (P, d) rotary tables, indexed by position.
+        slots, positions: (n,) int64: each token's cache slot and position (< T, < P).
+        keys, values: (S, K, T, d) contiguous: one layer of the cache, written at [slot, :, position].
+
+    Returns:
+        q (n, H, d) and k (n, K, d), rotated, qkv's dtype.
+    """
+    n, width, d = qkv.shape
+    S, K, T, _ = keys.shape
+    H = width - 2 * K
+    q, k = qkv.new_empty(n, H, d), qkv.new_empty(n, K, d)
+    _fn(lib, "rope_store", qkv.dtype)(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+                                       positions.data_ptr(), q.data_ptr(), k.data_ptr(), keys.data_ptr(),
+                                       values.data_ptr(), n, H, K, T, d, torch.get_num_threads())
+    return q, k

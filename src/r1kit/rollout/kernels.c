@@ -308,3 +308,126 @@ int decode_attention_f32(const float *q, const float *keys, const float *values,
                          int64_t w, int64_t K, int64_t G, int64_t T, int64_t d, float scale, int threads) {
     return run(q, keys, values, lengths, out, w, K, G, T, d, scale, threads, 0);
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * The decoder layer's elementwise steps, each one pass over its rows with the rounding of the torch
+ * ops it replaces in r1kit/rollout/engine.py (round = to the storage dtype after every torch op;
+ * the identity in fp32). Rows are split over threads when there are enough of them.
+ * ------------------------------------------------------------------------------------------- */
+
+#define PARALLEL_MIN 65536 /* elements below which a call stays on one thread */
+
+/* x (n, D) += delta (n, D) when delta is not NULL (round(x + delta)), then
+ * out (n, D) = round(weight * round(x * rsqrt(mean(x^2) + eps))): HF LlamaRMSNorm (statistics in fp32)
+ * after the residual add. */
+static void add_rms_norm(void *x, const void *delta, const void *weight, void *out, int64_t n, int64_t D,
+                         float eps, int bf16, int threads) {
+#pragma omp parallel for num_threads(threads) if (n * D >= PARALLEL_MIN) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        float sum = 0;
+        for (int64_t j = 0; j < D; j++) {
+            int64_t i = r * D + j;
+            float v = load1(x, i, bf16);
+            if (delta) {
+                v = round1(v + load1(delta, i, bf16), bf16);
+                if (bf16) ((uint16_t *)x)[i] = f32_to_bf16(v);
+                else ((float *)x)[i] = v;
+            }
+            sum += v * v;
+        }
+        float inv = 1.0f / sqrtf(sum / (float)D + eps);
+        for (int64_t j = 0; j < D; j++) {
+            int64_t i = r * D + j;
+            float h = round1(load1(x, i, bf16) * inv, bf16) * load1(weight, j, bf16);
+            if (bf16) ((uint16_t *)out)[i] = f32_to_bf16(h);
+            else ((float *)out)[i] = h;
+        }
+    }
+}
+
+/* out (n, F) = round(round(silu(gate)) * up) for gate_up (n, 2F) = [gate | up]: SwiGLU's activation. */
+static void silu_mul(const void *gate_up, void *out, int64_t n, int64_t F, int bf16, int threads) {
+#pragma omp parallel for num_threads(threads) if (n * F >= PARALLEL_MIN) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        int64_t j = 0;
+#ifdef __AVX512F__
+        for (; j + LANES <= F; j += LANES) {
+            __m512 g = load16(gate_up, r * 2 * F + j, bf16, LANES), u = load16(gate_up, r * 2 * F + F + j, bf16, LANES);
+            __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            __m512 s = round16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), bf16);
+            __m512 y = round16(_mm512_mul_ps(s, u), bf16);
+            if (bf16) {
+                __m512i b = _mm512_srli_epi32(_mm512_castps_si512(y), 16);
+                _mm256_storeu_si256((__m256i *)((uint16_t *)out + r * F + j), _mm512_cvtepi32_epi16(b));
+            } else {
+                _mm512_storeu_ps((float *)out + r * F + j, y);
+            }
+        }
+#endif
+        for (; j < F; j++) {
+            float g = load1(gate_up, r * 2 * F + j, bf16), u = load1(gate_up, r * 2 * F + F + j, bf16);
+            float y = round1(round1(g / (1.0f + expf(-g)), bf16) * u, bf16);
+            if (bf16) ((uint16_t *)out)[r * F + j] = f32_to_bf16(y);
+            else ((float *)out)[r * F + j] = y;
+        }
+    }
+}
+
+/* Rotary embedding of q and k (half-split layout, HF apply_rotary_pos_emb: round(round(x cos) +
+ * round(rot(x) sin)), rot(x) = [-x2, x1]) for n rows of qkv (n, H + 2K, d), each at positions[r] of
+ * the tables cos, sin (positions, d); writes the rotated q to q_out (n, H, d), the rotated k to k_out
+ * (n, K, d) and to keys (S, K, T, d) at [slots[r], :, positions[r]], and v to values there. */
+static void rope_store(const void *qkv, const void *cos, const void *sin, const int64_t *slots,
+                       const int64_t *positions, void *q_out, void *k_out, void *keys, void *values, int64_t n,
+                       int64_t H, int64_t K, int64_t T, int64_t d, int bf16, int threads) {
+    int64_t half = d / 2, width = (H + 2 * K) * d;
+#pragma omp parallel for num_threads(threads) if (n * width >= PARALLEL_MIN) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        const int64_t p = positions[r], base = r * width;
+        for (int64_t h = 0; h < H + K; h++) {
+            for (int64_t j = 0; j < d; j++) {
+                float x = load1(qkv, base + h * d + j, bf16);
+                float o = j < half ? -load1(qkv, base + h * d + j + half, bf16) : load1(qkv, base + h * d + j - half, bf16);
+                float y = round1(round1(x * load1(cos, p * d + j, bf16), bf16) + round1(o * load1(sin, p * d + j, bf16), bf16), bf16);
+                int64_t at = h < H ? (r * H + h) * d + j : (r * K + h - H) * d + j;
+                void *dst = h < H ? q_out : k_out;
+                if (bf16) ((uint16_t *)dst)[at] = f32_to_bf16(y);
+                else ((float *)dst)[at] = y;
+                if (h >= H) {
+                    int64_t c = ((slots[r] * K + h - H) * T + p) * d + j;
+                    if (bf16) ((uint16_t *)keys)[c] = f32_to_bf16(y);
+                    else ((float *)keys)[c] = y;
+                }
+            }
+        }
+        size_t item = bf16 ? 2 : 4;
+        for (int64_t k = 0; k < K; k++)
+            memcpy((char *)values + (((slots[r] * K + k) * T + p) * d) * item,
+                   (const char *)qkv + (base + (H + K + k) * d) * item, (size_t)d * item);
+    }
+}
+
+void add_rms_norm_bf16(uint16_t *x, const uint16_t *delta, const uint16_t *weight, uint16_t *out, int64_t n,
+                       int64_t D, float eps, int threads) {
+    add_rms_norm(x, delta, weight, out, n, D, eps, 1, threads);
+}
+void add_rms_norm_f32(float *x, const float *delta, const float *weight, float *out, int64_t n, int64_t D,
+                      float eps, int threads) {
+    add_rms_norm(x, delta, weight, out, n, D, eps, 0, threads);
+}
+void silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t n, int64_t F, int threads) {
+    silu_mul(gate_up, out, n, F, 1, threads);
+}
+void silu_mul_f32(const float *gate_up, float *out, int64_t n, int64_t F, int threads) {
+    silu_mul(gate_up, out, n, F, 0, threads);
+}
+void rope_store_bf16(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const int64_t *slots,
+                     const int64_t *positions, uint16_t *q_out, uint16_t *k_out, uint16_t *keys, uint16_t *values,
+                     int64_t n, int64_t H, int64_t K, int64_t T, int64_t d, int threads) {
+    rope_store(qkv, cos, sin, slots, positions, q_out, k_out, keys, values, n, H, K, T, d, 1, threads);
+}
+void rope_store_f32(const float *qkv, const float *cos, const float *sin, const int64_t *slots,
+                    const int64_t *positions, float *q_out, float *k_out, float *keys, float *values, int64_t n,
+                    int64_t H, int64_t K, int64_t T, int64_t d, int threads) {
+    rope_store(qkv, cos, sin, slots, positions, q_out, k_out, keys, values, n, H, K, T, d, 0, threads);
+}
