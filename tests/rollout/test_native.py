@@ -210,3 +210,14 @@ def test_bf16_engine_with_kernels_tracks_its_torch_path():
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
     torch.testing.assert_close(torch.tensor([c.logprobs for c in a]), torch.tensor([c.logprobs for c in b]),
                                atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["default", "portable"])
+def test_softmax_rows_equals_torch_softmax(which, request):
+    lib = request.getfixturevalue("portable") if which == "portable" else built()
+    x = 8 * torch.randn(5, 49157, generator=torch.Generator().manual_seed(0))  # V not a multiple of 16
+    x[1, :100] = float("-inf")  # masked entries
+    x[2] = 0.0  # uniform
+    ours = native.softmax_rows(x, lib=lib)
+    torch.testing.assert_close(ours, x.softmax(-1), rtol=1e-6, atol=1e-9)
+    assert torch.all(ours[1, :100] == 0)

@@ -9,6 +9,8 @@ decode step that eager torch ops do badly on a CPU.
 - ``add_rms_norm``, ``silu_mul``, ``rope_store``: the residual add + RMSNorm, SwiGLU's activation,
   and rotary + cache write, each one pass instead of 4-10 small torch ops (and their dispatch) per
   layer, with the roundings of the torch ops they replace.
+- ``softmax_rows``: the sampler's fp32 softmax over the vocabulary (torch's took 7 ms for 64 x 49152
+  on one core).
 
 The C file is compiled on first use with the system C compiler (``$CC`` or ``cc``: ``-O3
 -march=native -fopenmp``) into ``~/.cache/r1kit/kernels`` (``$R1KIT_KERNEL_DIR``), named by a hash
@@ -92,6 +94,7 @@ def _build(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str]:
         for suffix in ("bf16", "f32"):
             fn = getattr(lib, f"{name}_{suffix}")
             fn.restype, fn.argtypes = restype, argtypes
+    lib.softmax_rows_f32.restype, lib.softmax_rows_f32.argtypes = None, [ptr] * 2 + [i64] * 2 + [i32]
     if not lib.decode_attention_simd():
         return lib, f"built, not used (no AVX-512 on this CPU: its portable loops are slower than torch's) ({target.name})"
     return lib, f"on ({target.name})"
@@ -209,3 +212,12 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: t
                                        positions.data_ptr(), q.data_ptr(), k.data_ptr(), keys.data_ptr(),
                                        values.data_ptr(), n, H, K, T, d, torch.get_num_threads())
     return q, k
+
+
+def softmax_rows(x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """softmax over the last dim of fp32 x (b, V) (contiguous); (b, V) fp32, each row summing to 1
+    within fp32 rounding."""
+    b, V = x.shape
+    out = torch.empty_like(x)
+    (lib or _loaded()[0]).softmax_rows_f32(x.data_ptr(), out.data_ptr(), b, V, torch.get_num_threads())
+    return out
