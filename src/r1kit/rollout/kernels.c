@@ -68,6 +68,17 @@ static inline __m512 round16(__m512 x, int bf16) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_castsi512_ps(r), x);
 }
 
+/* Store the first `count` of 16 fp32 values at element i of a bf16 (rounded to nearest even) or fp32 array. */
+static inline void store16(void *a, int64_t i, __m512 v, int bf16, int count) {
+    __mmask16 m = count >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << count) - 1u);
+    if (bf16) {
+        __m512i b = _mm512_srli_epi32(_mm512_castps_si512(round16(v, 1)), 16);
+        _mm256_mask_storeu_epi16((uint16_t *)a + i, m, _mm512_cvtepi32_epi16(b));
+    } else {
+        _mm512_mask_storeu_ps((float *)a + i, m, v);
+    }
+}
+
 /* exp(x) for x <= 0 (softmax after subtracting the max): x = n ln2 + r, |r| <= ln2/2, degree-7
  * Taylor polynomial of exp(r) (relative error < 2e-8), times 2^n by scalef (underflows to 0). */
 static inline __m512 exp16(__m512 x) {
@@ -325,6 +336,25 @@ static void add_rms_norm(void *x, const void *delta, const void *weight, void *o
 #pragma omp parallel for num_threads(threads) if (n * D >= PARALLEL_MIN) schedule(static)
     for (int64_t r = 0; r < n; r++) {
         float sum = 0;
+#ifdef __AVX512F__
+        __m512 squares = _mm512_setzero_ps();
+        for (int64_t j = 0; j < D; j += LANES) {
+            int count = D - j < LANES ? (int)(D - j) : LANES;
+            __m512 v = load16(x, r * D + j, bf16, count);
+            if (delta) {
+                v = round16(_mm512_add_ps(v, load16(delta, r * D + j, bf16, count)), bf16);
+                store16(x, r * D + j, v, bf16, count);
+            }
+            squares = _mm512_fmadd_ps(v, v, squares);
+        }
+        sum = _mm512_reduce_add_ps(squares);
+        __m512 inv = _mm512_set1_ps(1.0f / sqrtf(sum / (float)D + eps));
+        for (int64_t j = 0; j < D; j += LANES) {
+            int count = D - j < LANES ? (int)(D - j) : LANES;
+            __m512 h = round16(_mm512_mul_ps(load16(x, r * D + j, bf16, count), inv), bf16);
+            store16(out, r * D + j, _mm512_mul_ps(h, load16(weight, j, bf16, count)), bf16, count);
+        }
+#else
         for (int64_t j = 0; j < D; j++) {
             int64_t i = r * D + j;
             float v = load1(x, i, bf16);
@@ -342,6 +372,7 @@ static void add_rms_norm(void *x, const void *delta, const void *weight, void *o
             if (bf16) ((uint16_t *)out)[i] = f32_to_bf16(h);
             else ((float *)out)[i] = h;
         }
+#endif
     }
 }
 
@@ -384,6 +415,35 @@ static void rope_store(const void *qkv, const void *cos, const void *sin, const 
 #pragma omp parallel for num_threads(threads) if (n * width >= PARALLEL_MIN) schedule(static)
     for (int64_t r = 0; r < n; r++) {
         const int64_t p = positions[r], base = r * width;
+#ifdef __AVX512F__
+        if (half % LANES == 0) {
+            for (int64_t h = 0; h < H + K; h++) {
+                const int64_t src = base + h * d;
+                for (int64_t j = 0; j < half; j += LANES) {
+                    __m512 x1 = load16(qkv, src + j, bf16, LANES), x2 = load16(qkv, src + half + j, bf16, LANES);
+                    __m512 c1 = load16(cos, p * d + j, bf16, LANES), c2 = load16(cos, p * d + half + j, bf16, LANES);
+                    __m512 s1 = load16(sin, p * d + j, bf16, LANES), s2 = load16(sin, p * d + half + j, bf16, LANES);
+                    __m512 minus_x2 = _mm512_sub_ps(_mm512_setzero_ps(), x2);
+                    __m512 y1 = _mm512_add_ps(round16(_mm512_mul_ps(x1, c1), bf16), round16(_mm512_mul_ps(minus_x2, s1), bf16));
+                    __m512 y2 = _mm512_add_ps(round16(_mm512_mul_ps(x2, c2), bf16), round16(_mm512_mul_ps(x1, s2), bf16));
+                    void *dst = h < H ? q_out : k_out;
+                    int64_t at = h < H ? (r * H + h) * d : (r * K + h - H) * d;
+                    store16(dst, at + j, y1, bf16, LANES);
+                    store16(dst, at + half + j, y2, bf16, LANES);
+                    if (h >= H) {
+                        int64_t c = ((slots[r] * K + h - H) * T + p) * d;
+                        store16(keys, c + j, y1, bf16, LANES);
+                        store16(keys, c + half + j, y2, bf16, LANES);
+                    }
+                }
+            }
+            size_t item = bf16 ? 2 : 4;
+            for (int64_t k = 0; k < K; k++)
+                memcpy((char *)values + (((slots[r] * K + k) * T + p) * d) * item,
+                       (const char *)qkv + (base + (H + K + k) * d) * item, (size_t)d * item);
+            continue;
+        }
+#endif
         for (int64_t h = 0; h < H + K; h++) {
             for (int64_t j = 0; j < d; j++) {
                 float x = load1(qkv, base + h * d + j, bf16);
