@@ -20,7 +20,8 @@ the fp32-vs-fp32 pair (``ratio_vs_hf_fp32``), the engine's gain with the arithme
 
 ``--before REV`` also times the engine as it was at git revision REV (its ``engine.py`` loaded as a
 separate module, same model, prompts and clock), so a change is measured before -> after in one run.
-The first line gives the CPU's model, SIMD flags and load.
+The first line gives the CPU's model, SIMD flags and load; ``engine_kernels`` says whether the engine ran
+its C kernels (r1kit/rollout/native.py; ``R1KIT_NATIVE=0`` times its torch path instead).
 
     PYTHONPATH=src python bench/rollout.py [--batch 64] [--new-tokens 128] [--dtype bf16] [--also-fp32] [--clock cpu] [--before REV] [--vllm /work/vllm-venv/bin/python]
 """
@@ -41,6 +42,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from r1kit.models.embedded import embedded_gguf_path, embedded_model_dir
+from r1kit.rollout import native
 from r1kit.rollout.base import SamplingParams
 from r1kit.rollout.engine import Engine, native_bf16
 from serve import cpu_line
@@ -171,6 +173,7 @@ def main() -> None:
     print(f"model=smollm2-135m dtype={args.dtype} engine_compute={engine.compute_dtype} native_bf16={native_bf16()} "
           f"threads={args.threads} clock={args.clock} load_1min={os.getloadavg()[0]:.2f} "
           f"batch1_prompt_tokens={len(prompts[0])}")
+    print(f"engine_kernels={native.status().split(' (')[0].replace(' ', '_')} ({native.status()})")
     vllm = {}
     if args.vllm is not None:
         runs = ([] if args.skip_batch1 else [(prompts, args.batch1_tokens)]) + [(chat_prompts(tokenizer, args.batch),
