@@ -88,8 +88,8 @@ def check_run_dir(run_dir: Path, resume: bool, cfg) -> None:
     check_run_kind(run_dir, "train grpo" if isinstance(cfg, GRPOConfig) else "train sft")
     if run_dir.exists() and any(run_dir.iterdir()) and not resume and ckpt.list_checkpoints(run_dir):
         raise R1kitError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose another --output")
-    if resume and ckpt.latest_checkpoint(run_dir) is None:  # before any evaluation or directory is made
-        raise R1kitError(f"--resume: no complete checkpoint in {run_dir}; run without --resume to start it")
+    if resume:  # before any evaluation or directory is made
+        resume_checkpoint(run_dir)
     if resume and (run_dir / "config.yaml").is_file():
         check_resume_config(cfg, run_dir / "config.yaml")
 
@@ -99,11 +99,24 @@ def say_complete(run_dir: Path, total_steps: int) -> None:
           "raise --max-steps to train further", flush=True)
 
 
-def resume_latest(trainer, run_dir: Path) -> None:
-    """Restore ``trainer`` (a ``TrainLoop``) from the newest complete checkpoint of ``run_dir``."""
+def resume_checkpoint(run_dir: Path, checked: bool = False) -> Path:
+    """The newest complete checkpoint of ``run_dir``, the one ``--resume`` continues from.
+
+    Raises:
+        R1kitError: there is none; ``checked``: ``check_run_dir`` found one before, so it was removed
+            since (the error says so).
+    """
     last = ckpt.latest_checkpoint(run_dir)
     if last is None:
-        raise R1kitError(f"--resume: no complete checkpoint in {run_dir}")
+        since = " any more (there was one when the run's checks ran: was it removed since?)" if checked else ""
+        raise R1kitError(f"--resume: no complete checkpoint in {run_dir}{since}; run without --resume to start it")
+    return last
+
+
+def resume_latest(trainer, run_dir: Path) -> None:
+    """Restore ``trainer`` (a ``TrainLoop``) from the newest complete checkpoint of ``run_dir``
+    (``check_run_dir`` refused a --resume without one; this guards against one removed since)."""
+    last = resume_checkpoint(run_dir, checked=True)
     trainer.resume_from(last)
     print(f"resumed from {last} (step {trainer.step})")
 
