@@ -486,3 +486,21 @@ def test_collapse_onto_one_answer_is_logged_and_warned(tiny_model_dir, tmp_path)
         tr.logger.log(i + 1, m)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(list(r) == list(rows[0]) for r in rows) and rows[0]["answers/top_share"] is None
+
+
+def test_a_guard_with_patience_one_says_one_step(tiny_model_dir, tmp_path):
+    """warn_patience 1 warned "(for 1 steps in a row)"; counts in messages and reports say 1 step, 2 steps."""
+    import warnings
+
+    from r1kit.train.logging import n_steps
+
+    assert (n_steps(0), n_steps(1), n_steps(2)) == ("0 steps", "1 step", "2 steps")
+    model, tok = load_policy(str(tiny_model_dir), dtype=torch.float64)
+    tr = _trainer(model, tok, tmp_path, num_generations=5, prompts_per_step=2, warn_patience=1)
+    ro = _answering(_rollout(G=5, groups=2), ["7"] * 6 + ["3", "3.0", None, None])
+    tr.generate_and_score = lambda: ro
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.train_step()
+    said = [str(w.message) for w in caught if "collapsing onto a common answer" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("step 1: one answer is 60%") and said[0].endswith("(for 1 step in a row)")

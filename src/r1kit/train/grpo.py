@@ -43,6 +43,7 @@ from r1kit.models.loading import resolve_bf16
 from r1kit.rewards.base import Verdict
 from r1kit.rollout.base import Completion, SamplingEngine, SamplingParams
 from r1kit.train import distributed
+from r1kit.train.logging import n_steps
 from r1kit.train.loop import (DataCursor, TrainLoop, enable_gradient_checkpointing, is_peft, lr_lambda, make_optimizer,
                               merged_weights_view)
 from r1kit.train.losses import (ImportanceWeights, LossNormalizer, aggregate_loss, entropy_from_logits,
@@ -890,7 +891,7 @@ class GRPOTrainer(TrainLoop):
         for key, (bad, msg) in checks.items():
             self.warn_counts[key] = self.warn_counts[key] + 1 if bad else 0
             if self.warn_counts[key] == c.warn_patience:
-                warnings.warn(f"step {self.step}: {msg} (for {c.warn_patience} steps in a row)", stacklevel=2)
+                warnings.warn(f"step {self.step}: {msg} (for {n_steps(c.warn_patience)} in a row)", stacklevel=2)
 
     def _samples(self, ro: Rollout, per_step: int = 4) -> list[dict]:
         G = self.cfg.num_generations

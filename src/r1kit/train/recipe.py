@@ -27,7 +27,7 @@ from r1kit.runtime import make_engine, make_render, make_verifier
 from r1kit.train import checkpoint as ckpt
 from r1kit.train import distributed
 from r1kit.train.grpo import GRPOTrainer, RewardScorer
-from r1kit.train.logging import plot_curves
+from r1kit.train.logging import n_steps, plot_curves
 from r1kit.train.loop import apply_lora, merged_for_save
 
 
@@ -243,7 +243,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
     if cfg.plot and (run_dir / "metrics.jsonl").is_file():
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     if cfg.eval_after:
-        header = (f"# {cfg.task} GRPO run: held-out evaluation\n\nmodel {cfg.model}, {trainer.step} steps, "
+        header = (f"# {cfg.task} GRPO run: held-out evaluation\n\nmodel {cfg.model}, {n_steps(trainer.step)}, "
                   f"template {cfg.template}, eval on {eval_task}/{cfg.eval_split} (never trained on), "
                   f"k={cfg.eval_k}, T={cfg.eval_temperature}, top-p={cfg.eval_top_p}; answer prior from the "
                   f"{len(train)} training problems of {cfg.task}/{cfg.train_split}\n\n")
