@@ -23,6 +23,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from typing import Callable
 
 
 def run_variant(variant: str, steps: int, batch: int, examples: int) -> list[float]:
@@ -51,16 +52,22 @@ def run_variant(variant: str, steps: int, batch: int, examples: int) -> list[flo
     return [m["rss_mb"] for m in history]
 
 
-def main() -> None:
+def compare(script: str, run: Callable[[str, argparse.Namespace], list[float]], steps: int = 30, batch: int = 1,
+            extra: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """The command line of a memory bench (this one, ``grpo_memory.py``): each of ``--variants`` of
+    ``script`` in a fresh process (``run(variant, args)`` there returns its per-step ``rss_mb``), the
+    CPU flags line, each variant's curve, and the last line ``<variant>_growth_mb=... <variant>_peak_mb=...``
+    (growth: the last step's RSS − step 3's, MiB)."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--examples", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--batch", type=int, default=batch)
     ap.add_argument("--variants", default="before,after")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    if extra:
+        extra(ap)
+    a, argv = ap.parse_args(), sys.argv[1:]
     if a.variant:
-        print(json.dumps(run_variant(a.variant, a.steps, a.batch, a.examples)))
+        print(json.dumps(run(a.variant, a)))
         return
     import torch
 
@@ -69,8 +76,7 @@ def main() -> None:
           f"torch {torch.__version__} steps={a.steps} batch={a.batch}")
     out = {}
     for v in a.variants.split(","):
-        res = subprocess.run([sys.executable, __file__, "--variant", v, "--steps", str(a.steps), "--batch",
-                              str(a.batch), "--examples", str(a.examples)], capture_output=True, text=True)
+        res = subprocess.run([sys.executable, script, *argv, "--variant", v], capture_output=True, text=True)
         if res.returncode:
             sys.exit(f"{v} failed:\n{res.stderr[-2000:]}")
         rss = json.loads(res.stdout.strip().splitlines()[-1])
@@ -81,4 +87,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    compare(__file__, lambda v, a: run_variant(v, a.steps, a.batch, a.examples),
+            extra=lambda ap: ap.add_argument("--examples", type=int, default=400))

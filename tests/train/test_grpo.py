@@ -91,6 +91,38 @@ def test_padding_free_update_equals_padded_update(tiny_model_dir, tmp_path):
         assert torch.allclose(packed[name], padded[name], atol=1e-9, rtol=0), name
 
 
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_pad_to_multiple_of_keeps_the_loss_and_gradients(tiny_model_dir, tmp_path, padding_free):
+    """Micro-batch lengths and scored-token counts rounded up to 32 (as SFT's, for flat memory) give the
+    step's loss and gradients of the exact shapes (float64; β > 0, so the reference pass is rounded too;
+    micro-batches of 3 hold one prompt or two of different lengths)."""
+    from r1kit.train.grpo import collate, pack_rows
+
+    ro = _rollout()
+    mb = collate(ro.prompt_ids, ro.completion_ids, [0, 1, 2, 3, 4], pad_id=0, multiple=32)
+    assert mb.prompt_ids.shape[1] == 32 == mb.completion_ids.shape[1] and mb.multiple == 32
+    packed = pack_rows(mb, pad_id=0)
+    n = sum(len(ro.completion_ids[i]) for i in range(5))
+    assert packed.input_ids.shape[1] == 32 and len(packed.src_row) == 32 and len(packed.target) == n
+    out = []
+    for multiple in (1, 32):
+        model, tok = load_policy(str(tiny_model_dir), dtype=torch.float64)
+        tr = _trainer(model, tok, tmp_path, loss_type="grpo", beta=0.05, micro_batch_size=3,
+                      padding_free=padding_free, pad_to_multiple_of=multiple)
+        r = copy.deepcopy(ro)
+        idx = tr.forwarded(r)
+        tr.compute_old_and_ref(r, idx)
+        stats = tr.update(r, idx)
+        out.append((stats, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (exact, g_exact), (rounded, g_rounded) = out
+    assert exact["loss"] != 0.0 and abs(exact["loss"] - rounded["loss"]) < 1e-12
+    for key in ("entropy", "kl"):
+        assert abs(exact[key] - rounded[key]) < 1e-12, key
+    for name in g_exact:
+        torch.testing.assert_close(g_exact[name], g_rounded[name], rtol=0, atol=1e-12, msg=name)
+    assert sum(g.abs().sum() for g in g_exact.values()) > 0
+
+
 def test_second_iteration_uses_first_pass_logprobs_as_old(tiny_model_dir, tmp_path):
     """μ = 2 with one optimizer step per pass: π_old kept from the first (grad) pass gives the same
     weights, to float64 rounding, as a separate no-grad forward before the update (TRL's way)."""
@@ -260,9 +292,10 @@ def test_nan_gradient_stops_and_last_checkpoint_loads(tiny_model_dir, toy_task, 
 
 
 def _check_shared_prefix_logprobs(model, vocab: int, weights, atol: float, rtol: float = 0.0,
-                                  padding_free: bool = False):
+                                  padding_free: bool = False, multiple: int = 1):
     """completion_logprobs runs each distinct prompt once; values and gradients (w.r.t. ``weights``) must
-    equal a plain forward over the left-padded prompt + right-padded completion concatenation."""
+    equal a plain forward over the left-padded prompt + right-padded completion concatenation, also
+    with the micro-batch's lengths rounded up to ``multiple`` (more masked padding)."""
     from r1kit.train.grpo import collate, completion_logprobs
     from r1kit.train.losses import selective_log_softmax
 
@@ -271,11 +304,13 @@ def _check_shared_prefix_logprobs(model, vocab: int, weights, atol: float, rtol:
     prompts = [distinct[i // 3] for i in range(9)]
     comps = [torch.randint(3, vocab, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
              for _ in range(9)]
-    mb = collate(prompts, comps, list(range(9)), pad_id=2)
+    mb = collate(prompts, comps, list(range(9)), pad_id=2, multiple=multiple)
     assert mb.prompt_ids.shape[0] == 3 and mb.prompt_of.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    got, _ = completion_logprobs(model, mb, 0.7, bf16=False, padding_free=padding_free)
-
+    assert mb.prompt_ids.shape[1] % multiple == 0 == mb.completion_ids.shape[1] % multiple
     P, C = max(map(len, prompts)), max(map(len, comps))
+    got, _ = completion_logprobs(model, mb, 0.7, bf16=False, padding_free=padding_free)
+    assert got.shape == mb.completion_ids.shape
+    got = got[:, :C]
     ids = torch.full((9, P + C), 2)
     att = torch.zeros((9, P + C), dtype=torch.long)
     for r, (p, c) in enumerate(zip(prompts, comps)):
@@ -283,25 +318,28 @@ def _check_shared_prefix_logprobs(model, vocab: int, weights, atol: float, rtol:
         att[r, P - len(p):P + len(c)] = 1
     logits = model(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0)).logits
     ref = selective_log_softmax(logits[:, P - 1:-1], ids[:, P:], 0.7)
-    m = mb.mask.double()
-    assert torch.allclose(got * m, ref * m, atol=1e-10)
+    m = mb.mask[:, :C].double()
+    assert mb.mask[:, C:].sum() == 0 and torch.allclose(got * m, ref * m, atol=1e-10)
     for g_got, g_ref in zip(torch.autograd.grad((got * m).sum(), weights), torch.autograd.grad((ref * m).sum(), weights)):
         assert torch.allclose(g_got, g_ref, atol=atol, rtol=rtol) and g_ref.abs().max() > 1e-4
 
 
-def test_shared_prefix_logprobs_equal_one_concatenated_forward(tiny_model_dir):
+@pytest.mark.parametrize("multiple", [1, 32])
+def test_shared_prefix_logprobs_equal_one_concatenated_forward(tiny_model_dir, multiple):
     model, _ = load_policy(str(tiny_model_dir), dtype=torch.float64)
-    _check_shared_prefix_logprobs(model, 1000, [model.model.layers[0].self_attn.q_proj.weight], atol=1e-6)
+    _check_shared_prefix_logprobs(model, 1000, [model.model.layers[0].self_attn.q_proj.weight], atol=1e-6,
+                                  multiple=multiple)
 
 
-def test_padding_free_logprobs_equal_one_concatenated_forward(tiny_model_dir):
+@pytest.mark.parametrize("multiple", [1, 32])
+def test_padding_free_logprobs_equal_one_concatenated_forward(tiny_model_dir, multiple):
     """Completions packed behind one prompt copy under a block mask: same values and gradients."""
     from r1kit.train.grpo import can_pack
 
     model, _ = load_policy(str(tiny_model_dir), dtype=torch.float64)
     assert can_pack(model)
     _check_shared_prefix_logprobs(model, 1000, [model.model.layers[0].self_attn.q_proj.weight], atol=1e-6,
-                                  padding_free=True)
+                                  padding_free=True, multiple=multiple)
 
 
 def test_packing_is_refused_where_the_block_mask_would_not_be_exact(tiny_model_dir):
@@ -336,7 +374,8 @@ def test_pack_rows_layout_and_budget():
         (0, 0), (0, 1), (1, 0), (2, 0), (2, 1), (2, 2), (3, 0), (3, 1)]
 
 
-def test_shared_prefix_logprobs_equal_one_concatenated_forward_for_deepseek_v3():
+@pytest.mark.parametrize("multiple", [1, 32])
+def test_shared_prefix_logprobs_equal_one_concatenated_forward_for_deepseek_v3(multiple):
     """The V3 path runs on r1kit's naive-MLA KVCache; a MoE layer and its router are exercised. Gradients
     to fp32 precision: the router computes in fp32 even in a float64 model."""
     from r1kit.models.deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
@@ -348,7 +387,7 @@ def test_shared_prefix_logprobs_equal_one_concatenated_forward_for_deepseek_v3()
         first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
         v_head_dim=8, initializer_range=0.2)).cast(torch.float64)
     weights = [model.model.layers[0].self_attn.kv_b_proj.weight, model.model.layers[1].mlp.gate.weight]
-    _check_shared_prefix_logprobs(model, 40, weights, atol=1e-6, rtol=1e-6)
+    _check_shared_prefix_logprobs(model, 40, weights, atol=1e-6, rtol=1e-6, multiple=multiple)
 
 
 def test_time_budget_stops_after_the_crossing_step_and_checkpoints(tiny_model_dir, tmp_path, monkeypatch):

@@ -45,7 +45,7 @@ from r1kit.rollout.base import Completion, SamplingEngine, SamplingParams
 from r1kit.train import distributed
 from r1kit.train.logging import n_steps
 from r1kit.train.loop import (DataCursor, TrainLoop, enable_gradient_checkpointing, is_peft, lr_lambda, make_optimizer,
-                              merged_weights_view)
+                              merged_weights_view, round_up)
 from r1kit.train.losses import (ImportanceWeights, LossNormalizer, aggregate_loss, entropy_from_logits,
                                 group_advantages, policy_loss_terms, rollout_importance_weights,
                                 selective_log_softmax)
@@ -124,6 +124,8 @@ class MicroBatch:
         completion_ids, completion_attn: (m, C) right-padded completions and their attention mask.
         completion_pos: (m, C) position ids (prompt length + offset, as ``generate`` numbers them).
         mask: (m, C) float, 1 on completion tokens that enter the loss.
+        multiple: P and C were rounded up to a multiple of this (``pad_to_multiple_of``); ``pack_rows``
+            rounds its rows and scored positions the same way.
     """
 
     index: list[int]
@@ -135,18 +137,22 @@ class MicroBatch:
     completion_attn: torch.Tensor
     completion_pos: torch.Tensor
     mask: torch.Tensor
+    multiple: int = 1
 
 
 def collate(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], index: list[int],
-            pad_id: int, loss_lens: Sequence[int] | None = None) -> MicroBatch:
+            pad_id: int, loss_lens: Sequence[int] | None = None, multiple: int = 1) -> MicroBatch:
     """Collate completions ``index``; identical prompts (a GRPO group) are stored once.
 
-    ``loss_lens[j]`` tokens of completion j are marked in ``mask`` (default: all of them).
+    ``loss_lens[j]`` tokens of completion j are marked in ``mask`` (default: all of them). P and C are
+    rounded up to a multiple of ``multiple`` (``pad_to_multiple_of``: few matmul shapes, flat memory, as
+    SFT's ``sft.TokenBatch`` says); the extra prompt columns are masked left padding, the extra
+    completion columns masked right padding, so logprobs, loss and gradients are unchanged (tested).
     """
     distinct: dict[tuple[int, ...], int] = {}
     prompt_of = [distinct.setdefault(tuple(prompts[i]), len(distinct)) for i in index]
-    p_w = max(len(p) for p in distinct)
-    c_w = max(max(len(completions[i]) for i in index), 1)
+    p_w = round_up(max(len(p) for p in distinct), multiple)
+    c_w = round_up(max(max(len(completions[i]) for i in index), 1), multiple)
     prompt_ids = torch.full((len(distinct), p_w), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros((len(distinct), p_w), dtype=torch.long)
     for row, p in enumerate(distinct):
@@ -163,7 +169,7 @@ def collate(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int
     prompt_of_t = torch.tensor(prompt_of)
     prompt_len = prompt_mask.sum(-1)[prompt_of_t]                                     # (m,)
     return MicroBatch(index, prompt_ids, prompt_mask, (prompt_mask.cumsum(-1) - 1).clamp(min=0), prompt_of_t,
-                      completion_ids, completion_attn, prompt_len[:, None] + torch.arange(c_w), mask)
+                      completion_ids, completion_attn, prompt_len[:, None] + torch.arange(c_w), mask, multiple)
 
 
 def completion_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: float, bf16: bool,
@@ -225,7 +231,9 @@ class PackedRows:
         input_ids, position_ids: (r, L); position ids restart at the prompt length for each completion.
         allowed: (r, 1, L, L) bool, True where a query may attend a key: its prompt (causally) and the
             earlier tokens of its own completion; a pad position attends only itself.
-        src_row, src_pos: (n,) the row and position whose hidden state predicts each completion token.
+        src_row, src_pos: (n',) the row and position whose hidden state predicts each completion token;
+            n' is n rounded up to ``mb.multiple``, the n' − n extra entries point at (0, 0) and their
+            logits are dropped (``packed_logprobs``).
         dst_row, dst_col, target: (n,) where that token sits in the (m, C) micro-batch, and its id.
     """
 
@@ -241,7 +249,8 @@ class PackedRows:
 
 def pack_rows(mb: MicroBatch, pad_id: int, budget: int = PACK_TOKENS) -> PackedRows:
     """Pack ``mb``'s completions: each row is one prompt followed by as many of its completions as fit
-    in ``budget`` tokens (at least one). n = Σ C_i scored tokens."""
+    in ``budget`` tokens (at least one), the row length rounded up to ``mb.multiple``. n = Σ C_i
+    scored tokens."""
     p_w = mb.prompt_ids.shape[1]
     lens = mb.completion_attn.sum(-1).tolist()                                         # (m,)
     prompt_lens = mb.prompt_mask.sum(-1).tolist()                                      # (u,)
@@ -257,7 +266,7 @@ def pack_rows(mb: MicroBatch, pad_id: int, budget: int = PACK_TOKENS) -> PackedR
             used += lens[j]
         if current:
             rows.append((u, current))
-    L = max(prompt_lens[u] + sum(lens[j] for j in js) for u, js in rows)
+    L = round_up(max(prompt_lens[u] + sum(lens[j] for j in js) for u, js in rows), mb.multiple)
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), L), dtype=torch.long)
     allowed = torch.eye(L, dtype=torch.bool).repeat(len(rows), 1, 1, 1)              # (r, 1, L, L)
@@ -280,6 +289,8 @@ def pack_rows(mb: MicroBatch, pad_id: int, budget: int = PACK_TOKENS) -> PackedR
             dst_row += [j] * n
             dst_col += list(range(n))
             start = end
+    extra = round_up(len(src_row), mb.multiple) - len(src_row)
+    src_row, src_pos = src_row + [0] * extra, src_pos + [0] * extra
     dst_row_t, dst_col_t = torch.tensor(dst_row, dtype=torch.long), torch.tensor(dst_col, dtype=torch.long)
     return PackedRows(ids, pos, allowed, torch.tensor(src_row, dtype=torch.long), torch.tensor(src_pos, dtype=torch.long),
                       dst_row_t, dst_col_t, mb.completion_ids[dst_row_t, dst_col_t])
@@ -288,10 +299,10 @@ def pack_rows(mb: MicroBatch, pad_id: int, budget: int = PACK_TOKENS) -> PackedR
 def packed_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: float,
                     with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``completion_logprobs`` on packed rows: decoder over (r, L), lm_head over the n scored positions
-    only. Returns (logps (m, C) float32 with 0 past each completion's end, entropy (m, C) or None)."""
+    only (n' with ``mb.multiple``, the extra rows dropped). Returns (logps (m, C) float32 with 0 past each completion's end, entropy (m, C) or None)."""
     packed = pack_rows(mb, pad_id=0)                       # pad positions are never scored; any id will do
     logits = decoder_logits(model, packed.input_ids, packed.position_ids, packed.allowed,
-                            packed.src_row, packed.src_pos)                            # (n, V)
+                            packed.src_row, packed.src_pos)[:len(packed.target)]       # (n, V) of (n', V)
     flat = selective_log_softmax(logits[None], packed.target[None], temperature)[0]   # (n,) float32/64
 
     def unpack(values: torch.Tensor) -> torch.Tensor:                                  # (n,) → (m, C)
@@ -624,7 +635,7 @@ class GRPOTrainer(TrainLoop):
         out = {}
         for start in range(0, len(index), self.cfg.micro_batch_size):
             idx = index[start:start + self.cfg.micro_batch_size]
-            mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id)
+            mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id, multiple=self.cfg.pad_to_multiple_of)
             logps, _ = completion_logprobs(model, mb, self.cfg.temperature, self.bf16,
                                            padding_free=self.padding_free)
             for row, i in enumerate(idx):
@@ -699,7 +710,7 @@ class GRPOTrainer(TrainLoop):
         (completion i → (C_i,)) as π_old for the later iterations."""
         c = self.cfg
         loss_lens = [ro.loss_mask_len(i, c.mask_truncated_completions) for i in idx]
-        mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id, loss_lens)
+        mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id, loss_lens, c.pad_to_multiple_of)
         logps, entropy = completion_logprobs(self.policy, mb, c.temperature, self.bf16, with_entropy=True,
                                              padding_free=self.padding_free, prefix_cache=not c.gradient_checkpointing)
         # With μ = 1 and one optimizer step per round the policy has not moved yet: π_old = π_θ.
@@ -735,7 +746,7 @@ class GRPOTrainer(TrainLoop):
     def _zero_micro_step(self, ro: Rollout, idx: list[int]) -> None:
         """A forward/backward that adds exactly 0 to every gradient: FSDP2 ranks with fewer micro-batches
         in an update run these so that every rank joins each all-gather and reduce-scatter."""
-        mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id)
+        mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id, multiple=self.cfg.pad_to_multiple_of)
         logps, _ = completion_logprobs(self.policy, mb, self.cfg.temperature, self.bf16, padding_free=False,
                                        prefix_cache=not self.cfg.gradient_checkpointing)
         (logps.sum() * 0.0).backward()

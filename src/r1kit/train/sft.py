@@ -44,7 +44,8 @@ from r1kit.train import checkpoint as ckpt
 from r1kit.train import distributed
 from r1kit.train.grpo import autocast, can_pack, decoder_logits
 from r1kit.train.losses import entropy_from_logits
-from r1kit.train.loop import DataCursor, TrainLoop, enable_gradient_checkpointing, lr_lambda, make_optimizer
+from r1kit.train.loop import (DataCursor, TrainLoop, enable_gradient_checkpointing, lr_lambda, make_optimizer,
+                              round_up)
 
 #: metrics.jsonl keys of every SFT step (TRL's names where it has one).
 SFT_METRICS = ("loss", "mean_token_accuracy", "entropy", "grad_norm", "learning_rate", "num_tokens",
@@ -79,11 +80,6 @@ class TokenBatch:
     src_row: torch.Tensor
     src_pos: torch.Tensor
     target: torch.Tensor
-
-
-def round_up(n: int, multiple: int) -> int:
-    """``n`` rounded up to a multiple of ``multiple`` (≥ 1)."""
-    return -(-n // multiple) * multiple
 
 
 def _targets(examples: list[TokenizedExample], starts: list[tuple[int, int]], multiple: int = 1
