@@ -18,6 +18,7 @@ from r1kit.data.base import Example
 from r1kit.errors import TrainingStopped
 from r1kit.models.loading import load_policy
 from r1kit.rewards.base import Verdict
+from r1kit.rollout.base import Completion
 from r1kit.rollout.hf import HFGenerateEngine
 from r1kit.train.grpo import GRPOTrainer, RewardScorer, Rollout
 
@@ -543,3 +544,70 @@ def test_a_guard_with_patience_one_says_one_step(tiny_model_dir, tmp_path):
         tr.train_step()
     said = [str(w.message) for w in caught if "collapsing onto a common answer" in str(w.message)]
     assert len(said) == 1 and said[0].startswith("step 1: one answer is 60%") and said[0].endswith("(for 1 step in a row)")
+
+
+class _PatternEngine:
+    """Completions by problem: problem i's G completions all say "yes" when i is even or ``all_dead``
+    (a dead group), else alternate "yes"/"no" (a mixed group)."""
+
+    def __init__(self, tok, prompt_of: dict, all_dead: bool):
+        self.tok, self.prompt_of, self.all_dead = tok, prompt_of, all_dead
+
+    def generate(self, prompt_ids, params):
+        out = []
+        for k, p in enumerate(prompt_ids):
+            i = self.prompt_of[tuple(p)]
+            for j in range(params.n):
+                word = "yes" if (self.all_dead or i % 2 == 0 or j % 2 == 0) else "no"
+                out.append(Completion(self.tok.encode(f" {word} {i}"), [-0.5] * 3, "stop", k))
+        return out
+
+    def update_weights(self, weights):
+        pass
+
+
+class _SaysYes:
+    name = "yes"
+
+    def verify_batch(self, completions, examples, truncated=None):
+        return [Verdict("yes" in c, float("yes" in c), "x", c.split()[-1]) for c in completions]
+
+
+@pytest.mark.parametrize("all_dead", [False, True])
+def test_dynamic_sampling_keeps_the_first_mixed_groups_in_order(tiny_model_dir, tmp_path, all_dead):
+    """DAPO dynamic sampling over rounds of 3 problems × G=2: only groups whose scores differ (odd
+    problems here) are kept, in draw order, until prompts_per_step; every round dead: the last round's
+    groups. Each completion keeps its own problem, prompt, text, reward and policy version."""
+    from r1kit.train.loop import DataCursor
+
+    model, tok = load_policy(str(tiny_model_dir))
+    examples = [Example(f"toy/{i}", f"q{i}", "1") for i in range(10)]
+    cfg = load_config(overrides=dict(num_generations=2, prompts_per_step=3, dynamic_sampling=True,
+                                     max_resample_rounds=3, max_completion_length=8, bf16="false"))
+    from r1kit.rewards.functions import build_reward_functions
+
+    verifier = _SaysYes()
+    tr = GRPOTrainer(cfg, model, tok, examples, lambda e: e.prompt,
+                     RewardScorer(cfg, verifier, build_reward_functions(["accuracy"], None, verifier)),
+                     HFGenerateEngine(model, tok), tmp_path)
+    tr.engine = _PatternEngine(tok, {tuple(tr.prompt_ids(e)): i for i, e in enumerate(examples)}, all_dead)
+    ro = tr.generate_and_score()
+
+    drawn = DataCursor(10, cfg.seed).take(12)                   # 4 rounds of 3 problems
+    rounds = [drawn[r * 3:(r + 1) * 3] for r in range(4)]
+    if all_dead:
+        want, n_rounds = rounds[-1], 4                          # max_resample_rounds + 1, then the last round
+    else:
+        mixed = [i for i in drawn if i % 2]
+        want = mixed[:3]
+        n_rounds = next(r + 1 for r in range(4) if sum(i % 2 for i in drawn[:(r + 1) * 3]) >= 3)
+    assert [e.id for e in ro.examples] == [f"toy/{i}" for i in want for _ in range(2)]
+    assert ro.prompt_ids == [tr.prompt_ids(examples[i]) for i in want for _ in range(2)]
+    words = [["yes", "yes"] if all_dead or i % 2 == 0 else ["yes", "no"] for i in want]
+    assert ro.texts == [f" {w} {i}" for i, ws in zip(want, words) for w in ws]
+    assert ro.rewards.tolist() == [float(w == "yes") for ws in words for w in ws]
+    assert ro.rewards_per_func.shape == (6, 1) and ro.policy_versions == [0] * 6
+    a = 0.5 / (2 ** -0.5 + 1e-4)
+    assert ro.advantages.tolist() == ([0.0] * 6 if all_dead else pytest.approx([a, -a] * 3))  # (1 - ½) / (std + 1e-4)
+    assert ro.stats == {"dynamic_sampling/rounds": float(n_rounds),
+                        "dynamic_sampling/kept_groups": 0.0 if all_dead else 3.0}

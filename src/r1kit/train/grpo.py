@@ -53,16 +53,18 @@ from r1kit.train.losses import (ImportanceWeights, LossNormalizer, aggregate_los
 
 @dataclass
 class Rollout:
-    """One generation round, flattened prompt-major (completion i belongs to group i // G).
+    """Completions with their rewards, flattened prompt-major (completion i belongs to group i // G):
+    a sampled and scored round (``GRPOTrainer.sample_round``, ``Rollout.of_round``), then the step's
+    groups with their advantages (``generate_and_score``, ``Rollout.of_groups``).
 
     Attributes:
         examples, prompt_ids, completion_ids, sampling_logprobs, truncated, texts: per completion (N).
         rewards_per_func: (N, F) raw reward of each reward function.
-        rewards: (N,) weighted sum.  advantages: (N,).  group_std: (N,).
         verdicts: verifier verdicts (N), for accuracy metrics and samples.
-        old_logps / ref_logps: per completion (C_i,) float tensors, when computed.
         policy_versions: per completion (N), the policy version (optimizer steps taken) it was sampled
             with; the trainer's step minus it is the sample's staleness.
+        rewards: (N,) weighted sum.  advantages: (N,).  group_std: (N,): set by ``generate_and_score``.
+        old_logps / ref_logps: per completion (C_i,) float tensors, when computed.
     """
 
     examples: list[Example]
@@ -72,38 +74,45 @@ class Rollout:
     truncated: list[bool]
     texts: list[str]
     rewards_per_func: torch.Tensor
-    rewards: torch.Tensor
-    advantages: torch.Tensor
-    group_std: torch.Tensor
     verdicts: list[Verdict]
+    policy_versions: list[int] | None = None
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    group_std: torch.Tensor | None = None
     old_logps: list[torch.Tensor] | None = None
     ref_logps: list[torch.Tensor] | None = None
     stats: dict[str, float] = field(default_factory=dict)
-    policy_versions: list[int] | None = None
+
+    @classmethod
+    def of_round(cls, exs: list[Example], pids: list[list[int]], comps: list[Completion], texts: list[str],
+                 rewards_per_func: torch.Tensor, verdicts: list[Verdict], versions: list[int]) -> "Rollout":
+        """A sampled, scored round of ``len(exs)`` groups: ``comps`` prompt-major, G = N / len(exs) each."""
+        G = len(comps) // len(exs)
+        return cls(examples=[exs[i // G] for i in range(len(comps))], prompt_ids=[pids[i // G] for i in range(len(comps))],
+                   completion_ids=[o.token_ids for o in comps], sampling_logprobs=[o.logprobs for o in comps],
+                   truncated=[o.truncated for o in comps], texts=texts, rewards_per_func=rewards_per_func,
+                   verdicts=verdicts, policy_versions=versions)
+
+    @classmethod
+    def of_groups(cls, groups: list[tuple["Rollout", int]], G: int) -> "Rollout":
+        """The completions of each (round, group index) in ``groups``, in that order (no rewards yet)."""
+        rows = [(r, i) for r, g in groups for i in range(g * G, (g + 1) * G)]
+        pick = {name: [getattr(r, name)[i] for r, i in rows]
+                for name in ("examples", "prompt_ids", "completion_ids", "sampling_logprobs", "truncated", "texts",
+                             "verdicts", "policy_versions")}
+        return cls(**pick, rewards_per_func=torch.stack([r.rewards_per_func[i] for r, i in rows]))
 
     def __len__(self) -> int:
         return len(self.completion_ids)
 
+    def mixed(self, g: int, G: int) -> bool:
+        """Whether group ``g``'s verifier scores differ (DAPO dynamic sampling keeps only those)."""
+        scores = [v.score for v in self.verdicts[g * G:(g + 1) * G]]
+        return max(scores) != min(scores)
+
     def loss_mask_len(self, i: int, mask_truncated: bool) -> int:
         """Tokens of completion i that enter the loss (0 when truncated and masked: DAPO)."""
         return 0 if (mask_truncated and self.truncated[i]) else len(self.completion_ids[i])
-
-
-@dataclass
-class SampledRound:
-    """One sampled and scored round, flattened prompt-major (completion i of group i // G).
-
-    Attributes:
-        completions: (N) ``Completion``s.  texts: (N) decoded completions.
-        rewards_per_func: (N, F).  verdicts: (N).
-        versions: (N) policy version each completion was drawn with (None: the trainer's current one).
-    """
-
-    completions: list[Completion]
-    texts: list[str]
-    rewards_per_func: torch.Tensor
-    verdicts: list[Verdict]
-    versions: list[int] | None = None
 
 
 def group_seed(seed: int, step: int, round_index: int, group: int) -> int:
@@ -527,20 +536,13 @@ class GRPOTrainer(TrainLoop):
         """Sample, score and compute advantages for one round (with DAPO dynamic sampling if on)."""
         c = self.cfg
         G = c.num_generations
-        kept: list[tuple] = []
+        kept: list[tuple[Rollout, int]] = []                   # (round, group index)
         rounds = 0
         stats = {"dynamic_sampling/rounds": 0.0}
         while True:
-            exs, pids, sr = self.next_round(rounds)
-            comps, texts, rpf, verdicts = sr.completions, sr.texts, sr.rewards_per_func, sr.verdicts
-            versions = sr.versions if sr.versions is not None else [self.step] * len(comps)
-            for g in range(len(exs)):
-                sl = slice(g * G, (g + 1) * G)
-                acc = [verdicts[i].score for i in range(sl.start, sl.stop)]
-                mixed = max(acc) != min(acc)
-                if c.dynamic_sampling and not mixed:
-                    continue
-                kept.append((exs[g], pids[g], comps[sl], texts[sl], rpf[sl], verdicts[sl], versions[sl]))
+            sr = self.next_round(rounds)
+            groups = range(len(sr) // G)
+            kept += [(sr, g) for g in groups if not c.dynamic_sampling or sr.mixed(g, G)]
             rounds += 1
             if not c.dynamic_sampling or len(kept) >= c.prompts_per_step or rounds > c.max_resample_rounds:
                 break
@@ -549,32 +551,19 @@ class GRPOTrainer(TrainLoop):
             stats["dynamic_sampling/kept_groups"] = float(min(len(kept), c.prompts_per_step))
             kept = kept[:c.prompts_per_step]
             if not kept:  # every group was dead in every round: fall back to the last round's groups
-                kept = [(exs[g], pids[g], comps[g * G:(g + 1) * G], texts[g * G:(g + 1) * G],
-                         rpf[g * G:(g + 1) * G], verdicts[g * G:(g + 1) * G], versions[g * G:(g + 1) * G])
-                        for g in range(len(exs))]
-        rewards_per_func = torch.cat([k[4] for k in kept])                                   # (N, F)
-        rewards = torch.nansum(rewards_per_func * self.scorer.weights, dim=1)                # (N,)
-        advantages, group_std = group_advantages(rewards, G, c.scale_rewards)
-        comps = [o for k in kept for o in k[2]]
-        return Rollout(
-            examples=[k[0] for k in kept for _ in range(G)],
-            prompt_ids=[k[1] for k in kept for _ in range(G)],
-            completion_ids=[o.token_ids for o in comps],
-            sampling_logprobs=[o.logprobs for o in comps],
-            truncated=[o.truncated for o in comps],
-            texts=[t for k in kept for t in k[3]],
-            rewards_per_func=rewards_per_func, rewards=rewards, advantages=advantages, group_std=group_std,
-            verdicts=[v for k in kept for v in k[5]], stats=stats,
-            policy_versions=[v for k in kept for v in k[6]],
-        )
+                kept = [(sr, g) for g in groups]
+        ro = Rollout.of_groups(kept, G)
+        ro.rewards = torch.nansum(ro.rewards_per_func * self.scorer.weights, dim=1)          # (N,)
+        ro.advantages, ro.group_std = group_advantages(ro.rewards, G, c.scale_rewards)
+        ro.stats = stats
+        return ro
 
-    def next_round(self, round_index: int) -> tuple[list[Example], list[list[int]], "SampledRound"]:
-        """The next ``prompts_per_step`` problems, their prompt ids and their sampled, scored round
-        (``sample_round``). The Ray trainer's overlap mode overrides this to hand out a round sampled
-        during the previous step."""
+    def next_round(self, round_index: int) -> Rollout:
+        """The next ``prompts_per_step`` problems' sampled, scored round (``sample_round``). The Ray
+        trainer's overlap mode overrides this to hand out a round sampled during the previous step."""
         exs = self.next_examples(self.cfg.prompts_per_step)
         pids = [self.prompt_ids(e) for e in exs]
-        return exs, pids, self.sample_round(exs, pids, round_index)
+        return self.sample_round(exs, pids, round_index)
 
     def group_params(self, round_index: int, group: int, step: int | None = None) -> SamplingParams:
         """Sampling params of one group of ``step`` (default: the current one), seeded from
@@ -582,7 +571,7 @@ class GRPOTrainer(TrainLoop):
         step = self.step if step is None else step
         return replace(self.sampling_params(), seed=group_seed(self.cfg.seed, step, round_index, group))
 
-    def sample_round(self, exs: list[Example], pids: list[list[int]], round_index: int = 0) -> "SampledRound":
+    def sample_round(self, exs: list[Example], pids: list[list[int]], round_index: int = 0) -> Rollout:
         """Sample G completions per prompt and score them, prompt-major: the seam a distributed trainer
         replaces (``ray_grpo.RayGRPOTrainer`` runs it on rollout and reward actors).
 
@@ -612,7 +601,7 @@ class GRPOTrainer(TrainLoop):
             parts = distributed.all_gather_objects((comps, texts, rpf, verdicts), env)
             comps, texts = [o for p in parts for o in p[0]], [t for p in parts for t in p[1]]
             rpf, verdicts = torch.cat([p[2] for p in parts]), [v for p in parts for v in p[3]]
-        return SampledRound(comps, texts, rpf, verdicts)
+        return Rollout.of_round(exs, pids, comps, texts, rpf, verdicts, [self.step] * len(comps))
 
     def my_slice(self, n: int) -> range:
         """The rollout indices this rank forwards and backwards (all of them in one process)."""
