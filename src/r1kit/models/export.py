@@ -94,7 +94,8 @@ def check_export_target(source: str | Path, output: str | Path, fmt: str) -> Non
         return
     found = run_kind(out)
     if found is not None:
-        raise ConfigError(f"--output {out} holds {KINDS[found[0]][0]} (its {found[1]}), not an earlier HF export; {fix}")
+        kind, marker = found
+        raise ConfigError(f"--output {out} holds {KINDS[kind][0]} (its {marker}), not an earlier HF export; {fix}")
     if (out / "metrics.jsonl").is_file():
         raise ConfigError(f"--output {out} holds a run's metrics.jsonl, not an earlier HF export; {fix}")
     entries = list(out.iterdir())

@@ -87,8 +87,8 @@ class Rollout:
     def of_round(cls, exs: list[Example], pids: list[list[int]], comps: list[Completion], texts: list[str],
                  rewards_per_func: torch.Tensor, verdicts: list[Verdict], versions: list[int]) -> "Rollout":
         """A sampled, scored round of ``len(exs)`` groups: ``comps`` prompt-major, G = N / len(exs) each."""
-        G = len(comps) // len(exs)
-        return cls(examples=[exs[i // G] for i in range(len(comps))], prompt_ids=[pids[i // G] for i in range(len(comps))],
+        group = [i // (len(comps) // len(exs)) for i in range(len(comps))]
+        return cls(examples=[exs[g] for g in group], prompt_ids=[pids[g] for g in group],
                    completion_ids=[o.token_ids for o in comps], sampling_logprobs=[o.logprobs for o in comps],
                    truncated=[o.truncated for o in comps], texts=texts, rewards_per_func=rewards_per_func,
                    verdicts=verdicts, policy_versions=versions)
@@ -308,7 +308,8 @@ def pack_rows(mb: MicroBatch, pad_id: int, budget: int = PACK_TOKENS) -> PackedR
 def packed_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: float,
                     with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``completion_logprobs`` on packed rows: decoder over (r, L), lm_head over the n scored positions
-    only (n' with ``mb.multiple``, the extra rows dropped). Returns (logps (m, C) float32 with 0 past each completion's end, entropy (m, C) or None)."""
+    only (n' with ``mb.multiple``, the extra rows dropped). Returns (logps (m, C) float32 with 0 past
+    each completion's end, entropy (m, C) or None)."""
     packed = pack_rows(mb, pad_id=0)                       # pad positions are never scored; any id will do
     logits = decoder_logits(model, packed.input_ids, packed.position_ids, packed.allowed,
                             packed.src_row, packed.src_pos)[:len(packed.target)]       # (n, V) of (n', V)
