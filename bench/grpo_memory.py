@@ -15,10 +15,9 @@ Run: PYTHONPATH=src python bench/grpo_memory.py [--steps 20] [--batch 1] [--vari
   (last line: before_growth_mb=... before_peak_mb=... after_growth_mb=... after_peak_mb=...)
 """
 
-import tempfile
 from pathlib import Path
 
-from sft_memory import compare  # bench/ is this script's directory
+from sft_memory import compare, rss_curve  # bench/ is this script's directory
 
 
 def run_variant(variant: str, steps: int, batch: int) -> list[float]:
@@ -31,14 +30,16 @@ def run_variant(variant: str, steps: int, batch: int) -> list[float]:
     torch.set_num_threads(1)
     over = dict(max_steps=steps, prompts_per_step=batch, num_generations=4, micro_batch_size=4 * batch,
                 num_threads=1, save_steps=0, log_completions_steps=0, plot=False, eval_limit=0,
-                max_train_minutes=None, max_train_cpu_seconds=None, skip_zero_advantage=False,
-                output=tempfile.mkdtemp(prefix="grpo_memory_"))
+                max_train_minutes=None, max_train_cpu_seconds=None, skip_zero_advantage=False)
     if variant == "before":
         over["pad_to_multiple_of"] = 1
-    cfg = load_config("cpu_demo_gsm8k", overrides=over)
-    torch.manual_seed(cfg.seed)
-    trainer = make_grpo_trainer(cfg, load_task(cfg.task, cfg.train_split)[:400], Path(cfg.output))
-    return [m["rss_mb"] for m in trainer.train(progress=False)]
+
+    def make(out: str):
+        cfg = load_config("cpu_demo_gsm8k", overrides={**over, "output": out})
+        torch.manual_seed(cfg.seed)
+        return make_grpo_trainer(cfg, load_task(cfg.task, cfg.train_split)[:400], Path(out))
+
+    return rss_curve(make)
 
 
 if __name__ == "__main__":
