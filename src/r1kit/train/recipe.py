@@ -90,8 +90,8 @@ def check_run_dir(run_dir: Path, resume: bool, cfg) -> None:
         raise R1kitError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose another --output")
     if resume:  # before any evaluation or directory is made
         resume_checkpoint(run_dir)
-    if resume and (run_dir / "config.yaml").is_file():
-        check_resume_config(cfg, run_dir / "config.yaml")
+        if (run_dir / "config.yaml").is_file():
+            check_resume_config(cfg, run_dir / "config.yaml")
 
 
 def say_complete(run_dir: Path, total_steps: int) -> None:
