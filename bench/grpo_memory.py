@@ -10,6 +10,13 @@ advantage and would skip the update). Each variant runs in a fresh process (``sf
   after   the default pad_to_multiple_of=32.
 
 Both release the freed heap after each step (``loop.release_free_memory``, shared with SFT).
+Growth = RSS at the last step − RSS at step 3, MiB.
+
+Measured (2-core AVX512-BF16 CPU shared with other jobs, torch 2.13, --steps 20 --batch 1, ~6 min CPU
+per variant): before 3073 MiB at step 3 → 3343 at step 20 (+270, ~16 MiB a step, still rising); after
+3057 → 3171 (+114, ~7 MiB a step, still rising). Rounding removes most of the growth, not all of it;
+what is left was not measured apart (the rollout engine's prefill, whose prompt lengths are not
+rounded, is one candidate).
 
 Run: PYTHONPATH=src python bench/grpo_memory.py [--steps 20] [--batch 1] [--variants before,after]
   (last line: before_growth_mb=... before_peak_mb=... after_growth_mb=... after_peak_mb=...)
