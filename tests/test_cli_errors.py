@@ -101,3 +101,23 @@ def test_resume_without_a_checkpoint_fails_before_any_work(capsys, tmp_path, tra
     assert main(["train", trainer, "--resume", "--output", str(started), "--eval-before", "true", "--eval-limit", "2"]) == 2
     assert "no complete checkpoint" in _err(capsys)
     assert sorted(p.name for p in started.rglob("*")) == before
+
+
+def test_resume_whose_checkpoint_went_after_the_checks_names_that(tmp_path):
+    """``check_run_dir`` found a checkpoint; removed before ``resume_latest`` loads it, the guard says
+    so and gives the fix, instead of a bare "no complete checkpoint"."""
+    import shutil
+
+    from r1kit.config import SFTConfig
+    from r1kit.errors import R1kitError
+    from r1kit.train.recipe import check_run_dir, resume_latest
+
+    run = tmp_path / "run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoint-2" / "trainer_state.json").write_text('{"step": 2}')
+    check_run_dir(run, True, SFTConfig())                          # passes: there is a complete checkpoint
+    shutil.rmtree(run / "checkpoint-2")
+    with pytest.raises(R1kitError) as err:
+        resume_latest(None, run)
+    assert str(err.value) == (f"--resume: no complete checkpoint in {run} any more (there was one when the "
+                              "run's checks ran: was it removed since?); run without --resume to start it")

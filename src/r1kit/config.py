@@ -85,6 +85,7 @@ class GRPOConfig:
     steps_per_generation: int = 1  # optimizer steps per generation batch (mini-batches)
     micro_batch_size: int = 8  # completions per forward/backward (gradient accumulation inside a step)
     padding_free: bool = True  # pack a group's completions behind one copy of its prompt (no pad tokens computed)
+    pad_to_multiple_of: int = 32  # round micro-batch lengths and scored-token counts up to this (TRL): few shapes, flat RSS; 1 = off
     mask_truncated_completions: bool = False  # DAPO overlong filtering: truncated completions get no loss
     overlong_buffer: int = 0  # DAPO soft overlong punishment: L_cache tokens (0 = off)
     overlong_penalty: float = 1.0  # DAPO: maximum penalty at max_completion_length
@@ -165,7 +166,7 @@ class GRPOConfig:
         if self.scale_rewards not in SCALE_REWARDS:
             raise ConfigError(f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
         for name in ("max_completion_length", "max_prompt_length", "micro_batch_size", "num_iterations",
-                     "max_steps", "eval_k"):
+                     "max_steps", "eval_k", "pad_to_multiple_of"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.beta < 0:

@@ -126,3 +126,16 @@ def test_one_distinct_gold_and_no_train_split_name_the_missing_baselines_and_rep
     a2 = prior_analysis({"p": _evaluate(lambda i, j: "2")}, None)
     assert a2["cut"]["common_answers"] == ["2", "1"] and a2["cut"]["n_prior_free"] == 158
     assert "missing" in a2["baselines"]["train"] and a2["baselines"]["eval_mode"]["accuracy"] == 0.12
+
+
+@pytest.mark.parametrize(("n", "collapsed"), [(2, False), (19, False), (20, True), (200, True)])
+def test_collapse_is_called_only_over_enough_problems(n, collapsed):
+    """Every sample answering '7' is a collapse over 20 problems or more; over 2 (where any answer of
+    one problem is > 30% of the samples) or 19 problems the verdict does not call it one."""
+    exs = [Example(f"t/{i}", f"q{i}", str(10 + i)) for i in range(n)]
+    res = evaluate(_Policy(lambda i, j: "7"), _Tok(), exs, MathVerifier("any"), lambda e: e.prompt, k=2, task="t")
+    a = prior_analysis({"policy": res}, TRAIN_GOLDS)
+    row = a["results"]["policy"]
+    assert row["answers"]["top"] == [["7", 2 * n]] and row["answers"]["top_share"] == 1.0  # reported either way
+    assert row["collapsed"] is collapsed and a["collapse_min_problems"] == 20
+    assert ("collapse to a prior: policy answers '7' in " in verdict(a)) is collapsed

@@ -168,7 +168,7 @@ def test_export_never_replaces_what_it_would_lose(tmp_path, small_tokenizer, cap
     (run / "metrics.jsonl").write_text("{}\n")
     notes = tmp_path / "README.md"
     notes.write_text("keep me")
-    cases = [(["--format", "hf", "--output", str(run)], "is not an earlier HF export"),
+    cases = [(["--format", "hf", "--output", str(run)], f"--output {run} holds a run's metrics.jsonl, not an earlier HF export"),
              (["--format", "hf", "--output", str(src)], "is (or holds) the model being exported"),
              (["--format", "hf", "--output", str(tmp_path)], "is (or holds) the model being exported"),
              (["--format", "gguf", "--output", str(notes)], "exists and is not a GGUF file")]
@@ -183,6 +183,32 @@ def test_export_never_replaces_what_it_would_lose(tmp_path, small_tokenizer, cap
     for _ in range(2):
         assert main(["export", str(src), "--format", "gguf", "--output", str(gguf)]) == 0
     assert gguf.read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.parametrize(("files", "what"), [
+    ({"config.yaml": "num_generations: 4\nlearning_rate: 1.0e-06\n"}, "a GRPO training run (its config.yaml)"),
+    ({"config.yaml": "packing: true\nlearning_rate: 1.0e-05\n"}, "an SFT run (its config.yaml)"),
+    ({"plan.json": "{}"}, "a rejection-sampling run (its plan.json)"),
+    ({"manifest.json": '{"stage": "cold_start", "kind": "sft", "key": "ab"}'}, "a stage of a pipeline (its manifest.json)"),
+])
+def test_export_refuses_an_r1kit_run_naming_its_kind(tmp_path, files, what):
+    """A run directory that also looks like an HF export (config.json, weights, no subdirectory) is
+    refused by the kind ``runs.run_kind`` reads, with the fix; nothing in it is touched."""
+    from r1kit.errors import ConfigError
+    from r1kit.models.export import check_export_target
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, text in {"config.json": "{}", "model.safetensors": "w", **files}.items():
+        (run / name).write_text(text)
+    with pytest.raises(ConfigError) as err:
+        check_export_target(tmp_path / "model", run, "hf")
+    assert str(err.value) == (f"--output {run} holds {what}, not an earlier HF export; pass a new path, or "
+                              "remove it yourself if it is meant to go")
+    (run / "config.yaml").unlink(missing_ok=True)
+    for name in ("plan.json", "manifest.json"):
+        (run / name).unlink(missing_ok=True)
+    check_export_target(tmp_path / "model", run, "hf")          # the same files, no run's: an earlier export
 
 
 def test_gguf_refuses_what_llama_cpp_would_run_differently(small_tokenizer, tmp_path):

@@ -24,6 +24,8 @@ def test_cpu_r1_graph_restarts_stage_3_from_the_base():
     assert cfg.eval_task == "gsm8k" and cfg.eval_split == "test" and cfg.eval_limit == 200
     assert resolve_stage_flag("3", STAGE_NUMBERS_FROM) == "rejection_sampling"
     assert resolve_stage_flag("3", STAGE_NUMBERS_UNTIL) == "rejection_sft"
+    with pytest.raises(ConfigError, match=r"^--until: -1 is not a stage; use 0-4 or one of: base, cold_start, "):
+        resolve_stage_flag("-1", STAGE_NUMBERS_UNTIL, "--until", [s.name for s in r1_stages(cfg)])
 
 
 def test_yaml_section_updates_the_preset_field_by_field(tmp_path):
@@ -60,6 +62,8 @@ def test_cli_bad_input_is_one_error_line_and_writes_nothing(tmp_path):
     cases = [
         (["--preset", "cpu_r1", "--from", "cold_strat"], "error: --from 'cold_strat': no such stage; stages: base, "
                                                          "cold_start, reasoning_rl"),
+        (["--preset", "cpu_r1", "--from", "9"], "error: --from: 9 is not a stage; use 0-4 or one of: base, cold_start, "
+                                                "reasoning_rl, rejection_sampling, rejection_sft, final_rl"),
         (["--preset", "nope"], "error: unknown pipeline preset 'nope'; presets: cpu_r1, r1"),
         (["--config", str(tmp_path / "missing.yaml")], "does not exist"),
         (["--preset", "cpu_r1", "--model", str(tmp_path / "no-model")], "error: stage base: model "),

@@ -18,6 +18,7 @@ from r1kit.data.base import Example
 from r1kit.errors import TrainingStopped
 from r1kit.models.loading import load_policy
 from r1kit.rewards.base import Verdict
+from r1kit.rollout.base import Completion
 from r1kit.rollout.hf import HFGenerateEngine
 from r1kit.train.grpo import GRPOTrainer, RewardScorer, Rollout
 
@@ -89,6 +90,38 @@ def test_padding_free_update_equals_padded_update(tiny_model_dir, tmp_path):
                                     padding_free=False)
     for name in packed:
         assert torch.allclose(packed[name], padded[name], atol=1e-9, rtol=0), name
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_pad_to_multiple_of_keeps_the_loss_and_gradients(tiny_model_dir, tmp_path, padding_free):
+    """Micro-batch lengths and scored-token counts rounded up to 32 (as SFT's, for flat memory) give the
+    step's loss and gradients of the exact shapes (float64; β > 0, so the reference pass is rounded too;
+    micro-batches of 3 hold one prompt or two of different lengths)."""
+    from r1kit.train.grpo import collate, pack_rows
+
+    ro = _rollout()
+    mb = collate(ro.prompt_ids, ro.completion_ids, [0, 1, 2, 3, 4], pad_id=0, multiple=32)
+    assert mb.prompt_ids.shape[1] == 32 == mb.completion_ids.shape[1] and mb.multiple == 32
+    packed = pack_rows(mb, pad_id=0)
+    n = sum(len(ro.completion_ids[i]) for i in range(5))
+    assert packed.input_ids.shape[1] == 32 and len(packed.src_row) == 32 and len(packed.target) == n
+    out = []
+    for multiple in (1, 32):
+        model, tok = load_policy(str(tiny_model_dir), dtype=torch.float64)
+        tr = _trainer(model, tok, tmp_path, loss_type="grpo", beta=0.05, micro_batch_size=3,
+                      padding_free=padding_free, pad_to_multiple_of=multiple)
+        r = copy.deepcopy(ro)
+        idx = tr.forwarded(r)
+        tr.compute_old_and_ref(r, idx)
+        stats = tr.update(r, idx)
+        out.append((stats, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (exact, g_exact), (rounded, g_rounded) = out
+    assert exact["loss"] != 0.0 and abs(exact["loss"] - rounded["loss"]) < 1e-12
+    for key in ("entropy", "kl"):
+        assert abs(exact[key] - rounded[key]) < 1e-12, key
+    for name in g_exact:
+        torch.testing.assert_close(g_exact[name], g_rounded[name], rtol=0, atol=1e-12, msg=name)
+    assert sum(g.abs().sum() for g in g_exact.values()) > 0
 
 
 def test_second_iteration_uses_first_pass_logprobs_as_old(tiny_model_dir, tmp_path):
@@ -260,9 +293,10 @@ def test_nan_gradient_stops_and_last_checkpoint_loads(tiny_model_dir, toy_task, 
 
 
 def _check_shared_prefix_logprobs(model, vocab: int, weights, atol: float, rtol: float = 0.0,
-                                  padding_free: bool = False):
+                                  padding_free: bool = False, multiple: int = 1):
     """completion_logprobs runs each distinct prompt once; values and gradients (w.r.t. ``weights``) must
-    equal a plain forward over the left-padded prompt + right-padded completion concatenation."""
+    equal a plain forward over the left-padded prompt + right-padded completion concatenation, also
+    with the micro-batch's lengths rounded up to ``multiple`` (more masked padding)."""
     from r1kit.train.grpo import collate, completion_logprobs
     from r1kit.train.losses import selective_log_softmax
 
@@ -271,11 +305,13 @@ def _check_shared_prefix_logprobs(model, vocab: int, weights, atol: float, rtol:
     prompts = [distinct[i // 3] for i in range(9)]
     comps = [torch.randint(3, vocab, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
              for _ in range(9)]
-    mb = collate(prompts, comps, list(range(9)), pad_id=2)
+    mb = collate(prompts, comps, list(range(9)), pad_id=2, multiple=multiple)
     assert mb.prompt_ids.shape[0] == 3 and mb.prompt_of.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    got, _ = completion_logprobs(model, mb, 0.7, bf16=False, padding_free=padding_free)
-
+    assert mb.prompt_ids.shape[1] % multiple == 0 == mb.completion_ids.shape[1] % multiple
     P, C = max(map(len, prompts)), max(map(len, comps))
+    got, _ = completion_logprobs(model, mb, 0.7, bf16=False, padding_free=padding_free)
+    assert got.shape == mb.completion_ids.shape
+    got = got[:, :C]
     ids = torch.full((9, P + C), 2)
     att = torch.zeros((9, P + C), dtype=torch.long)
     for r, (p, c) in enumerate(zip(prompts, comps)):
@@ -283,25 +319,28 @@ def _check_shared_prefix_logprobs(model, vocab: int, weights, atol: float, rtol:
         att[r, P - len(p):P + len(c)] = 1
     logits = model(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0)).logits
     ref = selective_log_softmax(logits[:, P - 1:-1], ids[:, P:], 0.7)
-    m = mb.mask.double()
-    assert torch.allclose(got * m, ref * m, atol=1e-10)
+    m = mb.mask[:, :C].double()
+    assert mb.mask[:, C:].sum() == 0 and torch.allclose(got * m, ref * m, atol=1e-10)
     for g_got, g_ref in zip(torch.autograd.grad((got * m).sum(), weights), torch.autograd.grad((ref * m).sum(), weights)):
         assert torch.allclose(g_got, g_ref, atol=atol, rtol=rtol) and g_ref.abs().max() > 1e-4
 
 
-def test_shared_prefix_logprobs_equal_one_concatenated_forward(tiny_model_dir):
+@pytest.mark.parametrize("multiple", [1, 32])
+def test_shared_prefix_logprobs_equal_one_concatenated_forward(tiny_model_dir, multiple):
     model, _ = load_policy(str(tiny_model_dir), dtype=torch.float64)
-    _check_shared_prefix_logprobs(model, 1000, [model.model.layers[0].self_attn.q_proj.weight], atol=1e-6)
+    _check_shared_prefix_logprobs(model, 1000, [model.model.layers[0].self_attn.q_proj.weight], atol=1e-6,
+                                  multiple=multiple)
 
 
-def test_padding_free_logprobs_equal_one_concatenated_forward(tiny_model_dir):
+@pytest.mark.parametrize("multiple", [1, 32])
+def test_padding_free_logprobs_equal_one_concatenated_forward(tiny_model_dir, multiple):
     """Completions packed behind one prompt copy under a block mask: same values and gradients."""
     from r1kit.train.grpo import can_pack
 
     model, _ = load_policy(str(tiny_model_dir), dtype=torch.float64)
     assert can_pack(model)
     _check_shared_prefix_logprobs(model, 1000, [model.model.layers[0].self_attn.q_proj.weight], atol=1e-6,
-                                  padding_free=True)
+                                  padding_free=True, multiple=multiple)
 
 
 def test_packing_is_refused_where_the_block_mask_would_not_be_exact(tiny_model_dir):
@@ -336,7 +375,8 @@ def test_pack_rows_layout_and_budget():
         (0, 0), (0, 1), (1, 0), (2, 0), (2, 1), (2, 2), (3, 0), (3, 1)]
 
 
-def test_shared_prefix_logprobs_equal_one_concatenated_forward_for_deepseek_v3():
+@pytest.mark.parametrize("multiple", [1, 32])
+def test_shared_prefix_logprobs_equal_one_concatenated_forward_for_deepseek_v3(multiple):
     """The V3 path runs on r1kit's naive-MLA KVCache; a MoE layer and its router are exercised. Gradients
     to fp32 precision: the router computes in fp32 even in a float64 model."""
     from r1kit.models.deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
@@ -348,7 +388,7 @@ def test_shared_prefix_logprobs_equal_one_concatenated_forward_for_deepseek_v3()
         first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
         v_head_dim=8, initializer_range=0.2)).cast(torch.float64)
     weights = [model.model.layers[0].self_attn.kv_b_proj.weight, model.model.layers[1].mlp.gate.weight]
-    _check_shared_prefix_logprobs(model, 40, weights, atol=1e-6, rtol=1e-6)
+    _check_shared_prefix_logprobs(model, 40, weights, atol=1e-6, rtol=1e-6, multiple=multiple)
 
 
 def test_time_budget_stops_after_the_crossing_step_and_checkpoints(tiny_model_dir, tmp_path, monkeypatch):
@@ -486,3 +526,88 @@ def test_collapse_onto_one_answer_is_logged_and_warned(tiny_model_dir, tmp_path)
         tr.logger.log(i + 1, m)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(list(r) == list(rows[0]) for r in rows) and rows[0]["answers/top_share"] is None
+
+
+def test_a_guard_with_patience_one_says_one_step(tiny_model_dir, tmp_path):
+    """warn_patience 1 warned "(for 1 steps in a row)"; counts in messages and reports say 1 step, 2 steps."""
+    import warnings
+
+    from r1kit.train.logging import n_steps
+
+    assert (n_steps(0), n_steps(1), n_steps(2)) == ("0 steps", "1 step", "2 steps")
+    model, tok = load_policy(str(tiny_model_dir), dtype=torch.float64)
+    tr = _trainer(model, tok, tmp_path, num_generations=5, prompts_per_step=2, warn_patience=1)
+    ro = _answering(_rollout(G=5, groups=2), ["7"] * 6 + ["3", "3.0", None, None])
+    tr.generate_and_score = lambda: ro
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.train_step()
+    said = [str(w.message) for w in caught if "collapsing onto a common answer" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("step 1: one answer is 60%") and said[0].endswith("(for 1 step in a row)")
+
+
+class _PatternEngine:
+    """Completions by problem: problem i's G completions all say "yes" when i is even or ``all_dead``
+    (a dead group), else alternate "yes"/"no" (a mixed group)."""
+
+    def __init__(self, tok, prompt_of: dict, all_dead: bool):
+        self.tok, self.prompt_of, self.all_dead = tok, prompt_of, all_dead
+
+    def generate(self, prompt_ids, params):
+        out = []
+        for k, p in enumerate(prompt_ids):
+            i = self.prompt_of[tuple(p)]
+            for j in range(params.n):
+                word = "yes" if (self.all_dead or i % 2 == 0 or j % 2 == 0) else "no"
+                out.append(Completion(self.tok.encode(f" {word} {i}"), [-0.5] * 3, "stop", k))
+        return out
+
+    def update_weights(self, weights):
+        pass
+
+
+class _SaysYes:
+    name = "yes"
+
+    def verify_batch(self, completions, examples, truncated=None):
+        return [Verdict("yes" in c, float("yes" in c), "x", c.split()[-1]) for c in completions]
+
+
+@pytest.mark.parametrize("all_dead", [False, True])
+def test_dynamic_sampling_keeps_the_first_mixed_groups_in_order(tiny_model_dir, tmp_path, all_dead):
+    """DAPO dynamic sampling over rounds of 3 problems × G=2: only groups whose scores differ (odd
+    problems here) are kept, in draw order, until prompts_per_step; every round dead: the last round's
+    groups. Each completion keeps its own problem, prompt, text, reward and policy version."""
+    from r1kit.train.loop import DataCursor
+
+    model, tok = load_policy(str(tiny_model_dir))
+    examples = [Example(f"toy/{i}", f"q{i}", "1") for i in range(10)]
+    cfg = load_config(overrides=dict(num_generations=2, prompts_per_step=3, dynamic_sampling=True,
+                                     max_resample_rounds=3, max_completion_length=8, bf16="false"))
+    from r1kit.rewards.functions import build_reward_functions
+
+    verifier = _SaysYes()
+    tr = GRPOTrainer(cfg, model, tok, examples, lambda e: e.prompt,
+                     RewardScorer(cfg, verifier, build_reward_functions(["accuracy"], None, verifier)),
+                     HFGenerateEngine(model, tok), tmp_path)
+    tr.engine = _PatternEngine(tok, {tuple(tr.prompt_ids(e)): i for i, e in enumerate(examples)}, all_dead)
+    ro = tr.generate_and_score()
+
+    drawn = DataCursor(10, cfg.seed).take(12)                   # 4 rounds of 3 problems
+    rounds = [drawn[r * 3:(r + 1) * 3] for r in range(4)]
+    if all_dead:
+        want, n_rounds = rounds[-1], 4                          # max_resample_rounds + 1, then the last round
+    else:
+        mixed = [i for i in drawn if i % 2]
+        want = mixed[:3]
+        n_rounds = next(r + 1 for r in range(4) if sum(i % 2 for i in drawn[:(r + 1) * 3]) >= 3)
+    assert [e.id for e in ro.examples] == [f"toy/{i}" for i in want for _ in range(2)]
+    assert ro.prompt_ids == [tr.prompt_ids(examples[i]) for i in want for _ in range(2)]
+    words = [["yes", "yes"] if all_dead or i % 2 == 0 else ["yes", "no"] for i in want]
+    assert ro.texts == [f" {w} {i}" for i, ws in zip(want, words) for w in ws]
+    assert ro.rewards.tolist() == [float(w == "yes") for ws in words for w in ws]
+    assert ro.rewards_per_func.shape == (6, 1) and ro.policy_versions == [0] * 6
+    a = 0.5 / (2 ** -0.5 + 1e-4)
+    assert ro.advantages.tolist() == ([0.0] * 6 if all_dead else pytest.approx([a, -a] * 3))  # (1 - ½) / (std + 1e-4)
+    assert ro.stats == {"dynamic_sampling/rounds": float(n_rounds),
+                        "dynamic_sampling/kept_groups": 0.0 if all_dead else 3.0}

@@ -187,7 +187,8 @@ def load_result(path: Path) -> EvalResult:
 # ----- answer priors: what a policy that learned only which answers are common would score -----
 
 PRIOR_MASS = 0.2  # the common answers: the most frequent training golds that together cover 20% of the training golds
-COLLAPSE_SHARE = 0.3  # collapse to a prior: one answer is more than 30% of a policy's samples
+COLLAPSE_SHARE = 0.3  # collapse to a prior: one answer is more than 30% of a policy's samples ...
+MIN_COLLAPSE_PROBLEMS = 20  # ... over at least this many problems (prior_analysis says why)
 TOP_ANSWERS = 5  # answers listed in a report's answer distribution
 
 
@@ -293,7 +294,13 @@ def prior_analysis(results: dict[str, EvalResult], train_golds: Sequence[str | N
             whose gold is not one of them. Without training golds the cut is taken from the
             evaluation split's own golds, and the report says so.
         collapse_share: a result collapsed to a prior when one answer is more than this share of
-            its samples.
+            its samples, over at least ``MIN_COLLAPSE_PROBLEMS`` (20) problems. Why 20: a problem's k
+            samples may rightly agree, so the check must need an answer shared across problems.
+            Under 1 / collapse_share (3.3) problems one problem's samples are already above 30% and
+            the check cannot fail (at 2 problems every result with an answer "collapsed"); at 20 an
+            answer above 30% needs at least 7 problems' worth of samples, which two problems whose
+            samples agree (10%) or a few problems with the same gold cannot give. A smaller
+            evaluation is never called collapsed (its answer distribution is still reported).
 
     Returns: a JSON-able dict: ``baselines`` (``constant_baselines``), ``cut`` (common answers, their
     source and share of training golds, the prior-free problem count or why there is none), per result
@@ -319,7 +326,8 @@ def prior_analysis(results: dict[str, EvalResult], train_golds: Sequence[str | N
     if not prior_free:
         cut["missing"] = (f"every evaluation gold is one of the common answers {common}" if common
                           else "no gold answers to take the common answers from")
-    out = {"baselines": baselines, "cut": cut, "collapse_share": collapse_share, "results": {}}
+    out = {"baselines": baselines, "cut": cut, "collapse_share": collapse_share,
+           "collapse_min_problems": MIN_COLLAPSE_PROBLEMS, "results": {}}
     for name, r in named:
         if [p["id"] for p in r.per_problem] != [p["id"] for p in first.per_problem]:
             raise ValueError(f"result {name!r} covers different problems from {named[0][0]!r}")
@@ -332,7 +340,8 @@ def prior_analysis(results: dict[str, EvalResult], train_golds: Sequence[str | N
                                      "n_problems": len(sub)} if sub else {"missing": cut["missing"]}),
                "no_answer": _share(r, lambda p, j: answer_key(p["extracted"][j]) is None),
                "answers": hist,
-               "collapsed": hist["top_share"] is not None and hist["top_share"] > collapse_share}
+               "collapsed": (len(r.per_problem) >= MIN_COLLAPSE_PROBLEMS and hist["top_share"] is not None
+                             and hist["top_share"] > collapse_share)}
         if hist["top"]:
             top = hist["top"][0][0]
             row["top_answer"] = _share(r, lambda p, j: answer_key(p["extracted"][j]) == top)
@@ -367,7 +376,8 @@ def _diff_text(d: dict) -> str:
 def verdict(analysis: dict) -> str:
     """The plain-words reading of a ``prior_analysis``, one line. "significant gain" only when the
     paired interval on the prior-free subset lies above 0; it says when the last result scores at or
-    below the best constant answer and when it collapsed onto one answer."""
+    below the best constant answer and when it collapsed onto one answer (over at least
+    ``MIN_COLLAPSE_PROBLEMS`` problems, ``prior_analysis``)."""
     names = list(analysis["results"])
     last = analysis["results"][names[-1]]
     parts = []

@@ -68,18 +68,19 @@ def export_model(name_or_path: str, fmt: str, output: str | Path, dtype: str | N
 # ---------------------------------------------------------------------------------------------- HF
 
 
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "manifest.json", "plan.json")  # files of an r1kit run / stage / sample dir
-
-
 def check_export_target(source: str | Path, output: str | Path, fmt: str) -> None:
     """Refuse an ``--output`` whose replacement would lose something: the source itself (or a
     directory holding it), an existing file that is not a GGUF file, or an existing directory that
-    is not an earlier HF export (one with subdirectories or an r1kit run's files, ``RUN_MARKERS``).
+    is not an earlier HF export: an r1kit run of any kind (``runs.run_kind``), one holding a
+    ``metrics.jsonl`` (a run whose config is gone), one with subdirectories or without config.json.
     An earlier export of the same format is replaced, atomically.
 
     Raises:
-        ConfigError: naming ``--output`` and the fix (a new path).
+        ConfigError: naming ``--output``, what it holds (a run's kind and the file that says so) and the
+            fix (a new path).
     """
+    from r1kit.runs import KINDS, run_kind
+
     out, src = Path(output), Path(str(source))
     if not out.exists():
         return
@@ -91,9 +92,14 @@ def check_export_target(source: str | Path, output: str | Path, fmt: str) -> Non
             if f.read(4) != b"GGUF":
                 raise ConfigError(f"--output {out} exists and is not a GGUF file; {fix}")
         return
+    found = run_kind(out)
+    if found is not None:
+        kind, marker = found
+        raise ConfigError(f"--output {out} holds {KINDS[kind][0]} (its {marker}), not an earlier HF export; {fix}")
+    if (out / "metrics.jsonl").is_file():
+        raise ConfigError(f"--output {out} holds a run's metrics.jsonl, not an earlier HF export; {fix}")
     entries = list(out.iterdir())
-    if entries and (any(e.is_dir() for e in entries) or any(e.name in RUN_MARKERS for e in entries)
-                    or not (out / "config.json").is_file()):
+    if entries and (any(e.is_dir() for e in entries) or not (out / "config.json").is_file()):
         raise ConfigError(f"--output {out} exists and is not an earlier HF export (it holds "
                           f"{', '.join(sorted(e.name for e in entries)[:4])}...); {fix}")
 

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-
+from r1kit.errors import ConfigError
 from r1kit.pipeline.config import PipelineFields, load_pipeline_config
 
 STAGE_NUMBERS_FROM = {"0": "base", "1": "cold_start", "2": "reasoning_rl", "3": "rejection_sampling", "4": "final_rl"}
@@ -141,9 +141,21 @@ def r1_context(cfg: R1PipelineConfig, progress: bool = True):
                            num_threads=cfg.num_threads, progress=progress, run_kind="pipeline r1")
 
 
-def resolve_stage_flag(value: str | None, numbers: dict[str, str]) -> str | None:
-    """A --from/--until value: a stage name, or the paper's stage number 0-4."""
-    return None if value is None else numbers.get(str(value), value)
+def resolve_stage_flag(value: str | None, numbers: dict[str, str], flag: str = "--from",
+                       names: Sequence[str] = ()) -> str | None:
+    """A --from/--until value: a stage name, or the paper's stage number 0-4 (``numbers``).
+
+    Raises:
+        ConfigError: a number that is not one of them, naming ``flag``, the numbers and the stage ``names``
+            (another name is left to ``stages.check_stage_names``).
+    """
+    if value is None:
+        return None
+    value = str(value).strip()
+    if value.lstrip("+-").isdigit() and value not in numbers:
+        raise ConfigError(f"{flag}: {value} is not a stage; use {min(numbers)}-{max(numbers)} or one of: "
+                          f"{', '.join(names or numbers.values())}")
+    return numbers.get(value, value)
 
 
 def run_r1_pipeline(cfg: R1PipelineConfig, from_stage: str | None = None, until_stage: str | None = None,
@@ -161,8 +173,9 @@ def run_r1_pipeline(cfg: R1PipelineConfig, from_stage: str | None = None, until_
     stages = r1_stages(cfg)
     ctx = r1_context(cfg, progress)
     out = Path(cfg.output)
-    run_stages(stages, ctx, resolve_stage_flag(from_stage, STAGE_NUMBERS_FROM),
-               resolve_stage_flag(until_stage, STAGE_NUMBERS_UNTIL), record=cfg.to_dict())
+    names = [s.name for s in stages]
+    run_stages(stages, ctx, resolve_stage_flag(from_stage, STAGE_NUMBERS_FROM, "--from", names),
+               resolve_stage_flag(until_stage, STAGE_NUMBERS_UNTIL, "--until", names), record=cfg.to_dict())
     from r1kit.data.loading import load_task
     from r1kit.data.sft_data import load_sft_rows
 

@@ -43,8 +43,9 @@ from r1kit.models.loading import resolve_bf16
 from r1kit.rewards.base import Verdict
 from r1kit.rollout.base import Completion, SamplingEngine, SamplingParams
 from r1kit.train import distributed
+from r1kit.train.logging import n_steps
 from r1kit.train.loop import (DataCursor, TrainLoop, enable_gradient_checkpointing, is_peft, lr_lambda, make_optimizer,
-                              merged_weights_view)
+                              merged_weights_view, round_up)
 from r1kit.train.losses import (ImportanceWeights, LossNormalizer, aggregate_loss, entropy_from_logits,
                                 group_advantages, policy_loss_terms, rollout_importance_weights,
                                 selective_log_softmax)
@@ -52,16 +53,18 @@ from r1kit.train.losses import (ImportanceWeights, LossNormalizer, aggregate_los
 
 @dataclass
 class Rollout:
-    """One generation round, flattened prompt-major (completion i belongs to group i // G).
+    """Completions with their rewards, flattened prompt-major (completion i belongs to group i // G):
+    a sampled and scored round (``GRPOTrainer.sample_round``, ``Rollout.of_round``), then the step's
+    groups with their advantages (``generate_and_score``, ``Rollout.of_groups``).
 
     Attributes:
         examples, prompt_ids, completion_ids, sampling_logprobs, truncated, texts: per completion (N).
         rewards_per_func: (N, F) raw reward of each reward function.
-        rewards: (N,) weighted sum.  advantages: (N,).  group_std: (N,).
         verdicts: verifier verdicts (N), for accuracy metrics and samples.
-        old_logps / ref_logps: per completion (C_i,) float tensors, when computed.
         policy_versions: per completion (N), the policy version (optimizer steps taken) it was sampled
             with; the trainer's step minus it is the sample's staleness.
+        rewards: (N,) weighted sum.  advantages: (N,).  group_std: (N,): set by ``generate_and_score``.
+        old_logps / ref_logps: per completion (C_i,) float tensors, when computed.
     """
 
     examples: list[Example]
@@ -71,38 +74,45 @@ class Rollout:
     truncated: list[bool]
     texts: list[str]
     rewards_per_func: torch.Tensor
-    rewards: torch.Tensor
-    advantages: torch.Tensor
-    group_std: torch.Tensor
     verdicts: list[Verdict]
+    policy_versions: list[int] | None = None
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    group_std: torch.Tensor | None = None
     old_logps: list[torch.Tensor] | None = None
     ref_logps: list[torch.Tensor] | None = None
     stats: dict[str, float] = field(default_factory=dict)
-    policy_versions: list[int] | None = None
+
+    @classmethod
+    def of_round(cls, exs: list[Example], pids: list[list[int]], comps: list[Completion], texts: list[str],
+                 rewards_per_func: torch.Tensor, verdicts: list[Verdict], versions: list[int]) -> "Rollout":
+        """A sampled, scored round of ``len(exs)`` groups: ``comps`` prompt-major, G = N / len(exs) each."""
+        group = [i // (len(comps) // len(exs)) for i in range(len(comps))]
+        return cls(examples=[exs[g] for g in group], prompt_ids=[pids[g] for g in group],
+                   completion_ids=[o.token_ids for o in comps], sampling_logprobs=[o.logprobs for o in comps],
+                   truncated=[o.truncated for o in comps], texts=texts, rewards_per_func=rewards_per_func,
+                   verdicts=verdicts, policy_versions=versions)
+
+    @classmethod
+    def of_groups(cls, groups: list[tuple["Rollout", int]], G: int) -> "Rollout":
+        """The completions of each (round, group index) in ``groups``, in that order (no rewards yet)."""
+        rows = [(r, i) for r, g in groups for i in range(g * G, (g + 1) * G)]
+        pick = {name: [getattr(r, name)[i] for r, i in rows]
+                for name in ("examples", "prompt_ids", "completion_ids", "sampling_logprobs", "truncated", "texts",
+                             "verdicts", "policy_versions")}
+        return cls(**pick, rewards_per_func=torch.stack([r.rewards_per_func[i] for r, i in rows]))
 
     def __len__(self) -> int:
         return len(self.completion_ids)
 
+    def mixed(self, g: int, G: int) -> bool:
+        """Whether group ``g``'s verifier scores differ (DAPO dynamic sampling keeps only those)."""
+        scores = [v.score for v in self.verdicts[g * G:(g + 1) * G]]
+        return max(scores) != min(scores)
+
     def loss_mask_len(self, i: int, mask_truncated: bool) -> int:
         """Tokens of completion i that enter the loss (0 when truncated and masked: DAPO)."""
         return 0 if (mask_truncated and self.truncated[i]) else len(self.completion_ids[i])
-
-
-@dataclass
-class SampledRound:
-    """One sampled and scored round, flattened prompt-major (completion i of group i // G).
-
-    Attributes:
-        completions: (N) ``Completion``s.  texts: (N) decoded completions.
-        rewards_per_func: (N, F).  verdicts: (N).
-        versions: (N) policy version each completion was drawn with (None: the trainer's current one).
-    """
-
-    completions: list[Completion]
-    texts: list[str]
-    rewards_per_func: torch.Tensor
-    verdicts: list[Verdict]
-    versions: list[int] | None = None
 
 
 def group_seed(seed: int, step: int, round_index: int, group: int) -> int:
@@ -123,6 +133,8 @@ class MicroBatch:
         completion_ids, completion_attn: (m, C) right-padded completions and their attention mask.
         completion_pos: (m, C) position ids (prompt length + offset, as ``generate`` numbers them).
         mask: (m, C) float, 1 on completion tokens that enter the loss.
+        multiple: P and C were rounded up to a multiple of this (``pad_to_multiple_of``); ``pack_rows``
+            rounds its rows and scored positions the same way.
     """
 
     index: list[int]
@@ -134,18 +146,22 @@ class MicroBatch:
     completion_attn: torch.Tensor
     completion_pos: torch.Tensor
     mask: torch.Tensor
+    multiple: int = 1
 
 
 def collate(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], index: list[int],
-            pad_id: int, loss_lens: Sequence[int] | None = None) -> MicroBatch:
+            pad_id: int, loss_lens: Sequence[int] | None = None, multiple: int = 1) -> MicroBatch:
     """Collate completions ``index``; identical prompts (a GRPO group) are stored once.
 
-    ``loss_lens[j]`` tokens of completion j are marked in ``mask`` (default: all of them).
+    ``loss_lens[j]`` tokens of completion j are marked in ``mask`` (default: all of them). P and C are
+    rounded up to a multiple of ``multiple`` (``pad_to_multiple_of``: few matmul shapes, flat memory, as
+    SFT's ``sft.TokenBatch`` says); the extra prompt columns are masked left padding, the extra
+    completion columns masked right padding, so logprobs, loss and gradients are unchanged (tested).
     """
     distinct: dict[tuple[int, ...], int] = {}
     prompt_of = [distinct.setdefault(tuple(prompts[i]), len(distinct)) for i in index]
-    p_w = max(len(p) for p in distinct)
-    c_w = max(max(len(completions[i]) for i in index), 1)
+    p_w = round_up(max(len(p) for p in distinct), multiple)
+    c_w = round_up(max(max(len(completions[i]) for i in index), 1), multiple)
     prompt_ids = torch.full((len(distinct), p_w), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros((len(distinct), p_w), dtype=torch.long)
     for row, p in enumerate(distinct):
@@ -162,7 +178,7 @@ def collate(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int
     prompt_of_t = torch.tensor(prompt_of)
     prompt_len = prompt_mask.sum(-1)[prompt_of_t]                                     # (m,)
     return MicroBatch(index, prompt_ids, prompt_mask, (prompt_mask.cumsum(-1) - 1).clamp(min=0), prompt_of_t,
-                      completion_ids, completion_attn, prompt_len[:, None] + torch.arange(c_w), mask)
+                      completion_ids, completion_attn, prompt_len[:, None] + torch.arange(c_w), mask, multiple)
 
 
 def completion_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: float, bf16: bool,
@@ -224,7 +240,9 @@ class PackedRows:
         input_ids, position_ids: (r, L); position ids restart at the prompt length for each completion.
         allowed: (r, 1, L, L) bool, True where a query may attend a key: its prompt (causally) and the
             earlier tokens of its own completion; a pad position attends only itself.
-        src_row, src_pos: (n,) the row and position whose hidden state predicts each completion token.
+        src_row, src_pos: (n',) the row and position whose hidden state predicts each completion token;
+            n' is n rounded up to ``mb.multiple``, the n' − n extra entries point at (0, 0) and their
+            logits are dropped (``packed_logprobs``).
         dst_row, dst_col, target: (n,) where that token sits in the (m, C) micro-batch, and its id.
     """
 
@@ -240,7 +258,8 @@ class PackedRows:
 
 def pack_rows(mb: MicroBatch, pad_id: int, budget: int = PACK_TOKENS) -> PackedRows:
     """Pack ``mb``'s completions: each row is one prompt followed by as many of its completions as fit
-    in ``budget`` tokens (at least one). n = Σ C_i scored tokens."""
+    in ``budget`` tokens (at least one), the row length rounded up to ``mb.multiple``. n = Σ C_i
+    scored tokens."""
     p_w = mb.prompt_ids.shape[1]
     lens = mb.completion_attn.sum(-1).tolist()                                         # (m,)
     prompt_lens = mb.prompt_mask.sum(-1).tolist()                                      # (u,)
@@ -256,7 +275,7 @@ def pack_rows(mb: MicroBatch, pad_id: int, budget: int = PACK_TOKENS) -> PackedR
             used += lens[j]
         if current:
             rows.append((u, current))
-    L = max(prompt_lens[u] + sum(lens[j] for j in js) for u, js in rows)
+    L = round_up(max(prompt_lens[u] + sum(lens[j] for j in js) for u, js in rows), mb.multiple)
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), L), dtype=torch.long)
     allowed = torch.eye(L, dtype=torch.bool).repeat(len(rows), 1, 1, 1)              # (r, 1, L, L)
@@ -279,6 +298,8 @@ def pack_rows(mb: MicroBatch, pad_id: int, budget: int = PACK_TOKENS) -> PackedR
             dst_row += [j] * n
             dst_col += list(range(n))
             start = end
+    extra = round_up(len(src_row), mb.multiple) - len(src_row)
+    src_row, src_pos = src_row + [0] * extra, src_pos + [0] * extra
     dst_row_t, dst_col_t = torch.tensor(dst_row, dtype=torch.long), torch.tensor(dst_col, dtype=torch.long)
     return PackedRows(ids, pos, allowed, torch.tensor(src_row, dtype=torch.long), torch.tensor(src_pos, dtype=torch.long),
                       dst_row_t, dst_col_t, mb.completion_ids[dst_row_t, dst_col_t])
@@ -287,10 +308,11 @@ def pack_rows(mb: MicroBatch, pad_id: int, budget: int = PACK_TOKENS) -> PackedR
 def packed_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: float,
                     with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``completion_logprobs`` on packed rows: decoder over (r, L), lm_head over the n scored positions
-    only. Returns (logps (m, C) float32 with 0 past each completion's end, entropy (m, C) or None)."""
+    only (n' with ``mb.multiple``, the extra rows dropped). Returns (logps (m, C) float32 with 0 past
+    each completion's end, entropy (m, C) or None)."""
     packed = pack_rows(mb, pad_id=0)                       # pad positions are never scored; any id will do
     logits = decoder_logits(model, packed.input_ids, packed.position_ids, packed.allowed,
-                            packed.src_row, packed.src_pos)                            # (n, V)
+                            packed.src_row, packed.src_pos)[:len(packed.target)]       # (n, V) of (n', V)
     flat = selective_log_softmax(logits[None], packed.target[None], temperature)[0]   # (n,) float32/64
 
     def unpack(values: torch.Tensor) -> torch.Tensor:                                  # (n,) → (m, C)
@@ -515,20 +537,13 @@ class GRPOTrainer(TrainLoop):
         """Sample, score and compute advantages for one round (with DAPO dynamic sampling if on)."""
         c = self.cfg
         G = c.num_generations
-        kept: list[tuple] = []
+        kept: list[tuple[Rollout, int]] = []                   # (round, group index)
         rounds = 0
         stats = {"dynamic_sampling/rounds": 0.0}
         while True:
-            exs, pids, sr = self.next_round(rounds)
-            comps, texts, rpf, verdicts = sr.completions, sr.texts, sr.rewards_per_func, sr.verdicts
-            versions = sr.versions if sr.versions is not None else [self.step] * len(comps)
-            for g in range(len(exs)):
-                sl = slice(g * G, (g + 1) * G)
-                acc = [verdicts[i].score for i in range(sl.start, sl.stop)]
-                mixed = max(acc) != min(acc)
-                if c.dynamic_sampling and not mixed:
-                    continue
-                kept.append((exs[g], pids[g], comps[sl], texts[sl], rpf[sl], verdicts[sl], versions[sl]))
+            sr = self.next_round(rounds)
+            groups = range(len(sr) // G)
+            kept += [(sr, g) for g in groups if not c.dynamic_sampling or sr.mixed(g, G)]
             rounds += 1
             if not c.dynamic_sampling or len(kept) >= c.prompts_per_step or rounds > c.max_resample_rounds:
                 break
@@ -537,32 +552,19 @@ class GRPOTrainer(TrainLoop):
             stats["dynamic_sampling/kept_groups"] = float(min(len(kept), c.prompts_per_step))
             kept = kept[:c.prompts_per_step]
             if not kept:  # every group was dead in every round: fall back to the last round's groups
-                kept = [(exs[g], pids[g], comps[g * G:(g + 1) * G], texts[g * G:(g + 1) * G],
-                         rpf[g * G:(g + 1) * G], verdicts[g * G:(g + 1) * G], versions[g * G:(g + 1) * G])
-                        for g in range(len(exs))]
-        rewards_per_func = torch.cat([k[4] for k in kept])                                   # (N, F)
-        rewards = torch.nansum(rewards_per_func * self.scorer.weights, dim=1)                # (N,)
-        advantages, group_std = group_advantages(rewards, G, c.scale_rewards)
-        comps = [o for k in kept for o in k[2]]
-        return Rollout(
-            examples=[k[0] for k in kept for _ in range(G)],
-            prompt_ids=[k[1] for k in kept for _ in range(G)],
-            completion_ids=[o.token_ids for o in comps],
-            sampling_logprobs=[o.logprobs for o in comps],
-            truncated=[o.truncated for o in comps],
-            texts=[t for k in kept for t in k[3]],
-            rewards_per_func=rewards_per_func, rewards=rewards, advantages=advantages, group_std=group_std,
-            verdicts=[v for k in kept for v in k[5]], stats=stats,
-            policy_versions=[v for k in kept for v in k[6]],
-        )
+                kept = [(sr, g) for g in groups]
+        ro = Rollout.of_groups(kept, G)
+        ro.rewards = torch.nansum(ro.rewards_per_func * self.scorer.weights, dim=1)          # (N,)
+        ro.advantages, ro.group_std = group_advantages(ro.rewards, G, c.scale_rewards)
+        ro.stats = stats
+        return ro
 
-    def next_round(self, round_index: int) -> tuple[list[Example], list[list[int]], "SampledRound"]:
-        """The next ``prompts_per_step`` problems, their prompt ids and their sampled, scored round
-        (``sample_round``). The Ray trainer's overlap mode overrides this to hand out a round sampled
-        during the previous step."""
+    def next_round(self, round_index: int) -> Rollout:
+        """The next ``prompts_per_step`` problems' sampled, scored round (``sample_round``). The Ray
+        trainer's overlap mode overrides this to hand out a round sampled during the previous step."""
         exs = self.next_examples(self.cfg.prompts_per_step)
         pids = [self.prompt_ids(e) for e in exs]
-        return exs, pids, self.sample_round(exs, pids, round_index)
+        return self.sample_round(exs, pids, round_index)
 
     def group_params(self, round_index: int, group: int, step: int | None = None) -> SamplingParams:
         """Sampling params of one group of ``step`` (default: the current one), seeded from
@@ -570,7 +572,7 @@ class GRPOTrainer(TrainLoop):
         step = self.step if step is None else step
         return replace(self.sampling_params(), seed=group_seed(self.cfg.seed, step, round_index, group))
 
-    def sample_round(self, exs: list[Example], pids: list[list[int]], round_index: int = 0) -> "SampledRound":
+    def sample_round(self, exs: list[Example], pids: list[list[int]], round_index: int = 0) -> Rollout:
         """Sample G completions per prompt and score them, prompt-major: the seam a distributed trainer
         replaces (``ray_grpo.RayGRPOTrainer`` runs it on rollout and reward actors).
 
@@ -600,7 +602,7 @@ class GRPOTrainer(TrainLoop):
             parts = distributed.all_gather_objects((comps, texts, rpf, verdicts), env)
             comps, texts = [o for p in parts for o in p[0]], [t for p in parts for t in p[1]]
             rpf, verdicts = torch.cat([p[2] for p in parts]), [v for p in parts for v in p[3]]
-        return SampledRound(comps, texts, rpf, verdicts)
+        return Rollout.of_round(exs, pids, comps, texts, rpf, verdicts, [self.step] * len(comps))
 
     def my_slice(self, n: int) -> range:
         """The rollout indices this rank forwards and backwards (all of them in one process)."""
@@ -623,7 +625,7 @@ class GRPOTrainer(TrainLoop):
         out = {}
         for start in range(0, len(index), self.cfg.micro_batch_size):
             idx = index[start:start + self.cfg.micro_batch_size]
-            mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id)
+            mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id, multiple=self.cfg.pad_to_multiple_of)
             logps, _ = completion_logprobs(model, mb, self.cfg.temperature, self.bf16,
                                            padding_free=self.padding_free)
             for row, i in enumerate(idx):
@@ -698,7 +700,7 @@ class GRPOTrainer(TrainLoop):
         (completion i → (C_i,)) as π_old for the later iterations."""
         c = self.cfg
         loss_lens = [ro.loss_mask_len(i, c.mask_truncated_completions) for i in idx]
-        mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id, loss_lens)
+        mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id, loss_lens, c.pad_to_multiple_of)
         logps, entropy = completion_logprobs(self.policy, mb, c.temperature, self.bf16, with_entropy=True,
                                              padding_free=self.padding_free, prefix_cache=not c.gradient_checkpointing)
         # With μ = 1 and one optimizer step per round the policy has not moved yet: π_old = π_θ.
@@ -734,7 +736,7 @@ class GRPOTrainer(TrainLoop):
     def _zero_micro_step(self, ro: Rollout, idx: list[int]) -> None:
         """A forward/backward that adds exactly 0 to every gradient: FSDP2 ranks with fewer micro-batches
         in an update run these so that every rank joins each all-gather and reduce-scatter."""
-        mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id)
+        mb = collate(ro.prompt_ids, ro.completion_ids, idx, self.pad_id, multiple=self.cfg.pad_to_multiple_of)
         logps, _ = completion_logprobs(self.policy, mb, self.cfg.temperature, self.bf16, padding_free=False,
                                        prefix_cache=not self.cfg.gradient_checkpointing)
         (logps.sum() * 0.0).backward()
@@ -890,7 +892,7 @@ class GRPOTrainer(TrainLoop):
         for key, (bad, msg) in checks.items():
             self.warn_counts[key] = self.warn_counts[key] + 1 if bad else 0
             if self.warn_counts[key] == c.warn_patience:
-                warnings.warn(f"step {self.step}: {msg} (for {c.warn_patience} steps in a row)", stacklevel=2)
+                warnings.warn(f"step {self.step}: {msg} (for {n_steps(c.warn_patience)} in a row)", stacklevel=2)
 
     def _samples(self, ro: Rollout, per_step: int = 4) -> list[dict]:
         G = self.cfg.num_generations

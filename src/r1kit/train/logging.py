@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import Any
 
 
+def n_steps(n: int) -> str:
+    """``n`` with "step" or "steps", as messages, reports and plot titles say it ("1 step", "2 steps")."""
+    return f"{n} step" if n == 1 else f"{n} steps"
+
+
 class MetricsLogger:
     """Append-only metrics and samples for one run directory.
 

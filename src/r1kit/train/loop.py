@@ -56,6 +56,13 @@ def lr_lambda(kind: str, warmup_steps: int, total_updates: int, min_ratio: float
     return f
 
 
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (≥ 1): the batch lengths of both trainers
+    (``pad_to_multiple_of``), so a run meets few tensor shapes and its memory stays flat (why:
+    ``sft.TokenBatch``)."""
+    return -(-n // multiple) * multiple
+
+
 def release_free_memory() -> None:
     """Hand glibc's free heap pages back to the OS (``malloc_trim(0)``; a no-op without glibc).
     Activations of ever-different sizes, below glibc's dynamic mmap threshold (up to 32 MiB), are

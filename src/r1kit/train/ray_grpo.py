@@ -48,7 +48,7 @@ import torch
 
 from r1kit.data.base import Example
 from r1kit.errors import ConfigError, R1kitError
-from r1kit.train.grpo import GRPOTrainer, RewardScorer, SampledRound
+from r1kit.train.grpo import GRPOTrainer, RewardScorer, Rollout
 from r1kit.train.loop import merged_for_save, merged_weights_view
 
 
@@ -327,7 +327,7 @@ class RayCluster:
             calls[handle.generate_group.remote(gid, pids, params)] = (gid, slot, handle, 1)
         return {"groups": {g[0]: g for g in groups}, "calls": calls}
 
-    def collect(self, pending: dict, examples: list[Example], log: list[dict]) -> SampledRound:
+    def collect(self, pending: dict, examples: list[Example], log: list[dict]) -> Rollout:
         """Wait for every group of a dispatched round, scoring each on a reward worker as soon as it is
         sampled; a dead worker is replaced and its groups re-issued; each group is taken once.
 
@@ -406,7 +406,8 @@ class RayCluster:
             log.append({"group": gid, "prompt_id": examples[gid].id, "worker": s["worker"],
                         "reward_worker": scores[gid]["worker"], "version": s["version"], "attempts": s["attempts"],
                         "reward_attempts": self.score_attempts[gid]})
-        return SampledRound(comps, texts, torch.cat(rpf), verdicts, versions)
+        return Rollout.of_round([examples[gid] for gid in order], [pending["groups"][gid][1] for gid in order],
+                                comps, texts, torch.cat(rpf), verdicts, versions)
 
     def _score(self, slot: int, gid: int, example: Example, sample: dict):
         """Submit one group's scoring to reward worker ``slot`` (counted in ``score_attempts``)."""
@@ -447,7 +448,7 @@ class RayGRPOTrainer(GRPOTrainer):
     def _dispatch(self, exs: list[Example], pids: list[list[int]], round_index: int, step: int) -> dict:
         return self.cluster.dispatch([(g, p, self.group_params(round_index, g, step)) for g, p in enumerate(pids)])
 
-    def _collect(self, pending: dict, exs: list[Example], round_index: int, step: int) -> SampledRound:
+    def _collect(self, pending: dict, exs: list[Example], round_index: int, step: int) -> Rollout:
         log: list[dict] = []
         sr = self.cluster.collect(pending, exs, log)
         self.round_log += [{"step": step + 1, "round": round_index, **row} for row in log]
@@ -465,15 +466,15 @@ class RayGRPOTrainer(GRPOTrainer):
             return super().next_round(round_index)
         if self.prefetched is None:
             self.prefetched = self._prefetch(self.step)
-        exs, pids, pending, step = self.prefetched
+        exs, pending, step = self.prefetched
         self.prefetched = self._prefetch(self.step + 1) if self.step + 1 < self.total_steps else None
-        return exs, pids, self._collect(pending, exs, round_index, step)
+        return self._collect(pending, exs, round_index, step)
 
     def _prefetch(self, step: int) -> tuple:
         self.cursor_before_prefetch = (self.data.epoch, self.data.cursor)
         exs = self.next_examples(self.cfg.prompts_per_step)
         pids = [self.prompt_ids(e) for e in exs]
-        return exs, pids, self._dispatch(exs, pids, 0, step), step
+        return exs, self._dispatch(exs, pids, 0, step), step
 
     def generate_and_score(self):
         ro = super().generate_and_score()

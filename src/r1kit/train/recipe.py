@@ -27,7 +27,7 @@ from r1kit.runtime import make_engine, make_render, make_verifier
 from r1kit.train import checkpoint as ckpt
 from r1kit.train import distributed
 from r1kit.train.grpo import GRPOTrainer, RewardScorer
-from r1kit.train.logging import plot_curves
+from r1kit.train.logging import n_steps, plot_curves
 from r1kit.train.loop import apply_lora, merged_for_save
 
 
@@ -88,10 +88,10 @@ def check_run_dir(run_dir: Path, resume: bool, cfg) -> None:
     check_run_kind(run_dir, "train grpo" if isinstance(cfg, GRPOConfig) else "train sft")
     if run_dir.exists() and any(run_dir.iterdir()) and not resume and ckpt.list_checkpoints(run_dir):
         raise R1kitError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose another --output")
-    if resume and ckpt.latest_checkpoint(run_dir) is None:  # before any evaluation or directory is made
-        raise R1kitError(f"--resume: no complete checkpoint in {run_dir}; run without --resume to start it")
-    if resume and (run_dir / "config.yaml").is_file():
-        check_resume_config(cfg, run_dir / "config.yaml")
+    if resume:  # before any evaluation or directory is made
+        resume_checkpoint(run_dir)
+        if (run_dir / "config.yaml").is_file():
+            check_resume_config(cfg, run_dir / "config.yaml")
 
 
 def say_complete(run_dir: Path, total_steps: int) -> None:
@@ -99,11 +99,24 @@ def say_complete(run_dir: Path, total_steps: int) -> None:
           "raise --max-steps to train further", flush=True)
 
 
-def resume_latest(trainer, run_dir: Path) -> None:
-    """Restore ``trainer`` (a ``TrainLoop``) from the newest complete checkpoint of ``run_dir``."""
+def resume_checkpoint(run_dir: Path, checked: bool = False) -> Path:
+    """The newest complete checkpoint of ``run_dir``, the one ``--resume`` continues from.
+
+    Raises:
+        R1kitError: there is none; ``checked``: ``check_run_dir`` found one before, so it was removed
+            since (the error says so).
+    """
     last = ckpt.latest_checkpoint(run_dir)
     if last is None:
-        raise R1kitError(f"--resume: no complete checkpoint in {run_dir}")
+        since = " any more (there was one when the run's checks ran: was it removed since?)" if checked else ""
+        raise R1kitError(f"--resume: no complete checkpoint in {run_dir}{since}; run without --resume to start it")
+    return last
+
+
+def resume_latest(trainer, run_dir: Path) -> None:
+    """Restore ``trainer`` (a ``TrainLoop``) from the newest complete checkpoint of ``run_dir``
+    (``check_run_dir`` refused a --resume without one; this guards against one removed since)."""
+    last = resume_checkpoint(run_dir, checked=True)
     trainer.resume_from(last)
     print(f"resumed from {last} (step {trainer.step})")
 
@@ -230,7 +243,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True) -> Pa
     if cfg.plot and (run_dir / "metrics.jsonl").is_file():
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     if cfg.eval_after:
-        header = (f"# {cfg.task} GRPO run: held-out evaluation\n\nmodel {cfg.model}, {trainer.step} steps, "
+        header = (f"# {cfg.task} GRPO run: held-out evaluation\n\nmodel {cfg.model}, {n_steps(trainer.step)}, "
                   f"template {cfg.template}, eval on {eval_task}/{cfg.eval_split} (never trained on), "
                   f"k={cfg.eval_k}, T={cfg.eval_temperature}, top-p={cfg.eval_top_p}; answer prior from the "
                   f"{len(train)} training problems of {cfg.task}/{cfg.train_split}\n\n")

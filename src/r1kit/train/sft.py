@@ -44,7 +44,8 @@ from r1kit.train import checkpoint as ckpt
 from r1kit.train import distributed
 from r1kit.train.grpo import autocast, can_pack, decoder_logits
 from r1kit.train.losses import entropy_from_logits
-from r1kit.train.loop import DataCursor, TrainLoop, enable_gradient_checkpointing, lr_lambda, make_optimizer
+from r1kit.train.loop import (DataCursor, TrainLoop, enable_gradient_checkpointing, lr_lambda, make_optimizer,
+                              round_up)
 
 #: metrics.jsonl keys of every SFT step (TRL's names where it has one).
 SFT_METRICS = ("loss", "mean_token_accuracy", "entropy", "grad_norm", "learning_rate", "num_tokens",
@@ -79,11 +80,6 @@ class TokenBatch:
     src_row: torch.Tensor
     src_pos: torch.Tensor
     target: torch.Tensor
-
-
-def round_up(n: int, multiple: int) -> int:
-    """``n`` rounded up to a multiple of ``multiple`` (≥ 1)."""
-    return -(-n // multiple) * multiple
 
 
 def _targets(examples: list[TokenizedExample], starts: list[tuple[int, int]], multiple: int = 1
@@ -322,7 +318,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> Path
     from r1kit.eval.evaluate import EvalResult, evaluate
     from r1kit.models.loading import load_policy
     from r1kit.runtime import make_engine, make_render, make_verifier
-    from r1kit.train.logging import plot_curves
+    from r1kit.train.logging import n_steps, plot_curves
     from r1kit.train.loop import apply_lora, merged_for_save
     from r1kit.train.recipe import (check_disjoint, check_run_dir, evaluate_after, evaluate_before, resume_latest,
                                     run_complete, save_final, say_complete, seed_everything)
@@ -370,7 +366,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> Path
     trainer = SFTTrainer(cfg, policy, tokenizer, examples, run_dir, examples_dropped=len(dropped))
     if resume:
         resume_latest(trainer, run_dir)
-    print(f"training on {len(examples)} examples, {trainer.total_steps} steps of {cfg.examples_per_step}", flush=True)
+    print(f"training on {len(examples)} examples, {n_steps(trainer.total_steps)} of {cfg.examples_per_step}", flush=True)
     trainer.train(progress=progress)
     trainer.logger.close()
     if not save_final(policy, tokenizer, run_dir, env):
@@ -379,7 +375,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> Path
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", panels=SFT_PANELS)
     if cfg.eval_after:
         header = (f"# SFT run: held-out evaluation\n\nmodel {cfg.model}, data {cfg.data} ({len(examples)} examples, "
-                  f"{len(dropped)} dropped as over-long), {trainer.step} steps, template {cfg.template}, eval on "
+                  f"{len(dropped)} dropped as over-long), {n_steps(trainer.step)}, template {cfg.template}, eval on "
                   f"{eval_task}/{cfg.eval_split} (never trained on), k={cfg.eval_k}, T={cfg.eval_temperature}, "
                   f"top-p={cfg.eval_top_p}\n\n")
         golds = [r.meta.get("gold") for r in rows]

@@ -149,6 +149,7 @@ def pretrain_once(out: Path, preset: str, seconds: float, overrides: dict, cfg: 
     the one already there (a rerun continues with the stages). Returns ``out``."""
     from r1kit.models.loading import save_pretrained_atomic
     from r1kit.models.v3_pretrain import PretrainConfig, char_tokenizer, heldout_accuracy, pretrain
+    from r1kit.train.logging import n_steps
 
     if (out / "history.json").is_file():
         print(f"{out}: pretrained already, reused", flush=True)
@@ -166,7 +167,7 @@ def pretrain_once(out: Path, preset: str, seconds: float, overrides: dict, cfg: 
 
     write_atomic(out / "history.json", json.dumps({k: v for k, v in history.items() if k not in
                                                    ("loss", "balance", "max_over_mean", "load_per_layer")}))
-    print(f"{out.name}: {history['parameters']:,} parameters, {history['steps']} steps, "
+    print(f"{out.name}: {history['parameters']:,} parameters, {n_steps(history['steps'])}, "
           f"{history['cpu_seconds']:.0f} CPU s, greedy held-out {history['heldout_greedy_accuracy']:.3f}", flush=True)
     return out
 

@@ -30,7 +30,7 @@ from r1kit.errors import ConfigError
 from r1kit.eval.evaluate import EvalResult, load_result, paired_difference
 from r1kit.models.loading import load_policy, save_pretrained_atomic
 from r1kit.models.v3_pretrain import PretrainConfig, char_tokenizer, heldout_accuracy, pretrain
-from r1kit.train.logging import read_metrics
+from r1kit.train.logging import n_steps, read_metrics
 from r1kit.train.recipe import run_grpo
 
 # The GRPO stage: exact-answer reward on bare "a±b=" prompts, G=8, DAPO's token-mean loss with
@@ -117,7 +117,7 @@ def run_v3_zero(cfg: V3ZeroConfig) -> dict[str, Any]:
     history["heldout_greedy_accuracy"] = heldout_accuracy(model, tok, cfg.eval_limit)
     pretrained = save_pretrained_atomic(model, tok, out / "pretrained")
     (pretrained / "history.json").write_text(json.dumps(history))
-    print(f"pretrained {history['steps']} steps in {history['cpu_seconds']:.0f} CPU s: lm loss {history['lm'][0]:.3f} → "
+    print(f"pretrained {n_steps(history['steps'])} in {history['cpu_seconds']:.0f} CPU s: lm loss {history['lm'][0]:.3f} → "
           f"{history['lm'][-1]:.3f}, held-out greedy accuracy {history['heldout_greedy_accuracy']:.3f}", flush=True)
 
     grpo_cfg = load_config(overrides={**GRPO_SETTINGS, "model": str(pretrained), "output": str(out),
@@ -203,14 +203,14 @@ def report_markdown(report: dict[str, Any]) -> str:
 
     return (
         "# R1-Zero in miniature: a tiny DeepSeek-V3 MoE pretrained from scratch, then GRPO\n\n"
-        f"## Pretraining ({pre['steps']} steps, {pre['tokens']} tokens, {pre['cpu_seconds']:.0f} CPU s, "
+        f"## Pretraining ({n_steps(pre['steps'])}, {pre['tokens']} tokens, {pre['cpu_seconds']:.0f} CPU s, "
         f"{pre['seconds']:.0f} s wall)\n\n"
         "| loss (nats/token) | first 10 steps | last 10 steps |\n|---|---|---|\n"
         f"| next-token | {pre['lm_loss'][0]:.3f} | {pre['lm_loss'][1]:.3f} |\n"
         f"| MTP (depth 1) | {pre['mtp_loss'][0]:.3f} | {pre['mtp_loss'][1]:.3f} |\n\n"
         "Expert load, max/mean tokens per routed expert (1.00 = balanced):\n\n"
         "| MoE layer | first 10 steps | last 10 steps |\n|---|---|---|\n" + load_rows(pre["max_over_mean"]) +
-        f"\n## GRPO ({grpo['steps']} steps)\n\n"
+        f"\n## GRPO ({n_steps(grpo['steps'])})\n\n"
         f"Train reward (exact answer, T=1): {grpo['reward'][0]:.3f} (first 5 steps) → {grpo['reward'][1]:.3f} "
         "(last 5 steps).\n\n"
         "| MoE layer | load max/mean, first 5 steps | last 5 steps |\n|---|---|---|\n" + load_rows(grpo["max_over_mean"]) +
@@ -238,14 +238,14 @@ def plot_report(history: dict, grpo_rows: list[dict], report: dict[str, Any], ou
     fig, ((loss_ax, pre_ax), (grpo_ax, reward_ax)) = plt.subplots(2, 2, figsize=(11, 7.5))
     loss_ax.plot(moving_mean(history["lm"], window), lw=1, label="next-token")
     loss_ax.plot(moving_mean(history["mtp"], window), lw=1, alpha=0.7, label="MTP depth 1")
-    loss_ax.set(title=f"pretraining loss (nats/token, mean of {window} steps)", xlabel="pretraining step")
+    loss_ax.set(title=f"pretraining loss (nats/token, mean of {n_steps(window)})", xlabel="pretraining step")
     for layer, values in history["load_per_layer"].items():
         pre_ax.plot(moving_mean(values, window), lw=1, label=layer_label(layer, history))
         key = f"moe/{layer}/max_over_mean"
         points = [(r["step"], r[key]) for r in grpo_rows if r.get(key) is not None]
         if points:
             grpo_ax.plot(*zip(*points), lw=1, label=layer)
-    pre_ax.set(title=f"expert load max/mean, pretraining (mean of {window} steps)", xlabel="pretraining step")
+    pre_ax.set(title=f"expert load max/mean, pretraining (mean of {n_steps(window)})", xlabel="pretraining step")
     grpo_ax.set(title="expert load max/mean, GRPO (tokens trained on)", xlabel="GRPO step")
     steps = [r["step"] for r in grpo_rows]
     rewards = [r["reward"] for r in grpo_rows]
