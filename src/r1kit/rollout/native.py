@@ -62,27 +62,51 @@ def _build(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str]:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"off (no C compiler {cc!r}: {e})"
-    source = SOURCE.read_text()
     flags = [*FLAGS, *extra_flags]
-    key = hashlib.sha256("\0".join([source, " ".join(flags), version, _cpu_flags()]).encode()).hexdigest()[:16]
-    target = _kernel_dir() / f"kernels-{key}.so"
-    if not target.exists():
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                built = Path(tmp) / target.name
-                run = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
-                                     text=True, timeout=300)
-                if run.returncode:
-                    tail = (run.stderr.strip().splitlines() or ["no output"])[-1]
-                    return None, f"off ({cc} failed: {tail})"
-                os.replace(built, target)  # atomic: a concurrent build or reader sees a whole file
-        except (OSError, subprocess.SubprocessError) as e:
-            return None, f"off (could not build in {target.parent}: {e})"
+    target = _target(flags, version)
+    problem = None if target.exists() else _compile(cc, flags, target)
+    if problem:
+        return None, problem
     try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as e:
-        return None, f"off (could not load {target}: {e})"
+        lib = _bind(ctypes.CDLL(str(target)))
+    except (OSError, AttributeError):  # a damaged or stale file in the cache: build it again, once
+        problem = _compile(cc, flags, target)
+        if problem:
+            return None, problem
+        try:
+            lib = _bind(ctypes.CDLL(str(target)))
+        except (OSError, AttributeError) as e:
+            return None, f"off (could not load {target}: {e})"
+    if not lib.decode_attention_simd():
+        return lib, f"built, not used (compiled without AVX-512: its portable loops are slower than torch's) ({target.name})"
+    return lib, f"on ({target.name})"
+
+
+def _target(flags: list[str], compiler_version: str) -> Path:
+    """The cached library for this source, these flags, this compiler and this CPU."""
+    parts = [SOURCE.read_text(), " ".join(flags), compiler_version, _cpu_flags()]
+    return _kernel_dir() / f"kernels-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}.so"
+
+
+def _compile(cc: str, flags: list[str], target: Path) -> str | None:
+    """Build ``kernels.c`` into ``target`` (written atomically); None, or the status saying why not."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            run = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
+                                 text=True, timeout=300)
+            if run.returncode:
+                tail = (run.stderr.strip().splitlines() or ["no output"])[-1]
+                return f"off ({cc} failed: {tail})"
+            os.replace(built, target)  # atomic: a concurrent build or reader sees a whole file
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"off (could not build in {target.parent}: {e})"
+    return None
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the C signatures on ``lib`` (AttributeError when a symbol is missing)."""
     ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     signatures = {
         "decode_attention": (ctypes.c_int, [ptr] * 5 + [i64] * 5 + [f32, i32]),
@@ -95,9 +119,7 @@ def _build(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str]:
             fn = getattr(lib, f"{name}_{suffix}")
             fn.restype, fn.argtypes = restype, argtypes
     lib.softmax_rows_f32.restype, lib.softmax_rows_f32.argtypes = None, [ptr] * 2 + [i64] * 2 + [i32]
-    if not lib.decode_attention_simd():
-        return lib, f"built, not used (no AVX-512 on this CPU: its portable loops are slower than torch's) ({target.name})"
-    return lib, f"on ({target.name})"
+    return lib
 
 
 @lru_cache(maxsize=1)
