@@ -9,8 +9,10 @@ batch of prompts into cache slots, ``decode`` one token for every slot, or both 
 Llama-family models with its own forward over the HF module's weights (fused QKV and gate/up
 projections prepacked for oneDNN, a per-slot KV cache grown in blocks so decode attention is two
 batched matmuls over one contiguous block per layer, prefill without padding, no per-token HF
-``forward`` call), so per-token Python work is a few hundred tensor ops. Another model (the r1kit
-DeepSeek-V3 with its absorbed MLA cache) plugs in with ``register_adapter``.
+``forward`` call), so per-token Python work is a few hundred tensor ops; where r1kit's C kernels
+build (``native.py``: AVX-512 and a C compiler), decode attention reads only each slot's own
+positions and the layer's elementwise steps are one pass each. Another model (the r1kit DeepSeek-V3
+with its absorbed MLA cache) plugs in with ``register_adapter``.
 
 Notation: S cache slots, T cache positions, w slots in one decode step (the slots in use), u prompts
 in one prefill, s their padded length, L layers, H query heads, K key/value heads, G = H / K,
