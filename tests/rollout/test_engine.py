@@ -291,3 +291,17 @@ def test_embedded_model_sampling_logprobs_equal_full_forward(smol, tokenizer):
     for c in out:
         ref = full_forward_logprobs(smol, prompt, c.token_ids, 0.8)
         torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=2e-4, rtol=1e-4)
+
+
+def test_prepacked_matmul_rows_are_rounded_to_a_bounded_set_and_results_unchanged():
+    from r1kit.rollout.engine import ROWS_EXACT, Linear, padded_rows
+
+    assert [padded_rows(n) for n in (1, 7, ROWS_EXACT)] == [1, 7, ROWS_EXACT]  # decode batches exact
+    shapes = {padded_rows(n) for n in range(ROWS_EXACT + 1, 4097)}
+    assert len(shapes) <= 8 * 6  # 8 per octave from 64 to 4096
+    assert all(n <= padded_rows(n) <= 1.125 * n for n in range(ROWS_EXACT + 1, 4097))
+    g = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(96, 32, generator=g), torch.randn(70, 32, generator=g)
+    out = Linear(weight, None)(x)
+    assert out.shape == (70, 96)
+    torch.testing.assert_close(out, x @ weight.T, rtol=1e-5, atol=1e-5)
