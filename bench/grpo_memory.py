@@ -14,9 +14,9 @@ Growth = RSS at the last step − RSS at step 3, MiB.
 
 Measured (2-core AVX512-BF16 CPU shared with other jobs, torch 2.13, --steps 20 --batch 1, ~6 min CPU
 per variant): before 3073 MiB at step 3 → 3343 at step 20 (+270, ~16 MiB a step, still rising); after
-3057 → 3171 (+114, ~7 MiB a step, still rising). Rounding removes most of the growth, not all of it;
-what is left was not measured apart (the rollout engine's prefill, whose prompt lengths are not
-rounded, is one candidate).
+3057 → 3171 (+114, ~7 MiB a step, still rising). Then the rollout engine's prefill matmuls got
+rounded row counts too (``rollout.engine.padded_rows``), and ``--variants after`` measured 3061 at
+step 3 → 3101 at step 20 (+41), flat over the last five steps (one run, load 1-4).
 
 Run: PYTHONPATH=src python bench/grpo_memory.py [--steps 20] [--batch 1] [--variants before,after]
   (last line: before_growth_mb=... before_peak_mb=... after_growth_mb=... after_peak_mb=...)
