@@ -203,6 +203,8 @@ BAD = [
     ({"model": "tiny", "messages": MESSAGES, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"model": "tiny", "messages": MESSAGES, "stop": 3}, 400, "stop"),
     ({"model": "tiny", "messages": MESSAGES, "stream": "maybe"}, 400, "stream"),
+    ({"model": "tiny", "messages": MESSAGES, "seed": 2**64}, 400, "seed"),
+    ({"model": "tiny", "messages": MESSAGES, "seed": -(2**63) - 1}, 400, "seed"),
     ({"model": "gpt-4o", "messages": MESSAGES}, 404, "model"),
 ]
 
@@ -220,7 +222,8 @@ def test_bad_completions_input_and_unknown_routes(server, client):
     post = lambda body: httpx.post(server.url + "/completions", json=body, timeout=30)  # noqa: E731
     for body, param in [({"model": "tiny", "prompt": ""}, "prompt"), ({"model": "tiny", "prompt": "x", "logprobs": 9}, "logprobs"),
                         ({"model": "tiny", "prompt": ["a", "b"], "stream": True}, "prompt"),
-                        ({"model": "tiny", "prompt": "x", "max_tokens": -1}, "max_tokens")]:
+                        ({"model": "tiny", "prompt": "x", "max_tokens": -1}, "max_tokens"),
+                        ({"model": "tiny", "prompt": "x", "seed": 2**64}, "seed")]:
         r = post(body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert httpx.get(server.url + "/nowhere", timeout=10).status_code == 404

@@ -88,7 +88,7 @@ class SamplingRequest(Fields):
     top_k: int = Field(0, ge=-1)  # 0 or -1 = off (vLLM spells off as -1)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as vLLM takes it
     stream: bool = False
     stream_options: StreamOptions | None = None
 
