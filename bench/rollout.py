@@ -173,7 +173,8 @@ def main() -> None:
     print(f"model=smollm2-135m dtype={args.dtype} engine_compute={engine.compute_dtype} native_bf16={native_bf16()} "
           f"threads={args.threads} clock={args.clock} load_1min={os.getloadavg()[0]:.2f} "
           f"batch1_prompt_tokens={len(prompts[0])}")
-    print(f"engine_kernels={native.status().split(' (')[0].replace(' ', '_')} ({native.status()})")
+    state, _, detail = native.status().partition(" (")
+    print(f"engine_kernels={state.replace(' ', '_').replace(',', '')} ({detail}")
     vllm = {}
     if args.vllm is not None:
         runs = ([] if args.skip_batch1 else [(prompts, args.batch1_tokens)]) + [(chat_prompts(tokenizer, args.batch),

@@ -19,7 +19,7 @@ with ``ctypes`` (which releases the GIL during the call). Its OpenMP runtime is 
 (``libgomp.so.1`` is already loaded, the dynamic linker reuses it by soname), and it runs on
 ``torch.get_num_threads()`` threads. The engine uses them where they were compiled with AVX-512
 (the portable C loops, for other CPUs, are tested but slower than torch's matmuls). Without a compiler,
-without AVX-512, or with ``R1KIT_NATIVE=0``, ``available()`` is False and the engine keeps its torch
+without AVX-512, or with ``R1KIT_NATIVE=0`` (or false/no/off), ``available()`` is False and the engine keeps its torch
 path; ``status()`` says which and why.
 """
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shlex
 import subprocess
 import tempfile
 from functools import lru_cache
@@ -38,6 +39,7 @@ import torch
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 LANES = 16  # the C kernel needs head_dim % LANES == 0
+OFF = {"0", "false", "no", "off"}  # R1KIT_NATIVE values that keep the engine on its torch path
 
 
 def _cpu_flags() -> str:
@@ -55,13 +57,14 @@ def _kernel_dir() -> Path:
 def _build(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str]:
     """Compile (once per source, flags, compiler and CPU) and load the kernel; (library, status).
     ``extra_flags`` go after ``FLAGS`` (the tests build the portable loops with ``-mno-avx512f``)."""
-    if os.environ.get("R1KIT_NATIVE", "1") == "0":
-        return None, "off (R1KIT_NATIVE=0)"
-    cc = os.environ.get("CC", "cc")
+    switch = os.environ.get("R1KIT_NATIVE", "1").strip().lower()
+    if switch in OFF:
+        return None, f"off (R1KIT_NATIVE={os.environ['R1KIT_NATIVE']})"
+    cc = shlex.split(os.environ.get("CC") or "cc")  # CC may carry a launcher or flags: "ccache gcc"
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        return None, f"off (no C compiler {cc!r}: {e})"
+        return None, f"off (no C compiler {shlex.join(cc)!r}: {e})"
     flags = [*FLAGS, *extra_flags]
     target = _target(flags, version)
     problem = None if target.exists() else _compile(cc, flags, target)
@@ -88,17 +91,17 @@ def _target(flags: list[str], compiler_version: str) -> Path:
     return _kernel_dir() / f"kernels-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}.so"
 
 
-def _compile(cc: str, flags: list[str], target: Path) -> str | None:
+def _compile(cc: list[str], flags: list[str], target: Path) -> str | None:
     """Build ``kernels.c`` into ``target`` (written atomically); None, or the status saying why not."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            run = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
+            run = subprocess.run([*cc, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
                                  text=True, timeout=300)
             if run.returncode:
                 tail = (run.stderr.strip().splitlines() or ["no output"])[-1]
-                return f"off ({cc} failed: {tail})"
+                return f"off ({shlex.join(cc)} failed: {tail})"
             os.replace(built, target)  # atomic: a concurrent build or reader sees a whole file
     except (OSError, subprocess.SubprocessError) as e:
         return f"off (could not build in {target.parent}: {e})"
