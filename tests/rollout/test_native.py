@@ -244,3 +244,24 @@ def test_a_damaged_cached_library_is_rebuilt_and_a_missing_compiler_keeps_torch(
     monkeypatch.setenv("CC", f"env {tmp_path / 'no-such-cc'}")  # CC with a launcher word, as "ccache gcc"
     lib, state = native._build(flags)
     assert lib is None and "no-such-cc" in state
+
+
+def test_a_valid_library_built_for_another_name_is_rebuilt(tmp_path, monkeypatch):
+    """A loadable library copied over the cache name of another build (an older source, other flags)
+    is caught by its compiled-in key and rebuilt, and the rebuilt one is what gets loaded."""
+    import shutil
+    import subprocess
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler (cc)")
+    monkeypatch.setenv("R1KIT_KERNEL_DIR", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    version = subprocess.run(["cc", "--version"], capture_output=True, text=True).stdout
+    other, ours = ("-mno-avx512f", "-O2", "-g0"), ("-mno-avx512f", "-O2", "-g1")
+    assert native._build(other)[0] is not None
+    target = native._target([*native.FLAGS, *ours], version)
+    shutil.copy(native._target([*native.FLAGS, *other], version), target)
+    lib, state = native._build(ours)
+    assert lib is not None and lib.r1kit_kernels_key() == native._key(target).encode(), state
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(  # the temporary link is gone
+        [native._target([*native.FLAGS, *f], version).name for f in (other, ours)])

@@ -272,6 +272,12 @@ static inline void attend(const void *q, const void *k, const void *v, void *out
     }
 }
 
+#ifndef R1KIT_KERNELS_KEY
+#define R1KIT_KERNELS_KEY ""
+#endif
+/* The hash native.py named this build by: a cached library under another name's hash is rebuilt. */
+const char *r1kit_kernels_key(void) { return R1KIT_KERNELS_KEY; }
+
 /* 1 when the vectorized (AVX-512) loops were compiled in, 0 for the portable loops. */
 int decode_attention_simd(void) {
 #ifdef __AVX512F__

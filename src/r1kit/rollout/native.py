@@ -31,6 +31,7 @@ import os
 import shlex
 import subprocess
 import tempfile
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -70,19 +71,42 @@ def _build(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str]:
     problem = None if target.exists() else _compile(cc, flags, target)
     if problem:
         return None, problem
-    try:
-        lib = _bind(ctypes.CDLL(str(target)))
-    except (OSError, AttributeError):  # a damaged or stale file in the cache: build it again, once
+    lib = _load(target)
+    if lib is None:  # a damaged, stale or foreign file under this name: build it again, once
         problem = _compile(cc, flags, target)
         if problem:
             return None, problem
-        try:
-            lib = _bind(ctypes.CDLL(str(target)))
-        except (OSError, AttributeError) as e:
-            return None, f"off (could not load {target}: {e})"
+        lib = _load(target, fresh=True)
+        if lib is None:
+            return None, f"off (could not load {target} after rebuilding it)"
     if not lib.decode_attention_simd():
         return lib, f"built, not used (compiled without AVX-512: its portable loops are slower than torch's) ({target.name})"
     return lib, f"on ({target.name})"
+
+
+def _load(target: Path, fresh: bool = False) -> ctypes.CDLL | None:
+    """The library at ``target`` with its signatures declared, if it loads, has every symbol and was
+    built for this name (its compiled-in key is the name's hash); else None. ``fresh`` loads it
+    through a new hard link, since the dynamic linker hands back an already loaded file by name."""
+    path = target
+    if fresh:
+        path = target.with_name(f"{target.stem}.{os.getpid()}.{time.monotonic_ns()}.so")
+        try:
+            os.link(target, path)
+        except OSError:
+            return None
+    try:
+        lib = _bind(ctypes.CDLL(str(path)))
+        return lib if lib.r1kit_kernels_key() == _key(target).encode() else None
+    except (OSError, AttributeError):
+        return None
+    finally:
+        if fresh:
+            path.unlink(missing_ok=True)
+
+
+def _key(target: Path) -> str:
+    return target.stem.removeprefix("kernels-")
 
 
 def _target(flags: list[str], compiler_version: str) -> Path:
@@ -97,7 +121,8 @@ def _compile(cc: list[str], flags: list[str], target: Path) -> str | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            run = subprocess.run([*cc, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
+            key = f'-DR1KIT_KERNELS_KEY="{_key(target)}"'  # checked on load (_load)
+            run = subprocess.run([*cc, *flags, key, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
                                  text=True, timeout=300)
             if run.returncode:
                 tail = (run.stderr.strip().splitlines() or ["no output"])[-1]
@@ -122,6 +147,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
             fn = getattr(lib, f"{name}_{suffix}")
             fn.restype, fn.argtypes = restype, argtypes
     lib.softmax_rows_f32.restype, lib.softmax_rows_f32.argtypes = None, [ptr] * 2 + [i64] * 2 + [i32]
+    lib.r1kit_kernels_key.restype, lib.r1kit_kernels_key.argtypes = ctypes.c_char_p, []
     return lib
 
 
