@@ -105,6 +105,7 @@ def make_serving_engine(model: torch.nn.Module, tokenizer, backend: str, dtype: 
     or a KV cache over budget."""
     from r1kit.models.deepseek_v3 import DeepseekV3ForCausalLM
     from r1kit.models.loading import resolve_dtype
+    from r1kit.rollout import native
     from r1kit.rollout.engine import ADAPTERS
     from r1kit.runtime import make_engine
 
@@ -116,7 +117,8 @@ def make_serving_engine(model: torch.nn.Module, tokenizer, backend: str, dtype: 
                         max_num_batched_tokens=max_num_batched_tokens)
         engine.open_requests()
         chunks = f", chunked prefill of {max_num_batched_tokens} tokens/step" if max_num_batched_tokens else ""
-        return engine, f"r1kit engine ({engine.dtype}, {max_num_seqs} slots, continuous batching{chunks})"
+        kernels = "C kernels" if getattr(engine.adapter, "native", False) else f"torch ops: C kernels {native.status()}"
+        return engine, f"r1kit engine ({engine.dtype}, {max_num_seqs} slots, continuous batching{chunks}, {kernels})"
     if isinstance(model, DeepseekV3ForCausalLM):
         label = "r1kit DeepSeek-V3 V3SamplingEngine: one request at a time, no continuous batching"
     else:
