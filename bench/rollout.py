@@ -146,13 +146,20 @@ def batch_pair(path, tokenizer, dtype: torch.dtype, batch: int, new_tokens: int,
             hf_tokens_per_s(model, tokenizer, prompts, new_tokens, clock), old)
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=64, help="sequences sampled together")
-    ap.add_argument("--new-tokens", type=int, default=128, help="tokens sampled per sequence")
-    ap.add_argument("--batch1-tokens", type=int, default=64, help="tokens sampled in the batch-1 run")
+    ap.add_argument("--batch", type=positive, default=64, help="sequences sampled together")
+    ap.add_argument("--new-tokens", type=positive, default=128, help="tokens sampled per sequence")
+    ap.add_argument("--batch1-tokens", type=positive, default=64, help="tokens sampled in the batch-1 run")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of both HF and the engine")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    ap.add_argument("--threads", type=positive, default=torch.get_num_threads(), help="torch intra-op threads")
     ap.add_argument("--also-fp32", action="store_true", help="also measure the fp32 pair at --batch")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall seconds or this process's CPU seconds")
     ap.add_argument("--skip-batch1", action="store_true", help="skip the batch-1 and llama.cpp lines")
