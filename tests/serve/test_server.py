@@ -204,6 +204,10 @@ BAD = [
     ({"model": "tiny", "messages": MESSAGES, "stop": 3}, 400, "stop"),
     ({"model": "tiny", "messages": MESSAGES, "stream": "maybe"}, 400, "stream"),
     ({"model": "tiny", "messages": MESSAGES, "seed": 2**64}, 400, "seed"),
+    ({"model": "tiny", "messages": MESSAGES, "logit_bias": {"42": 5}}, 400, "logit_bias"),
+    ({"model": "tiny", "messages": MESSAGES, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"model": "tiny", "messages": MESSAGES, "frequency_penalty": -1}, 400, "frequency_penalty"),
+    ({"model": "tiny", "messages": MESSAGES, "best_of": 3}, 400, "best_of"),
     ({"model": "tiny", "messages": MESSAGES, "seed": -(2**63) - 1}, 400, "seed"),
     ({"model": "gpt-4o", "messages": MESSAGES}, 404, "model"),
 ]
@@ -223,7 +227,8 @@ def test_bad_completions_input_and_unknown_routes(server, client):
     for body, param in [({"model": "tiny", "prompt": ""}, "prompt"), ({"model": "tiny", "prompt": "x", "logprobs": 9}, "logprobs"),
                         ({"model": "tiny", "prompt": ["a", "b"], "stream": True}, "prompt"),
                         ({"model": "tiny", "prompt": "x", "max_tokens": -1}, "max_tokens"),
-                        ({"model": "tiny", "prompt": "x", "seed": 2**64}, "seed")]:
+                        ({"model": "tiny", "prompt": "x", "seed": 2**64}, "seed"),
+                        ({"model": "tiny", "prompt": "x", "suffix": "end"}, "suffix")]:
         r = post(body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert httpx.get(server.url + "/nowhere", timeout=10).status_code == 404
@@ -290,3 +295,11 @@ def test_full_queue_answers_503_and_the_server_recovers(server, client):
                 s.__exit__(None, None, None)
     wait_idle(server)
     assert client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0).choices[0].message.content == CONTENT
+
+
+def test_unimplemented_sampling_fields_at_their_no_op_values_are_accepted(server):
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 3, "logit_bias": {}, "presence_penalty": 0,
+            "frequency_penalty": 0.0, "best_of": 1, "user": "someone"}
+    r = httpx.post(server.url + "/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")

@@ -1,9 +1,12 @@
 """The OpenAI request and response models of ``r1kit serve`` (pydantic), and the error shape.
 
 Requests: ``POST /v1/chat/completions`` (``ChatCompletionRequest``) and ``POST /v1/completions``
-(``CompletionRequest``), the fields of SERVE_SPEC §1. Fields the server does not use (``user``,
-``presence_penalty``, ...) are ignored, as vLLM does; a known field of the wrong type or out of range
-is a ``RequestError`` (400) whose ``param`` names it (``messages[1].role``, ``top_p``).
+(``CompletionRequest``), the fields of SERVE_SPEC §1. Fields that do not change the output
+(``user``, ``metadata``, ...) are ignored, as vLLM does; OpenAI sampling fields this server does
+not implement (``logit_bias``, ``presence_penalty``, ``frequency_penalty``, ``best_of``, ``suffix``)
+are a 400 naming the field when set to anything but their no-op default, rather than silently
+giving other output than asked for; a known field of the wrong type or out of range is a
+``RequestError`` (400) whose ``param`` names it (``messages[1].role``, ``top_p``).
 
 Responses follow OpenAI's shapes with both reasoning field names (``reasoning_content``: DeepSeek,
 SGLang, llama.cpp; ``reasoning``: vLLM, Ollama), SERVE_SPEC §2.
@@ -91,6 +94,11 @@ class SamplingRequest(Fields):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as vLLM takes it
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # OpenAI sampling fields not implemented here: refused unless at their no-op value (check).
+    logit_bias: dict | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    best_of: int | None = None
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -101,6 +109,12 @@ class SamplingRequest(Fields):
             raise RequestError(f"n must be at most {max_n} on this server, got {self.n}", "n")
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed with stream: true", "stream_options")
+        for name, value, no_op in (("logit_bias", self.logit_bias, not self.logit_bias),
+                                   ("presence_penalty", self.presence_penalty, not self.presence_penalty),
+                                   ("frequency_penalty", self.frequency_penalty, not self.frequency_penalty),
+                                   ("best_of", self.best_of, self.best_of in (None, 1, self.n))):
+            if not no_op:
+                raise RequestError(f"{name} is not supported by this server (got {value!r}); leave it out", name)
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -142,11 +156,14 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(16, gt=0)  # OpenAI's legacy default
     logprobs: int | None = Field(None, ge=0, le=COMPLETION_LOGPROBS_MAX)
     echo: bool = False
+    suffix: str | None = None
 
     def check(self, max_n: int) -> None:
         super().check(max_n)
         if self.echo:
             raise RequestError("echo is not supported", "echo")
+        if self.suffix:
+            raise RequestError("suffix is not supported by this server; leave it out", "suffix")
         prompts = self.prompts()
         if not prompts:
             raise RequestError("prompt is empty", "prompt")
