@@ -265,3 +265,11 @@ def test_a_valid_library_built_for_another_name_is_rebuilt(tmp_path, monkeypatch
     assert lib is not None and lib.r1kit_kernels_key() == native._key(target).encode(), state
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(  # the temporary link is gone
         [native._target([*native.FLAGS, *f], version).name for f in (other, ours)])
+    import os
+    import time
+
+    old = native._target([*native.FLAGS, *other], version)
+    os.utime(old, (time.time() - 15 * 86400,) * 2)  # untouched for 15 days
+    target.unlink()
+    assert native._build(ours)[0] is not None  # a new build removes the stale library
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]

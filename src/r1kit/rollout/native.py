@@ -40,6 +40,7 @@ import torch
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 LANES = 16  # the C kernel needs head_dim % LANES == 0
+STALE_DAYS = 14  # a new build removes the cache's libraries older than this
 OFF = {"0", "false", "no", "off"}  # R1KIT_NATIVE values that keep the engine on its torch path
 
 
@@ -130,7 +131,20 @@ def _compile(cc: list[str], flags: list[str], target: Path) -> str | None:
             os.replace(built, target)  # atomic: a concurrent build or reader sees a whole file
     except (OSError, subprocess.SubprocessError) as e:
         return f"off (could not build in {target.parent}: {e})"
+    _remove_stale(target)
     return None
+
+
+def _remove_stale(keep: Path) -> None:
+    """Delete the cache's other libraries untouched for ``STALE_DAYS`` (older sources, compilers;
+    a process that has one loaded keeps its mapping): one build per version would pile up."""
+    cutoff = time.time() - STALE_DAYS * 86400
+    for old in keep.parent.glob("kernels-*.so"):
+        try:
+            if old != keep and old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:
+            pass
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
