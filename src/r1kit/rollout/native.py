@@ -98,7 +98,13 @@ def _load(target: Path, fresh: bool = False) -> ctypes.CDLL | None:
             return None
     try:
         lib = _bind(ctypes.CDLL(str(path)))
-        return lib if lib.r1kit_kernels_key() == _key(target).encode() else None
+        if lib.r1kit_kernels_key() != _key(target).encode():
+            return None
+        try:
+            os.utime(target)  # in use: not stale (_remove_stale)
+        except OSError:
+            pass  # a read-only cache still serves its library
+        return lib
     except (OSError, AttributeError):
         return None
     finally:
