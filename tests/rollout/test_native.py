@@ -273,3 +273,22 @@ def test_a_valid_library_built_for_another_name_is_rebuilt(tmp_path, monkeypatch
     target.unlink()
     assert native._build(ours)[0] is not None  # a new build removes the stale library
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_a_read_only_cache_still_serves_its_library(tmp_path, monkeypatch):
+    import shutil
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler (cc)")
+    monkeypatch.setenv("R1KIT_KERNEL_DIR", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    flags = ("-mno-avx512f", "-O2", "-g2")
+    assert native._build(flags)[0] is not None
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(native.os, "utime", read_only)
+    monkeypatch.setattr(native, "_compile", lambda *a: pytest.fail("rebuilt a good cached library"))
+    lib, state = native._build(flags)
+    assert lib is not None and state.startswith("built, not used")
