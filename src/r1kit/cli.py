@@ -90,16 +90,25 @@ def _train_sft(args: argparse.Namespace) -> int:
 
 def _check_eval_args(args: argparse.Namespace) -> None:
     """Raise R1kitError naming the flag when --k, --limit or --max-tokens is not a positive count, when
-    --temperature or --top-p is out of range (``rollout.base.check_sampling``), or when --output names an
-    existing file (it must be a directory), before any work (no data read, no model loaded)."""
+    --temperature or --top-p is out of range (``rollout.base.check_sampling``), or when the report
+    directory (--output, else the default ``eval_output``) is an existing file or cannot be created or
+    written (``models.loading.check_output_path``), before any work (no data read, no model loaded)."""
+    from r1kit.models.loading import check_output_path
     from r1kit.rollout.base import check_sampling
 
     for flag, value in (("--k", args.k), ("--limit", args.limit), ("--max-tokens", args.max_tokens)):
         if value is not None and value < 1:
             raise R1kitError(f"{flag} must be >= 1, got {value}")
     check_sampling(args.temperature, args.top_p, names=("--temperature", "--top-p", ""))
-    if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
-        raise R1kitError(f"--output {args.output} is an existing file; pass a directory for the reports")
+    check_output_path(eval_output(args), "dir")
+
+
+def eval_output(args: argparse.Namespace) -> Path:
+    """The directory ``r1kit eval`` writes its reports to: --output, else ``<model>/eval`` for a model
+    directory, else runs/eval."""
+    if args.output:
+        return Path(args.output)
+    return Path(args.model) / "eval" if Path(args.model).is_dir() else Path("runs/eval")
 
 
 def report_name(task: str, split: str, k: int) -> str:
@@ -176,7 +185,7 @@ def _eval(args: argparse.Namespace) -> int:
     if golds is not None:
         table += f"\nanswer prior from the {source}.\n"
     print(table)
-    out = Path(args.output) if args.output else (Path(args.model) / "eval" if Path(args.model).is_dir() else Path("runs/eval"))
+    out = eval_output(args)
     name = report_name(args.task, args.split, args.k)
     save_result(res, out / f"{name}.json")
     save_report(out / f"{name}.md", table, analysis)
