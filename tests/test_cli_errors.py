@@ -164,3 +164,39 @@ def test_demo_script_starts_over_a_run_that_never_checkpointed_and_resumes_one_t
     (run / "checkpoint-5").mkdir()
     subprocess.run(["bash", str(root / "scripts" / "demo.sh")], check=True, capture_output=True)
     assert (root / "args.txt").read_text().split()[-1] == "--resume"
+
+
+@pytest.mark.parametrize("raised", ["oserror", "safetensors"])
+def test_a_full_disk_mid_write_is_one_error_exit_1_and_the_previous_artifact_is_kept(capsys, tmp_path, tiny_model_dir,
+                                                                                    monkeypatch, raised):
+    """A full disk (errno 28) while writing an artifact was a traceback; the previous artifact must stay."""
+    import errno
+    import os
+
+    from safetensors import SafetensorError
+
+    import r1kit.io
+
+    out = tmp_path / "exported"
+    assert main(["export", str(tiny_model_dir), "--format", "hf", "--output", str(out)]) == 0
+    previous = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    def full(path):
+        if raised == "oserror":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path / "model.safetensors"))
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
+
+    monkeypatch.setattr(r1kit.io, "apply_umask", full)  # after the files are written, before the rename
+    assert main(["export", str(tiny_model_dir), "--format", "hf", "--output", str(out)]) == 1
+    err = _err(capsys)
+    where = (f"on {tmp_path}/.exported.tmp" if raised == "oserror" else "writing safetensors: Error while serializing")
+    assert err.startswith(f"error: the system failed {where}") and "No space left on device" in err, err
+    assert err.endswith("artifacts and checkpoints are written atomically, so none already written was changed; "
+                        "fix the cause and rerun (a training run: with --resume)")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == previous and "model.safetensors" in previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # no temporary left behind
+    monkeypatch.setattr(r1kit.io, "apply_umask", lambda path: 1 / 0)  # a bug keeps its traceback
+    with pytest.raises(ZeroDivisionError):
+        main(["export", str(tiny_model_dir), "--format", "hf", "--output", str(out)])

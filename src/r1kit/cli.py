@@ -14,7 +14,8 @@
   r1kit serve MODEL [--host 127.0.0.1] [--port 8000] [--think] [--max-num-seqs 32] [--max-model-len 2048]
   r1kit tasks
 
-Bad input (R1kitError) prints one ``error:`` line and exits with status 2; a guard stop exits with 3;
+Bad input (R1kitError) prints one ``error:`` line and exits with status 2; a guard stop exits with 3; the
+system failing mid-run (an OSError such as a full disk) prints one ``error:`` line and exits with 1;
 ``--debug`` shows the traceback instead.
 """
 
@@ -535,6 +536,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # the last resort for the environment failing mid-run (a full disk): exit 1, no traceback
+        line = os_error_line(e)
+        if line is None or args.debug:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
+
+
+def os_error_line(err: BaseException) -> str | None:
+    """The one ``error:`` line for an OSError raised mid-run (a full disk, errno 28; a read-only mount) or
+    a safetensors SafetensorError that says "No space left", naming the file and the OS message (None
+    for any other exception: a bug keeps its traceback). The claim about what was already written holds
+    because artifacts and checkpoints go through ``r1kit.io.atomic_file``/``atomic_dir``, which remove
+    their temporary on an error and leave the previous artifact in place."""
+    if isinstance(err, OSError):
+        where = f" on {err.filename}" if err.filename else ""
+        what = f"{err.strerror} (errno {err.errno})" if err.strerror else str(err)
+    elif type(err).__name__ == "SafetensorError" and "No space left" in str(err):
+        where, what = " writing safetensors", str(err)
+    else:
+        return None
+    return (f"the system failed{where}: {what}; artifacts and checkpoints are written atomically, so none "
+            f"already written was changed; fix the cause and rerun (a training run: with --resume)")
 
 
 if __name__ == "__main__":
