@@ -96,21 +96,27 @@ def check_writable(path: str | Path, kind: str, flag: str = "--output") -> Path:
     first artifact is written)."""
     path = Path(path)
     target = path if kind == "dir" else path.parent
-    made = []
-    try:
-        for d in reversed([p for p in (target, *target.parents) if not p.exists()]):
-            d.mkdir()
-            made.append(d)
-        probe = target / f".r1kit-write-probe.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"{flag} {path} cannot be written: {err.strerror or err} ({err.filename or target}); "
-                          f"choose another {flag}") from None
-    finally:
-        for d in reversed(made):
-            try:
-                d.rmdir()
-            except OSError:
-                pass
+    for attempt in range(3):  # the ranks of one torchrun check the same path: another may remove its dirs meanwhile
+        made = []
+        try:
+            for d in reversed([p for p in (target, *target.parents) if not p.exists()]):
+                try:
+                    d.mkdir()
+                except FileExistsError:  # made by another process just now: not ours to remove
+                    continue
+                made.append(d)
+            probe = target / f".r1kit-write-probe.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            return path
+        except OSError as err:
+            if attempt == 2:
+                raise ConfigError(f"{flag} {path} cannot be written: {err.strerror or err} "
+                                  f"({err.filename or target}); choose another {flag}") from None
+        finally:
+            for d in reversed(made):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
     return path
