@@ -3,6 +3,7 @@ traceback unless --debug); `r1kit eval` writes its JSON and markdown reports; `-
 the resolved GRPO config."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -179,7 +180,7 @@ def test_eval_output_that_is_a_file_is_refused_before_any_model_loads(capsys, tm
     existing = tmp_path / "report.txt"
     existing.write_text("keep me")
     rc = main(["eval", "--model", str(tmp_path / "no_such_model"), "--task", str(toy_task), "--output", str(existing)])
-    assert rc == 2 and _err(capsys) == f"error: --output {existing} is an existing file; pass a directory for the reports"
+    assert rc == 2 and _err(capsys) == f"error: --output {existing} is an existing file; pass a directory"
     assert existing.read_text() == "keep me"
 
 
@@ -219,6 +220,43 @@ def test_output_that_is_a_file_is_one_error(capsys, tmp_path, make_args):
     assert main(make_args(str(path))) == 2
     assert "afile" in _err(capsys)
     assert path.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("make_args", [
+    lambda f, m: ["train", "grpo", "--preset", "cpu_demo", "--max-steps", "1", "--output", f],
+    lambda f, m: ["train", "sft", "--preset", "cpu_sft_demo", "--max-steps", "1", "--output", f],
+    lambda f, m: ["eval", "--model", m, "--task", "gsm8k", "--limit", "1", "--output", f],
+    lambda f, m: ["export", m, "--format", "gguf", "--output", f + ".gguf"],
+    lambda f, m: ["export", m, "--format", "hf", "--output", f],
+    lambda f, m: ["sample", "--preset", "cpu_demo", "--output", f],
+    lambda f, m: ["pipeline", "r1", "--preset", "cpu_r1", "--output", f],
+    lambda f, m: ["distill", "--preset", "rft_svamp", "--output", f],
+    lambda f, m: ["pretrain", "v3-zero", "--output", f],
+])
+def test_output_that_cannot_be_created_is_one_error_before_any_work(capsys, tmp_path, make_args):
+    """`--output /proc/r1` was a FileNotFoundError traceback from the metrics logger, or (eval) came after
+    the whole evaluation, losing its results. The model does not exist: a check after loading would say
+    'not found'."""
+    out = "/proc/r1kit-no-such/run"
+    assert main(make_args(out, str(tmp_path / "no_such_model"))) == 2
+    err = _err(capsys)
+    assert err.startswith(f"error: --output {out}") and "cannot be written: No such file or directory" in err, err
+
+
+def test_output_in_a_read_only_directory_is_one_error_before_any_work(capsys, tmp_path, toy_task, monkeypatch):
+    """A read-only mount (errno 30) made `r1kit eval` crash in save_result after the whole evaluation."""
+    import errno
+    import os
+
+    def read_only(self, data):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    out = tmp_path / "ro" / "ev"
+    assert main(["eval", "--model", str(tmp_path / "no_such_model"), "--task", str(toy_task), "--output", str(out)]) == 2
+    err = _err(capsys)
+    assert err.startswith(f"error: --output {out} cannot be written: Read-only file system ({out}/.r1kit-write-probe.")
+    assert not (tmp_path / "ro").exists()  # the directories the check made are removed again
 
 
 def test_gguf_output_that_is_a_directory_is_one_error(capsys, tmp_path):

@@ -121,3 +121,82 @@ def test_resume_whose_checkpoint_went_after_the_checks_names_that(tmp_path):
         resume_latest(None, run)
     assert str(err.value) == (f"--resume: no complete checkpoint in {run} any more (there was one when the "
                               "run's checks ran: was it removed since?); run without --resume to start it")
+
+
+@pytest.mark.parametrize("trainer, preset", [("sft", "cpu_sft_demo"), ("grpo", "cpu_demo")])
+def test_fresh_start_over_the_logs_of_a_start_that_never_checkpointed_is_refused(capsys, tmp_path, trainer, preset):
+    """A run interrupted at step 4, before its first checkpoint, started again without --resume appended
+    to its metrics.jsonl: steps 1 2 3 4 1 2 3 4."""
+    run = tmp_path / "sft4"
+    run.mkdir()
+    rows = "".join(f'{{"step": {i}, "loss": 1.0}}\n' for i in range(1, 5))
+    (run / "metrics.jsonl").write_text(rows)
+    assert main(["train", trainer, "--preset", preset, "--max-steps", "40", "--output", str(run)]) == 2
+    assert _err(capsys) == (f"error: {run / 'metrics.jsonl'} holds the steps of an earlier start that stopped before "
+                            f"its first checkpoint (nothing to --resume); choose another --output, or remove {run} "
+                            "(or its metrics.jsonl) to start over")
+    assert (run / "metrics.jsonl").read_text() == rows and sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+
+
+def test_demo_script_starts_over_a_run_that_never_checkpointed_and_resumes_one_that_did(tmp_path):
+    """scripts/demo.sh (`make demo`), with a stand-in `.venv/bin/r1kit` that records its arguments: a run
+    stopped before its first checkpoint is started over without --resume (its step logs removed, its
+    eval/before.json kept), one with a checkpoint is resumed."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(Path(__file__).parents[1] / "scripts" / "demo.sh", root / "scripts" / "demo.sh")
+    fake = root / ".venv" / "bin" / "r1kit"
+    fake.parent.mkdir(parents=True)
+    fake.write_text('#!/bin/sh\necho "$@" > args.txt\nls runs/demo runs/demo/eval > files.txt\n')
+    fake.chmod(0o755)
+    run = root / "runs" / "demo"
+    (run / "eval").mkdir(parents=True)
+    for name in ("metrics.jsonl", "samples.jsonl", "eval/before.json"):
+        (run / name).write_text("{}\n")
+    subprocess.run(["bash", str(root / "scripts" / "demo.sh")], check=True, capture_output=True)
+    assert (root / "args.txt").read_text().split() == [
+        "train", "sft", "--preset", "cpu_gsm8k", "--output", "runs/demo", "--eval-before", "true", "--eval-after", "true"]
+    assert (root / "files.txt").read_text().split() == ["runs/demo:", "eval", "runs/demo/eval:", "before.json"]
+    (run / "checkpoint-5").mkdir()
+    subprocess.run(["bash", str(root / "scripts" / "demo.sh")], check=True, capture_output=True)
+    assert (root / "args.txt").read_text().split()[-1] == "--resume"
+
+
+@pytest.mark.parametrize("raised", ["oserror", "safetensors"])
+def test_a_full_disk_mid_write_is_one_error_exit_1_and_the_previous_artifact_is_kept(capsys, tmp_path, tiny_model_dir,
+                                                                                    monkeypatch, raised):
+    """A full disk (errno 28) while writing an artifact was a traceback; the previous artifact must stay."""
+    import errno
+    import os
+
+    from safetensors import SafetensorError
+
+    import r1kit.io
+
+    out = tmp_path / "exported"
+    assert main(["export", str(tiny_model_dir), "--format", "hf", "--output", str(out)]) == 0
+    previous = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    def full(path):
+        if raised == "oserror":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path / "model.safetensors"))
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
+
+    monkeypatch.setattr(r1kit.io, "apply_umask", full)  # after the files are written, before the rename
+    assert main(["export", str(tiny_model_dir), "--format", "hf", "--output", str(out)]) == 1
+    err = _err(capsys)
+    where = (f"on {tmp_path}/.exported.tmp" if raised == "oserror" else "writing safetensors: Error while serializing")
+    assert err.startswith(f"error: the system failed {where}") and "No space left on device" in err, err
+    assert err.endswith("artifacts and checkpoints are written atomically, so none already written was changed; "
+                        "fix the cause and rerun (a training run: with --resume)")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == previous and "model.safetensors" in previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # no temporary left behind
+    monkeypatch.setattr(r1kit.io, "apply_umask", lambda path: 1 / 0)  # a bug keeps its traceback
+    with pytest.raises(ZeroDivisionError):
+        main(["export", str(tiny_model_dir), "--format", "hf", "--output", str(out)])

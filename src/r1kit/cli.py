@@ -14,7 +14,8 @@
   r1kit serve MODEL [--host 127.0.0.1] [--port 8000] [--think] [--max-num-seqs 32] [--max-model-len 2048]
   r1kit tasks
 
-Bad input (R1kitError) prints one ``error:`` line and exits with status 2; a guard stop exits with 3;
+Bad input (R1kitError) prints one ``error:`` line and exits with status 2; a guard stop exits with 3; the
+system failing mid-run (an OSError such as a full disk) prints one ``error:`` line and exits with 1;
 ``--debug`` shows the traceback instead.
 """
 
@@ -90,16 +91,25 @@ def _train_sft(args: argparse.Namespace) -> int:
 
 def _check_eval_args(args: argparse.Namespace) -> None:
     """Raise R1kitError naming the flag when --k, --limit or --max-tokens is not a positive count, when
-    --temperature or --top-p is out of range (``rollout.base.check_sampling``), or when --output names an
-    existing file (it must be a directory), before any work (no data read, no model loaded)."""
+    --temperature or --top-p is out of range (``rollout.base.check_sampling``), or when the report
+    directory (--output, else the default ``eval_output``) is an existing file or cannot be created or
+    written (``models.loading.check_output_path``), before any work (no data read, no model loaded)."""
+    from r1kit.models.loading import check_output_path
     from r1kit.rollout.base import check_sampling
 
     for flag, value in (("--k", args.k), ("--limit", args.limit), ("--max-tokens", args.max_tokens)):
         if value is not None and value < 1:
             raise R1kitError(f"{flag} must be >= 1, got {value}")
     check_sampling(args.temperature, args.top_p, names=("--temperature", "--top-p", ""))
-    if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
-        raise R1kitError(f"--output {args.output} is an existing file; pass a directory for the reports")
+    check_output_path(eval_output(args), "dir")
+
+
+def eval_output(args: argparse.Namespace) -> Path:
+    """The directory ``r1kit eval`` writes its reports to: --output, else ``<model>/eval`` for a model
+    directory, else runs/eval."""
+    if args.output:
+        return Path(args.output)
+    return Path(args.model) / "eval" if Path(args.model).is_dir() else Path("runs/eval")
 
 
 def report_name(task: str, split: str, k: int) -> str:
@@ -176,7 +186,7 @@ def _eval(args: argparse.Namespace) -> int:
     if golds is not None:
         table += f"\nanswer prior from the {source}.\n"
     print(table)
-    out = Path(args.output) if args.output else (Path(args.model) / "eval" if Path(args.model).is_dir() else Path("runs/eval"))
+    out = eval_output(args)
     name = report_name(args.task, args.split, args.k)
     save_result(res, out / f"{name}.json")
     save_report(out / f"{name}.md", table, analysis)
@@ -526,6 +536,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # the last resort for the environment failing mid-run (a full disk): exit 1, no traceback
+        line = os_error_line(e)
+        if line is None or args.debug:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
+
+
+def os_error_line(err: BaseException) -> str | None:
+    """The one ``error:`` line for an OSError raised mid-run (a full disk, errno 28; a read-only mount) or
+    a safetensors SafetensorError that says "No space left", naming the file and the OS message (None
+    for any other exception: a bug keeps its traceback). The claim about what was already written holds
+    because artifacts and checkpoints go through ``r1kit.io.atomic_file``/``atomic_dir``, which remove
+    their temporary on an error and leave the previous artifact in place."""
+    if isinstance(err, OSError):
+        where = f" on {err.filename}" if err.filename else ""
+        what = f"{err.strerror} (errno {err.errno})" if err.strerror else str(err)
+    elif type(err).__name__ == "SafetensorError" and "No space left" in str(err):
+        where, what = " writing safetensors", str(err)
+    else:
+        return None
+    return (f"the system failed{where}: {what}; artifacts and checkpoints are written atomically, so none "
+            f"already written was changed; fix the cause and rerun (a training run: with --resume)")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from r1kit.errors import ConfigError
+
 
 def apply_umask(path: Path) -> Path:
     """Give ``path`` and, for a directory, everything below it the mode a plain ``open``/``mkdir``
@@ -83,3 +85,38 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
             os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(path: str | Path, kind: str, flag: str = "--output") -> Path:
+    """Raise ConfigError naming ``flag`` and the OS reason when the directory ``path`` (``kind`` "dir")
+    or the directory of the file ``path`` (``kind`` "file") cannot be created or written: its missing
+    directories are made, a probe file is written there and removed, and the directories made are
+    removed again, so the filesystem is left as it was. Call before any work (a path under /proc, a
+    read-only mount, a directory without write permission is refused before a model loads, not when the
+    first artifact is written)."""
+    path = Path(path)
+    target = path if kind == "dir" else path.parent
+    for attempt in range(3):  # the ranks of one torchrun check the same path: another may remove its dirs meanwhile
+        made = []
+        try:
+            for d in reversed([p for p in (target, *target.parents) if not p.exists()]):
+                try:
+                    d.mkdir()
+                except FileExistsError:  # made by another process just now: not ours to remove
+                    continue
+                made.append(d)
+            probe = target / f".r1kit-write-probe.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            return path
+        except OSError as err:
+            if attempt == 2:
+                raise ConfigError(f"{flag} {path} cannot be written: {err.strerror or err} "
+                                  f"({err.filename or target}); choose another {flag}") from None
+        finally:
+            for d in reversed(made):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+    return path

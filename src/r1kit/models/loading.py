@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from r1kit.errors import ConfigError, R1kitError
-from r1kit.io import atomic_dir
+from r1kit.io import atomic_dir, check_writable
 from r1kit.models import embedded
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -104,7 +104,9 @@ def save_pretrained_atomic(model, tokenizer, out_dir: Path, state_dict: dict | N
 
 def check_output_path(path: str | Path, kind: str, flag: str = "--output") -> Path:
     """Raise ConfigError naming ``flag`` when ``path`` cannot be written as a ``kind`` ("dir" or
-    "file"): it exists as the other kind, or one of its parents is a file. Call before any work."""
+    "file"): it exists as the other kind, one of its parents is a file, or it cannot be created or
+    written (``io.check_writable``: the OS reason, e.g. a path under /proc or a read-only mount).
+    Call before any work."""
     path = Path(path)
     if path.exists() and (path.is_dir() != (kind == "dir")):
         want = "a directory" if kind == "dir" else "a file path"
@@ -114,7 +116,7 @@ def check_output_path(path: str | Path, kind: str, flag: str = "--output") -> Pa
             if not parent.is_dir():
                 raise ConfigError(f"{flag} {path}: {parent} is a file, not a directory")
             break
-    return path
+    return check_writable(path, kind, flag)
 
 
 def load_policy(name_or_path: str, dtype: str | torch.dtype = torch.float32):

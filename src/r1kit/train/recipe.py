@@ -79,7 +79,8 @@ def run_complete(run_dir: Path, total_steps: int, eval_after: bool) -> bool:
 def check_run_dir(run_dir: Path, resume: bool, cfg) -> None:
     """The run-directory checks GRPO and SFT share, before any work: refuse an --output that is a file
     (or under one), one holding a run of another kind (``runs.check_run_kind``), a fresh run over one
-    that holds checkpoints (R1kitError names --resume), a --resume with no complete checkpoint, and a --resume whose ``cfg`` changes a field
+    that holds checkpoints (R1kitError names --resume) or the metrics.jsonl/samples.jsonl of an earlier
+    start that never checkpointed (a fresh start would append to them), a --resume with no complete checkpoint, and a --resume whose ``cfg`` changes a field
     of the run's saved config.yaml that changes the result (``config.check_resume_config``)."""
     from r1kit.config import GRPOConfig, check_resume_config
     from r1kit.runs import check_run_kind
@@ -88,6 +89,11 @@ def check_run_dir(run_dir: Path, resume: bool, cfg) -> None:
     check_run_kind(run_dir, "train grpo" if isinstance(cfg, GRPOConfig) else "train sft")
     if run_dir.exists() and any(run_dir.iterdir()) and not resume and ckpt.list_checkpoints(run_dir):
         raise R1kitError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose another --output")
+    logs = [name for name in ("metrics.jsonl", "samples.jsonl") if (run_dir / name).is_file()]
+    if logs and not resume:  # an earlier start stopped before its first checkpoint: a fresh one would append
+        raise R1kitError(f"{run_dir / logs[0]} holds the steps of an earlier start that stopped before its first "
+                         f"checkpoint (nothing to --resume); choose another --output, or remove {run_dir} "
+                         f"(or its {' and '.join(logs)}) to start over")
     if resume:  # before any evaluation or directory is made
         resume_checkpoint(run_dir)
         if (run_dir / "config.yaml").is_file():
