@@ -550,10 +550,12 @@ def os_error_line(err: BaseException) -> str | None:
     for any other exception: a bug keeps its traceback). The claim about what was already written holds
     because artifacts and checkpoints go through ``r1kit.io.atomic_file``/``atomic_dir``, which remove
     their temporary on an error and leave the previous artifact in place."""
+    from safetensors import SafetensorError
+
     if isinstance(err, OSError):
         where = f" on {err.filename}" if err.filename else ""
         what = f"{err.strerror} (errno {err.errno})" if err.strerror else str(err)
-    elif type(err).__name__ == "SafetensorError" and "No space left" in str(err):
+    elif isinstance(err, SafetensorError) and "No space left" in str(err):
         where, what = " writing safetensors", str(err)
     else:
         return None

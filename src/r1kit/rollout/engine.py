@@ -489,7 +489,7 @@ def sample(
         # One fused softmax pass gives the draw's weights and (its log at the token) the logprob, to
         # fp32 rounding of the probability (relative 6e-8); the written-out max/sub/exp/sum passes
         # took 4x as long at 64 x 49152.
-        probs = native.softmax_rows(scaled.contiguous()) if native.available(torch.float32, 16) else scaled.softmax(-1)
+        probs = native.softmax_rows(scaled.contiguous()) if native.enabled() else scaled.softmax(-1)
         tokens = draw(probs, generator)
         return tokens, probs.gather(1, tokens[:, None])[:, 0].log()
     logp = scaled.log_softmax(-1)

@@ -181,11 +181,15 @@ def status() -> str:
     return _loaded()[1]
 
 
+def enabled() -> bool:
+    """Whether the kernels are built with AVX-512 and loaded (``status()`` "on")."""
+    return status().startswith("on")
+
+
 def available(dtype: torch.dtype, head_dim: int) -> bool:
     """Whether the engine runs its decode attention and elementwise steps in C for ``dtype`` and
-    ``head_dim``: the kernels are built with AVX-512 (``status()`` "on"), the dtype is bf16 or fp32
-    and head_dim a multiple of 16."""
-    return status().startswith("on") and dtype in (torch.bfloat16, torch.float32) and head_dim % LANES == 0
+    ``head_dim``: ``enabled()``, the dtype is bf16 or fp32 and head_dim a multiple of 16."""
+    return enabled() and dtype in (torch.bfloat16, torch.float32) and head_dim % LANES == 0
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
@@ -207,9 +211,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         ValueError: the shapes, dtypes or layouts do not fit together.
         RuntimeError: the kernel is not built, or it could not allocate its scratch memory.
     """
-    lib = lib or _loaded()[0]
-    if lib is None:
-        raise RuntimeError(f"the decode attention kernel is {status()}")
+    fn = _fn(lib, "decode_attention", q.dtype)
     w, K, G, d = q.shape
     S, _, T, _ = keys.shape
     if not (keys.shape == values.shape == (S, K, T, d) and S >= w and lengths.shape == (w,)):
@@ -220,7 +222,6 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     q = q.contiguous()
     lengths = lengths.to(torch.int64).contiguous()
     out = torch.empty_like(q)
-    fn = lib.decode_attention_bf16 if q.dtype == torch.bfloat16 else lib.decode_attention_f32
     code = fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), lengths.data_ptr(), out.data_ptr(),
               w, K, G, T, d, float(scale), torch.get_num_threads())
     if code:
