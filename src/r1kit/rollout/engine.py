@@ -58,14 +58,11 @@ class SlotCache:
             compressed latent and the rotary key).
         position_dim: the dim that indexes positions, None for a cache allocated at full length.
         limit: the most positions a growable cache holds.
-        zeroed: new positions start at 0 (a reader that masks positions still multiplies them: 0 x NaN
-            garbage would be NaN); False where every reader stops at the positions written.
     """
 
     tensors: list[torch.Tensor]
     position_dim: int | None = None
     limit: int = 0
-    zeroed: bool = True
 
     @property
     def positions(self) -> int:
@@ -84,8 +81,8 @@ class SlotCache:
             keep = min(want, have)
             resized = []
             for t in self.tensors:
-                shape = t.shape[:dim] + (want,) + t.shape[dim + 1 :]
-                grown = t.new_zeros(shape) if self.zeroed else t.new_empty(shape)
+                # Zeroed, not empty: masked positions still meet the values (0 x NaN garbage would be NaN).
+                grown = t.new_zeros(t.shape[:dim] + (want,) + t.shape[dim + 1 :])
                 grown.narrow(dim, 0, keep).copy_(t.narrow(dim, 0, keep))
                 resized.append(grown)
             self.tensors = resized
@@ -325,11 +322,10 @@ class LlamaAdapter:
     def new_cache(self, slots: int, length: int) -> SlotCache:
         """A growable cache of up to ``length`` positions, starting at one ``CACHE_BLOCK``."""
         shape = (self.n_layers, slots, self.n_kv, min(length, CACHE_BLOCK), self.head_dim)
-        # The C decode attention reads each slot's written positions only; the torch path's masked
-        # matmuls meet every position, so its cache is zeroed.
-        new = torch.empty if self.native else torch.zeros
-        return SlotCache([new(shape, dtype=self.compute), new(shape, dtype=self.compute)],
-                         position_dim=3, limit=length, zeroed=not self.native)
+        # Zeroed on both paths: the torch path's masked matmuls meet every position, and a cache read
+        # whole (copied, compared) must not hold uninitialized NaN.
+        return SlotCache([torch.zeros(shape, dtype=self.compute), torch.zeros(shape, dtype=self.compute)],
+                         position_dim=3, limit=length)
 
     # The layer's elementwise steps: one C pass each where the kernels are on (native.py), else torch
     # ops with the same roundings.
