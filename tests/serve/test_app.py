@@ -54,6 +54,14 @@ class FailingEngine:
         return {"slots_total": 4, "slots_in_use": len(self.live), "waiting": 0, "requests": len(self.live), "steps": 0}
 
 
+class OneTokenEngine(FailingEngine):
+    """Request API stub: every request gets one token, then finish_reason "length"."""
+
+    def step(self):
+        done, self.live = self.live, []
+        return [SequenceDelta(rid, 0, [self.token], [-0.5], None, "length") for rid in done]
+
+
 @pytest.fixture(scope="module")
 def tokenizer(embedded_dir):
     return AutoTokenizer.from_pretrained(embedded_dir)
@@ -191,3 +199,89 @@ def test_earlier_reasoning_is_not_fed_back_into_the_prompt(tokenizer):
         {"role": "user", "content": [{"type": "text", "text": "and 3+3?"}]}])
     text = Server(None, tokenizer, ServeConfig(model="m")).render_chat(req)
     assert "SECRET-THOUGHT" not in text and "<|im_start|>assistant\n4<|im_end|>" in text and "and 3+3?" in text
+
+
+TOOL_TURN = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "Let me compute."},
+             {"role": "tool", "tool_call_id": "call_1", "content": "RESULT-4"}]
+
+
+def test_developer_is_rendered_as_system(tokenizer):
+    server = Server(None, tokenizer, ServeConfig(model="m"))
+    as_developer = server.render_chat(ChatCompletionRequest(model="m", messages=[
+        {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]))
+    as_system = server.render_chat(ChatCompletionRequest(model="m", messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]))
+    assert as_developer == as_system and "<|im_start|>system\nBe brief.<|im_end|>" in as_developer
+
+
+def test_tool_messages_are_served_where_the_template_renders_them(tokenizer):
+    """SmolLM2's template renders any role, so a tool result reaches the prompt and the request is served."""
+    loop = EngineLoop(OneTokenEngine(tokenizer(" Hello", add_special_tokens=False)["input_ids"][0]), max_waiting=4)
+    server = Server(loop, tokenizer, ServeConfig(model="m"))
+    text = server.render_chat(ChatCompletionRequest(model="m", messages=TOOL_TURN))
+    assert text.endswith("<|im_start|>tool\nRESULT-4<|im_end|>\n<|im_start|>assistant\n")
+    loop.start()
+    try:
+        r = call(create_app(server), "/v1/chat/completions", {"model": "m", "messages": TOOL_TURN, "max_tokens": 1})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello", r.text
+    finally:
+        loop.stop()
+
+
+@pytest.mark.parametrize("template, why", [
+    # raises on any role but user/assistant/system, as many templates do (jinja raise_exception)
+    ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant', 'system'] %}"
+     "{{ raise_exception('unsupported role ' + m['role']) }}{% endif %}"
+     "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n",
+     "refused the messages (unsupported role tool)"),
+    # drops the messages it does not know without a word
+    ("{% for m in messages %}{% if m['role'] in ['user', 'assistant', 'system'] %}"
+     "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}<|im_start|>assistant\n",
+     "leaves tool messages out (message 2)"),
+])
+def test_tool_messages_a_template_cannot_render_are_a_400_naming_the_role(embedded_dir, template, why):
+    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    tok.chat_template = template
+    app = create_app(Server(EngineLoop(FailingEngine(0), max_waiting=4), tok, ServeConfig(model="m")))
+    r = call(app, "/v1/chat/completions", {"model": "m", "messages": TOOL_TURN})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "messages[2].role" and err["type"] == "invalid_request_error"
+    assert why in err["message"] and "r1kit has no tool calling" in err["message"]
+    plain = call(app, "/v1/chat/completions", {"model": "m", "messages": TOOL_TURN[:1] + [
+        {"role": "developer", "content": "x"}], "max_tokens": 1})  # the same template, no tool message
+    assert plain.status_code == 400 and plain.json()["error"]["param"] == "messages[1].role"  # system after the turn
+
+
+@pytest.mark.parametrize("messages, param", [
+    ([{"role": "tool", "tool_call_id": "c", "content": "4"}], "messages[0].role"),  # a tool result answers a call
+    (TOOL_TURN[:1] + [{"role": "tool", "tool_call_id": "c", "content": "4"}], "messages[1].role"),
+    (TOOL_TURN[:2] + [{"role": "tool", "content": "4"}], "messages[2].tool_call_id"),
+    (TOOL_TURN[:2] + [{"role": "tool", "tool_call_id": "c", "content": ""}], "messages[2].content"),
+    (TOOL_TURN + [{"role": "assistant", "content": "4"}], "messages[3].role"),  # must end with user or tool
+    ([{"role": "function", "content": "4"}], "messages[0].role"),  # roles OpenAI deprecated or never had
+    ([{"role": "wizard", "content": "4"}], "messages[0].role"),
+])
+def test_bad_tool_and_unknown_roles_are_400s(tokenizer, messages, param):
+    app = create_app(Server(EngineLoop(FailingEngine(0), max_waiting=4), tokenizer, ServeConfig(model="m")))
+    r = call(app, "/v1/chat/completions", {"model": "m", "messages": messages})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("stop, ok", [(["a", "b", "c", "d"], True), (["a", "b", "c", "d", "e"], False),
+                                      ([], True), ("", False), (["x", ""], False)])
+def test_stop_takes_at_most_4_non_empty_strings(tokenizer, stop, ok):
+    """OpenAI allows up to 4 stop sequences; an empty one would end every completion before its first
+    token (the stream's ``find("")`` is 0), so it is refused rather than answered with nothing."""
+    loop = EngineLoop(OneTokenEngine(tokenizer(" Hello", add_special_tokens=False)["input_ids"][0]), max_waiting=4)
+    loop.start()
+    try:
+        app = create_app(Server(loop, tokenizer, ServeConfig(model="m")))
+        for path, prompt in (("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "Hi"})):
+            r = call(app, path, {"model": "m", **prompt, "stop": stop, "max_tokens": 1})
+            if ok:
+                assert r.status_code == 200, r.text
+            else:
+                assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
+    finally:
+        loop.stop()

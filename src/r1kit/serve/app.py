@@ -266,8 +266,16 @@ class Server:
                                "model", status=404, code="model_not_found")
 
     def render_chat(self, req: ChatCompletionRequest) -> str:
-        """The chat prompt text (template from the tokenizer; R1 prefill with ``think``)."""
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        """The chat prompt text (template from the tokenizer; R1 prefill with ``think``). ``developer``
+        messages render as ``system``; ``tool`` messages (with their ``tool_call_id``) only where the
+        template renders them: a template that raises on them or leaves their content out is a 400
+        naming the first one's ``messages[i].role``."""
+        messages = []
+        for m in req.messages:
+            msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.role == "tool":
+                msg["tool_call_id"] = m.tool_call_id
+            messages.append(msg)
         if self.cfg.think:
             system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
             messages = [m for m in messages if m["role"] != "system"]
@@ -275,10 +283,22 @@ class Server:
                 messages[0] = {"role": "user", "content": f"{system}\n\n{messages[0]['content']}"}
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise RequestError("this model's tokenizer has no chat template; use /v1/completions", "messages")
+        tools = [i for i, m in enumerate(req.messages) if m.role == "tool"]
+        no_tools = ("this model's chat template {}; r1kit has no tool calling of its own: send the tool's result "
+                    "in a user message instead")
+        marks = iter(f"r1kit-tool-message-{i}" for i in tools)  # the tool messages keep their order
+        marked = [dict(m, content=next(marks)) if m["role"] == "tool" else m for m in messages]
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            # does each tool message reach the prompt? Rendered once more with a marker as its content
+            probe = self.tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True) if tools else ""
         except Exception as e:  # noqa: BLE001 - a template that refuses the messages (jinja raise_exception)
+            if tools:
+                raise RequestError(no_tools.format(f"refused the messages ({e})"), f"messages[{tools[0]}].role") from None
             raise RequestError(f"the chat template refused the messages: {e}", "messages") from None
+        for i in tools:
+            if f"r1kit-tool-message-{i}" not in probe:
+                raise RequestError(no_tools.format(f"leaves tool messages out (message {i})"), f"messages[{i}].role")
         if self.cfg.think and not text.endswith(THINK_PREFILL):
             text += THINK_PREFILL
         return text

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from r1kit.errors import R1kitError
 
 TOP_LOGPROBS_MAX = 20  # OpenAI's limit for chat top_logprobs
+STOP_MAX = 4  # OpenAI's limit: "up to 4 sequences where the API will stop generating further tokens"
 COMPLETION_LOGPROBS_MAX = 5  # OpenAI's limit for the legacy completions logprobs
 
 
@@ -68,10 +69,14 @@ class TextPart(Fields):
 
 class ChatMessage(Fields):
     """One message. ``reasoning_content``/``reasoning`` of earlier assistant turns are accepted and not
-    fed back into the prompt (the DeepSeek API rule)."""
+    fed back into the prompt (the DeepSeek API rule). ``developer`` is OpenAI's newer name for
+    ``system`` and is rendered as one. ``tool`` (a tool's result, with ``tool_call_id``) is accepted
+    only where the model's chat template renders it (``Server.render_chat``): r1kit has no tool calling
+    of its own, and an assistant message's ``tool_calls`` are ignored."""
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_call_id: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
 
@@ -107,6 +112,12 @@ class SamplingRequest(Fields):
         """Cross-field rules; raises RequestError naming the field."""
         if self.n > max_n:
             raise RequestError(f"n must be at most {max_n} on this server, got {self.n}", "n")
+        stops = self.stop_list()
+        if len(stops) > STOP_MAX:
+            raise RequestError(f"stop takes at most {STOP_MAX} strings (OpenAI's limit), got {len(stops)}", "stop")
+        if "" in stops:
+            raise RequestError(f"stop string {stops.index('')} is empty: an empty string would end every completion "
+                               "before its first token; leave it out", "stop")
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed with stream: true", "stream_options")
         for name, value, no_op in (("logit_bias", self.logit_bias, not self.logit_bias),
@@ -115,6 +126,11 @@ class SamplingRequest(Fields):
                                    ("best_of", self.best_of, self.best_of in (None, 1, self.n))):
             if not no_op:
                 raise RequestError(f"{name} is not supported by this server (got {value!r}); leave it out", name)
+
+
+# Conversation order (system/developer messages only before it): the roles that may follow each role.
+NEXT_ROLES = {None: ("user",), "user": ("assistant",), "assistant": ("user", "tool"),
+              "tool": ("tool", "assistant", "user")}
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -129,22 +145,27 @@ class ChatCompletionRequest(SamplingRequest):
         super().check(max_n)
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
-        seen_turn = False
+        previous = None  # the role of the last conversation message (system/developer ones excluded)
         for i, m in enumerate(self.messages):
             if m.role in ("system", "developer"):
-                if seen_turn:
+                if previous is not None:
                     raise RequestError(f"a {m.role} message must come before the conversation, found at {i}",
                                        f"messages[{i}].role")
                 continue
-            expected = "user" if not seen_turn or self.messages[i - 1].role == "assistant" else "assistant"
-            if m.role != expected:
-                raise RequestError(f"messages must alternate user and assistant turns, starting with user; "
-                                   f"message {i} is {m.role!r} where {expected!r} was expected", f"messages[{i}].role")
-            if m.role == "user" and not m.text():
-                raise RequestError(f"message {i} (user) has no content", f"messages[{i}].content")
-            seen_turn = True
-        if self.messages[-1].role != "user":
-            raise RequestError("the last message must be a user message", f"messages[{len(self.messages) - 1}].role")
+            expected = NEXT_ROLES[previous]
+            if m.role not in expected:
+                raise RequestError(f"messages must alternate user and assistant turns, starting with user (tool "
+                                   f"results follow an assistant turn); message {i} is {m.role!r} where "
+                                   f"{' or '.join(map(repr, expected))} was expected", f"messages[{i}].role")
+            if m.role in ("user", "tool") and not m.text():
+                raise RequestError(f"message {i} ({m.role}) has no content", f"messages[{i}].content")
+            if m.role == "tool" and not m.tool_call_id:
+                raise RequestError(f"message {i} (tool) has no tool_call_id: a tool message answers the tool call "
+                                   "of that id", f"messages[{i}].tool_call_id")
+            previous = m.role
+        if previous not in ("user", "tool"):
+            raise RequestError("the last message must be a user (or tool) message",
+                               f"messages[{len(self.messages) - 1}].role")
 
     def completion_limit(self) -> int | None:
         """max_completion_tokens, else max_tokens (the former wins: OpenAI deprecated the latter)."""
