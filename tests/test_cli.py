@@ -353,3 +353,21 @@ def test_serve_on_a_port_in_use_is_one_error_before_loading(capsys):
     assert f"--port {port} on 127.0.0.1 cannot be bound" in err and "--port 0 for a free one" in err
     assert main(["serve", "smollm2-135m-instruct", "--shutdown-timeout", "nan"]) == 2
     assert "--shutdown-timeout must be finite and >= 0" in _err(capsys)
+
+
+def test_eval_first_line_names_the_compute_path_as_serve_does(capsys, tmp_path, toy_task, tiny_model_dir):
+    """eval did not say whether the engine ran the C kernels or torch ops; serve's first line did. The
+    tiny model's head_dim 8 is no multiple of 16, so the kernels, where built, are not used for it."""
+    from r1kit.models.loading import load_policy
+    from r1kit.rollout import native
+    from r1kit.serve.runner import make_serving_engine
+
+    rc = main(["eval", "--model", str(tiny_model_dir), "--task", str(toy_task), "--limit", "1", "--max-tokens", "2",
+               "--template", "direct", "--dtype", "fp32", "--output", str(tmp_path / "ev")])
+    assert rc == 0
+    path = ("torch ops: C kernels on, not for torch.float32 with head_dim 8" if native.enabled()
+            else f"torch ops: C kernels {native.status()}")
+    assert capsys.readouterr().out.splitlines()[0] == f"r1kit eval: {tiny_model_dir} on r1kit engine (torch.float32, {path})"
+    model, tok = load_policy(str(tiny_model_dir))
+    _, label = make_serving_engine(model, tok, "engine", "fp32", max_num_seqs=2, max_model_len=64)
+    assert label.endswith(f", {path})")  # serve's first line names it in the same words

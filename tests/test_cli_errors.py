@@ -35,6 +35,18 @@ def test_serve_dtype_and_backend_list_exactly_the_accepted_values_before_loading
     assert f"{flag} {flag[2:].upper()} " in help_text and f"one of {accepted} " in help_text
 
 
+@pytest.mark.parametrize("value", ["fp16", "float16", "foo"])
+def test_eval_dtype_names_the_flag_and_the_values_that_work_before_loading(capsys, tmp_path, toy_task, value):
+    """`r1kit eval --dtype fp16` loaded the model, then failed in the engine naming torch.float16."""
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", str(tmp_path / "no_such_model"), "--task", str(toy_task), "--dtype", value,
+                 "--output", str(out)]) == 2
+    assert _err(capsys) == f"error: --dtype must be one of auto, bf16, fp32, got {value!r}"
+    assert not out.exists()
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["eval"].format_help().split())
+    assert "--dtype DTYPE sampling dtype: auto (bf16 only where the CPU has native bf16), bf16 or fp32" in help_text
+
+
 @pytest.mark.parametrize("name", ["README.md", "notes"])
 def test_sft_data_of_an_unsupported_format_names_the_accepted_extensions(capsys, tmp_path, tiny_model_dir, name):
     """It said the file was 'not a file, a directory, a task or a hub dataset name'."""

@@ -91,16 +91,18 @@ def _train_sft(args: argparse.Namespace) -> int:
 
 def _check_eval_args(args: argparse.Namespace) -> None:
     """Raise R1kitError naming the flag when --k, --limit or --max-tokens is not a positive count, when
-    --temperature or --top-p is out of range (``rollout.base.check_sampling``), or when the report
+    --temperature or --top-p is out of range (``rollout.base.check_sampling``), --dtype is not one of
+    ``ENGINE_DTYPES`` (``models.loading.check_engine_dtype``), or when the report
     directory (--output, else the default ``eval_output``) is an existing file or cannot be created or
     written (``models.loading.check_output_path``), before any work (no data read, no model loaded)."""
-    from r1kit.models.loading import check_output_path
+    from r1kit.models.loading import check_engine_dtype, check_output_path
     from r1kit.rollout.base import check_sampling
 
     for flag, value in (("--k", args.k), ("--limit", args.limit), ("--max-tokens", args.max_tokens)):
         if value is not None and value < 1:
             raise R1kitError(f"{flag} must be >= 1, got {value}")
     check_sampling(args.temperature, args.top_p, names=("--temperature", "--top-p", ""))
+    check_engine_dtype(args.dtype)
     check_output_path(eval_output(args), "dir")
 
 
@@ -154,7 +156,7 @@ def _eval(args: argparse.Namespace) -> int:
     from r1kit.data.loading import load_task
     from r1kit.eval.evaluate import eval_report, evaluate, save_report, save_result
     from r1kit.models.loading import load_policy, resolve_dtype
-    from r1kit.runtime import make_engine, make_render, make_verifier
+    from r1kit.runtime import describe_engine, make_engine, make_render, make_verifier
 
     _check_eval_args(args)
     run_cfg = {}
@@ -175,6 +177,7 @@ def _eval(args: argparse.Namespace) -> int:
     verifier = make_verifier(args.task, extraction)
     dtype = resolve_dtype(args.dtype)
     engine = make_engine(model, tok, args.backend, dtype)
+    print(f"r1kit eval: {args.model} on {describe_engine(engine)}", flush=True)
     print(f"evaluating {len(examples)} problems × k={args.k} (template {template}, max {max_tokens} tokens)...",
           flush=True)
     res = evaluate(engine, tok, examples, verifier, render, k=args.k, temperature=args.temperature,
@@ -417,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompt-field", default=None)
     ev.add_argument("--answer-field", default=None)
     ev.add_argument("--backend", default="auto", choices=["auto", "engine", "hf", "vllm"])
-    ev.add_argument("--dtype", default="auto", help="sampling dtype: auto (bf16 only where the CPU has native bf16), bf16, fp32")
+    ev.add_argument("--dtype", default="auto",
+                    help="sampling dtype: auto (bf16 only where the CPU has native bf16), bf16 or fp32")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--output", default=None, help="directory for the JSON and markdown report")
     ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")

@@ -28,6 +28,18 @@ def make_verifier(task: str, answer_extraction: str = "tagged"):
     return get_verifier(kind, extraction=answer_extraction) if kind == "math" else get_verifier(kind)
 
 
+def describe_engine(engine) -> str:
+    """The one line naming what samples: r1kit's engine with its dtype and compute path
+    (``Engine.compute_path``: the C kernels or torch ops, and why), or the other backend."""
+    from r1kit.rollout.engine import Engine
+
+    if isinstance(engine, Engine):
+        return f"r1kit engine ({engine.dtype}, {engine.compute_path})"
+    names = {"HFGenerateEngine": "transformers generate (torch ops)", "VLLMEngine": "vLLM",
+             "V3SamplingEngine": "r1kit DeepSeek-V3 V3SamplingEngine (torch ops)"}
+    return names.get(type(engine).__name__, type(engine).__name__)
+
+
 def make_engine(model: torch.nn.Module, tokenizer, backend: str = "auto", dtype: torch.dtype | None = None,
                 max_batch_size: int = 64):
     """A SamplingEngine over ``model``: "engine" (r1kit's), "hf" (transformers generate), "vllm", or

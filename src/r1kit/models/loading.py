@@ -52,6 +52,16 @@ def resolve_bf16(setting: str | bool) -> bool:
     raise R1kitError(f"bf16 must be auto, true or false, got {setting!r}")
 
 
+ENGINE_DTYPES = ("auto", "bf16", "fp32")  # --dtype of `r1kit eval` and `r1kit serve`: auto = bf16 where native, else fp32
+
+
+def check_engine_dtype(value: str, flag: str = "--dtype") -> None:
+    """Raise ConfigError naming ``flag``, ``value`` and exactly the values that work (``ENGINE_DTYPES``:
+    the engines sample in bf16 or fp32) when ``value`` is not one of them; called before the model loads."""
+    if value not in ENGINE_DTYPES:
+        raise ConfigError(f"{flag} must be one of {', '.join(ENGINE_DTYPES)}, got {value!r}")
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """``"bf16"``/``"fp32"``/... or a torch dtype → torch dtype; ``"auto"`` = bf16 where
     ``resolve_bf16("auto")`` (CUDA or native CPU bf16), else fp32. Raises ConfigError for unknown names."""

@@ -620,6 +620,15 @@ class Engine:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.live: Scheduler | None = None
 
+    @property
+    def compute_path(self) -> str:
+        """Which path the engine computes on: "C kernels" (``native.py``), or "torch ops: C kernels
+        <why not>" (``native.status()``, or the dtype/head_dim they do not take)."""
+        if getattr(self.adapter, "native", False):
+            return "C kernels"
+        return f"torch ops: C kernels {native.status()}" if not native.enabled() else \
+            f"torch ops: C kernels on, not for {self.compute_dtype} with head_dim {self.adapter.head_dim}"
+
     def update_weights(self, model: torch.nn.Module) -> None:
         """Copy ``model``'s current weights into the engine."""
         self.adapter.load(model)

@@ -27,20 +27,21 @@ from typing import Sequence
 import torch
 
 from r1kit.errors import ConfigError
+from r1kit.models.loading import ENGINE_DTYPES, check_engine_dtype
 from r1kit.rollout.base import SamplingParams
 from r1kit.rollout.engine import Engine, SequenceDelta
 from r1kit.serve.protocol import RequestError
 
 SERVE_BACKENDS = ("auto", "engine", "hf")  # --backend values
-SERVE_DTYPES = ("auto", "bf16", "fp32")  # --dtype values: auto = bf16 where the CPU has native bf16 matmuls, else fp32
+SERVE_DTYPES = ENGINE_DTYPES  # --dtype values: auto = bf16 where the CPU has native bf16 matmuls, else fp32
 
 
 def check_serving_choices(backend: str, dtype: str) -> None:
     """Raise ConfigError naming the flag and exactly the values it takes when ``backend`` is not one of
     ``SERVE_BACKENDS`` or ``dtype`` not one of ``SERVE_DTYPES`` (called before the model loads)."""
-    for flag, value, allowed in (("--backend", backend, SERVE_BACKENDS), ("--dtype", dtype, SERVE_DTYPES)):
-        if value not in allowed:
-            raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    if backend not in SERVE_BACKENDS:
+        raise ConfigError(f"--backend must be one of {', '.join(SERVE_BACKENDS)}, got {backend!r}")
+    check_engine_dtype(dtype)
 
 
 class OneRequestAtATime:
@@ -105,7 +106,6 @@ def make_serving_engine(model: torch.nn.Module, tokenizer, backend: str, dtype: 
     or a KV cache over budget."""
     from r1kit.models.deepseek_v3 import DeepseekV3ForCausalLM
     from r1kit.models.loading import resolve_dtype
-    from r1kit.rollout import native
     from r1kit.rollout.engine import ADAPTERS
     from r1kit.runtime import make_engine
 
@@ -117,8 +117,8 @@ def make_serving_engine(model: torch.nn.Module, tokenizer, backend: str, dtype: 
                         max_num_batched_tokens=max_num_batched_tokens)
         engine.open_requests()
         chunks = f", chunked prefill of {max_num_batched_tokens} tokens/step" if max_num_batched_tokens else ""
-        kernels = "C kernels" if getattr(engine.adapter, "native", False) else f"torch ops: C kernels {native.status()}"
-        return engine, f"r1kit engine ({engine.dtype}, {max_num_seqs} slots, continuous batching{chunks}, {kernels})"
+        return engine, (f"r1kit engine ({engine.dtype}, {max_num_seqs} slots, continuous batching{chunks}, "
+                        f"{engine.compute_path})")
     if isinstance(model, DeepseekV3ForCausalLM):
         label = "r1kit DeepSeek-V3 V3SamplingEngine: one request at a time, no continuous batching"
     else:
