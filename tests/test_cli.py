@@ -371,3 +371,49 @@ def test_eval_first_line_names_the_compute_path_as_serve_does(capsys, tmp_path, 
     model, tok = load_policy(str(tiny_model_dir))
     _, label = make_serving_engine(model, tok, "engine", "fp32", max_num_seqs=2, max_model_len=64)
     assert label.endswith(f", {path})")  # serve's first line names it in the same words
+
+
+def test_eval_keeps_finished_problems_when_interrupted_and_resumes_them(capsys, monkeypatch, tmp_path, toy_task,
+                                                                        tiny_model_dir):
+    """eval wrote nothing until every problem was done: a Ctrl-C lost the whole run. Now each problem's
+    record is appended to <report>.partial.jsonl as it is scored; an interruption says how many are
+    kept and where, and --resume samples only the rest. Greedy, so the resumed run must equal an
+    uninterrupted one."""
+    from r1kit.eval.evaluate import PartialRecords
+
+    argv = ["eval", "--model", str(tiny_model_dir), "--task", str(toy_task), "--limit", "5", "--max-tokens", "4",
+            "--template", "direct", "--dtype", "fp32", "--temperature", "0"]
+    out = tmp_path / "ev"
+    append = PartialRecords.append
+
+    def interrupt_after_two(self, row):
+        append(self, row)
+        if self.count == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(PartialRecords, "append", interrupt_after_two)
+    assert main(argv + ["--output", str(out)]) == 130
+    partial = out / "toy_k1.partial.jsonl"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"interrupted: 2 of 5 problems done, their records are in {partial} "
+                   "(rerun with --resume to continue)"]
+    lines = partial.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["settings"]["max_tokens"] == 4
+    assert not (out / "toy_k1.json").exists()
+    kept = [json.loads(line) for line in lines[1:]]
+    monkeypatch.setattr(PartialRecords, "append", append)
+
+    assert main(argv + ["--output", str(out)]) == 2  # a rerun without --resume does not overwrite them
+    assert "pass --resume to reuse them, or delete it to start over" in _err(capsys)
+    assert main(argv + ["--output", str(out), "--k", "1", "--max-tokens", "5", "--resume"]) == 2
+    assert _err(capsys).endswith("was written with max_tokens = 4, this run has 5: rerun with the same arguments, "
+                                 "or delete the file to start over")
+    with partial.open("a") as f:
+        f.write('{"id": "cut off mid-wr')  # what a kill during a write leaves: dropped on resume
+    assert main(argv + ["--output", str(out), "--resume"]) == 0
+    assert f"2 reused from {partial}" in capsys.readouterr().out
+    resumed = json.loads((out / "toy_k1.json").read_text())
+    assert not partial.exists() and resumed["per_problem"][:2] == kept
+    assert main(argv + ["--output", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "toy_k1.json").read_text())
+    assert resumed == whole and len(whole["per_problem"]) == 5

@@ -4,7 +4,7 @@
   r1kit train grpo --preset cpu_demo [--<field> value ...] --print-config
   r1kit train sft --preset cpu_sft_demo --output runs/sft [--data FILE|DIR|gsm8k] [--<field> value ...] [--resume]
   r1kit train grpo|sft ... --nproc N [--master-port P]   (execs torchrun --nproc-per-node N -m r1kit train ...)
-  r1kit eval --model M --task T [--k K] [--limit N] [--output DIR]   (pass@1 against answer priors)
+  r1kit eval --model M --task T [--k K] [--limit N] [--output DIR] [--resume]   (pass@1 against answer priors)
   r1kit pretrain v3-zero --output DIR [--max-seconds 600] [--grpo-steps 100]
   r1kit pretrain v3-distill --output DIR [--preset cpu|chain] [--student-seconds 180] [...]
   r1kit export MODEL --format gguf|hf [--dtype f16|bf16|q8_0 | fp32|bf16|fp16] --output PATH
@@ -149,12 +149,15 @@ def prior_golds(args: argparse.Namespace, run_cfg: dict) -> tuple[list[str] | No
 
 
 def _eval(args: argparse.Namespace) -> int:
+    """``r1kit eval``: per-problem records go to ``<report>.partial.jsonl`` as problems finish
+    (``PartialRecords``); the reports are written atomically at the end and the partial file removed.
+    An interrupted run says how many problems it kept and where; ``--resume`` reuses them."""
     import torch
     import yaml
 
     from r1kit.config import load_config
     from r1kit.data.loading import load_task
-    from r1kit.eval.evaluate import eval_report, evaluate, save_report, save_result
+    from r1kit.eval.evaluate import PartialRecords, eval_report, evaluate, save_report, save_result
     from r1kit.models.loading import load_policy, resolve_dtype
     from r1kit.runtime import describe_engine, make_engine, make_render, make_verifier
 
@@ -167,32 +170,53 @@ def _eval(args: argparse.Namespace) -> int:
     max_tokens = (args.max_tokens if args.max_tokens is not None          # GRPO runs, then SFT runs, then 512
                   else run_cfg.get("max_completion_length", run_cfg.get("eval_max_tokens", 512)))
     extraction = args.answer_extraction or run_cfg.get("answer_extraction", "tagged")
+    stop = load_config(overrides={"stop": args.stop}).stop if args.stop is not None else run_cfg.get("stop") or []
+    out = eval_output(args)
+    name = report_name(args.task, args.split, args.k)
+    partial = PartialRecords(out / f"{name}.partial.jsonl", {
+        "model": str(args.model), "task": args.task, "split": args.split, "prompt_field": args.prompt_field,
+        "answer_field": args.answer_field, "template": template, "answer_extraction": extraction, "k": args.k,
+        "temperature": args.temperature, "top_p": args.top_p, "max_tokens": max_tokens, "seed": args.seed,
+        "stop": list(stop), "backend": args.backend, "dtype": args.dtype})
+    if partial.path.exists() and not args.resume:
+        raise R1kitError(f"{partial.path} holds the records of an interrupted evaluation: pass --resume to reuse "
+                         "them, or delete it to start over")
+    done = partial.load() if args.resume and partial.path.exists() else []
     torch.manual_seed(args.seed)
     examples = load_task(args.task, args.split, prompt_field=args.prompt_field, answer_field=args.answer_field,
                          limit=args.limit)                     # data errors before the model loads
     if not examples:
         raise R1kitError(f"task {args.task!r} split {args.split!r} has no problems to evaluate")
+    ids = {e.id for e in examples}
+    done = [row for row in done if row["id"] in ids]
     model, tok = load_policy(args.model, dtype=torch.float32)
     render, _ = make_render(template, tok)
     verifier = make_verifier(args.task, extraction)
     dtype = resolve_dtype(args.dtype)
     engine = make_engine(model, tok, args.backend, dtype)
     print(f"r1kit eval: {args.model} on {describe_engine(engine)}", flush=True)
-    print(f"evaluating {len(examples)} problems × k={args.k} (template {template}, max {max_tokens} tokens)...",
-          flush=True)
-    res = evaluate(engine, tok, examples, verifier, render, k=args.k, temperature=args.temperature,
-                   top_p=args.top_p, max_tokens=max_tokens, seed=args.seed, task=f"{args.task}/{args.split}",
-                   stop=(load_config(overrides={"stop": args.stop}).stop if args.stop is not None
-                         else run_cfg.get("stop") or []))
+    resumed = f", {len(done)} reused from {partial.path}" if done else ""
+    print(f"evaluating {len(examples)} problems × k={args.k} (template {template}, max {max_tokens} "
+          f"tokens{resumed})...", flush=True)
+    partial.start(done)
+    try:
+        res = evaluate(engine, tok, examples, verifier, render, k=args.k, temperature=args.temperature,
+                       top_p=args.top_p, max_tokens=max_tokens, seed=args.seed, task=f"{args.task}/{args.split}",
+                       stop=stop, done=done, on_problem=partial.append)
+    except KeyboardInterrupt:
+        print(f"interrupted: {partial.count} of {len(examples)} problems done, their records are in {partial.path} "
+              "(rerun with --resume to continue)", file=sys.stderr)
+        return 130
+    finally:
+        partial.close()
     golds, source = prior_golds(args, run_cfg)
     table, analysis = eval_report({str(args.model): res}, golds, train_missing=source)
     if golds is not None:
         table += f"\nanswer prior from the {source}.\n"
     print(table)
-    out = eval_output(args)
-    name = report_name(args.task, args.split, args.k)
     save_result(res, out / f"{name}.json")
     save_report(out / f"{name}.md", table, analysis)
+    partial.path.unlink()
     print(f"wrote {out / (name + '.json')}, {name}.md and {name}.priors.json")
     return 0
 
@@ -424,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sampling dtype: auto (bf16 only where the CPU has native bf16), bf16 or fp32")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--output", default=None, help="directory for the JSON and markdown report")
+    ev.add_argument("--resume", action="store_true",
+                    help="reuse the problems an interrupted run with the same arguments finished: their records "
+                         "are appended to <report>.partial.jsonl in the output directory as each problem is "
+                         "scored (removed once the reports are written). The rest are sampled in a call of their "
+                         "own, so at temperature > 0 their samples differ from an uninterrupted run's")
     ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     ev.set_defaults(func=_eval)
 

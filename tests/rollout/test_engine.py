@@ -305,3 +305,23 @@ def test_prepacked_matmul_rows_are_rounded_to_a_bounded_set_and_results_unchange
     out = Linear(weight, None)(x)
     assert out.shape == (70, 96)
     torch.testing.assert_close(out, x @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["engine", "hf"])
+def test_on_finished_reports_each_prompt_once_as_it_finishes_and_changes_nothing(tiny, tokenizer, backend):
+    """Evaluation writes a problem's record as soon as its samples are done; the callback must see
+    each prompt once, with the completions ``generate`` returns, before the call ends, and in more
+    than one report when the slots (3) cannot hold every sequence (8) at once."""
+    from r1kit.rollout.hf import HFGenerateEngine
+
+    engine = (Engine(tiny, [], dtype=torch.float32, max_batch=3) if backend == "engine"
+              else HFGenerateEngine(tiny, tokenizer, max_batch_size=3))
+    params = SamplingParams(max_tokens=6, temperature=1.0, n=2, seed=5)
+    reports = []
+    out = engine.generate(PROMPTS, params, on_finished=lambda done: reports.append(done))
+    plain = engine.generate(PROMPTS, params)
+    assert [c.token_ids for c in out] == [c.token_ids for c in plain]
+    assert len(reports) > 1 and sorted(i for r in reports for i in r) == [0, 1, 2, 3]
+    for r in reports:
+        for i, comps in r.items():
+            assert [c.token_ids for c in comps] == [c.token_ids for c in out[2 * i:2 * i + 2]]

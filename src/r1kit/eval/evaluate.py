@@ -18,6 +18,7 @@ Before/after comparisons use a paired bootstrap of the difference.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
@@ -29,8 +30,9 @@ from typing import Callable, Sequence
 
 from r1kit.data.base import Example
 from r1kit.data.templates import encode_prompt
+from r1kit.errors import R1kitError
 from r1kit.io import write_atomic  # pipeline.sample and train.v3_distill import it from here
-from r1kit.rollout.base import SamplingEngine, SamplingParams
+from r1kit.rollout.base import Completion, SamplingEngine, SamplingParams
 
 
 @dataclass
@@ -122,10 +124,24 @@ def majority_correct(extracted: list[str | None], correct: list[bool]) -> bool:
     return any(c for e, c in zip(extracted, correct) if e is not None and e.strip() == best)
 
 
+def generate_streaming(engine: SamplingEngine, prompt_ids: list[list[int]], params: SamplingParams,
+                       on_finished: Callable[[dict[int, list[Completion]]], None]) -> list[Completion]:
+    """``engine.generate``, calling ``on_finished({prompt index: its n completions})`` as prompts finish
+    where the engine reports them (r1kit's engine after each step, the HF backend after each batch);
+    for the others (vLLM, ``V3SamplingEngine``) once, for every prompt, when the call returns. What is
+    sampled is the same either way."""
+    if "on_finished" in inspect.signature(engine.generate).parameters:
+        return engine.generate(prompt_ids, params, on_finished=on_finished)
+    comps = engine.generate(prompt_ids, params)
+    on_finished({i: comps[i * params.n:(i + 1) * params.n] for i in range(len(prompt_ids))})
+    return comps
+
+
 def evaluate(engine: SamplingEngine, tokenizer, examples: list[Example], verifier,
              render: Callable[[Example], str], *, k: int = 1, temperature: float = 0.6, top_p: float = 0.95,
              max_tokens: int = 512, seed: int = 0, task: str = "", keep_completions: bool = True,
-             stop: Sequence[str] = ()) -> EvalResult:
+             stop: Sequence[str] = (), done: Sequence[dict] = (),
+             on_problem: Callable[[dict], None] | None = None) -> EvalResult:
     """Sample k completions per problem and score them with ``verifier``.
 
     Args:
@@ -135,26 +151,41 @@ def evaluate(engine: SamplingEngine, tokenizer, examples: list[Example], verifie
         render: Example → prompt text (the same template the model was trained with).
         k, temperature, top_p, max_tokens, seed: sampling settings (R1: 0.6 / 0.95).
         stop: strings that end a completion (the run's ``stop``, so training and evaluation agree).
+        done: per-problem records of an earlier, interrupted run with these settings (``r1kit eval
+            --resume``): the problems with those ids are not sampled again. The others are sampled in
+            one call of their own, so at temperature > 0 their samples are not those an uninterrupted
+            run would have drawn (the engine's generator is shared by the batch).
+        on_problem: called with each problem's record (a ``per_problem`` row) as soon as its k samples
+            are scored (``generate_streaming``), so a caller can keep them if the run is cut short.
 
     Returns:
-        EvalResult.
+        EvalResult, ``per_problem`` in the order of ``examples``.
     """
-    prompt_ids = [encode_prompt(render(e), tokenizer) for e in examples]
+    reuse = {row["id"]: row for row in done}
+    todo = [i for i, e in enumerate(examples) if e.id not in reuse]  # indices into examples
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=k, seed=seed,
                             stop=list(stop))
-    comps = engine.generate(prompt_ids, params)
-    texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
-    flat_ex = [examples[c.prompt_index] for c in comps]
-    verdicts = verifier.verify_batch(texts, flat_ex, [c.truncated for c in comps])
-    per_problem = []
-    for i, ex in enumerate(examples):
-        sl = range(i * k, (i + 1) * k)
-        row = {"id": ex.id, "gold": ex.gold, "correct": [verdicts[j].correct for j in sl],
-               "extracted": [verdicts[j].extracted for j in sl],
-               "truncated": [comps[j].truncated for j in sl]}
-        if keep_completions:
-            row["completions"] = [texts[j] for j in sl]
-        per_problem.append(row)
+    rows: dict[int, dict] = {}
+
+    def score(finished: dict[int, list[Completion]]) -> None:
+        order = sorted(finished)
+        comps = [c for j in order for c in finished[j]]
+        texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
+        verdicts = verifier.verify_batch(texts, [examples[todo[j]] for j in order for _ in range(k)],
+                                         [c.truncated for c in comps])
+        for m, j in enumerate(order):
+            ex, sl = examples[todo[j]], range(m * k, (m + 1) * k)
+            row = {"id": ex.id, "gold": ex.gold, "correct": [verdicts[x].correct for x in sl],
+                   "extracted": [verdicts[x].extracted for x in sl], "truncated": [comps[x].truncated for x in sl]}
+            if keep_completions:
+                row["completions"] = [texts[x] for x in sl]
+            rows[todo[j]] = row
+            if on_problem is not None:
+                on_problem(row)
+
+    if todo:
+        generate_streaming(engine, [encode_prompt(render(examples[i]), tokenizer) for i in todo], params, score)
+    per_problem = [reuse[e.id] if e.id in reuse else rows[i] for i, e in enumerate(examples)]
     scores = [sum(p["correct"]) / k for p in per_problem]
     majk = (sum(majority_correct(p["extracted"], p["correct"]) for p in per_problem) / len(per_problem)
             if k > 1 and per_problem else None)
@@ -176,6 +207,69 @@ def save_report(path: Path, markdown: str, analysis: dict) -> Path:
     path = Path(path)
     write_atomic(path.with_name(path.stem + ".priors.json"), json.dumps(analysis, indent=1))
     return write_atomic(path, markdown)
+
+
+class PartialRecords:
+    """The per-problem records of an evaluation in progress: ``path`` holds a header line (the run's
+    ``settings``) and then one ``per_problem`` row per finished problem, appended and flushed as each
+    finishes, so that an interrupted run keeps them (``r1kit eval`` writes ``<report>.partial.jsonl``
+    and removes it once the reports are written).
+
+    Args:
+        path: the partial file.
+        settings: what decides the samples (model, task, template, sampling settings, ...); a file
+            written under other settings is not resumed.
+    """
+
+    def __init__(self, path: Path, settings: dict) -> None:
+        self.path, self.settings = Path(path), json.loads(json.dumps(settings))
+        self.count, self._file = 0, None
+
+    def load(self) -> list[dict]:
+        """The rows of an earlier run. A last line cut off mid-write is dropped. Raises R1kitError
+        naming the file and the first setting that differs, or a line that is not a record."""
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        try:
+            header = json.loads(lines[0])["settings"] if lines else None
+        except (json.JSONDecodeError, KeyError, TypeError):
+            header = None
+        if not isinstance(header, dict):
+            raise R1kitError(f"{self.path} is not a partial evaluation file (no settings line): delete it")
+        for key in sorted(set(header) | set(self.settings)):
+            if header.get(key) != self.settings.get(key):
+                raise R1kitError(f"--resume: {self.path} was written with {key} = {header.get(key)!r}, this run has "
+                                 f"{self.settings.get(key)!r}: rerun with the same arguments, or delete the file "
+                                 "to start over")
+        rows = []
+        for n, line in enumerate(lines[1:], 2):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if n == len(lines):  # the write an interruption cut short
+                    break
+                raise R1kitError(f"{self.path} line {n} is not JSON: delete the file to start over") from None
+            if not isinstance(row, dict) or "id" not in row or "correct" not in row:
+                raise R1kitError(f"{self.path} line {n} is not a per-problem record: delete the file to start over")
+            rows.append(row)
+        return rows
+
+    def start(self, rows: Sequence[dict]) -> None:
+        """Write the header and ``rows`` (atomically), then keep the file open for ``append``."""
+        lines = [json.dumps({"settings": self.settings})] + [json.dumps(r) for r in rows]
+        write_atomic(self.path, "".join(line + "\n" for line in lines))
+        self.count = len(rows)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def append(self, row: dict) -> None:
+        """Add one finished problem's record and flush it to the file."""
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        self.count += 1
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def load_result(path: Path) -> EvalResult:

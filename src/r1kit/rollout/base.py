@@ -90,7 +90,8 @@ class SamplingEngine(Protocol):
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
         """Sample ``params.n`` completions for each prompt; returns ``len(prompt_ids) * n`` items
         ordered prompt-major. Raises ConfigError for invalid params or prompts longer than the
-        context."""
+        context. r1kit's engine and the HF backend also take ``on_finished`` (called with {prompt
+        index: its n completions} as prompts finish; ``eval.evaluate.generate_streaming``)."""
         ...
 
     def update_weights(self, model: torch.nn.Module) -> None:

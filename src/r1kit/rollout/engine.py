@@ -668,11 +668,14 @@ class Engine:
         return slots, length
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
+                 on_finished: Callable[[dict[int, list[Completion]]], None] | None = None) -> list[Completion]:
         """Sample ``params.n`` completions per prompt; returns them prompt-major (i·n + j).
 
         All sequences share one sampler generator (seeded by ``params.seed``) and are sampled in one
-        draw per step, so the result depends on the seed and the prompts only.
+        draw per step, so the result depends on the seed and the prompts only. ``on_finished``, when
+        given, is called after each step that finished prompts, with {prompt index: its n completions}
+        (evaluation writes its records as they come; it does not change what is sampled).
 
         Raises ConfigError (before any work) for invalid params, an empty or too long prompt, stop
         strings without a tokenizer, or a KV cache over the memory budget.
@@ -683,10 +686,19 @@ class Engine:
         stops = StopChecker(self.tokenizer, params.stop) if params.stop else None
         requests = [scheduler.add(Request(i, list(p), params, generator, stops, self.eos_ids))
                     for i, p in enumerate(prompt_ids)]
+        def done(r: Request) -> list[Completion]:
+            return [Completion(s.token_ids, s.logprobs, s.finish_reason, r.request_id) for s in r.sequences]
+
+        reported: set[int] = set()
         while scheduler.has_unfinished():
             scheduler.step()
-        return [Completion(s.token_ids, s.logprobs, s.finish_reason, r.request_id)
-                for r in requests for s in r.sequences]
+            if on_finished is not None:
+                finished = {r.request_id: done(r) for r in requests
+                            if not r.unfinished and r.request_id not in reported}
+                if finished:
+                    reported.update(finished)
+                    on_finished(finished)
+        return [c for r in requests for c in done(r)]
 
     # The request API (the server's engine loop). Not thread-safe: one thread drives it.
 

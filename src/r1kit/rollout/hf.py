@@ -13,7 +13,7 @@ training/inference mismatch (GRPO_SPEC §5).
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -81,8 +81,10 @@ class HFGenerateEngine:
             for dst, src in zip(self.model.parameters(), model.parameters()):
                 dst.copy_(src)
 
-    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
-        """Sample ``params.n`` completions per prompt (prompt-major order). See ``SamplingEngine``.
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
+                 on_finished: Callable[[dict[int, list[Completion]]], None] | None = None) -> list[Completion]:
+        """Sample ``params.n`` completions per prompt (prompt-major order). See ``SamplingEngine``;
+        ``on_finished`` as ``Engine.generate``'s, called after each batch of ``max_batch_size`` sequences.
 
         Raises:
             ConfigError: invalid params, an empty prompt, or prompt + max_tokens beyond the context.
@@ -100,8 +102,12 @@ class HFGenerateEngine:
             torch.manual_seed(params.seed)
         flat = [(i, list(p)) for i, p in enumerate(prompt_ids) for _ in range(params.n)]
         out: list[Completion] = []
+        n = params.n
         for start in range(0, len(flat), self.max_batch_size):
+            reported = len(out) // n
             out.extend(self._generate_chunk(flat[start:start + self.max_batch_size], params))
+            if on_finished is not None and len(out) // n > reported:
+                on_finished({i: out[i * n:(i + 1) * n] for i in range(reported, len(out) // n)})
         return out
 
     @torch.no_grad()
