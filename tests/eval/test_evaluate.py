@@ -126,3 +126,41 @@ def test_evaluate_passes_stops_and_truncation_to_engine_and_verifier():
                  stop=["\n"])
     assert seen["stop"] == ["\n"] and r.settings["stop"] == ["\n"]
     assert r.per_problem[0]["correct"] == [False, True] and r.per_problem[0]["truncated"] == [True, False]
+
+
+def test_records_stream_as_problems_finish_and_done_problems_are_not_sampled_again(embedded_dir):
+    """``on_problem`` sees each record as its problem is scored, before r1kit's engine's ``generate``
+    returns; the result is the same with or without it; ``done`` rows are reused as given and their
+    prompts not sampled again."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from r1kit.rewards.math import MathVerifier
+    from r1kit.rollout.engine import Engine
+
+    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=tok.eos_token_id,
+                                         max_position_embeddings=128)).eval()
+    engine = Engine(model, tok, dtype=torch.float32, max_batch=2)  # one problem (k = 2) at a time
+    calls, seen, generate = [], [], engine.generate
+
+    def counting(prompt_ids, params, on_finished=None):
+        calls.append(len(prompt_ids))
+        out = generate(prompt_ids, params, on_finished=on_finished)
+        calls.append("returned")
+        return out
+
+    engine.generate = counting
+    examples = [Example(f"p{i}", f"What is {i} plus 1?", str(i + 1)) for i in range(5)]
+    kw = dict(k=2, temperature=1.0, max_tokens=3, seed=4)
+    render = lambda e: e.prompt  # noqa: E731
+    streamed = evaluate(engine, tok, examples, MathVerifier(), render,
+                        on_problem=lambda row: seen.append((row["id"], calls[-1])), **kw)
+    plain = evaluate(engine, tok, examples, MathVerifier(), render, **kw)
+    assert streamed.per_problem == plain.per_problem
+    assert sorted(seen) == [(e.id, 5) for e in examples]  # each once, while generate was still running
+    fake = {"id": "p1", "gold": "2", "correct": [True, True], "extracted": ["2", "2"], "truncated": [False, False]}
+    resumed = evaluate(engine, tok, examples, MathVerifier(), render, done=[fake], **kw)
+    assert calls == [5, "returned", 5, "returned", 4, "returned"] and resumed.per_problem[1] is fake

@@ -156,7 +156,8 @@ def evaluate(engine: SamplingEngine, tokenizer, examples: list[Example], verifie
             one call of their own, so at temperature > 0 their samples are not those an uninterrupted
             run would have drawn (the engine's generator is shared by the batch).
         on_problem: called with each problem's record (a ``per_problem`` row) as soon as its k samples
-            are scored (``generate_streaming``), so a caller can keep them if the run is cut short.
+            are scored (``generate_streaming``), so a caller can keep them if the run is cut short;
+            None = score every problem in one ``verify_batch`` once all are sampled.
 
     Returns:
         EvalResult, ``per_problem`` in the order of ``examples``.
@@ -183,8 +184,12 @@ def evaluate(engine: SamplingEngine, tokenizer, examples: list[Example], verifie
             if on_problem is not None:
                 on_problem(row)
 
-    if todo:
-        generate_streaming(engine, [encode_prompt(render(examples[i]), tokenizer) for i in todo], params, score)
+    prompt_ids = [encode_prompt(render(examples[i]), tokenizer) for i in todo]
+    if prompt_ids and on_problem is not None:
+        generate_streaming(engine, prompt_ids, params, score)
+    elif prompt_ids:  # nobody waits for records: verify in one batch (the code verifier runs it in parallel)
+        comps = engine.generate(prompt_ids, params)
+        score({j: comps[j * k:(j + 1) * k] for j in range(len(todo))})
     per_problem = [reuse[e.id] if e.id in reuse else rows[i] for i, e in enumerate(examples)]
     scores = [sum(p["correct"]) / k for p in per_problem]
     majk = (sum(majority_correct(p["extracted"], p["correct"]) for p in per_problem) / len(per_problem)
