@@ -332,7 +332,7 @@ int decode_attention_f32(const float *q, const float *keys, const float *values,
  * the identity in fp32). Rows are split over threads when there are enough of them.
  * ------------------------------------------------------------------------------------------- */
 
-#define PARALLEL_MIN 65536 /* elements below which a call stays on one thread */
+#define PARALLEL_MIN 8192 /* elements below which a call stays on one thread */
 
 /* x (n, D) += delta (n, D) when delta is not NULL (round(x + delta)), then
  * out (n, D) = round(weight * round(x * rsqrt(mean(x^2) + eps))): HF LlamaRMSNorm (statistics in fp32)
