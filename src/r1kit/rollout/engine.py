@@ -412,9 +412,11 @@ class LlamaAdapter:
             real = (torch.arange(s)[None] < chunks.lengths[:, None]).flatten().nonzero()[:, 0]  # (n,) into u*s
             chunk_pos = chunks.starts[real // s] + real % s  # (n,) cache position of each token
             groups.append((slice(w, None), chunks.slots[real // s], chunk_pos))
-            # Query i of a chunk at start sees the slot's positions <= start + i (bottom-right causal).
-            visible = [torch.arange(a + n)[None] <= torch.arange(n)[:, None] + a if a else None
-                       for a, n in zip(starts, lens)]
+            if self.native:  # token i of a chunk at start sees its slot's positions <= start + i
+                chunk_slots, chunk_lengths = groups[-1][1], chunk_pos + 1
+            else:  # the same as (bottom-right causal) masks, prompt by prompt
+                visible = [torch.arange(a + n)[None] <= torch.arange(n)[:, None] + a if a else None
+                           for a, n in zip(starts, lens)]
             x.append(self.embed[chunks.tokens.flatten()[real]])  # (n, D)
         if not self.native:
             groups = [(rows, slots, pos, self.cos[pos][:, None], self.sin[pos][:, None]) for rows, slots, pos in groups]
@@ -429,7 +431,7 @@ class LlamaAdapter:
             parts = []
             if w and self.native:
                 q = rotated[0][0].view(w, K, G, d)
-                parts.append(native.decode_attention(q, keys[i], values[i], lengths, self.scale).view(w, H * d))
+                parts.append(native.cache_attention(q, keys[i], values[i], lengths, self.scale).view(w, H * d))
             elif w:
                 # The G query heads sharing a KV head ride as G query rows of that head, against the
                 # contiguous (w·K, T, d) cache block: two batched matmuls (the CPU flash kernel of
@@ -440,7 +442,11 @@ class LlamaAdapter:
                 scores = torch.baddbmm(bias, q, keys[i, :w].view(w * K, T, d).transpose(1, 2), alpha=self.scale)
                 probs = torch.softmax(scores, -1, dtype=torch.float32).to(x.dtype)  # (w·K, G, T)
                 parts.append(torch.bmm(probs, values[i, :w].view(w * K, T, d)).view(w, H * d))  # (w, H*d)
-            if chunks is not None:
+            if chunks is not None and self.native:
+                qc = rotated[-1][0].view(-1, K, G, d)
+                parts.append(native.cache_attention(qc, keys[i], values[i], chunk_lengths, self.scale, chunk_slots, False)
+                             .view(-1, H * d))
+            elif chunks is not None:
                 qc, kc = rotated[-1]
                 for row, (length, end, a) in enumerate(zip(lens, ends, starts)):
                     q = qc[end - length : end].transpose(0, 1)[None]  # (1, H, length, d)
