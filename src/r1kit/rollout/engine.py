@@ -10,8 +10,9 @@ Llama-family models with its own forward over the HF module's weights (fused QKV
 projections prepacked for oneDNN, a per-slot KV cache grown in blocks so decode attention is two
 batched matmuls over one contiguous block per layer, prefill without padding, no per-token HF
 ``forward`` call), so per-token Python work is a few hundred tensor ops; where r1kit's C kernels
-build (``native.py``: AVX-512 and a C compiler), decode attention reads only each slot's own
-positions and the layer's elementwise steps are one pass each. Another model (the r1kit DeepSeek-V3
+build (``native.py``: AVX-512 and a C compiler), attention (the decode rows and every prompt token
+of a prefill) reads only the positions each token sees and the layer's elementwise steps are one
+pass each. Another model (the r1kit DeepSeek-V3
 with its absorbed MLA cache) plugs in with ``register_adapter``.
 
 Notation: S cache slots, T cache positions, w slots in one decode step (the slots in use), u prompts
