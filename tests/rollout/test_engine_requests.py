@@ -211,7 +211,7 @@ def test_one_call_equals_a_decode_then_a_prefill(tiny):
     chunk_tokens = torch.tensor([LONG[6:10], [7, 8, 9, 0]])
     chunks = Chunks(chunk_tokens, torch.tensor([4, 3]), torch.tensor([2, 3]), torch.tensor([6, 0]))
     rows = torch.tensor([0, 1])
-    one = SlotCache([t.clone() for t in cache.tensors], cache.position_dim, cache.limit)
+    one = SlotCache([t.clone() for t in cache.tensors], cache.position_dim, cache.limit, cache.grows)
     dec, pre = adapter.forward(one, tokens, positions, 10, rows, chunks)
     ref_dec = adapter.decode(tokens, positions, cache, 10, rows)
     ref_a = adapter.prefill(chunk_tokens[:1], torch.tensor([4]), cache, torch.tensor([2]), start=6)

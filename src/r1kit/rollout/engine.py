@@ -10,8 +10,9 @@ Llama-family models with its own forward over the HF module's weights (fused QKV
 projections prepacked for oneDNN, a per-slot KV cache grown in blocks so decode attention is two
 batched matmuls over one contiguous block per layer, prefill without padding, no per-token HF
 ``forward`` call), so per-token Python work is a few hundred tensor ops; where r1kit's C kernels
-build (``native.py``: AVX-512 and a C compiler), decode attention reads only each slot's own
-positions and the layer's elementwise steps are one pass each. Another model (the r1kit DeepSeek-V3
+build (``native.py``: AVX-512 and a C compiler), attention (the decode rows and every prompt token
+of a prefill) reads only the positions each token sees and the layer's elementwise steps are one
+pass each. Another model (the r1kit DeepSeek-V3
 with its absorbed MLA cache) plugs in with ``register_adapter``.
 
 Notation: S cache slots, T cache positions, w slots in one decode step (the slots in use), u prompts
@@ -48,32 +49,34 @@ CACHE_BLOCK = 64  # a growable cache holds a multiple of this many positions (gr
 class SlotCache:
     """Per-slot inference cache: every tensor has the slot on dim 1, e.g. (L, S, K, T, d).
 
-    A growable cache (``position_dim`` set) holds only as many positions as its longest sequence
-    needs, in steps of ``CACHE_BLOCK`` up to ``limit``, so decode attention reads a contiguous
-    (S, K, T, d) block per layer instead of a strided slice of a cache sized for the longest
-    possible sequence.
+    A growable cache (``grows``) holds only as many positions as its longest sequence needs, in
+    steps of ``CACHE_BLOCK`` up to ``limit``, so the torch path's decode attention reads a
+    contiguous (S, K, T, d) block per layer instead of a strided slice of a cache sized for the
+    longest possible sequence; a fixed one holds all ``limit`` positions from the start.
 
     Attributes:
         tensors: the cache tensors (a Llama cache holds keys and values; an MLA cache holds the
             compressed latent and the rotary key).
-        position_dim: the dim that indexes positions, None for a cache allocated at full length.
-        limit: the most positions a growable cache holds.
+        position_dim: the dim that indexes positions (3 for (L, S, K, T, d)).
+        limit: the most positions the cache holds.
+        grows: whether ``fit`` grows and shrinks it (False: allocated at ``limit`` positions).
     """
 
     tensors: list[torch.Tensor]
-    position_dim: int | None = None
-    limit: int = 0
+    position_dim: int
+    limit: int
+    grows: bool = True
 
     @property
     def positions(self) -> int:
         """Positions the cache holds now (T)."""
-        return self.tensors[0].shape[self.position_dim] if self.position_dim is not None else self.limit
+        return self.tensors[0].shape[self.position_dim]
 
     def fit(self, needed: int, shrink: bool = False) -> None:
         """Hold at least ``needed`` positions (rounded up to ``CACHE_BLOCK``, at most ``limit``): grow,
         keeping every position; with ``shrink``, also drop the positions beyond that once they are half
-        the cache (the caller guarantees none of them is still read). No-op for a full-length cache."""
-        if self.position_dim is None:
+        the cache (the caller guarantees none of them is still read). No-op for a fixed cache."""
+        if not self.grows:
             return
         have, dim = self.positions, self.position_dim
         want = min(self.limit, -(-needed // CACHE_BLOCK) * CACHE_BLOCK)
@@ -87,10 +90,13 @@ class SlotCache:
                 resized.append(grown)
             self.tensors = resized
 
-    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy slots ``src`` (n,) onto slots ``dst`` (n,); used to share one prefilled prompt
-        among its n completions and to compact slots in use to the front."""
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor, positions: int | None = None) -> None:
+        """Copy slots ``src`` (n,) onto slots ``dst`` (n,), their first ``positions`` positions only
+        when given (the rest of ``dst`` is left as it was); used to share one prefilled prompt among
+        its n completions and to compact slots in use to the front."""
         for t in self.tensors:
+            if positions is not None and positions < t.shape[self.position_dim]:
+                t = t.narrow(self.position_dim, 0, positions)
             t[:, dst] = t[:, src]
 
 
@@ -121,8 +127,9 @@ class ModelAdapter(Protocol):
         """Bytes of a cache with ``slots`` slots of ``length`` positions."""
         ...
 
-    def new_cache(self, slots: int, length: int) -> SlotCache:
-        """Allocate a cache whose every entry is finite."""
+    def new_cache(self, slots: int, length: int, whole: bool = False) -> SlotCache:
+        """Allocate a cache whose every entry is finite; ``whole``: the caller fills nearly all of
+        ``length`` (a ``generate`` call), so an adapter may allocate it at once instead of growing it."""
         ...
 
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cache: SlotCache, slots: torch.Tensor,
@@ -319,13 +326,18 @@ class LlamaAdapter:
         itemsize = torch.empty((), dtype=self.compute).element_size()
         return 2 * self.n_layers * slots * self.n_kv * length * self.head_dim * itemsize
 
-    def new_cache(self, slots: int, length: int) -> SlotCache:
-        """A growable cache of up to ``length`` positions, starting at one ``CACHE_BLOCK``."""
-        shape = (self.n_layers, slots, self.n_kv, min(length, CACHE_BLOCK), self.head_dim)
+    def new_cache(self, slots: int, length: int, whole: bool = False) -> SlotCache:
+        """A growable cache of up to ``length`` positions, starting at one ``CACHE_BLOCK``; with
+        ``whole`` on the C-kernel path, all ``length`` positions at once: its decode attention reads
+        each slot's own positions only, so a longer cache costs nothing per step, and growing a
+        64-slot cache 64 -> 128 -> ... -> 286 positions (allocate, zero, copy) took 0.3 s of a 13 s
+        batch-64 rollout. The torch path keeps growing it: its attention reads every position held."""
+        grows = not (whole and self.native)
+        shape = (self.n_layers, slots, self.n_kv, min(length, CACHE_BLOCK) if grows else length, self.head_dim)
         # Zeroed on both paths: the torch path's masked matmuls meet every position, and a cache read
         # whole (copied, compared) must not hold uninitialized NaN.
         return SlotCache([torch.zeros(shape, dtype=self.compute), torch.zeros(shape, dtype=self.compute)],
-                         position_dim=3, limit=length)
+                         position_dim=3, limit=length, grows=grows)
 
     # The layer's elementwise steps: one C pass each where the kernels are on (native.py), else torch
     # ops with the same roundings.
@@ -401,9 +413,11 @@ class LlamaAdapter:
             real = (torch.arange(s)[None] < chunks.lengths[:, None]).flatten().nonzero()[:, 0]  # (n,) into u*s
             chunk_pos = chunks.starts[real // s] + real % s  # (n,) cache position of each token
             groups.append((slice(w, None), chunks.slots[real // s], chunk_pos))
-            # Query i of a chunk at start sees the slot's positions <= start + i (bottom-right causal).
-            visible = [torch.arange(a + n)[None] <= torch.arange(n)[:, None] + a if a else None
-                       for a, n in zip(starts, lens)]
+            if self.native:  # token i of a chunk at start sees its slot's positions <= start + i
+                chunk_slots, chunk_lengths = groups[-1][1], chunk_pos + 1
+            else:  # the same as (bottom-right causal) masks, prompt by prompt
+                visible = [torch.arange(a + n)[None] <= torch.arange(n)[:, None] + a if a else None
+                           for a, n in zip(starts, lens)]
             x.append(self.embed[chunks.tokens.flatten()[real]])  # (n, D)
         if not self.native:
             groups = [(rows, slots, pos, self.cos[pos][:, None], self.sin[pos][:, None]) for rows, slots, pos in groups]
@@ -418,7 +432,7 @@ class LlamaAdapter:
             parts = []
             if w and self.native:
                 q = rotated[0][0].view(w, K, G, d)
-                parts.append(native.decode_attention(q, keys[i], values[i], lengths, self.scale).view(w, H * d))
+                parts.append(native.cache_attention(q, keys[i], values[i], lengths, self.scale).view(w, H * d))
             elif w:
                 # The G query heads sharing a KV head ride as G query rows of that head, against the
                 # contiguous (w·K, T, d) cache block: two batched matmuls (the CPU flash kernel of
@@ -429,7 +443,11 @@ class LlamaAdapter:
                 scores = torch.baddbmm(bias, q, keys[i, :w].view(w * K, T, d).transpose(1, 2), alpha=self.scale)
                 probs = torch.softmax(scores, -1, dtype=torch.float32).to(x.dtype)  # (w·K, G, T)
                 parts.append(torch.bmm(probs, values[i, :w].view(w * K, T, d)).view(w, H * d))  # (w, H*d)
-            if chunks is not None:
+            if chunks is not None and self.native:
+                qc = rotated[-1][0].view(-1, K, G, d)
+                parts.append(native.cache_attention(qc, keys[i], values[i], chunk_lengths, self.scale, chunk_slots, False)
+                             .view(-1, H * d))
+            elif chunks is not None:
                 qc, kc = rotated[-1]
                 for row, (length, end, a) in enumerate(zip(lens, ends, starts)):
                     q = qc[end - length : end].transpose(0, 1)[None]  # (1, H, length, d)
@@ -681,7 +699,7 @@ class Engine:
         strings without a tokenizer, or a KV cache over the memory budget.
         """
         slots, length = self._check(prompt_ids, params)
-        scheduler = Scheduler(self, slots, length)
+        scheduler = Scheduler(self, slots, length, whole=True)  # a fixed batch: its cache at full length
         generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
         stops = StopChecker(self.tokenizer, params.stop) if params.stop else None
         requests = [scheduler.add(Request(i, list(p), params, generator, stops, self.eos_ids))
@@ -848,14 +866,16 @@ class Scheduler:
         engine: the engine whose adapter, EOS ids and tokenizer it uses.
         slots: cache slots S; length: cache positions T per slot (prompt + completion).
         max_num_batched_tokens: tokens (decoded + prefilled) per step, >= S; None = prefill whole prompts.
+        whole: the sequences will fill about ``length`` (a ``generate`` batch): see ``new_cache``.
     """
 
-    def __init__(self, engine: Engine, slots: int, length: int, max_num_batched_tokens: int | None = None) -> None:
+    def __init__(self, engine: Engine, slots: int, length: int, max_num_batched_tokens: int | None = None,
+                 whole: bool = False) -> None:
         self.adapter = engine.adapter
         self.length = length
         self.budget = max_num_batched_tokens
         self.jobs: list[PrefillJob] = []  # prompts being prefilled in chunks, in arrival order
-        self.cache = self.adapter.new_cache(slots, length)
+        self.cache = self.adapter.new_cache(slots, length, whole)
         self.requests: dict[object, Request] = {}
         self.waiting: deque[SequenceState] = deque()
         self.seq: list[SequenceState | None] = [None] * slots  # sequence held by each slot
@@ -928,7 +948,7 @@ class Scheduler:
         copies = [(home[q.request], s) for q, s in zip(seqs, free) if home[q.request] != s]
         if copies:
             src, dst = torch.tensor(copies).T
-            self.cache.copy_slots(src, dst)
+            self.cache.copy_slots(src, dst, max(len(r.prompt_ids) for r in requests))
         for q, s in zip(seqs, free):
             self.seq[s], q.slot, self.pos[s] = q, s, len(q.request.prompt_ids)
         self.width = max(self.width, max(free) + 1)
@@ -1000,7 +1020,7 @@ class Scheduler:
         copies = [(job.seqs[0].slot, q.slot) for job, _ in finished for q in job.seqs[1:]]
         if copies:
             src, dst = torch.tensor(copies).T
-            self.cache.copy_slots(src, dst)
+            self.cache.copy_slots(src, dst, max(len(job.request.prompt_ids) for job, _ in finished))
         slots, rows = [], []
         for row, (job, _) in enumerate(finished):
             self.jobs.remove(job)
@@ -1016,7 +1036,7 @@ class Scheduler:
         moves to the next sequence's slot when ``q`` held it."""
         job, q.job = q.job, None
         if job.seqs[0] is q and len(job.seqs) > 1:
-            self.cache.copy_slots(torch.tensor([q.slot]), torch.tensor([job.seqs[1].slot]))
+            self.cache.copy_slots(torch.tensor([q.slot]), torch.tensor([job.seqs[1].slot]), len(job.request.prompt_ids))
         job.seqs.remove(q)
         if not job.seqs:
             self.jobs.remove(job)
@@ -1030,7 +1050,7 @@ class Scheduler:
         if len(ids) < 2 or start < SHARED_PREFIX_MIN or (limit is not None and start > limit):
             return 0
         self.adapter.prefill(torch.tensor([ids[0][:start]]), torch.tensor([start]), self.cache, torch.tensor(slots[:1]))
-        self.cache.copy_slots(torch.tensor(slots[:1] * (len(slots) - 1)), torch.tensor(slots[1:]))
+        self.cache.copy_slots(torch.tensor(slots[:1] * (len(slots) - 1)), torch.tensor(slots[1:]), start)
         return start
 
     @staticmethod
@@ -1117,7 +1137,7 @@ class Scheduler:
         if self.waiting or self.jobs or 2 * len(busy) > self.width:
             return
         src, dst = torch.tensor(busy), torch.arange(len(busy))
-        self.cache.copy_slots(src, dst)
+        self.cache.copy_slots(src, dst, int(self.pos[src].max()) + 1)  # positions >= pos are unwritten
         for t in (self.last, self.pos):
             t[dst] = t[src]
         self.seq[: len(busy)] = [self.seq[s] for s in busy]

@@ -1,15 +1,19 @@
-/* Decode attention over a per-slot KV cache: one query token per slot, each slot reading only its own
- * visible positions. Built and loaded by r1kit/rollout/native.py (cc -O3 -march=native -fopenmp -shared).
+/* Attention of query tokens over a per-slot KV cache, each token reading only the positions it sees:
+ * the decode step (one token per slot) and the prompt chunks of a prefill (a token per row, its slot's
+ * positions up to its own). Built and loaded by r1kit/rollout/native.py (cc -O3 -march=native -fopenmp
+ * -shared).
  *
  * Shapes (all contiguous, row-major): q and out (w, K, G, d): the G query heads that share KV head k;
- * keys and values (S, K, T, d) with w <= S: one layer of the engine's cache; lengths (w,): the number of
- * leading positions slot s sees (its position + 1). T is the cache's allocated length; positions
- * >= lengths[s] are never read, so a slot's cost is its own length, not the longest slot's.
+ * keys and values (S, K, T, d): one layer of the engine's cache; lengths (w,): the number of leading
+ * positions row r sees (its position + 1); slots (w,): the cache slot of row r, or NULL for slot r
+ * (then w <= S). T is the cache's allocated length; positions >= lengths[r] are never read, so a
+ * row's cost is its own length, not the longest one's.
  *
- * Arithmetic (per slot s, KV head k, query head g; t < lengths[s]):
+ * Arithmetic (per row r, KV head k, query head g; t < lengths[r]):
  *   score[g, t] = round(scale * sum_j q[g, j] k[t, j])   fp32 sum; round = to the storage dtype
  *   p[g, :]     = round(softmax(score[g, :]))            fp32 softmax
  *   out[g, j]   = round(sum_t p[g, t] v[t, j])           fp32 sum
+ * (bf16 = 2: the scores are not rounded, see cache_attention_bf16.)
  * In bf16 the two intermediate roundings are those of HF's eager attention in bf16 (the matmul
  * output and the softmax cast back to the query dtype: transformers models/llama/modeling_llama.py
  * eager_attention_forward); in fp32 they are the identity.
@@ -179,7 +183,7 @@ static inline void softmax_row(float *sg, int64_t n, int bf16) {
             __mmask16 m = count >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << count) - 1u);         \
             for (int g = 0; g < GB; g++)                                                                \
                 _mm512_mask_storeu_ps(scores + g * n + t0, m,                                           \
-                                      round16(_mm512_mul_ps(_mm512_set1_ps(scale), sum16(dots[g])), bf16)); \
+                                      round16(_mm512_mul_ps(_mm512_set1_ps(scale), sum16(dots[g])), bf16 == 1)); \
         }                                                                                               \
         for (int g = 0; g < GB; g++) softmax_row(scores + g * n, n, bf16);                              \
         for (int64_t t = 0; t < n; t++) {                                                               \
@@ -217,10 +221,139 @@ DEFINE_ATTEND_FIXED(8, 4)
     }
 #endif
 
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+/* The bf16 path on CPUs with AVX512-BF16: the q.k dots and the p.v sums as vdpbf16ps, which
+ * multiplies bf16 pairs exactly and adds them in fp32 (the products of the fp32 path, summed in
+ * another order: the fp32 sums differ by rounding, the bf16 results by at most one rounding, rarely).
+ * Keys: per query head, 16 rows' (16-lane) partial dots, then the sum16 tree. Values: two rows t,
+ * t+1 interleaved per 128-bit lane by unpacklo/hi_epi16 (dims {0-3, 8-11, ..} and {4-7, 12-15, ..}),
+ * times the probability pair (p[t], p[t+1]); the dims are put back in order when stored.
+ * q (G, d) bf16; scores (G, n) fp32 scratch; probs (G, n2) bf16 scratch (n2 = n rounded up to even);
+ * acc (G, d) fp32 result. D2 = d / 32, GB heads per values pass (GB * 2 * D2 <= 16 accumulators). */
+#define DEFINE_ATTEND_DP(D2, GB)                                                                         \
+    static inline void attend_dp_##D2##_##GB(const uint16_t *q, const uint16_t *k, const uint16_t *v,   \
+                                             int64_t n, int64_t g0, float scale, const uint16_t *probs,  \
+                                             int64_t n2, float *acc) {                                   \
+        const int64_t d = 32 * D2;                                                                      \
+        (void)q; (void)k; (void)scale;                                                                  \
+        __m512 a[GB][2 * D2];                                                                           \
+        for (int g = 0; g < GB; g++)                                                                    \
+            for (int c = 0; c < 2 * D2; c++) a[g][c] = _mm512_setzero_ps();                             \
+        for (int64_t t = 0; t < AHEAD && t < n; t++) prefetch_row(v, t, d, 1);                          \
+        for (int64_t t = 0; t < n; t += 2) {                                                            \
+            prefetch_row(v, t + AHEAD, d, 1);                                                           \
+            prefetch_row(v, t + AHEAD + 1, d, 1);                                                       \
+            __m512i pp[GB];                                                                             \
+            for (int g = 0; g < GB; g++) {                                                              \
+                int32_t pair;                                                                           \
+                memcpy(&pair, probs + (g0 + g) * n2 + t, sizeof pair);                                  \
+                pp[g] = _mm512_set1_epi32(pair);                                                        \
+            }                                                                                           \
+            for (int c = 0; c < D2; c++) {                                                              \
+                __m512i r0 = _mm512_loadu_si512(v + t * d + 32 * c);                                    \
+                __m512i r1 = t + 1 < n ? _mm512_loadu_si512(v + (t + 1) * d + 32 * c) : _mm512_setzero_si512(); \
+                __m512i lo = _mm512_unpacklo_epi16(r0, r1), hi = _mm512_unpackhi_epi16(r0, r1);         \
+                for (int g = 0; g < GB; g++) {                                                          \
+                    a[g][2 * c] = _mm512_dpbf16_ps(a[g][2 * c], (__m512bh)pp[g], (__m512bh)lo);         \
+                    a[g][2 * c + 1] = _mm512_dpbf16_ps(a[g][2 * c + 1], (__m512bh)pp[g], (__m512bh)hi); \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+        /* lane 4m+i of a[.][2c] is dim 32c + 8m + i, of a[.][2c+1] dim 32c + 8m + 4 + i */              \
+        const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);  \
+        const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8); \
+        for (int g = 0; g < GB; g++)                                                                    \
+            for (int c = 0; c < D2; c++) {                                                              \
+                float *o = acc + (g0 + g) * d + 32 * c;                                                 \
+                _mm512_storeu_ps(o, _mm512_permutex2var_ps(a[g][2 * c], first, a[g][2 * c + 1]));       \
+                _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(a[g][2 * c], second, a[g][2 * c + 1])); \
+            }                                                                                           \
+    }
+DEFINE_ATTEND_DP(2, 1)
+DEFINE_ATTEND_DP(2, 2)
+DEFINE_ATTEND_DP(2, 3)
+DEFINE_ATTEND_DP(2, 4)
+DEFINE_ATTEND_DP(4, 1)
+DEFINE_ATTEND_DP(4, 2)
+
+/* scores[g, t] = round(scale * q[g] . k[t]) for every head g < G (bf16 pairs, fp32 sums). */
+#define DEFINE_SCORES_DP(D2)                                                                             \
+    static inline void scores_dp_##D2(const uint16_t *q, const uint16_t *k, int64_t n, int64_t G,        \
+                                      float scale, int rs, float *scores) {                              \
+        const int64_t d = 32 * D2;                                                                      \
+        for (int64_t g = 0; g < G; g++) {                                                               \
+            __m512bh qr[D2];                                                                            \
+            for (int c = 0; c < D2; c++) qr[c] = (__m512bh)_mm512_loadu_si512(q + g * d + 32 * c);      \
+            for (int64_t t0 = 0; t0 < n; t0 += LANES) {                                                 \
+                int count = n - t0 < LANES ? (int)(n - t0) : LANES;                                     \
+                __m512 dots[LANES];                                                                     \
+                for (int i = 0; i < LANES; i++) {                                                       \
+                    __m512 dot = _mm512_setzero_ps();                                                   \
+                    if (i < count) {                                                                    \
+                        if (g == 0) prefetch_row(k, t0 + i + AHEAD, d, 1);                              \
+                        for (int c = 0; c < D2; c++)                                                    \
+                            dot = _mm512_dpbf16_ps(dot, qr[c], (__m512bh)_mm512_loadu_si512(k + (t0 + i) * d + 32 * c)); \
+                    }                                                                                   \
+                    dots[i] = dot;                                                                      \
+                }                                                                                       \
+                __mmask16 m = count >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << count) - 1u);     \
+                _mm512_mask_storeu_ps(scores + g * n + t0, m, round16(_mm512_mul_ps(_mm512_set1_ps(scale), sum16(dots)), rs)); \
+            }                                                                                           \
+        }                                                                                               \
+    }
+DEFINE_SCORES_DP(2)
+DEFINE_SCORES_DP(4)
+
+/* One (slot, KV head) of the bf16 path for d = 32 * D2 (64 or 128): scores, softmax, bf16 pairs,
+ * values in head groups of at most `most`. */
+#define ATTEND_DP(D2, most)                                                                              \
+    do {                                                                                                \
+        scores_dp_##D2(q, k, n, G, scale, rs, scores);                                                  \
+        int64_t n2 = n + (n & 1);                                                                       \
+        for (int64_t g = 0; g < G; g++) {                                                               \
+            softmax_row(scores + g * n, n, 1);                                                          \
+            for (int64_t t = 0; t < n; t += LANES) {                                                    \
+                int count = n - t < LANES ? (int)(n - t) : LANES;                                       \
+                __mmask16 m = count >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << count) - 1u);     \
+                __m512i u = _mm512_srli_epi32(_mm512_castps_si512(_mm512_maskz_loadu_ps(m, scores + g * n + t)), 16); \
+                _mm256_mask_storeu_epi16(probs + g * n2 + t, m, _mm512_cvtepi32_epi16(u)); /* exact: rounded */ \
+            }                                                                                           \
+            if (n & 1) probs[g * n2 + n] = 0;                                                           \
+        }                                                                                               \
+        for (int64_t g0 = 0; g0 < G; g0 += most) {                                                      \
+            switch (G - g0 < most ? G - g0 : most) {                                                    \
+                case 1: attend_dp_##D2##_1(q, k, v, n, g0, scale, probs, n2, acc); break;               \
+                case 2: attend_dp_##D2##_2(q, k, v, n, g0, scale, probs, n2, acc); break;               \
+                DP_CASES_##D2                                                                           \
+            }                                                                                           \
+        }                                                                                               \
+    } while (0)
+#define DP_CASES_2 case 3: attend_dp_2_3(q, k, v, n, g0, scale, probs, n2, acc); break; \
+                   default: attend_dp_2_4(q, k, v, n, g0, scale, probs, n2, acc); break;
+#define DP_CASES_4 default: attend_dp_4_2(q, k, v, n, g0, scale, probs, n2, acc); break;
+
+static inline int attend_dp(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t n, int64_t G,
+                            int64_t d, float scale, int rs, float *scores, uint16_t *probs, float *acc) {
+    if (d == 64) ATTEND_DP(2, 4);
+    else if (d == 128) ATTEND_DP(4, 2);
+    else return 0;
+    return 1;
+}
+#endif
+
 /* One (slot, KV head): q (G, d) and out (G, d), k and v (n, d) rows of the storage type.
  * Scratch: scores (G, n), qf (G, d), acc (G, d), all fp32. */
 static inline void attend(const void *q, const void *k, const void *v, void *out, int64_t n, int64_t G,
-                          int64_t d, float scale, int bf16, float *scores, float *qf, float *acc) {
+                          int64_t d, float scale, int bf16, float *scores, float *qf, float *acc, uint16_t *probs) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    if (bf16 && attend_dp(q, k, v, n, G, d, scale, bf16 == 1, scores, probs, acc)) {
+        for (int64_t j = 0; j < G * d; j++) ((uint16_t *)out)[j] = f32_to_bf16(acc[j]);
+        return;
+    }
+#else
+    (void)probs;
+#endif
     for (int64_t j = 0; j < G * d; j++) qf[j] = load1(q, j, bf16);
 #ifdef __AVX512F__
     if (d == 64) {
@@ -233,7 +366,7 @@ static inline void attend(const void *q, const void *k, const void *v, void *out
             __m512 dot = _mm512_setzero_ps();
             for (int64_t c = 0; c < d; c += LANES)
                 dot = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * d + c), load16(k, t * d + c, bf16, LANES), dot);
-            scores[g * n + t] = round1(scale * _mm512_reduce_add_ps(dot), bf16);
+            scores[g * n + t] = round1(scale * _mm512_reduce_add_ps(dot), bf16 == 1);
         }
     }
     for (int64_t g = 0; g < G; g++) softmax_row(scores + g * n, n, bf16);
@@ -253,7 +386,7 @@ static inline void attend(const void *q, const void *k, const void *v, void *out
         for (int64_t g = 0; g < G; g++) {
             float dot = 0;
             for (int64_t j = 0; j < d; j++) dot += qf[g * d + j] * load1(k, t * d + j, bf16);
-            scores[g * n + t] = round1(scale * dot, bf16);
+            scores[g * n + t] = round1(scale * dot, bf16 == 1);
         }
     for (int64_t g = 0; g < G; g++) {
         float *sg = scores + g * n, peak = -INFINITY, total = 0;
@@ -279,7 +412,7 @@ static inline void attend(const void *q, const void *k, const void *v, void *out
 const char *r1kit_kernels_key(void) { return R1KIT_KERNELS_KEY; }
 
 /* 1 when the vectorized (AVX-512) loops were compiled in, 0 for the portable loops. */
-int decode_attention_simd(void) {
+int cache_attention_simd(void) {
 #ifdef __AVX512F__
     return 1;
 #else
@@ -289,14 +422,15 @@ int decode_attention_simd(void) {
 
 /* The whole step's attention for one layer. Returns 0, -1 when d is not a multiple of LANES, -2
  * when scratch memory could not be allocated. */
-static int run(const void *q, const void *keys, const void *values, const int64_t *lengths, void *out, int64_t w,
-               int64_t K, int64_t G, int64_t T, int64_t d, float scale, int threads, int bf16) {
+static int run(const void *q, const void *keys, const void *values, const int64_t *lengths, const int64_t *slots,
+               void *out, int64_t w, int64_t K, int64_t G, int64_t T, int64_t d, float scale, int threads, int bf16) {
     if (d % LANES) return -1;
     size_t item = bf16 ? 2 : 4;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *scratch = malloc((size_t)(G * T + 2 * G * d) * sizeof(float));
+        /* scores (G, T), qf (G, d), acc (G, d) fp32, then probs (G, T + 1) bf16 */
+        float *scratch = malloc((size_t)(G * T + 2 * G * d + G * (T + 2) / 2 + 1) * sizeof(float));
         if (!scratch) {
 #pragma omp atomic write
             failed = 1;
@@ -304,26 +438,32 @@ static int run(const void *q, const void *keys, const void *values, const int64_
 #pragma omp for schedule(dynamic, 4)
         for (int64_t i = 0; i < w * K; i++) {
             if (!scratch) continue;
-            int64_t n = lengths[i / K];
+            int64_t r = i / K, n = lengths[r];
+            int64_t c = (slots ? slots[r] : r) * K + i % K; /* the (slot, KV head) block of the cache */
             n = n < 1 ? 1 : n > T ? T : n;
-            attend((const char *)q + i * G * d * item, (const char *)keys + i * T * d * item,
-                   (const char *)values + i * T * d * item, (char *)out + i * G * d * item, n, G, d, scale, bf16,
-                   scratch, scratch + G * T, scratch + G * T + G * d);
+            attend((const char *)q + i * G * d * item, (const char *)keys + c * T * d * item,
+                   (const char *)values + c * T * d * item, (char *)out + i * G * d * item, n, G, d, scale, bf16,
+                   scratch, scratch + G * T, scratch + G * T + G * d, (uint16_t *)(scratch + G * T + 2 * G * d));
         }
         free(scratch);
     }
     return failed ? -2 : 0;
 }
 
-int decode_attention_bf16(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const int64_t *lengths,
-                          uint16_t *out, int64_t w, int64_t K, int64_t G, int64_t T, int64_t d, float scale,
-                          int threads) {
-    return run(q, keys, values, lengths, out, w, K, G, T, d, scale, threads, 1);
+/* round_scores: 1 rounds the scores to bf16 (HF eager attention, the decode step's torch path),
+ * 0 keeps them in fp32 (torch's CPU scaled_dot_product_attention, the prefill's torch path); the
+ * probabilities are rounded to bf16 either way. The fp32 kernel rounds nothing and ignores it. */
+int cache_attention_bf16(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const int64_t *lengths,
+                         const int64_t *slots, uint16_t *out, int64_t w, int64_t K, int64_t G, int64_t T, int64_t d,
+                         float scale, int round_scores, int threads) {
+    return run(q, keys, values, lengths, slots, out, w, K, G, T, d, scale, threads, round_scores ? 1 : 2);
 }
 
-int decode_attention_f32(const float *q, const float *keys, const float *values, const int64_t *lengths, float *out,
-                         int64_t w, int64_t K, int64_t G, int64_t T, int64_t d, float scale, int threads) {
-    return run(q, keys, values, lengths, out, w, K, G, T, d, scale, threads, 0);
+int cache_attention_f32(const float *q, const float *keys, const float *values, const int64_t *lengths,
+                        const int64_t *slots, float *out, int64_t w, int64_t K, int64_t G, int64_t T, int64_t d,
+                        float scale, int round_scores, int threads) {
+    (void)round_scores;
+    return run(q, keys, values, lengths, slots, out, w, K, G, T, d, scale, threads, 0);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -332,7 +472,7 @@ int decode_attention_f32(const float *q, const float *keys, const float *values,
  * the identity in fp32). Rows are split over threads when there are enough of them.
  * ------------------------------------------------------------------------------------------- */
 
-#define PARALLEL_MIN 65536 /* elements below which a call stays on one thread */
+#define PARALLEL_MIN 8192 /* elements below which a call stays on one thread */
 
 /* x (n, D) += delta (n, D) when delta is not NULL (round(x + delta)), then
  * out (n, D) = round(weight * round(x * rsqrt(mean(x^2) + eps))): HF LlamaRMSNorm (statistics in fp32)

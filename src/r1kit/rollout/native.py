@@ -1,11 +1,15 @@
 """r1kit's native kernels (``kernels.c`` beside this file): the parts of the engine's Llama-family
-decode step that eager torch ops do badly on a CPU.
+forward that eager torch ops do badly on a CPU.
 
-- ``decode_attention``: the torch path (two batched matmuls over the cache block) reads every slot's
-  cache up to the longest slot's length and runs (G x d)(d x T) products that oneDNN/MKL do not
-  batch well (at batch 64, a quarter of a bf16 decode step on two threads, and it did not scale to
-  the second thread). The kernel does the same arithmetic, with the same bf16 roundings, in one
-  OpenMP loop over (slot, KV head), each item reading only that slot's visible positions.
+- ``cache_attention``: in the decode step, the torch path (two batched matmuls over the cache block)
+  reads every slot's cache up to the longest slot's length and runs (G x d)(d x T) products that
+  oneDNN/MKL do not batch well (at batch 64, a quarter of a bf16 decode step on two threads, and it
+  did not scale to the second thread); in a prefill, one ``scaled_dot_product_attention`` call per
+  prompt and layer (1,920 calls, 0.5 s of the bench's 13 s batch-64 rollout). The kernel does the
+  same arithmetic, with the same bf16 roundings, in one OpenMP loop over (token, KV head), each item
+  reading only the cached positions its token sees (prefill: 0.16 s). On AVX512-BF16 CPUs its bf16
+  dot products are ``vdpbf16ps`` (exact bf16 products, fp32 sums): 1.6x faster on a cache-resident
+  layer; a batch-64 layer read from DRAM stays at the read bandwidth (~17 GB/s here) either way.
 - ``add_rms_norm``, ``silu_mul``, ``rope_store``: the residual add + RMSNorm, SwiGLU's activation,
   and rotary + cache write, each one pass instead of 4-10 small torch ops (and their dispatch) per
   layer, with the roundings of the torch ops they replace.
@@ -80,7 +84,7 @@ def _build(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str]:
         lib = _load(target, fresh=True)
         if lib is None:
             return None, f"off (could not load {target} after rebuilding it)"
-    if not lib.decode_attention_simd():
+    if not lib.cache_attention_simd():
         return lib, f"built, not used (compiled without AVX-512: its portable loops are slower than torch's) ({target.name})"
     return lib, f"on ({target.name})"
 
@@ -157,7 +161,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the C signatures on ``lib`` (AttributeError when a symbol is missing)."""
     ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     signatures = {
-        "decode_attention": (ctypes.c_int, [ptr] * 5 + [i64] * 5 + [f32, i32]),
+        "cache_attention": (ctypes.c_int, [ptr] * 6 + [i64] * 5 + [f32, i32, i32]),
         "add_rms_norm": (None, [ptr] * 4 + [i64] * 2 + [f32, i32]),
         "silu_mul": (None, [ptr] * 2 + [i64] * 2 + [i32]),
         "rope_store": (None, [ptr] * 9 + [i64] * 5 + [i32]),
@@ -187,45 +191,60 @@ def enabled() -> bool:
 
 
 def available(dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether the engine runs its decode attention and elementwise steps in C for ``dtype`` and
+    """Whether the engine runs its attention and elementwise steps in C for ``dtype`` and
     ``head_dim``: ``enabled()``, the dtype is bf16 or fp32 and head_dim a multiple of 16."""
     return enabled() and dtype in (torch.bfloat16, torch.float32) and head_dim % LANES == 0
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                     scale: float, lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """Attention of one query token per slot over that slot's first ``lengths[s]`` cached positions.
+def cache_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                    scale: float, slots: torch.Tensor | None = None, round_scores: bool = True,
+                    lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """Attention of w query tokens over the cache, token r over the first ``lengths[r]`` positions of
+    its slot: the decode step (token r in slot r) and the prompt tokens of a prefill (``slots``, each
+    token's key and value already written at its own position).
 
     Args:
         q: (w, K, G, d) queries, G query heads per KV head; bf16 or fp32.
-        keys, values: (S, K, T, d), S >= w, contiguous, ``q``'s dtype: one layer of the cache.
-        lengths: (w,) int64, 1 <= lengths[s] <= T.
+        keys, values: (S, K, T, d), contiguous, ``q``'s dtype: one layer of the cache.
+        lengths: (w,) int64, 1 <= lengths[r] <= T.
         scale: the score multiplier (d ** -0.5 for Llama).
+        slots: (w,) int64 cache slot of each token, in [0, S); None = token r in slot r (w <= S).
+        round_scores: in bf16, round the scores to bf16 before the softmax (HF eager attention, as the
+            decode step's torch path does), else keep them fp32 (torch's CPU
+            ``scaled_dot_product_attention``, the prefill's torch path); ignored in fp32.
         lib: the built library to call (default: the one ``status()`` describes).
 
     Returns:
-        (w, K, G, d) in ``q``'s dtype: softmax(scale · q kᵀ) v per slot and head, with HF eager
-        attention's roundings in bf16 (scores and probabilities rounded to bf16).
+        (w, K, G, d) in ``q``'s dtype: softmax(scale · q kᵀ) v per token and head; in bf16 the
+        probabilities (and with ``round_scores`` the scores) rounded to bf16.
 
     Raises:
-        ValueError: the shapes, dtypes or layouts do not fit together.
+        ValueError: the shapes, dtypes, layouts or slots do not fit together.
         RuntimeError: the kernel is not built, or it could not allocate its scratch memory.
     """
-    fn = _fn(lib, "decode_attention", q.dtype)
+    fn = _fn(lib, "cache_attention", q.dtype)
     w, K, G, d = q.shape
     S, _, T, _ = keys.shape
-    if not (keys.shape == values.shape == (S, K, T, d) and S >= w and lengths.shape == (w,)):
-        raise ValueError(f"decode_attention: q {tuple(q.shape)}, keys {tuple(keys.shape)}, values "
-                         f"{tuple(values.shape)}, lengths {tuple(lengths.shape)} do not fit (w,K,G,d)/(S,K,T,d)/(w,)")
+    fits = slots.shape == (w,) if slots is not None else S >= w
+    if not (keys.shape == values.shape == (S, K, T, d) and fits and lengths.shape == (w,)):
+        raise ValueError(f"cache_attention: q {tuple(q.shape)}, keys {tuple(keys.shape)}, values "
+                         f"{tuple(values.shape)}, lengths {tuple(lengths.shape)}"
+                         f"{'' if slots is None else f', slots {tuple(slots.shape)}'} do not fit "
+                         "(w,K,G,d)/(S,K,T,d)/(w,)")
     if not (keys.dtype == values.dtype == q.dtype and keys.is_contiguous() and values.is_contiguous()):
-        raise ValueError("decode_attention: q, keys and values need one dtype, keys and values contiguous")
+        raise ValueError("cache_attention: q, keys and values need one dtype, keys and values contiguous")
+    if slots is not None:
+        slots = slots.to(torch.int64).contiguous()
+        if w and not 0 <= int(slots.min()) <= int(slots.max()) < S:  # the C loop indexes the cache by them
+            raise ValueError(f"cache_attention: slots must be in [0, {S}), got {slots.min()}..{slots.max()}")
     q = q.contiguous()
     lengths = lengths.to(torch.int64).contiguous()
     out = torch.empty_like(q)
-    code = fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), lengths.data_ptr(), out.data_ptr(),
-              w, K, G, T, d, float(scale), torch.get_num_threads())
+    code = fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), lengths.data_ptr(),
+              None if slots is None else slots.data_ptr(), out.data_ptr(), w, K, G, T, d, float(scale),
+              int(round_scores), torch.get_num_threads())
     if code:
-        raise RuntimeError("decode attention kernel: out of memory for its scratch buffers")
+        raise RuntimeError("attention kernel: out of memory for its scratch buffers")
     return out
 
 
