@@ -285,3 +285,44 @@ def test_stop_takes_at_most_4_non_empty_strings(tokenizer, stop, ok):
                 assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
     finally:
         loop.stop()
+
+
+def post_raw(app, path: str, content: bytes) -> httpx.Response:
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            return await http.post(path, content=content, headers={"content-type": "application/json"})
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800 hi"}]}',
+     "messages[0].content"),  # valid JSON, not text: the tokenizer raised a TypeError (500) before
+    ("/v1/completions", b'{"model": "m", "prompt": ["ok", "\\udc00"]}', "prompt[1]"),
+    ("/v1/chat/completions", b"[" * 100000 + b"]" * 100000, "body"),  # RecursionError (500) before
+    ("/v1/chat/completions", json.dumps({"model": "m", "messages": MESSAGES, "max_tokens": True}).encode(), "max_tokens"),
+    ("/v1/chat/completions", json.dumps({"model": "m", "messages": MESSAGES, "n": "2"}).encode(), "n"),
+    ("/v1/chat/completions", json.dumps({"model": "m", "messages": MESSAGES, "stream": "yes"}).encode(), "stream"),
+    ("/v1/chat/completions", json.dumps({"model": "m", "messages": MESSAGES, "tools": [{"type": "function"}]}).encode(),
+     "tools"),  # would change the output: refused, not ignored
+    ("/v1/chat/completions", json.dumps({"model": "m", "messages": MESSAGES,
+                                         "response_format": {"type": "json_object"}}).encode(), "response_format"),
+    ("/v1/completions", json.dumps({"model": "m", "prompt": ["a"] * 5}).encode(), "prompt"),  # over --max-queue 4
+])
+def test_bodies_a_lax_server_mishandled_are_400s_naming_the_field(tokenizer, path, body, param):
+    app = create_app(Server(EngineLoop(FailingEngine(0), max_waiting=4), tokenizer, ServeConfig(model="m", max_queue=4)))
+    r = post_raw(app, path, body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_no_op_values_of_refused_fields_and_integer_floats_are_accepted(tokenizer):
+    loop = EngineLoop(OneTokenEngine(tokenizer(" Hello", add_special_tokens=False)["input_ids"][0]), max_waiting=4)
+    loop.start()
+    try:
+        app = create_app(Server(loop, tokenizer, ServeConfig(model="m")))
+        r = call(app, "/v1/chat/completions", {"model": "m", "messages": MESSAGES, "max_tokens": 1, "temperature": 1,
+                                               "top_p": 1, "tools": [], "tool_choice": "none",
+                                               "response_format": {"type": "text"}})
+        assert r.status_code == 200, r.text
+    finally:
+        loop.stop()

@@ -136,6 +136,10 @@ NEXT_ROLES = {None: ("user",), "user": ("assistant",), "assistant": ("user", "to
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, gt=0)
+    # Refused unless at their no-op value (check): no tool calling, no constrained decoding.
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_MAX)
     include_reasoning: bool = True
@@ -145,6 +149,12 @@ class ChatCompletionRequest(SamplingRequest):
         super().check(max_n)
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
+        for name, value, no_op in (("tools", self.tools, not self.tools),
+                                   ("tool_choice", self.tool_choice, self.tool_choice in (None, "none")),
+                                   ("response_format", self.response_format,
+                                    self.response_format in (None, {"type": "text"}))):
+            if not no_op:  # they would change the output: r1kit has no tool calling or constrained decoding
+                raise RequestError(f"{name} is not supported by this server (got {value!r}); leave it out", name)
         previous = None  # the role of the last conversation message (system/developer ones excluded)
         for i, m in enumerate(self.messages):
             if m.role in ("system", "developer"):
@@ -210,6 +220,23 @@ def param_of(loc: tuple) -> str | None:
     return out or None
 
 
+def _lone_surrogate(value, path: str = "") -> str | None:
+    """The field path (``messages[0].content``) of the first string in ``value`` holding a lone
+    surrogate code point, "" for the top level, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key)
+        if found is not None:
+            return found
+    return None
+
+
 def parse_request(raw: bytes, model: type[SamplingRequest]) -> SamplingRequest:
     """Decode, parse and validate a request body. Raises RequestError (400) naming the field for a
     body that is not UTF-8, not JSON, not an object, or a field of the wrong type or out of range."""
@@ -222,10 +249,17 @@ def parse_request(raw: bytes, model: type[SamplingRequest]) -> SamplingRequest:
     except json.JSONDecodeError as e:
         raise RequestError(f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
                            "body") from None
+    except RecursionError:
+        raise RequestError("the request body nests JSON too deeply", "body") from None
     if not isinstance(data, dict):
         raise RequestError("the request body must be a JSON object", "body")
+    where = _lone_surrogate(data)
+    if where is not None:  # valid JSON (\ud800), but no tokenizer can encode it
+        raise RequestError(f"{where or 'body'}: a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
+                           "which is not text: send valid Unicode", where)
     try:
-        return model.model_validate(data)
+        # Strict, as OpenAI: true is not an integer, "2" is not n, "yes" is not stream (JSON mode: 1 is a float).
+        return model.model_validate_json(text, strict=True)
     except ValidationError as e:
         first = e.errors()[0]
         param = param_of(tuple(first["loc"]))
