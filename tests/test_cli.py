@@ -417,3 +417,17 @@ def test_eval_keeps_finished_problems_when_interrupted_and_resumes_them(capsys, 
     assert main(argv + ["--output", str(tmp_path / "whole")]) == 0
     whole = json.loads((tmp_path / "whole" / "toy_k1.json").read_text())
     assert resumed == whole and len(whole["per_problem"]) == 5
+
+
+def test_check_writable_leaves_the_dirs_it_made_under_torchrun(tmp_path, monkeypatch):
+    """Alone it removes the directories it made for its probe; as one rank of a torchrun it keeps them,
+    since another rank may have checked the same path and be about to write there."""
+    from r1kit.io import check_writable
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_writable(tmp_path / "a" / "b", "dir")
+    assert not (tmp_path / "a").exists()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_writable(tmp_path / "a" / "b", "dir")
+    assert (tmp_path / "a" / "b").is_dir() and not any((tmp_path / "a" / "b").iterdir())

@@ -91,7 +91,7 @@ def check_writable(path: str | Path, kind: str, flag: str = "--output") -> Path:
     """Raise ConfigError naming ``flag`` and the OS reason when the directory ``path`` (``kind`` "dir")
     or the directory of the file ``path`` (``kind`` "file") cannot be created or written: its missing
     directories are made, a probe file is written there and removed, and the directories made are
-    removed again, so the filesystem is left as it was. Call before any work (a path under /proc, a
+    removed again (except under torchrun, whose ranks share the path), so the filesystem is left as it was. Call before any work (a path under /proc, a
     read-only mount, a directory without write permission is refused before a model loads, not when the
     first artifact is written)."""
     path = Path(path)
@@ -114,9 +114,17 @@ def check_writable(path: str | Path, kind: str, flag: str = "--output") -> Path:
                 raise ConfigError(f"{flag} {path} cannot be written: {err.strerror or err} "
                                   f"({err.filename or target}); choose another {flag}") from None
         finally:
-            for d in reversed(made):
+            # Under torchrun the ranks check the same path: a rank removing "its" directory after its
+            # probe could remove it under another rank that checked it and is about to write there
+            # (seen: ENOENT on the run directory), so there the directories made stay.
+            for d in reversed(made if not _distributed() else []):
                 try:
                     d.rmdir()
                 except OSError:
                     pass
     return path
+
+
+def _distributed() -> bool:
+    """Whether this process is one rank of a torchrun (or other torch.distributed launcher) job."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
