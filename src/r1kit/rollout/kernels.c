@@ -232,11 +232,9 @@ DEFINE_ATTEND_FIXED(8, 4)
  * q (G, d) bf16; scores (G, n) fp32 scratch; probs (G, n2) bf16 scratch (n2 = n rounded up to even);
  * acc (G, d) fp32 result. D2 = d / 32, GB heads per values pass (GB * 2 * D2 <= 16 accumulators). */
 #define DEFINE_ATTEND_DP(D2, GB)                                                                         \
-    static inline void attend_dp_##D2##_##GB(const uint16_t *q, const uint16_t *k, const uint16_t *v,   \
-                                             int64_t n, int64_t g0, float scale, const uint16_t *probs,  \
-                                             int64_t n2, float *acc) {                                   \
+    static inline void attend_dp_##D2##_##GB(const uint16_t *v, int64_t n, int64_t g0,                  \
+                                             const uint16_t *probs, int64_t n2, float *acc) {            \
         const int64_t d = 32 * D2;                                                                      \
-        (void)q; (void)k; (void)scale;                                                                  \
         __m512 a[GB][2 * D2];                                                                           \
         for (int g = 0; g < GB; g++)                                                                    \
             for (int c = 0; c < 2 * D2; c++) a[g][c] = _mm512_setzero_ps();                             \
@@ -323,15 +321,15 @@ DEFINE_SCORES_DP(4)
         }                                                                                               \
         for (int64_t g0 = 0; g0 < G; g0 += most) {                                                      \
             switch (G - g0 < most ? G - g0 : most) {                                                    \
-                case 1: attend_dp_##D2##_1(q, k, v, n, g0, scale, probs, n2, acc); break;               \
-                case 2: attend_dp_##D2##_2(q, k, v, n, g0, scale, probs, n2, acc); break;               \
+                case 1: attend_dp_##D2##_1(v, n, g0, probs, n2, acc); break;               \
+                case 2: attend_dp_##D2##_2(v, n, g0, probs, n2, acc); break;               \
                 DP_CASES_##D2                                                                           \
             }                                                                                           \
         }                                                                                               \
     } while (0)
-#define DP_CASES_2 case 3: attend_dp_2_3(q, k, v, n, g0, scale, probs, n2, acc); break; \
-                   default: attend_dp_2_4(q, k, v, n, g0, scale, probs, n2, acc); break;
-#define DP_CASES_4 default: attend_dp_4_2(q, k, v, n, g0, scale, probs, n2, acc); break;
+#define DP_CASES_2 case 3: attend_dp_2_3(v, n, g0, probs, n2, acc); break; \
+                   default: attend_dp_2_4(v, n, g0, probs, n2, acc); break;
+#define DP_CASES_4 default: attend_dp_4_2(v, n, g0, probs, n2, acc); break;
 
 static inline int attend_dp(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t n, int64_t G,
                             int64_t d, float scale, int rs, float *scores, uint16_t *probs, float *acc) {

@@ -411,11 +411,11 @@ def create_app(server: Server) -> FastAPI:
         req = parse_request(await request.body(), CompletionRequest)
         server.check_model(req.model)
         req.check(server.cfg.max_n)
-        most = max(1, server.cfg.max_queue)  # the prompts of one request run one after another
-        if len(req.prompts()) > most:
+        prompts, most = req.prompts(), max(1, server.cfg.max_queue)  # a request's prompts run one after another
+        if len(prompts) > most:
             raise RequestError(f"at most {most} prompts per request on this server (--max-queue), got "
-                               f"{len(req.prompts())}: send them in several requests", "prompt")
-        preps = [server.prepare(req, p, "prompt") for p in req.prompts()]
+                               f"{len(prompts)}: send them in several requests", "prompt")
+        preps = [server.prepare(req, p, "prompt") for p in prompts]
         if len(preps) > 1 and req.stream:
             raise RequestError("streaming takes one prompt; send the prompts as separate requests", "prompt")
         if len(preps) > 1:
